@@ -1,0 +1,17 @@
+"""tokentransplant: give a pretrained language model a new tokenizer, byte-exact, then heal it.
+
+Public API: `transplant.transplant(base, donor, ...)`, `transplant.extend_vocab(...)` and
+`transplant.evaluate.bits_per_byte(...)`. Imported lazily so `import transplant.vocab` stays light.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["transplant", "TransplantResult", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("transplant", "TransplantResult"):
+        from transplant import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(name)

@@ -1,0 +1,73 @@
+"""Which tokens of the new vocabulary already exist in the base one.
+
+Matching is an exact dictionary join on bytes (so SentencePiece `▁é`, GPT-2 `ĠÃ©` and tiktoken's raw bytes all
+meet), and specials join on their role (bos ↔ bos, eos ↔ eos) or, failing that, on their literal text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from transplant.vocab import TokenKind, Vocab
+
+
+@dataclass
+class Alignment:
+    """new id -> base id for every shared token (-1 where the new token has no base counterpart)."""
+
+    new_to_base: torch.Tensor  # LongTensor [len(new)]
+    matched_by_role: dict[str, tuple[int, int]]  # role -> (new id, base id)
+
+    @property
+    def shared_mask(self) -> torch.Tensor:
+        return self.new_to_base >= 0
+
+    @property
+    def shared_new_ids(self) -> torch.Tensor:
+        return torch.nonzero(self.shared_mask, as_tuple=True)[0]
+
+    @property
+    def new_ids(self) -> torch.Tensor:
+        """New-vocabulary ids that need an initialisation (not shared)."""
+        return torch.nonzero(~self.shared_mask, as_tuple=True)[0]
+
+    def stats(self, base_size: int) -> dict[str, int]:
+        shared = int(self.shared_mask.sum())
+        kept_base = int(torch.unique(self.new_to_base[self.shared_mask]).numel())
+        return {
+            "new_vocab_size": int(self.new_to_base.numel()),
+            "base_vocab_size": base_size,
+            "shared": shared,
+            "new": int(self.new_to_base.numel()) - shared,
+            "dropped": base_size - kept_base,
+        }
+
+
+def align(base: Vocab, new: Vocab) -> Alignment:
+    """Join the two vocabularies on exact bytes (normal and byte-fallback tokens) and on special roles."""
+    new_to_base = torch.full((len(new),), -1, dtype=torch.long)
+    base_by_bytes = base.bytes_to_id
+    for new_id, (piece, kind) in enumerate(zip(new.token_bytes, new.kinds)):
+        if kind is not TokenKind.SPECIAL and piece:
+            new_to_base[new_id] = base_by_bytes.get(piece, -1)
+    matched_by_role: dict[str, tuple[int, int]] = {}
+    for role, new_id in new.roles.items():
+        base_id = base.roles.get(role)
+        if base_id is not None and new.kinds[new_id] is TokenKind.SPECIAL:
+            new_to_base[new_id] = base_id
+            matched_by_role[role] = (new_id, base_id)
+    base_special_by_text = {text: idx for idx, text in base.special_texts.items()}
+    for new_id, text in new.special_texts.items():
+        if new_to_base[new_id] < 0 and text in base_special_by_text:
+            new_to_base[new_id] = base_special_by_text[text]
+    return Alignment(new_to_base=new_to_base, matched_by_role=matched_by_role)
+
+
+def shared_token_fraction(alignment: Alignment, new: Vocab, text: str) -> float:
+    """Fraction of the new tokenizer's tokens on `text` that are shared with the base vocabulary."""
+    ids = torch.tensor(new.encode(text), dtype=torch.long)
+    if ids.numel() == 0:
+        return 0.0
+    return float(alignment.shared_mask[ids].float().mean())

@@ -1,0 +1,99 @@
+"""The shape every initializer shares: a sparse base→new weight matrix, plus optional dense rows.
+
+Almost every training-free method builds each new row as a weighted sum of base rows (copy = one-hot, FVT = mean
+of pieces, OMP = k anchors), so a method returns `W` (new_vocab × base_vocab, sparse) and the pipeline computes
+`E_new = W @ E_base` once for the input and once for the output embedding. Methods whose rows are not sums of
+base rows (random, learned) add dense rows that override W's result for the ids they cover.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from transplant.align import Alignment
+from transplant.errors import TransplantError
+from transplant.vocab import TokenKind, Vocab
+
+# (role, base matrix [V_base, D]) -> (new ids [n], rows [n, D]) overriding the sparse result
+DenseRows = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class InitContext:
+    """Everything an initializer may look at. Donor fields are None when the donor is only a tokenizer."""
+
+    base_vocab: Vocab
+    new_vocab: Vocab
+    alignment: Alignment
+    base_input: torch.Tensor  # [V_base, D]
+    base_output: torch.Tensor | None  # [V_base, D]; None when tied
+    donor_input: torch.Tensor | None = None  # [V_new, D_donor]
+    donor_output: torch.Tensor | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    device: str | torch.device = "cpu"
+
+    def require_donor(self, method: str) -> None:
+        if self.donor_input is None:
+            raise TransplantError(
+                f"method {method!r} needs donor embeddings but the donor is only a tokenizer; "
+                "pass a donor model (a dir with weights or a model alias) or use --method fvt"
+            )
+
+
+@dataclass
+class InitPlan:
+    """How to build the new input (and output) embeddings from the base ones."""
+
+    input_weights: torch.Tensor  # sparse COO [V_new, V_base]
+    output_weights: torch.Tensor | None = None  # None: same as input_weights
+    dense_rows: DenseRows | None = None
+    notes: dict[str, Any] = field(default_factory=dict)  # method details for the report
+
+
+def sparse_rows(rows: list[int], cols: list[int], values: list[float], shape: tuple[int, int]) -> torch.Tensor:
+    """A coalesced float32 sparse COO matrix from triplets."""
+    indices = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
+    return torch.sparse_coo_tensor(indices, torch.tensor(values, dtype=torch.float32), shape).coalesce()
+
+
+def copy_shared(alignment: Alignment, base_size: int) -> tuple[list[int], list[int], list[float]]:
+    """Triplets of the exact copy of every shared token (the part every method has in common)."""
+    new_ids = alignment.shared_new_ids
+    base_ids = alignment.new_to_base[new_ids]
+    return new_ids.tolist(), base_ids.tolist(), [1.0] * int(new_ids.numel())
+
+
+def normal_base_ids(vocab: Vocab) -> torch.Tensor:
+    """Base ids that are real text pieces: the population for mean/covariance statistics."""
+    return torch.tensor([i for i, kind in enumerate(vocab.kinds) if kind is not TokenKind.SPECIAL], dtype=torch.long)
+
+
+def apply_plan_matrix(weights: torch.Tensor, base: torch.Tensor, chunk_rows: int = 65536) -> torch.Tensor:
+    """`weights @ base` in float32, in row chunks so the intermediate stays small; result in float32."""
+    base32 = base.float()
+    weights = weights.coalesce()
+    n_rows = weights.shape[0]
+    out = torch.zeros(n_rows, base.shape[1], dtype=torch.float32, device=base.device)
+    indices, values = weights.indices(), weights.values()
+    # index_add over non-zeros: memory O(nnz·D / chunks), exact, and the same code path on CPU and GPU
+    for start in range(0, values.numel(), chunk_rows):
+        rows = indices[0, start : start + chunk_rows].to(base.device)
+        cols = indices[1, start : start + chunk_rows].to(base.device)
+        vals = values[start : start + chunk_rows].to(base.device)
+        out.index_add_(0, rows, base32[cols] * vals[:, None])
+    return out
+
+
+def build_embedding(plan: InitPlan, role: str, base: torch.Tensor) -> torch.Tensor:
+    """New embedding matrix (float32) for `role` ("input" or "output") from the base matrix of that role."""
+    weights = plan.input_weights if role == "input" or plan.output_weights is None else plan.output_weights
+    out = apply_plan_matrix(weights, base)
+    if plan.dense_rows is not None:
+        ids, rows = plan.dense_rows(role, base)
+        if ids.numel():
+            out[ids.to(out.device)] = rows.to(out.device, torch.float32)
+    return out

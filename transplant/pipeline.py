@@ -1,0 +1,135 @@
+"""`transplant()`: base model + donor tokenizer (+ donor model) -> a new model dir, with a summary.
+
+The steps are the modules: sources (resolve), vocab (load), align (join), init (plan), surgery (stream), evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transplant import surgery
+from transplant.align import align, shared_token_fraction
+from transplant.errors import TransplantError
+from transplant.init.base import InitContext, build_embedding
+from transplant.init.registry import NEEDS_DONOR, available_methods, get_initializer
+from transplant.sources import resolve_source
+from transplant.vocab import Vocab, load_vocab
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TransplantResult:
+    output: Path
+    method: str
+    stats: dict[str, Any]
+    seconds: float
+    bpb_before: float | None = None
+    bpb_after: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_method(donor_has_model: bool) -> str:
+    return "omp" if donor_has_model and "omp" in available_methods() else "fvt"
+
+
+def _special_ids(vocab: Vocab) -> dict[str, int | None]:
+    return {role: vocab.roles.get(role) for role in ("bos", "eos", "pad", "unk")}
+
+
+def model_card(base: str, donor: str, method: str, stats: dict[str, Any], options: dict[str, Any]) -> str:
+    from transplant import __version__
+
+    lines = [
+        "---",
+        "tags: [tokentransplant]",
+        "---",
+        f"# {Path(base).name} with the {Path(donor).name} tokenizer",
+        "",
+        f"Made by tokentransplant {__version__}: the embeddings of `{base}` were rebuilt for the tokenizer of "
+        f"`{donor}` with the `{method}` method; every other weight is unchanged.",
+        "",
+        "| statistic | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {key} | {value} |" for key, value in stats.items()]
+    if options:
+        lines += ["", "Options: `" + json.dumps(options, sort_keys=True, default=str) + "`"]
+    lines += ["", "Expect some quality loss until the model is healed (`distill`)."]
+    return "\n".join(lines) + "\n"
+
+
+def transplant(base: str | Path, donor: str | Path, *, method: str | None = None, output: str | Path | None = None,
+               device: str = "cpu", dtype: str | None = None, pad_to_multiple_of: int | None = None,
+               overwrite: bool = False, eval_texts: dict[str, str] | None = None,
+               options: dict[str, Any] | None = None) -> TransplantResult:
+    """Give `base` the tokenizer of `donor`; returns where the new model is and how well it survived."""
+    started = time.perf_counter()
+    options = dict(options or {})
+    if dtype is not None and dtype not in DTYPES:
+        raise TransplantError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    base_src = resolve_source(base, need_model=True)
+    donor_src = resolve_source(donor, need_model=False)
+    method = method or default_method(donor_src.is_model)
+    initializer = get_initializer(method)
+    if method in NEEDS_DONOR and not donor_src.is_model:
+        raise TransplantError(
+            f"method {method!r} needs donor embeddings but {donor!s} is only a tokenizer; "
+            "pass a donor model or use --method fvt"
+        )
+    output = Path(output) if output else Path("out") / f"{Path(str(base)).name}--{Path(str(donor)).name}-{method}"
+    if output.exists() and not overwrite:
+        raise TransplantError(f"output {output} already exists; pass --overwrite or choose another --output")
+
+    base_vocab = load_vocab(base_src.tokenizer_spec)
+    new_vocab = load_vocab(donor_src.tokenizer_spec)
+    alignment = align(base_vocab, new_vocab)
+    base_emb = surgery.read_embeddings(base_src.model_dir)
+    if base_emb.input.shape[0] < len(base_vocab):
+        raise TransplantError(
+            f"base embeddings have {base_emb.input.shape[0]} rows but its tokenizer has {len(base_vocab)} ids; "
+            "the model and tokenizer do not belong together"
+        )
+    donor_input = donor_output = None
+    if donor_src.is_model:
+        donor_emb = surgery.read_embeddings(donor_src.model_dir)
+        donor_input, donor_output = donor_emb.input, donor_emb.output
+    ctx = InitContext(base_vocab, new_vocab, alignment, base_emb.input.to(device),
+                      None if base_emb.output is None else base_emb.output.to(device),
+                      None if donor_input is None else donor_input.to(device),
+                      None if donor_output is None else donor_output.to(device), options, device)
+    plan = initializer(ctx)
+    new_input = build_embedding(plan, "input", ctx.base_input)
+    separate_output = base_emb.output is not None or plan.output_weights is not None
+    new_output = None
+    if separate_output:
+        base_out = ctx.base_output if ctx.base_output is not None else ctx.base_input
+        new_output = build_embedding(plan, "output", base_out)
+
+    stats = alignment.stats(len(base_vocab))
+    sample = next(iter((eval_texts or {}).values()), None)
+    if sample:
+        stats["shared_token_fraction_on_sample"] = round(shared_token_fraction(alignment, new_vocab, sample), 4)
+    card = model_card(str(base), str(donor), method, stats, options)
+    surgery.write_transplanted(
+        base_src.model_dir, output, new_input=new_input.cpu(), new_output=None if new_output is None else new_output.cpu(),
+        save_tokenizer=new_vocab.save, special_ids=_special_ids(new_vocab), model_card=card,
+        dtype=DTYPES.get(dtype) if dtype else None, pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite,
+    )
+    result = TransplantResult(output, method, stats, time.perf_counter() - started, extra={"notes": plan.notes})
+    if eval_texts:
+        from transplant.evaluate import model_bits_per_byte
+
+        texts = list(eval_texts.values())
+        result.bpb_before = model_bits_per_byte(base_src.model_dir, texts, device=device)
+        result.bpb_after = model_bits_per_byte(output, texts, device=device)
+    return result
