@@ -57,7 +57,8 @@ class InitPlan:
 def sparse_rows(rows: list[int], cols: list[int], values: list[float], shape: tuple[int, int]) -> torch.Tensor:
     """A coalesced float32 sparse COO matrix from triplets."""
     indices = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
-    return torch.sparse_coo_tensor(indices, torch.tensor(values, dtype=torch.float32), shape).coalesce()
+    return torch.sparse_coo_tensor(indices, torch.tensor(values, dtype=torch.float32), shape,
+                                   check_invariants=True).coalesce()
 
 
 def copy_shared(alignment: Alignment, base_size: int) -> tuple[list[int], list[int], list[float]]:

