@@ -1,0 +1,98 @@
+"""What the donor-embedding methods (omp, knn, focus) share: anchors and the row-combination plan.
+
+These methods find, in the donor's embedding space, how a new token relates to tokens both vocabularies share
+(the anchors), then apply the same weights to the anchors' rows in the base space. Anchors that look
+under-trained (a row norm far below the typical one: tokens the model never saw keep their tiny init) are
+excluded in both spaces, since a combination of noise vectors transfers nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from transplant.errors import TransplantError
+from transplant.init.base import InitContext, InitPlan, copy_shared, normal_base_ids, sparse_rows
+from transplant.init.mean import mean_rows
+from transplant.vocab import TokenKind
+
+log = logging.getLogger(__name__)
+
+# (targets [B, D], anchor dictionary [N, D]) -> (anchor positions [B, k], weights [B, k])
+Combiner = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Anchors:
+    new_ids: torch.Tensor  # anchor ids in the new (= donor) vocabulary
+    base_ids: torch.Tensor  # the same tokens' ids in the base vocabulary
+    excluded: int  # shared tokens dropped as under-trained
+
+
+def undertrained(rows: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Rows whose norm is below `ratio` × the median norm: the signature of never-updated embeddings."""
+    norms = rows.float().norm(dim=1)
+    return norms < ratio * norms.median()
+
+
+def select_anchors(ctx: InitContext, min_norm_ratio: float = 0.25) -> Anchors:
+    """Shared normal tokens whose rows look trained in the donor and in the base model."""
+    alignment = ctx.alignment
+    kinds = ctx.new_vocab.kinds
+    candidates = [i for i in alignment.shared_new_ids.tolist() if kinds[i] is not TokenKind.SPECIAL]
+    new_ids = torch.tensor(candidates, dtype=torch.long)
+    base_ids = alignment.new_to_base[new_ids]
+    bad = undertrained(ctx.donor_input[new_ids.to(ctx.donor_input.device)], min_norm_ratio).cpu()
+    bad |= undertrained(ctx.base_input[base_ids.to(ctx.base_input.device)], min_norm_ratio).cpu()
+    return Anchors(new_ids[~bad], base_ids[~bad], int(bad.sum()))
+
+
+def donor_plan(ctx: InitContext, method: str, combine: Combiner, batch_size: int = 4096,
+               notes: dict | None = None) -> InitPlan:
+    """Run `combine` in the donor input space (and output space when the donor has its own lm_head)."""
+    ctx.require_donor(method)
+    if ctx.donor_input.shape[0] < len(ctx.new_vocab):
+        raise TransplantError(
+            f"donor embeddings have {ctx.donor_input.shape[0]} rows but its tokenizer has {len(ctx.new_vocab)} ids; "
+            "the donor model and tokenizer do not belong together"
+        )
+    anchors = select_anchors(ctx, float(ctx.options.get("min_norm_ratio", 0.25)))
+    if anchors.new_ids.numel() == 0:
+        raise TransplantError(f"{method}: the vocabularies share no usable anchor tokens; use --method fvt")
+    targets = _text_targets(ctx)
+    plans = {}
+    spaces = {"input": ctx.donor_input}
+    if ctx.donor_output is not None:
+        spaces["output"] = ctx.donor_output
+    for role, donor in spaces.items():
+        rows, cols, vals = copy_shared(ctx.alignment, len(ctx.base_vocab))
+        dictionary = donor[anchors.new_ids.to(donor.device)].float()
+        positions, weights = [], []
+        for start in range(0, targets.numel(), batch_size):
+            batch = targets[start : start + batch_size].to(donor.device)
+            pos, w = combine(donor[batch].float(), dictionary)
+            positions.append(pos.cpu())
+            weights.append(w.float().cpu())
+        if targets.numel():
+            pos = torch.cat(positions)
+            w = torch.cat(weights)
+            k = pos.shape[1]
+            keep = w.reshape(-1) != 0  # sparsemax / early-stopped OMP leave exact zeros: not stored
+            rows += targets.repeat_interleave(k)[keep].tolist()
+            cols += anchors.base_ids[pos.reshape(-1)][keep].tolist()
+            vals += w.reshape(-1)[keep].tolist()
+        plans[role] = sparse_rows(rows, cols, vals, (len(ctx.new_vocab), len(ctx.base_vocab)))
+    specials = [i for i in ctx.alignment.new_ids.tolist() if ctx.new_vocab.kinds[i] is TokenKind.SPECIAL]
+    dense = mean_rows(torch.tensor(specials, dtype=torch.long), normal_base_ids(ctx.base_vocab)) if specials else None
+    info = {"anchors": int(anchors.new_ids.numel()), "anchors_excluded_undertrained": anchors.excluded,
+            **(notes or {})}
+    return InitPlan(plans["input"], plans.get("output"), dense_rows=dense, notes=info)
+
+
+def _text_targets(ctx: InitContext) -> torch.Tensor:
+    kinds = ctx.new_vocab.kinds
+    return torch.tensor([i for i in ctx.alignment.new_ids.tolist() if kinds[i] is not TokenKind.SPECIAL],
+                        dtype=torch.long)

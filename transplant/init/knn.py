@@ -1,0 +1,27 @@
+"""`knn`: a new token is the softmax-weighted mean of its k most similar anchors in the donor space (WECHSEL-like).
+
+Cheap and robust; weaker than OMP where a token is a composition of a few others rather than a neighbour.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from transplant.init.base import InitContext, InitPlan
+from transplant.init.donor import donor_plan
+from transplant.init.registry import register
+
+
+def knn_weights(targets: torch.Tensor, dictionary: torch.Tensor, k: int, temperature: float):
+    """Top-k anchors by cosine similarity and softmax(similarity / temperature) weights."""
+    sims = torch.nn.functional.normalize(targets, dim=1) @ torch.nn.functional.normalize(dictionary, dim=1).T
+    top, pos = sims.topk(min(k, dictionary.shape[0]), dim=1)
+    return pos, torch.softmax(top / temperature, dim=1)
+
+
+@register("knn", needs_donor=True)
+def knn_init(ctx: InitContext) -> InitPlan:
+    k = int(ctx.options.get("k", 8))
+    temperature = float(ctx.options.get("temperature", 0.1))
+    return donor_plan(ctx, "knn", lambda t, d: knn_weights(t, d, k, temperature),
+                      notes={"k": k, "temperature": temperature})
