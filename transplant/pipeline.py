@@ -18,6 +18,7 @@ from transplant import surgery
 from transplant.align import align, shared_token_fraction
 from transplant.errors import TransplantError
 from transplant.init.base import InitContext, build_embedding
+from transplant.init.numbers import compose_number_rows, digit_report
 from transplant.init.registry import NEEDS_DONOR, available_methods, get_initializer
 from transplant.sources import resolve_source
 from transplant.vocab import Vocab, load_vocab
@@ -108,6 +109,8 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
                       None if donor_input is None else donor_input.to(device),
                       None if donor_output is None else donor_output.to(device), options, device)
     plan = initializer(ctx)
+    if options.get("numbers", True):
+        plan = compose_number_rows(plan, ctx)
     new_input = build_embedding(plan, "input", ctx.base_input)
     separate_output = base_emb.output is not None or plan.output_weights is not None
     new_output = None
@@ -115,7 +118,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         base_out = ctx.base_output if ctx.base_output is not None else ctx.base_input
         new_output = build_embedding(plan, "output", base_out)
 
-    stats = alignment.stats(len(base_vocab))
+    stats = {**alignment.stats(len(base_vocab)), **digit_report(base_vocab, new_vocab)}
     sample = next(iter((eval_texts or {}).values()), None)
     if sample:
         stats["shared_token_fraction_on_sample"] = round(shared_token_fraction(alignment, new_vocab, sample), 4)

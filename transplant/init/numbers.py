@@ -1,0 +1,85 @@
+"""Number tokens: detect each tokenizer's digit scheme and give new number tokens a dedicated row.
+
+The OMP paper finds that mismatched digit tokenization (single digits vs up-to-3-digit chunks) is what breaks
+arithmetic after a transplant. A new token such as `"123"` has no good neighbour in a single-digit model, and
+similarity methods mix it with unrelated numbers. We instead compose it from the base's own segmentation of the
+digit string: the input row is the mean of the pieces (as FVT), the output row is the FIRST piece's row,
+because predicting "123" next is, to the base model, predicting "1" next (the other digits are conditional on
+it). Both are sums of base rows, so they stay in the sparse plan.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from transplant.init.base import InitContext, InitPlan
+from transplant.init.segment import segment_with_base
+from transplant.vocab import TokenKind, Vocab
+
+NUMBER = re.compile(rb"^ ?[0-9]+$")
+
+
+def digit_scheme(vocab: Vocab) -> dict[str, object]:
+    """How a tokenizer splits numbers: the longest all-digit token and a readable label."""
+    lengths = [len(piece.strip()) for piece, kind in zip(vocab.token_bytes, vocab.kinds)
+               if kind is not TokenKind.SPECIAL and NUMBER.match(piece)]
+    longest = max(lengths, default=0)
+    label = "no digit tokens" if longest == 0 else "single digits" if longest == 1 else f"up to {longest} digits"
+    return {"max_digits": longest, "label": label}
+
+
+def digit_report(base: Vocab, new: Vocab) -> dict[str, object]:
+    base_scheme, new_scheme = digit_scheme(base), digit_scheme(new)
+    return {"digit_split_base": base_scheme["label"], "digit_split_new": new_scheme["label"],
+            "digit_mismatch": base_scheme["max_digits"] != new_scheme["max_digits"]}
+
+
+def number_token_ids(ctx: InitContext) -> list[int]:
+    kinds, pieces = ctx.new_vocab.kinds, ctx.new_vocab.token_bytes
+    return [i for i in ctx.alignment.new_ids.tolist() if kinds[i] is not TokenKind.SPECIAL and NUMBER.match(pieces[i])]
+
+
+def _replace_rows(weights: torch.Tensor, row_ids: list[int], rows: list[int], cols: list[int],
+                  vals: list[float]) -> torch.Tensor:
+    weights = weights.coalesce()
+    keep = ~torch.isin(weights.indices()[0], torch.tensor(row_ids, dtype=torch.long))
+    indices = torch.cat([weights.indices()[:, keep], torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)], 1)
+    values = torch.cat([weights.values()[keep], torch.tensor(vals, dtype=torch.float32)])
+    return torch.sparse_coo_tensor(indices, values, weights.shape, check_invariants=True).coalesce()
+
+
+def compose_number_rows(plan: InitPlan, ctx: InitContext) -> InitPlan:
+    """Rewrite the rows of new number tokens: input = mean of base digit pieces, output = first piece (untied)."""
+    ids = number_token_ids(ctx)
+    if not ids:
+        plan.notes["number_tokens_composed"] = 0
+        return plan
+    segments = segment_with_base(ctx.base_vocab, [ctx.new_vocab.token_bytes[i] for i in ids])
+    pairs = [(i, seg) for i, seg in zip(ids, segments) if seg]
+    in_rows, in_cols, in_vals, out_rows, out_cols = [], [], [], [], []
+    for new_id, seg in pairs:
+        in_rows += [new_id] * len(seg)
+        in_cols += seg
+        in_vals += [1.0 / len(seg)] * len(seg)
+        out_rows.append(new_id)
+        out_cols.append(seg[0])
+    changed = [i for i, _ in pairs]
+    separate_output = plan.output_weights is not None or ctx.base_output is not None
+    output_base = plan.output_weights if plan.output_weights is not None else plan.input_weights
+    plan.input_weights = _replace_rows(plan.input_weights, changed, in_rows, in_cols, in_vals)
+    if separate_output:  # a tied model keeps one matrix: the mean-of-pieces row serves both roles
+        plan.output_weights = _replace_rows(output_base, changed, out_rows, out_cols, [1.0] * len(out_rows))
+    if plan.dense_rows is not None:  # dense overrides must not undo the number rows
+        inner = plan.dense_rows
+        changed_t = torch.tensor(changed, dtype=torch.long)
+
+        def dense(role: str, base: torch.Tensor):
+            row_ids, values = inner(role, base)
+            keep = ~torch.isin(row_ids.cpu(), changed_t)
+            return row_ids[keep.to(row_ids.device)], values[keep.to(values.device)]
+
+        plan.dense_rows = dense
+    plan.notes["number_tokens_composed"] = len(changed)
+    return plan
