@@ -130,3 +130,15 @@ def test_unknown_method_and_missing_donor(vocabs):
     assert {"zero", "mean", "random", "fvt"} <= set(available_methods())
     with pytest.raises(TransplantError, match="needs donor embeddings"):
         _ctx(base, new).require_donor("omp")
+
+
+def test_byte_pool_weights_longest_pieces_by_length_and_position(vocabs):
+    base, new = vocabs
+    ctx = _ctx(base, new, options={"decay": 0.5})
+    out = build_embedding(get_initializer("byte-pool")(ctx), "input", ctx.base_input)
+    e = ctx.base_input
+    # " catalog" = " cat" (4 bytes, weight 4) + "alog" (4 bytes, weight 4 * 0.5)
+    assert torch.allclose(out[3], (4 * e[5] + 2 * e[6]) / 6)
+    ctx_bytes = _ctx(base, new, options={"unit": "bytes", "decay": 1.0})
+    out_bytes = build_embedding(get_initializer("byte-pool")(ctx_bytes), "input", ctx_bytes.base_input)
+    assert torch.allclose(out_bytes[4], (e[7] + e[8]) / 2)

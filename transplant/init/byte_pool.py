@@ -1,0 +1,49 @@
+"""`byte-pool`: a new token's row pooled from the base rows of its longest base pieces, with position weights.
+
+Training-free counterpart of byte/word pooling (Byte2Word, "Learn your tokens"). Unlike FVT it does not ask the
+base tokenizer (whose merges may split a rare word oddly); it covers the token's bytes greedily with the longest
+base pieces — or with single bytes (`--set unit=bytes`) — and weights piece i by
+
+    w_i ∝ len(piece_i) · decay^i
+
+Longer pieces carry more of the token's identity than single bytes, and earlier pieces (the stem, the leading
+space that marks a word start) matter more than suffixes; `decay=1` gives a pure length-weighted mean.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from transplant.init.base import InitContext, InitPlan, copy_shared, normal_base_ids, sparse_rows
+from transplant.init.mean import mean_rows
+from transplant.init.registry import register
+from transplant.init.segment import greedy_segment
+
+
+def pool_weights(lengths: list[int], decay: float) -> list[float]:
+    raw = [length * decay**i for i, length in enumerate(lengths)]
+    total = sum(raw)
+    return [r / total for r in raw]
+
+
+@register("byte-pool")
+def byte_pool_init(ctx: InitContext) -> InitPlan:
+    decay = float(ctx.options.get("decay", 0.8))
+    unit = str(ctx.options.get("unit", "pieces"))
+    table = ctx.base_vocab.bytes_to_id
+    max_len = 1 if unit == "bytes" else max((len(b) for b in table), default=1)
+    rows, cols, vals = copy_shared(ctx.alignment, len(ctx.base_vocab))
+    unfilled: list[int] = []
+    for new_id in ctx.alignment.new_ids.tolist():
+        piece = ctx.new_vocab.token_bytes[new_id]
+        ids = greedy_segment(piece, table, max_len) if piece else []
+        if not ids:
+            unfilled.append(new_id)
+            continue
+        weights = pool_weights([len(ctx.base_vocab.token_bytes[i]) for i in ids], decay)
+        rows += [new_id] * len(ids)
+        cols += ids
+        vals += weights
+    weights = sparse_rows(rows, cols, vals, (len(ctx.new_vocab), len(ctx.base_vocab)))
+    dense = mean_rows(torch.tensor(unfilled, dtype=torch.long), normal_base_ids(ctx.base_vocab)) if unfilled else None
+    return InitPlan(weights, dense_rows=dense, notes={"decay": decay, "unit": unit, "mean_filled": len(unfilled)})
