@@ -20,6 +20,7 @@ from transplant.errors import TransplantError
 from transplant.init.base import InitContext, build_embedding
 from transplant.init.numbers import compose_number_rows, digit_report
 from transplant.init.registry import NEEDS_DONOR, available_methods, get_initializer
+from transplant.report import build_report, render_plot, write_report
 from transplant.sources import resolve_source
 from transplant.vocab import Vocab, load_vocab
 
@@ -129,10 +130,20 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         dtype=DTYPES.get(dtype) if dtype else None, pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite,
     )
     result = TransplantResult(output, method, stats, time.perf_counter() - started, extra={"notes": plan.notes})
+    bpb = {}
     if eval_texts:
         from transplant.evaluate import model_bits_per_byte
 
-        texts = list(eval_texts.values())
-        result.bpb_before = model_bits_per_byte(base_src.model_dir, texts, device=device)
-        result.bpb_after = model_bits_per_byte(output, texts, device=device)
+        for name, text in eval_texts.items():
+            bpb[name] = {"before": model_bits_per_byte(base_src.model_dir, text, device=device),
+                         "after": model_bits_per_byte(output, text, device=device)}
+        total_bytes = sum(len(t.encode()) for t in eval_texts.values())
+        for key, attr in (("before", "bpb_before"), ("after", "bpb_after")):
+            weighted = sum(bpb[n][key] * len(t.encode()) for n, t in eval_texts.items()) / total_bytes
+            setattr(result, attr, weighted)
+    report = build_report(base=str(base), donor=str(donor), method=method, stats=stats, plan=plan,
+                          base_vocab=base_vocab, new_vocab=new_vocab, new_ids=alignment.new_ids.tolist(),
+                          seconds=result.seconds, bpb=bpb, options=options)
+    write_report(output, report, render_plot(plan.notes.get("reconstruction_error")))
+    result.extra["report"] = report
     return result

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from transplant.errors import TransplantError
 from transplant.init.base import InitContext, InitPlan, copy_shared, normal_base_ids, sparse_rows
@@ -50,6 +51,15 @@ def select_anchors(ctx: InitContext, min_norm_ratio: float = 0.25) -> Anchors:
     return Anchors(new_ids[~bad], base_ids[~bad], int(bad.sum()))
 
 
+def relative_error(targets: torch.Tensor, dictionary: torch.Tensor, positions: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """‖target − Σ w·anchor‖ / ‖target‖ in the donor space: how well each new token was reconstructed."""
+    approx = torch.zeros_like(targets)
+    for j in range(positions.shape[1]):  # k gathers of [B, D], never a [B, k, D] tensor
+        approx += weights[:, j, None].float() * dictionary[positions[:, j]]
+    return (targets - approx).norm(dim=1) / targets.norm(dim=1).clamp_min(1e-12)
+
+
 def donor_plan(ctx: InitContext, method: str, combine: Combiner, batch_size: int = 4096,
                notes: dict | None = None) -> InitPlan:
     """Run `combine` in the donor input space (and output space when the donor has its own lm_head)."""
@@ -64,18 +74,23 @@ def donor_plan(ctx: InitContext, method: str, combine: Combiner, batch_size: int
         raise TransplantError(f"{method}: the vocabularies share no usable anchor tokens; use --method fvt")
     targets = _text_targets(ctx)
     plans = {}
+    reconstruction = torch.empty(0)
     spaces = {"input": ctx.donor_input}
     if ctx.donor_output is not None:
         spaces["output"] = ctx.donor_output
     for role, donor in spaces.items():
         rows, cols, vals = copy_shared(ctx.alignment, len(ctx.base_vocab))
         dictionary = donor[anchors.new_ids.to(donor.device)].float()
-        positions, weights = [], []
-        for start in range(0, targets.numel(), batch_size):
-            batch = targets[start : start + batch_size].to(donor.device)
-            pos, w = combine(donor[batch].float(), dictionary)
+        positions, weights, errors = [], [], []
+        for start in tqdm(range(0, targets.numel(), batch_size), desc=f"{method} ({role})", leave=False,
+                          disable=targets.numel() <= batch_size):
+            batch = donor[targets[start : start + batch_size].to(donor.device)].float()
+            pos, w = combine(batch, dictionary)
+            errors.append(relative_error(batch, dictionary, pos, w).cpu())
             positions.append(pos.cpu())
             weights.append(w.float().cpu())
+        if role == "input" and errors:
+            reconstruction = torch.cat(errors)
         if targets.numel():
             pos = torch.cat(positions)
             w = torch.cat(weights)
@@ -88,7 +103,7 @@ def donor_plan(ctx: InitContext, method: str, combine: Combiner, batch_size: int
     specials = [i for i in ctx.alignment.new_ids.tolist() if ctx.new_vocab.kinds[i] is TokenKind.SPECIAL]
     dense = mean_rows(torch.tensor(specials, dtype=torch.long), normal_base_ids(ctx.base_vocab)) if specials else None
     info = {"anchors": int(anchors.new_ids.numel()), "anchors_excluded_undertrained": anchors.excluded,
-            **(notes or {})}
+            "reconstruction_error": reconstruction, "targets": targets, **(notes or {})}
     return InitPlan(plans["input"], plans.get("output"), dense_rows=dense, notes=info)
 
 

@@ -1,0 +1,124 @@
+"""The transplant report: what matched, how well new tokens were reconstructed, how numbers were handled, BPB.
+
+Written as report.json (machine-readable), report.md (for people) and report.png (reconstruction-error
+histogram) into the output model dir, so a transplanted model always carries how it was made.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transplant.init.base import InitPlan
+from transplant.vocab import TokenKind, Vocab
+
+
+def show_token(piece: bytes) -> str:
+    """Readable token text: spaces as ␣, newlines escaped, invalid UTF-8 as \\xNN."""
+    text = piece.decode("utf-8", errors="backslashreplace")
+    return text.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t")
+
+
+def decompositions(plan: InitPlan, new_vocab: Vocab, base_vocab: Vocab, ids: list[int], top: int = 4) -> list[str]:
+    """Lines such as `␣catalog = 0.61·␣cat + 0.33·alog` for the given new ids (input-embedding plan)."""
+    weights = plan.input_weights.coalesce()
+    rows, cols = weights.indices()
+    values = weights.values()
+    lines = []
+    for new_id in ids:
+        mask = rows == new_id
+        if not bool(mask.any()):
+            continue
+        order = values[mask].abs().argsort(descending=True)[:top]
+        terms = [f"{float(values[mask][j]):.2f}·{show_token(base_vocab.token_bytes[int(cols[mask][j])])}" for j in order]
+        more = " + …" if int(mask.sum()) > top else ""
+        lines.append(f"{show_token(new_vocab.token_bytes[new_id])} = " + " + ".join(terms).replace("+ -", "− ") + more)
+    return lines
+
+
+def example_ids(new_ids: list[int], new_vocab: Vocab, n: int = 12) -> list[int]:
+    """A fixed, readable sample of new tokens: word-like ones first, spread across the id range."""
+    wordlike = [i for i in new_ids if new_vocab.kinds[i] is TokenKind.NORMAL and len(new_vocab.token_bytes[i]) >= 4
+                and new_vocab.token_bytes[i].strip().isalpha()]
+    pool = wordlike or new_ids
+    step = max(len(pool) // n, 1)
+    return pool[::step][:n]
+
+
+def build_report(*, base: str, donor: str, method: str, stats: dict[str, Any], plan: InitPlan, base_vocab: Vocab,
+                 new_vocab: Vocab, new_ids: list[int], seconds: float, bpb: dict[str, dict[str, float]] | None,
+                 options: dict[str, Any]) -> dict[str, Any]:
+    from transplant import __version__
+
+    notes = {k: v for k, v in plan.notes.items() if not isinstance(v, torch.Tensor)}
+    report: dict[str, Any] = {
+        "tokentransplant_version": __version__, "base": base, "donor": donor, "method": method,
+        "options": options, "seconds": round(seconds, 2), "statistics": stats, "method_notes": notes,
+        "examples": decompositions(plan, new_vocab, base_vocab, example_ids(new_ids, new_vocab)),
+        "bits_per_byte": bpb or {},
+    }
+    errors = plan.notes.get("reconstruction_error")
+    if isinstance(errors, torch.Tensor) and errors.numel():
+        q = torch.quantile(errors.float(), torch.tensor([0.1, 0.5, 0.9, 0.99]))
+        report["reconstruction_error"] = {"mean": float(errors.mean()), "p10": float(q[0]), "median": float(q[1]),
+                                          "p90": float(q[2]), "p99": float(q[3]), "n": int(errors.numel())}
+    return report
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Transplant report: {report['base']} ← {report['donor']} ({report['method']})", "",
+             f"tokentransplant {report['tokentransplant_version']}, {report['seconds']} s, options "
+             f"`{json.dumps(report['options'], default=str)}`", "", "## Match statistics", "",
+             "| statistic | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in report["statistics"].items()]
+    if "reconstruction_error" in report:
+        r = report["reconstruction_error"]
+        lines += ["", "## Reconstruction error in the donor space (relative L2)", "",
+                  f"mean {r['mean']:.3f}, p10 {r['p10']:.3f}, median {r['median']:.3f}, p90 {r['p90']:.3f}, "
+                  f"p99 {r['p99']:.3f} over {r['n']} new tokens (see report.png)"]
+    lines += ["", "## Example decompositions", "", "```"] + report["examples"] + ["```"]
+    if report["bits_per_byte"]:
+        lines += ["", "## Bits per byte on held-out text (lower is better)", "", "| slice | before | after |",
+                  "|---|---|---|"]
+        lines += [f"| {name} | {v['before']:.4f} | {v['after']:.4f} |" for name, v in report["bits_per_byte"].items()]
+    lines += ["", "## Method notes", "", "```", json.dumps(report["method_notes"], indent=1, default=str), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(errors: torch.Tensor) -> bytes | None:
+    """PNG histogram of reconstruction errors; None when matplotlib is missing or there is nothing to plot."""
+    if errors is None or not isinstance(errors, torch.Tensor) or errors.numel() == 0:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(errors.float().numpy(), bins=60, color="#3b6ea8")
+    ax.set_xlabel("relative reconstruction error in the donor space")
+    ax.set_ylabel("new tokens")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(directory: Path, report: dict[str, Any], plot: bytes | None) -> None:
+    """Write report.json / report.md / report.png, each via a temp file renamed into place."""
+    files: dict[str, bytes] = {"report.json": json.dumps(report, indent=2, default=str).encode(),
+                               "report.md": render_markdown(report).encode()}
+    if plot:
+        files["report.png"] = plot
+    for name, data in files.items():
+        tmp = directory / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, directory / name)
