@@ -6,7 +6,7 @@ Public API: `transplant.transplant(base, donor, ...)`, `transplant.extend_vocab(
 
 __version__ = "0.1.0"
 
-__all__ = ["transplant", "TransplantResult", "__version__"]
+__all__ = ["transplant", "extend_vocab", "TransplantResult", "__version__"]
 
 
 def __getattr__(name: str):
@@ -14,4 +14,8 @@ def __getattr__(name: str):
         from transplant import pipeline
 
         return getattr(pipeline, name)
+    if name == "extend_vocab":
+        from transplant.extend import extend_vocab
+
+        return extend_vocab
     raise AttributeError(name)

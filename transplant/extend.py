@@ -1,0 +1,167 @@
+"""Vocabulary extension: add tokens to a BPE tokenizer without moving any existing id, then initialise them.
+
+Tokens are added as BPE merges appended after every existing merge (lowest priority), so the tokenizer still
+produces the new token through its normal algorithm and encodes consistently everywhere (an HF "added token", by
+contrast, is cut out of the text before the model runs, even in the middle of other words). Learned from a corpus,
+the n new tokens are the n most frequent adjacent pairs, merged one after another — BPE training continued on
+the user's domain text. Given explicitly, a token gets the chain of merges its base segmentation needs (the
+intermediate pieces become tokens too and are reported). New ids come after every existing id, specials included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from transplant.errors import TransplantError
+from transplant.vocab import Vocab, load_vocab
+
+log = logging.getLogger(__name__)
+
+
+def _bpe_model(tokenizer_json: dict[str, Any]) -> dict[str, Any]:
+    model = tokenizer_json.get("model", {})
+    if model.get("type") != "BPE":
+        raise TransplantError(
+            f"vocabulary extension needs a BPE tokenizer, this one is {model.get('type')!r}; "
+            "transplant to a BPE tokenizer first or pass a BPE tokenizer"
+        )
+    return model
+
+
+def corpus_words(backend, texts: list[str]) -> Counter:
+    """Pre-tokenized words of the corpus with counts, in the model's own symbol alphabet (Ġ / ▁ / raw)."""
+    counts: Counter = Counter()
+    for text in texts:
+        normalized = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
+        if backend.pre_tokenizer is not None:
+            words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(normalized)]
+        else:  # SentencePiece-style: words start at each ▁
+            words = re.findall(r"▁?[^▁]+|▁+", normalized)
+        counts.update(words)
+    return counts
+
+
+def learn_merges(backend, texts: list[str], n: int, min_count: int = 2) -> list[tuple[str, str]]:
+    """The n most frequent adjacent symbol pairs, merged greedily as BPE training would (incremental counts)."""
+    word_counts = corpus_words(backend, texts)
+    words = [[t.value for t in backend.model.tokenize(w)] for w in word_counts]
+    freqs = list(word_counts.values())
+    pair_counts: Counter = Counter()
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for idx, symbols in enumerate(words):
+        for pair in zip(symbols, symbols[1:]):
+            pair_counts[pair] += freqs[idx]
+            where[pair].add(idx)
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n and pair_counts:
+        pair, count = max(pair_counts.items(), key=lambda item: (item[1], item[0]))
+        if count < min_count:
+            break
+        merges.append(pair)
+        merged = pair[0] + pair[1]
+        for idx in list(where.pop(pair, ())):
+            symbols = words[idx]
+            for old in zip(symbols, symbols[1:]):
+                pair_counts[old] -= freqs[idx]
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            words[idx] = out
+            for new in zip(out, out[1:]):
+                pair_counts[new] += freqs[idx]
+                where[new].add(idx)
+        pair_counts = Counter({p: c for p, c in pair_counts.items() if c > 0})
+    return merges
+
+
+def merges_for_tokens(backend, tokens: list[str]) -> list[tuple[str, str]]:
+    """Left-to-right merge chains that make each given token a single BPE token."""
+    merges: list[tuple[str, str]] = []
+    for token in tokens:
+        for word in corpus_words(backend, [token]):
+            symbols = [t.value for t in backend.model.tokenize(word)]
+            while len(symbols) > 1:
+                merges.append((symbols[0], symbols[1]))
+                symbols = [symbols[0] + symbols[1]] + symbols[2:]
+    seen: set[tuple[str, str]] = set()
+    return [m for m in merges if not (m in seen or seen.add(m))]
+
+
+def extended_tokenizer_json(tokenizer_json: dict[str, Any], merges: list[tuple[str, str]]) -> tuple[dict, list[str]]:
+    """A copy of the tokenizer with the merges appended and their results given ids after every existing id."""
+    data = json.loads(json.dumps(tokenizer_json))
+    model = _bpe_model(data)
+    vocab: dict[str, int] = model["vocab"]
+    next_id = max([*vocab.values(), *[t["id"] for t in data.get("added_tokens", [])]]) + 1
+    existing = {tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]}
+    added: list[str] = []
+    for left, right in merges:
+        if (left, right) in existing:
+            continue
+        model["merges"].append([left, right] if not model["merges"] or isinstance(model["merges"][0], list)
+                               else f"{left} {right}")
+        existing.add((left, right))
+        merged = left + right
+        if merged not in vocab:
+            vocab[merged] = next_id
+            next_id += 1
+            added.append(merged)
+    return data, added
+
+
+def extend_tokenizer(vocab: Vocab, *, new_tokens: list[str] | None = None, corpus: list[str] | None = None,
+                     n: int | None = None) -> tuple[Vocab, list[str]]:
+    """The extended Vocab (same ids for every existing token) and the model-alphabet strings that were added."""
+    if (new_tokens is None) == (corpus is None):
+        raise TransplantError("pass either new_tokens=[...] or corpus=... (with n=...) to extend a vocabulary")
+    backend = vocab.tokenizer.backend_tokenizer
+    data = json.loads(backend.to_str())
+    _bpe_model(data)
+    if corpus is not None:
+        if not n or n < 1:
+            raise TransplantError("corpus-based extension needs n >= 1 (how many tokens to learn)")
+        merges = learn_merges(backend, corpus, n)
+    else:
+        merges = merges_for_tokens(backend, new_tokens)
+    data, added = extended_tokenizer_json(data, merges)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab.save(tmp)  # tokenizer_config (specials, chat template) of the original
+        (Path(tmp) / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+        extended = load_vocab(tmp)
+    return extended, added
+
+
+def extend_vocab(model: str | Path, tokenizer: str | Path | None = None, *, new_tokens: list[str] | None = None,
+                 corpus: str | list[str] | None = None, n: int | None = None, method: str = "fvt",
+                 output: str | Path | None = None, overwrite: bool = False,
+                 eval_texts: dict[str, str] | None = None, options: dict[str, Any] | None = None):
+    """Add tokens (given, or the n most useful ones learned from `corpus`) and save a loadable model dir."""
+    from transplant.pipeline import transplant
+    from transplant.sources import resolve_source
+
+    source = resolve_source(model, need_model=True)
+    base_vocab = load_vocab(tokenizer or source.tokenizer_spec)
+    texts = [corpus] if isinstance(corpus, str) else corpus
+    extended, added = extend_tokenizer(base_vocab, new_tokens=new_tokens, corpus=texts, n=n)
+    if not added:
+        raise TransplantError("no tokens to add: every requested token already exists (or the corpus repeats nothing)")
+    log.info("adding %d tokens", len(added))
+    output = Path(output) if output else Path("out") / f"{Path(str(model)).name}-extended-{len(added)}"
+    with tempfile.TemporaryDirectory() as tmp:
+        extended.save(tmp)
+        result = transplant(source.model_dir, tmp, method=method, output=output, overwrite=overwrite,
+                            eval_texts=eval_texts, options=options)
+    result.extra["added_tokens"] = added
+    result.extra["donor_label"] = "extended tokenizer"
+    return result
