@@ -161,9 +161,42 @@ def assets_fetch(names):
         click.echo(f"{name}: {assets.fetch(name)}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def distill_main():
-    """Heal a transplanted model by cross-tokenizer distillation (ALM on DeepSpeed)."""
+@transplant_main.command("extend")
+@click.argument("model")
+@click.option("--token", "tokens", multiple=True, help="A token to add (repeatable), e.g. --token ' tokentransplant'.")
+@click.option("--corpus", "corpus_files", multiple=True, type=click.Path(path_type=Path),
+              help="Domain text file(s) to learn the most useful new tokens from.")
+@click.option("-n", "--num-tokens", type=click.IntRange(min=1), help="How many tokens to learn from --corpus.")
+@click.option("--method", default="fvt", show_default=True, help="Initializer for the new rows.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model dir.")
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def extend_cmd(model, tokens, corpus_files, num_tokens, method, output, overwrite):
+    """Add tokens to MODEL's tokenizer (ids kept) and initialise their rows."""
+    from transplant.extend import extend_vocab
+
+    if bool(tokens) == bool(corpus_files):
+        raise TransplantError("pass either --token ... or --corpus FILE -n N")
+    corpus = list(_read_texts(corpus_files).values()) if corpus_files else None
+    held_out = {"domain": "\n".join(corpus)[-16384:]} if corpus else None
+    result = extend_vocab(model, new_tokens=list(tokens) or None, corpus=corpus, n=num_tokens, method=method,
+                          output=output, overwrite=overwrite, eval_texts=held_out)
+    added = result.extra["added_tokens"]
+    click.echo(f"added {len(added)} tokens to {model} ({result.method}) in {result.seconds:.1f}s: "
+               + ", ".join(added[:8]) + (" ..." if len(added) > 8 else ""))
+    if result.bpb_before is not None:
+        click.echo(f"  bits/byte on the corpus tail: {result.bpb_before:.3f} before, {result.bpb_after:.3f} after")
+    click.echo(f"  output: {result.output}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@user_errors
+def distill_main(args):
+    """Heal a transplanted model by cross-tokenizer distillation: distill RECIPE.yaml [--set key=value ...]."""
+    from distill.main import main
+
+    sys.exit(main(list(args)))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
