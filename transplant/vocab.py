@@ -4,18 +4,37 @@ Every tokenizer family spells tokens differently (`▁word`, `Ġword`, raw bytes
 them into the exact bytes each id contributes to decoded text, so that matching, initialisation and distillation
 work on bytes, never on a family's spelling.
 
-CONTRACT (skeleton written first so that every module builds against the same shape; loaders are filled in by
-the vocab work).
+What `token_bytes` means per family (derived from the fast tokenizer alone, so every source gets the same rules):
+- byte-level BPE (GPT-2, Llama 3, Qwen, tekken): `Ġthe` -> b" the" through GPT-2's byte<->unicode map.
+- SentencePiece: `▁the` -> b" the"; `<0x0A>` -> b"\n" with kind BYTE.
+- WordPiece: `##ing` -> b"ing"; a word-start piece gets NO leading space (the decoder inserts spaces between
+  words, which no single token owns), so the byte invariant below does not hold for WordPiece.
+- specials (control tokens, unknown, unused): b"" with kind SPECIAL, their literal in `special_texts`.
+
+The invariant, tested against each reference implementation: for text x without special-token literals,
+`b"".join(token_bytes[i] for i in encode(x))` equals the tokenizer's normalized text as bytes. For byte-level
+and tiktoken families that is `x.encode()` (Qwen: NFC of x). For SentencePiece with a dummy prefix it is
+`(" " + x).encode()` for non-empty x (also when x already starts with a space: " a" -> "▁▁a"), b"" for x == "";
+models with `remove_extra_whitespaces` first strip and collapse runs of U+0020, exactly as sentencepiece does.
+`decode(encode(x)) == x` holds wherever normalization is the identity.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from transplant import tokenizer_formats as tf
+from transplant.errors import TransplantError
+
+log = logging.getLogger(__name__)
 
 
 class TokenKind(str, Enum):
@@ -60,10 +79,187 @@ class Vocab:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write tokenizer files that stock `AutoTokenizer` (transformers 4.x and 5.x) loads with the same ids."""
-        raise NotImplementedError
+        """Write tokenizer files that stock `AutoTokenizer` (transformers 4.x and 5.x) loads with the same ids.
+
+        Writes tokenizer.json, tokenizer_config.json (class PreTrainedTokenizerFast, which both major versions
+        know; 5.x's own `TokenizersBackend` is unknown to 4.x) and special_tokens_map.json. Other tokenizer files
+        already in `directory` (tokenizer.model, vocab.json, chat_template.jinja, ...) would be stale and some
+        are preferred by transformers, so they are removed.
+        """
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise TransplantError(f"vocab {self.name!r} has no fast tokenizer to save; load it with load_vocab()")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        special = {f"{role}_token": self._text_of(role) for role in ("bos", "eos", "unk", "pad")}
+        special = {key: text for key, text in special.items() if text is not None}
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
+                                  "clean_up_tokenization_spaces": False}
+        max_len = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(max_len, int) and max_len < 10**12:
+            config["model_max_length"] = max_len
+        template = getattr(self.tokenizer, "chat_template", None)
+        if template:
+            config["chat_template"] = template
+        files = {"tokenizer.json": backend.to_str(),
+                 "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
+                 "special_tokens_map.json": json.dumps(special, indent=2, ensure_ascii=False)}
+        for stale in sorted(STALE_TOKENIZER_FILES):
+            for path in directory.glob(stale):
+                log.warning("removing stale tokenizer file %s (it would disagree with tokenizer.json)", path)
+                path.unlink()
+        for name, text in files.items():
+            tmp = directory / f".{name}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, directory / name)
+
+    def _text_of(self, role: str) -> str | None:
+        idx = self.roles.get(role)
+        return None if idx is None else self.special_texts.get(idx)
 
 
-def load_vocab(spec: str | os.PathLike, *, trust_remote_code: bool = False) -> Vocab:
-    """Load a tokenizer from an alias, HF dir/hub id, tokenizer.json, SentencePiece .model, tiktoken, tekken, GGUF."""
-    raise NotImplementedError(str(Path(spec)))
+STALE_TOKENIZER_FILES = {"tokenizer.model", "tokenizer.model.v*", "spiece.model", "sentencepiece.bpe.model",
+                         "vocab.json", "merges.txt", "vocab.txt", "tekken.json", "added_tokens.json",
+                         "chat_template.jinja", "chat_template.json"}
+
+# Literal special-token names -> role, for tokenizers whose config does not name them (raw files, GGUF).
+ROLE_NAMES: dict[str, str] = {
+    "<s>": "bos", "<|begin_of_text|>": "bos", "<bos>": "bos", "<|startoftext|>": "bos", "<|bos|>": "bos",
+    "</s>": "eos", "<|end_of_text|>": "eos", "<eos>": "eos", "<|endoftext|>": "eos", "<|eos|>": "eos",
+    "<pad>": "pad", "[pad]": "pad", "<|pad|>": "pad", "<|finetune_right_pad_id|>": "pad",
+    "<unk>": "unk", "[unk]": "unk", "<|unk|>": "unk",
+    "[cls]": "cls", "[sep]": "sep", "[mask]": "mask", "<mask>": "mask",
+    "<|im_start|>": "im_start", "<|im_end|>": "im_end",
+    "<|start_header_id|>": "start_header", "<|end_header_id|>": "end_header", "<|eot_id|>": "eot",
+    "<|eom_id|>": "eom", "<|python_tag|>": "python_tag", "<|image|>": "image",
+    "<start_of_turn>": "start_turn", "<end_of_turn>": "end_turn",
+    "[inst]": "inst", "[/inst]": "/inst", "[system_prompt]": "system_prompt", "[/system_prompt]": "/system_prompt",
+    "[tool_calls]": "tool_calls", "[available_tools]": "available_tools", "[/available_tools]": "/available_tools",
+    "[tool_results]": "tool_results", "[/tool_results]": "/tool_results", "[tool_content]": "tool_content",
+    "[img]": "img", "[img_break]": "img_break", "[img_end]": "img_end",
+    "[prefix]": "fim_prefix", "[middle]": "fim_middle", "[suffix]": "fim_suffix",
+    "<|fim_prefix|>": "fim_prefix", "<|fim_middle|>": "fim_middle", "<|fim_suffix|>": "fim_suffix",
+    "<|fim_pad|>": "fim_pad", "<|system|>": "system", "<|user|>": "user", "<|assistant|>": "assistant",
+    "<|end|>": "end", "<think>": "think", "</think>": "/think", "<tool_call>": "tool_call",
+    "</tool_call>": "/tool_call",
+}
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+# ----------------------------------------------------------------------------------------------- bytes and roles
+
+
+def _decoder_steps(backend: Any) -> list[dict]:
+    if backend.decoder is None:
+        return []
+    state = json.loads(backend.decoder.__getstate__())
+    return state.get("decoders", [state]) if state.get("type") == "Sequence" else [state]
+
+
+def _family(backend: Any) -> tuple[str, str]:
+    """("byte_level" | "sentencepiece" | "wordpiece" | "plain", the family's marker string)."""
+    for step in _decoder_steps(backend):
+        kind = step.get("type")
+        if kind == "ByteLevel":
+            return "byte_level", ""
+        if kind == "Metaspace":
+            return "sentencepiece", step.get("replacement", "▁")
+        if kind == "Replace" and step.get("pattern", {}).get("String") == "▁":
+            return "sentencepiece", "▁"
+        if kind == "WordPiece":
+            return "wordpiece", step.get("prefix", "##")
+    return "plain", ""
+
+
+def describe_tokens(backend: Any) -> tuple[list[bytes], list[TokenKind], dict[int, str]]:
+    """Per-id bytes and kinds, and the literal text of every special id, for a `tokenizers.Tokenizer`."""
+    family, marker = _family(backend)
+    vocab = backend.get_vocab(with_added_tokens=True)
+    size = max(vocab.values(), default=-1) + 1
+    pieces: list[str | None] = [None] * size
+    for text, idx in vocab.items():
+        pieces[idx] = text
+    added = backend.get_added_tokens_decoder()
+    token_bytes: list[bytes] = [b""] * size
+    kinds = [TokenKind.SPECIAL] * size
+    special_texts: dict[int, str] = {}
+    unk = getattr(backend.model, "unk_token", None)
+    for idx, piece in enumerate(pieces):
+        if piece is None:
+            continue  # an id hole: kept as an empty special so that ids stay positions
+        token = added.get(idx)
+        if (token is not None and token.special) or piece == unk:
+            special_texts[idx] = piece
+            continue
+        kinds[idx] = TokenKind.NORMAL
+        if token is not None:  # a non-special added token is inserted literally
+            token_bytes[idx] = (piece.replace(marker, " ") if family == "sentencepiece" else piece).encode()
+        elif family == "byte_level":
+            token_bytes[idx] = bytes(tf.UNICODE_TO_BYTE[c] if c in tf.UNICODE_TO_BYTE else ord(c) for c in piece) \
+                if all(c in tf.UNICODE_TO_BYTE for c in piece) else piece.encode()
+        elif family == "sentencepiece":
+            match = _BYTE_PIECE.match(piece)
+            if match:
+                token_bytes[idx], kinds[idx] = bytes([int(match.group(1), 16)]), TokenKind.BYTE
+            else:
+                token_bytes[idx] = piece.replace(marker, " ").encode()
+        elif family == "wordpiece":
+            token_bytes[idx] = (piece[len(marker):] if piece.startswith(marker) else piece).encode()
+        else:
+            token_bytes[idx] = piece.encode()
+    holes = pieces.count(None)
+    if holes:
+        log.warning("tokenizer has %d unused ids; they are kept as empty special tokens", holes)
+    return token_bytes, kinds, special_texts
+
+
+def detect_roles(names: dict[str, str], backend: Any, special_texts: dict[int, str]) -> dict[str, int]:
+    """Roles from the config's special-token names first, then from the literal names of special tokens."""
+    roles: dict[str, int] = {}
+    for key, text in names.items():
+        idx = backend.token_to_id(text) if text else None
+        if key.endswith("_token") and idx is not None:
+            roles[key[: -len("_token")]] = idx
+    for idx, text in sorted(special_texts.items()):
+        role = ROLE_NAMES.get(text) or ROLE_NAMES.get(text.lower())
+        if role is not None and role not in roles:
+            roles[role] = idx
+    return roles
+
+
+def _adds_prefix_space(backend: Any, token_bytes: list[bytes]) -> bool:
+    for probe in ("a", "The", "0"):
+        ids = backend.encode(probe, add_special_tokens=False).ids
+        if ids:
+            return b"".join(token_bytes[i] for i in ids) == b" " + probe.encode()
+    return False
+
+
+def vocab_from_converted(conv: tf.Converted, name: str) -> Vocab:
+    """Wrap a converted tokenizer as a `Vocab` (PreTrainedTokenizerFast + bytes, kinds, roles)."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = conv.tokenizer
+    token_bytes, kinds, special_texts = describe_tokens(backend)
+    names = {k: v for k, v in conv.special_tokens.items() if v and backend.token_to_id(v) is not None}
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **names)
+    if conv.chat_template:
+        wrapped.chat_template = conv.chat_template
+    return Vocab(tokenizer=wrapped, token_bytes=token_bytes, kinds=kinds,
+                 roles=detect_roles(names, backend, special_texts), name=name, source_format=conv.source_format,
+                 adds_prefix_space=_adds_prefix_space(backend, token_bytes), special_texts=special_texts)
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+
+
+def load_vocab(spec: str | os.PathLike, *, trust_remote_code: bool = False, options: dict | None = None) -> Vocab:
+    """Load a tokenizer from an alias, HF dir/hub id, tokenizer.json, SentencePiece .model, tiktoken, tekken, GGUF.
+
+    `options` only matters for bare tiktoken files: {"pattern": name in PATTERNS or a regex, "specials": name in
+    SPECIALS or a list of literals appended after the ranks}. Without it such a file gets the Llama-3/cl100k split
+    pattern and no special tokens.
+    """
+    from transplant.vocab_sources import load
+
+    return load(spec, trust_remote_code=trust_remote_code, options=options)

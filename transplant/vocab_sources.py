@@ -1,0 +1,264 @@
+"""Where tokenizers come from: aliases, local dirs and files (sniffed by content), GGUF files, hub ids.
+
+Split out of `transplant.vocab` (the contract) to keep both files short; `transplant.vocab.load_vocab` is the
+public entry point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from transplant import tokenizer_formats as tf
+from transplant.errors import TransplantError
+from transplant.vocab import Vocab, vocab_from_converted
+
+log = logging.getLogger(__name__)
+
+CONVERTER_VERSION = 1  # bump when a converter changes, so cached tokenizer.json files are rebuilt
+
+
+def load(spec: str | os.PathLike, *, trust_remote_code: bool = False, options: dict | None = None) -> Vocab:
+    """See `transplant.vocab.load_vocab`."""
+    from transplant import assets
+
+    text = os.fspath(spec)
+    if text in assets.TOKENIZERS:
+        return _load_alias(text)
+    path = Path(text).expanduser()
+    if path.exists():
+        return _load_path(path, trust_remote_code, options or {})
+    if text.startswith(("/", "./", "../", "~")) or path.suffix in {".json", ".model", ".gguf", ".tiktoken"}:
+        raise TransplantError(f"tokenizer path {text} does not exist; check the path")
+    resolve = getattr(assets, "resolve_model", None)
+    if resolve is not None:
+        resolved = resolve(text)
+        if isinstance(resolved, Path) or Path(os.fspath(resolved)).exists():
+            return _load_path(Path(resolved), trust_remote_code, options or {})
+        text = os.fspath(resolved)
+    return _load_hub(text, trust_remote_code)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cached_conversion(key: str, source: Path, build) -> tf.Converted:
+    """Converted tokenizers are cached as tokenizer.json (building a 128k-token BPE takes seconds)."""
+    from tokenizers import Tokenizer
+
+    from transplant._wheels import cache_dir
+
+    folder = cache_dir() / "tokenizers" / key
+    digest = _sha256(source)
+    meta_path = folder / "meta.json"
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta["version"] == CONVERTER_VERSION and meta["source_sha256"] == digest:
+                return tf.Converted(Tokenizer.from_file(str(folder / "tokenizer.json")), meta["special_tokens"],
+                                    meta["source_format"], meta.get("chat_template"), meta.get("extra", {}))
+        except (OSError, ValueError, KeyError, Exception) as err:  # a damaged cache entry is rebuilt
+            log.warning("rebuilding cached tokenizer %s (%s)", folder, err)
+    conv = build()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
+    conv.tokenizer.save(str(tmp / "tokenizer.json"))
+    meta = {"version": CONVERTER_VERSION, "source_sha256": digest, "source": str(source),
+            "special_tokens": conv.special_tokens, "source_format": conv.source_format,
+            "chat_template": conv.chat_template, "extra": conv.extra}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process won the race; its copy is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+    return conv
+
+
+def _convert_file(fmt: str, path: Path, options: dict) -> tf.Converted:
+    if fmt == "sentencepiece":
+        return tf.convert_sentencepiece(tf.read_sentencepiece(path))
+    if fmt == "tiktoken":
+        return tf.convert_tiktoken(path, options.get("pattern"), options.get("specials"))
+    if fmt == "tekken":
+        return tf.convert_tekken(path)
+    raise TransplantError(f"unknown tokenizer format {fmt!r}; use sentencepiece, tiktoken or tekken")
+
+
+def _load_alias(name: str) -> Vocab:
+    from transplant.assets import TOKENIZERS, fetch_tokenizer_file
+
+    asset = TOKENIZERS[name]
+    path = fetch_tokenizer_file(name)
+    conv = _cached_conversion(name, path, lambda: _convert_file(asset.format, path, asset.options))
+    return vocab_from_converted(conv, name)
+
+
+def _alias_for_file(path: Path) -> str | None:
+    """A registered tokenizer whose cached raw file is `path` (so its pattern and specials apply)."""
+    from transplant._wheels import cache_dir
+    from transplant.assets import TOKENIZERS
+
+    for name, asset in TOKENIZERS.items():
+        if (cache_dir() / "files" / f"{asset.package}-{asset.version}" / asset.member).resolve() == path.resolve():
+            return name
+    return None
+
+
+def sniff_format(path: Path) -> str:
+    """"gguf" | "tokenizer.json" | "tekken" | "tiktoken" | "sentencepiece", from the file's content."""
+    data = path.read_bytes()
+    if data[:4] == b"GGUF":
+        return "gguf"
+    if data.lstrip()[:1] == b"{":
+        try:
+            keys = set(json.loads(data))
+        except ValueError as err:
+            raise TransplantError(f"{path} is not valid JSON ({err}); pass an intact tokenizer file") from err
+        if "model" in keys:
+            return "tokenizer.json"
+        if {"config", "vocab"} <= keys:
+            return "tekken"
+        raise TransplantError(f"{path} is JSON but neither a tokenizer.json nor a tekken file; pass one of those")
+    if tf.looks_like_tiktoken(data[:65536]):
+        return "tiktoken"
+    if tf.try_read_sentencepiece(data) is not None:
+        return "sentencepiece"
+    raise TransplantError(f"{path}: unknown tokenizer format; pass a tokenizer.json, SentencePiece .model, "
+                          "tiktoken, tekken json, GGUF file or a HF tokenizer dir")
+
+
+def _load_path(path: Path, trust_remote_code: bool, options: dict) -> Vocab:
+    if path.is_dir():
+        return _load_dir(path, trust_remote_code)
+    alias = _alias_for_file(path)
+    if alias is not None:
+        return _load_alias(alias)
+    fmt = sniff_format(path)
+    if fmt == "gguf":
+        return _load_gguf(path)
+    if fmt == "tokenizer.json":
+        names, template = _read_config(path.parent)
+        return _from_tokenizer_json(path, names, template, "tokenizer.json")
+    key = f"{path.name}-{fmt}-{_sha256(path)[:16]}"
+    if options:
+        key += "-" + hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+    return vocab_from_converted(_cached_conversion(key, path, lambda: _convert_file(fmt, path, options)), path.name)
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_config(directory: Path) -> tuple[dict[str, str], str | None]:
+    """Special-token names and chat template from tokenizer_config.json / special_tokens_map.json."""
+    names: dict[str, str] = {}
+    template = None
+    for file_name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = directory / file_name
+        if not path.exists():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise TransplantError(f"{path} is not valid JSON ({err}); fix or delete it") from err
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            text = _token_text(data.get(key))
+            if text:
+                names[key] = text
+        raw = data.get("chat_template")
+        if isinstance(raw, list):  # named templates: take the default one
+            raw = next((t.get("template") for t in raw if t.get("name") == "default"), None)
+        template = raw or template
+    jinja = directory / "chat_template.jinja"
+    if jinja.exists():
+        template = jinja.read_text(encoding="utf-8")
+    return names, template
+
+
+def _from_tokenizer_json(path: Path, names: dict[str, str], template: str | None, fmt: str) -> Vocab:
+    from tokenizers import Tokenizer
+
+    try:
+        backend = Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception on malformed files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TransplantError(f"{path} is not a valid tokenizer.json ({reason}); pass an intact file") from err
+    return vocab_from_converted(tf.Converted(backend, names, fmt, template), path.parent.name or path.name)
+
+
+def _load_dir(directory: Path, trust_remote_code: bool) -> Vocab:
+    names, template = _read_config(directory)
+    sp_files = [p for p in sorted(directory.glob("*.model*")) if p.is_file()]
+    if (directory / "tokenizer.json").exists():
+        if sp_files:
+            log.info("%s has tokenizer.json and %s; using tokenizer.json (as transformers does)",
+                     directory, sp_files[0].name)
+        return _from_tokenizer_json(directory / "tokenizer.json", names, template, "hf")
+    for candidates, fmt in ((sp_files, "sentencepiece"), ([directory / "tekken.json"], "tekken")):
+        for path in candidates:
+            if path.exists() and (fmt != "sentencepiece" or sniff_format(path) == fmt):
+                key = f"{directory.name}-{fmt}-{_sha256(path)[:16]}"
+                conv = _cached_conversion(key, path, lambda p=path, f=fmt: _convert_file(f, p, {}))
+                conv.special_tokens = {**conv.special_tokens, **names}
+                conv.chat_template = template or conv.chat_template
+                return vocab_from_converted(conv, directory.name)
+    ggufs = sorted(directory.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _load_gguf(ggufs[0])
+    if (directory / "tokenizer_config.json").exists() or (directory / "vocab.json").exists():
+        return _load_hub(str(directory), trust_remote_code)
+    raise TransplantError(f"{directory} holds no tokenizer files (tokenizer.json, tokenizer.model, tekken.json, "
+                          "one .gguf); pass a tokenizer dir or file")
+
+
+def _from_transformers(tok: Any, fmt: str, name: str) -> Vocab:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise TransplantError(f"{name} loads only as a slow (Python) tokenizer; convert it to tokenizer.json first")
+    names = {key: str(getattr(tok, key)) for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+             if getattr(tok, key, None)}
+    return vocab_from_converted(tf.Converted(backend, names, fmt, getattr(tok, "chat_template", None)), name)
+
+
+def _load_gguf(path: Path) -> Vocab:
+    model, spec, template = tf.read_gguf_tokenizer(path)
+    if spec is not None:
+        conv = tf.convert_sentencepiece(spec, "gguf")
+        conv.chat_template = template
+        return vocab_from_converted(conv, path.stem)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as err:
+        raise TransplantError(f"transformers cannot read the {model!r} tokenizer in {path} ({err}); "
+                              "export the tokenizer as tokenizer.json") from err
+    return _from_transformers(tok, "gguf", path.stem)
+
+
+def _load_hub(spec: str, trust_remote_code: bool) -> Vocab:
+    from transformers import AutoTokenizer
+
+    from transplant.assets import TOKENIZERS
+
+    try:
+        tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise TransplantError(f"cannot load tokenizer {spec!r} ({reason}); pass a local tokenizer dir or file, "
+                              f"a hub id reachable from here, or an alias: {', '.join(sorted(TOKENIZERS))}") from err
+    return _from_transformers(tok, "hf", spec)
