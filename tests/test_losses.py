@@ -1,0 +1,267 @@
+"""Distillation losses on hand-computed cases (a few tokens and chunks, expected values written out)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from distill.chunks import align_batch, word_start_mask
+from distill.losses import LOSSES, get_loss
+from distill.losses.alm import merge_chunks
+from distill.losses.common import chunk_sums
+from distill.losses.mined import levenshtein_pairs, mined_mapping
+from tests.test_chunks import ids_of, make_vocab
+from transplant.errors import TransplantError
+
+
+def logits_for(vocab_size: int, rows: list[dict[int, float]]) -> torch.Tensor:
+    """[1, T, V] logits whose softmax puts the given probabilities on the given ids (rest spread evenly)."""
+    out = torch.empty(1, len(rows), vocab_size, dtype=torch.float64)
+    for t, probs in enumerate(rows):
+        rest = (1.0 - sum(probs.values())) / (vocab_size - len(probs))
+        out[0, t] = math.log(rest)
+        for idx, p in probs.items():
+            out[0, t, idx] = math.log(p)
+    return out
+
+
+def binary_entropy(p: float) -> float:
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+@pytest.fixture
+def abc_case():
+    """Text "abc": teacher [bos, "ab", "c"], student [bos, "a", "b", "c"]; chunks bos | ab | c.
+
+    Teacher: p("ab") = 0.5, p("c" | ab) = 0.8. Student: p("a") = 0.5, p("b" | a) = 0.5, p("c" | ab) = 0.8.
+    """
+    teacher = make_vocab([b"a", b"b", b"ab", b"c"], specials=("bos",))
+    student = make_vocab([b"a", b"b", b"c"], specials=("bos",))
+    t = ids_of(teacher, "bos", b"ab", b"c")
+    s = ids_of(student, "bos", b"a", b"b", b"c")
+    alignment = align_batch([t], [s], teacher, student)
+    teacher_logits = logits_for(len(teacher), [{t[1]: 0.5}, {t[2]: 0.8}, {}])
+    student_logits = logits_for(len(student), [{s[1]: 0.5}, {s[2]: 0.5}, {s[3]: 0.8}, {}])
+    return {"alignment": alignment, "teacher_logits": teacher_logits, "student_logits": student_logits.requires_grad_()}
+
+
+def test_registry():
+    assert {"alm", "alm-l1", "ce", "uld", "mined"} <= set(LOSSES)
+    assert get_loss("alm") is LOSSES["alm"]
+    with pytest.raises(TransplantError, match="unknown distillation loss"):
+        get_loss("nope")
+
+
+def test_ce_by_hand():
+    vocab = make_vocab([b"x", b"y", b"z"], specials=())
+    ids = ids_of(vocab, b"x", b"x", b"z")
+    alignment = align_batch([ids], [ids], vocab, vocab)
+    # position 0: p = [0.5, 0.25, 0.25] -> next "x" costs ln 2; position 1: uniform -> next "z" costs ln 3
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3], [1.0, 1.0, 1.0]]]))
+    batch = {"alignment": alignment, "student_logits": logits}
+    loss, metrics = get_loss("ce")(batch)
+    assert loss.item() == pytest.approx((math.log(2) + math.log(3)) / 2)
+    assert metrics["num_items_local"].item() == 2 == get_loss("ce").count_items(batch)
+    assert get_loss("ce")(batch, num_items=4)[0].item() == pytest.approx(math.log(6) / 4)
+
+
+def test_alm_binary_ce_by_hand(abc_case):
+    loss, metrics = get_loss("alm")(abc_case, temperature=1.0)
+    # chunk "ab": p_t = 0.5, p_s = 0.25 -> -(0.5 ln 0.25 + 0.5 ln 0.75) = 0.5 ln(16/3)
+    # chunk "c":  p_t = p_s = 0.8 -> binary entropy H(0.8); the bos chunk sits at position 0 and is skipped
+    expected = (0.5 * math.log(16 / 3) + binary_entropy(0.8)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    assert metrics["num_items_local"].item() == 2 == get_loss("alm").count_items(abc_case)
+
+
+def test_alm_l1_and_binary_kl_by_hand(abc_case):
+    loss, _ = get_loss("alm-l1")(abc_case, temperature=2.0)
+    assert loss.item() == pytest.approx((math.log(0.5) - math.log(0.25)) / 2 / 2)  # |ln .5 - ln .25| / tau / 2
+    loss, _ = get_loss("alm")(abc_case, temperature=1.0, diff="binary_kl")
+    kl_ab = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert loss.item() == pytest.approx(kl_ab / 2, rel=1e-9)
+
+
+def test_alm_gradient_reaches_student_only(abc_case):
+    abc_case["teacher_logits"] = abc_case["teacher_logits"].clone().requires_grad_()
+    for name in ("alm", "alm-l1", "uld"):
+        abc_case["student_logits"].grad = None
+        loss, _ = get_loss(name)(abc_case)
+        loss.backward()
+        assert abc_case["teacher_logits"].grad is None
+        assert abc_case["student_logits"].grad.abs().sum() > 0
+
+
+def test_alm_identical_models_are_at_the_minimum():
+    vocab = make_vocab([b"a", b"b", b" c", b"d"], specials=("bos",))
+    ids = ids_of(vocab, "bos", b"a", b" c", b"b", b"d", b"a")
+    alignment = align_batch([ids], [ids], vocab, vocab)
+    torch.manual_seed(0)
+    logits = torch.randn(1, len(ids), len(vocab), dtype=torch.float64)
+    student = logits.clone().requires_grad_()
+    batch = {"alignment": alignment, "teacher_logits": logits, "student_logits": student}
+    for temperature in (1.0, 100.0):
+        loss, _ = get_loss("alm")(batch, temperature=temperature)
+        (grad,) = torch.autograd.grad(loss, student)
+        assert grad.abs().max().item() < 1e-9  # stationary point: matched likelihoods
+        worse = get_loss("alm")({**batch, "student_logits": student + 0.3 * torch.randn_like(logits)},
+                                temperature=temperature)[0]
+        assert worse.item() > loss.item()
+        assert get_loss("alm")(batch, temperature=temperature, diff="binary_kl")[0].item() == pytest.approx(0, abs=1e-12)
+
+
+def test_alm_debias_by_hand():
+    """Text "ab c": teacher [ab, " c"], student [a, b, " c"]; chunk "ab" is followed by whitespace.
+
+    Teacher: p(ab) = .5, p(" c" | ab) = .5. Student: p(a) = p(b | a) = .5, p(" c" | ab) = .25.
+    Debiased chunk "ab": teacher .5 * .5, student .25 * .25 -> |ln .25 - ln .0625| = ln 4;
+    chunk " c" ends the text (no debias): |ln .5 - ln .25| = ln 2.  L1 at tau 1: (ln 4 + ln 2) / 2.
+    """
+    teacher = make_vocab([b"a", b"ab", b" c"], specials=("bos",))
+    student = make_vocab([b"a", b"b", b" c"], specials=("bos",))
+    t, s = ids_of(teacher, "bos", b"ab", b" c"), ids_of(student, "bos", b"a", b"b", b" c")
+    batch = {
+        "alignment": align_batch([t], [s], teacher, student),
+        "teacher_logits": logits_for(len(teacher), [{t[1]: 0.5}, {t[2]: 0.5}, {}]),
+        "student_logits": logits_for(len(student), [{s[1]: 0.5}, {s[2]: 0.5}, {s[3]: 0.25}, {}]),
+        "teacher_word_start_mask": word_start_mask(teacher),
+        "student_word_start_mask": word_start_mask(student),
+    }
+    plain, _ = get_loss("alm-l1")(batch, temperature=1.0)
+    assert plain.item() == pytest.approx(math.log(2))
+    debiased, _ = get_loss("alm-l1")(batch, temperature=1.0, debias=True)
+    assert debiased.item() == pytest.approx(1.5 * math.log(2))
+
+
+def test_merge_chunks_by_teacher_likelihood():
+    probs = torch.tensor([[0.9, 0.8, 0.5, 0.9, 0.3, 0.95, 0.99]], dtype=torch.float64)
+    valid = torch.tensor([[True, True, True, True, False, True, True]])
+    group = merge_chunks(probs.log(), valid, math.log(0.6))
+    # .9 * .8 = .72 > .6 keeps going, * .5 = .36 closes; .9 alone is cut by the invalid chunk; .95 * .99 open at end
+    assert group.tolist() == [[0, 0, 0, 1, -1, 2, 2]]
+
+
+def test_alm_with_merging_sums_groups(abc_case):
+    loss, metrics = get_loss("alm-l1")(abc_case, temperature=1.0, merge_threshold=0.9)
+    # threshold .9: "ab" alone (.5 <= .9), "c" alone -> same as unmerged
+    assert loss.item() == pytest.approx(math.log(2) / 2)
+    assert metrics["num_units"].item() == 2
+    # with threshold .4 both chunks merge: teacher .5 * .8, student .25 * .8 -> |ln .4 - ln .2| = ln 2 over 2 items
+    loss, metrics = get_loss("alm-l1")(abc_case, temperature=1.0, merge_threshold=0.4)
+    assert metrics["num_units"].item() == 1
+    assert loss.item() == pytest.approx(math.log(2) / 2)
+
+
+def test_alm_hidden_state_term_by_hand(abc_case):
+    b, tt = abc_case["alignment"].student_input_ids.shape[0], abc_case["alignment"].teacher_input_ids.shape[1]
+    student_hidden = torch.ones(b, 4, 2, dtype=torch.float64)  # projected to 0 by the zero projection
+    teacher_hidden = torch.zeros(b, tt, 3, dtype=torch.float64)
+    teacher_hidden[0, 1] = torch.tensor([1.0, 2.0, 2.0])  # end of chunk "ab" on the teacher side
+    batch = {**abc_case, "student_hidden_states": student_hidden, "teacher_hidden_states": teacher_hidden}
+    with pytest.raises(TransplantError, match="hidden_projection"):
+        get_loss("alm")(batch, hidden_weight=1.0)
+    projection = torch.nn.Linear(2, 3, bias=False).double()
+    torch.nn.init.zeros_(projection.weight)
+    base, _ = get_loss("alm")(abc_case, temperature=1.0)
+    loss, metrics = get_loss("alm")(batch, temperature=1.0, hidden_weight=0.5, hidden_projection=projection)
+    # chunk "ab": mean((0 - [1, 2, 2])^2) = 3; chunk "c": 0; over 2 items -> 1.5, weighted 0.5
+    assert metrics["hidden_mse"].item() == pytest.approx(1.5)
+    assert loss.item() == pytest.approx(base.item() + 0.75)
+    loss.backward()
+    assert projection.weight.grad.abs().sum() > 0
+
+
+def test_uld_by_hand():
+    teacher = make_vocab([b"a", b"b"], specials=())  # 2 + padded to 3 below
+    student = make_vocab([b"a", b"b", b"c", b"d"], specials=())
+    t, s = ids_of(teacher, b"a", b"b"), ids_of(student, b"a", b"b")
+    alignment = align_batch([t], [s], teacher, student)
+    teacher_logits = torch.log(torch.tensor([[[0.2, 0.5, 0.3], [1.0, 1.0, 1.0]]]))
+    student_logits = torch.log(torch.tensor([[[0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]]]))
+    batch = {"alignment": alignment, "teacher_logits": teacher_logits, "student_logits": student_logits}
+    loss, metrics = get_loss("uld")(batch)
+    # chunk "a": sorted [.5 .3 .2 0] vs [.6 .2 .1 .1] -> .1 + .1 + .1 + .1 = .4
+    # chunk "b": [1/3 1/3 1/3 0] vs [.25 .25 .25 .25] -> 3 * (1/12) + .25 = .5
+    assert loss.item() == pytest.approx((0.4 + 0.5) / 2, rel=1e-6)
+    assert metrics["num_items_local"].item() == 2
+    assert get_loss("uld")(batch, top_k=1)[0].item() == pytest.approx((0.1 + 1 / 12) / 2, rel=1e-6)
+
+
+def test_mined_mapping_and_loss_by_hand():
+    teacher = make_vocab([b"cat", b"dog", b" cat", b"x"], specials=("bos", "eos"))
+    student = make_vocab([b"cat", b"cats", b" dog", b"zzzzzz"], specials=("eos", "bos", "pad"))
+    mapping = mined_mapping(student, teacher)
+    # cat = exact; cats -> cat (1 deletion); " dog" -> dog (space variant); zzzzzz -> nearest by ED then length
+    # specials by role; pad has no partner
+    # (all teacher tokens are 6 edits away from zzzzzz; " cat" has the smallest length gap)
+    assert mapping.tolist() == [0, 0, 1, 2, 5, 4, -1]
+    t, s = ids_of(teacher, "bos", b"cat"), ids_of(student, "bos", b"cat")
+    batch = {
+        "alignment": align_batch([t], [s], teacher, student),
+        "mined_mapping": mapping,
+        # at the chunk "cat" (position 1 on both sides): teacher p(dog) = .5, p(eos) = .3, others .05 each
+        "teacher_logits": logits_for(len(teacher), [{}, {1: 0.5, 5: 0.3}]),
+        "student_logits": torch.zeros(1, 2, len(student), dtype=torch.float64, requires_grad=True),
+    }
+    loss, _ = get_loss("mined")(batch)
+    # q over student ids: cat .05, cats .05, " dog" .5, zzzzzz .05, eos .3, bos .05, pad 0 -> sum 1.0;
+    # student uniform over 7: KL = sum q ln(q * 7)
+    q = [0.05, 0.05, 0.5, 0.05, 0.3, 0.05]
+    expected = sum(p * math.log(p * 7) for p in q)
+    # the alignment also has the bos chunk (ending at position 0); keep only the "cat" chunk for the hand value
+    loss_cat_only = get_loss("mined")({**batch, "alignment": _only_chunk(batch["alignment"], 1)})[0]
+    assert loss_cat_only.item() == pytest.approx(expected, rel=1e-9)
+    assert loss.item() > 0
+    loss.backward()
+    assert batch["student_logits"].grad.abs().sum() > 0
+
+
+def _only_chunk(alignment, chunk: int):
+    keep = torch.zeros_like(alignment.chunk_mask)
+    keep[:, chunk] = alignment.chunk_mask[:, chunk]
+    return type(alignment)(**{**vars(alignment), "chunk_mask": keep})
+
+
+def _levenshtein(a: bytes, b: bytes) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def test_levenshtein_pairs_matches_reference():
+    rng = random.Random(1)
+    words = [bytes(rng.choice(b"abc ") for _ in range(rng.randint(0, 9))) for _ in range(300)]
+    left, right = words[:150], words[150:]
+    assert levenshtein_pairs(left, right).tolist() == [_levenshtein(a, b) for a, b in zip(left, right)]
+    assert levenshtein_pairs(left, right, block=7).tolist() == levenshtein_pairs(left, right).tolist()
+
+
+def test_mined_mapping_exact_when_window_covers_vocab():
+    rng = random.Random(2)
+    pool = sorted({bytes(rng.choice(b"abcde ") for _ in range(rng.randint(1, 6))) for _ in range(60)})
+    teacher = make_vocab(pool[:30], specials=())
+    student = make_vocab(pool[30:], specials=())
+    mapping = mined_mapping(student, teacher, window=100).tolist()
+    for sid, piece in enumerate(student.token_bytes):
+        best = min(_levenshtein(piece, t) for t in teacher.token_bytes)
+        assert _levenshtein(piece, teacher.token_bytes[mapping[sid]]) == best
+
+
+def test_chunk_sums_equal_dense_matmul(abc_case):
+    alignment = abc_case["alignment"]
+    values = torch.randn(alignment.student_chunk_index.shape, dtype=torch.float64)
+    dense = torch.einsum("bt,btc->bc", values, alignment.student_token_to_chunk.double())
+    assert torch.allclose(chunk_sums(values, alignment.student_chunk_index, alignment.num_chunks), dense)
+
+
+def test_num_items_normalises_globally(abc_case):
+    for name in ("alm", "alm-l1", "uld", "ce"):
+        local, metrics = get_loss(name)(abc_case)
+        scaled, _ = get_loss(name)(abc_case, num_items=10)
+        assert scaled.item() * 10 == pytest.approx(local.item() * metrics["num_items_local"].item())
