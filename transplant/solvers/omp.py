@@ -1,0 +1,270 @@
+"""Batched exact Orthogonal Matching Pursuit (Batch-OMP).
+
+OMP writes each new token's embedding as a k-sparse combination of anchor embeddings. Plain batched OMP
+recomputes every anchor's correlation with the residual at every step, one GEMM of O(B·N·D) per step, which is
+what makes mergekit take ~25 CPU-minutes on a 217k × 45k × 640 problem. Here the pursuit is the same greedy
+algorithm (pick the atom with the largest |correlation| with the residual, then least squares on the chosen
+set), computed the way Rubinstein, Zibulevsky & Elad (2008) do:
+
+* c0 = x·Aᵀ for a batch of targets is one GEMM; after that the correlations are c0 − γ·G[S, :] with the Gram
+  matrix G = A·Aᵀ, so step s costs O(N·s) per target instead of O(N·D) (s ≤ k ≪ D). G (N² entries) is built
+  once per call in row blocks and reused for every target; with fp32 it takes 8 GB at N = 45k, so it can be
+  stored in fp16/bf16 (`gram_dtype`) or skipped (`gram_dtype=None`, or larger than `max_gram_bytes`).
+* Late steps read O(N·s) Gram memory per target, which is bandwidth-bound, while a residual GEMM costs a
+  fixed O(N·D) at full FLOP rate; past `gram_steps` steps (about D/20: where the two meet on CPU and on
+  GPU) the correlations come from the residual instead. Both are exact.
+* The least-squares solution uses a Cholesky factor of G[S, S] grown by one row per step. Its entries are
+  computed from the chosen atoms themselves (O(s·D)), never from a reduced-precision G, so the Gram dtype
+  can only affect which atom wins a near-tie, not the coefficients; the final coefficients are refitted in
+  float64 on the chosen support.
+* `prefilter=M` keeps, per target, the M anchors with the largest |c0| and pursues inside them (O(M·s) per
+  step with G, O(M·D) without): approximate, measured in bench/RESULTS.md.
+
+Selection uses correlations with unit-normalised atoms (|aᵢ·r| / ‖aᵢ‖), i.e. the scale of an embedding row does
+not make it more likely to be chosen; the returned coefficients apply to the original (unnormalised) rows.
+Complexity per target (N anchors, D dims, k steps, g = gram_steps): exact with G: N·D + N·min(k, g)²/2 +
+N·D·max(0, k − g) plus a one-off N²·D for G; without G: k·N·D; prefilter M with G: N·D + M·k²/2.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from transplant.errors import TransplantError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_GRAM_BYTES = 12 * 2**30
+_GRAM_BLOCK_ROWS = 4096
+# Per-call working set the automatic batch size aims at (bigger batches only help the GPU's GEMMs).
+_BATCH_BUDGET_BYTES = {"cpu": 256 * 2**20, "cuda": 4 * 2**30}
+
+
+def omp(
+    targets: Tensor,
+    dictionary: Tensor,
+    k: int,
+    *,
+    prefilter: int | None = None,
+    batch_size: int | None = None,
+    gram_dtype: torch.dtype | None = torch.float32,
+    max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
+    gram_steps: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Sparse-code every row of `targets` [B, D] with at most `k` rows of `dictionary` [N, D].
+
+    Returns `(indices [B, k] int64, coefficients [B, k] float32)` on the targets' device with
+    `targets ≈ Σⱼ coefficients[:, j, None] · dictionary[indices[:, j]]`, columns in selection order. The output
+    always has k columns; a row whose pursuit ended early (its residual no longer correlates with any atom:
+    exactly representable target, zero target, k > N, atoms dependent on the chosen ones) carries index 0
+    with coefficient 0 in the remaining columns, so the sum above stays correct. Zero atoms are never chosen.
+
+    Computation runs on `device` (default: the targets' device) in float32 (float64 when both inputs are
+    float64); float16/bfloat16 inputs are upcast. `gram_dtype=None` or a Gram larger than `max_gram_bytes`
+    switches to residual GEMMs (same result, O(N·D) per step). `gram_steps` overrides where exact pursuit
+    switches from Gram updates to residual GEMMs (None: automatic, about D/20).
+    """
+    if targets.ndim != 2 or dictionary.ndim != 2 or targets.shape[1] != dictionary.shape[1]:
+        raise ValueError(f"omp needs targets [B, D] and dictionary [N, D]; got {tuple(targets.shape)} and "
+                         f"{tuple(dictionary.shape)}")
+    if k < 0 or (prefilter is not None and prefilter < 1):
+        raise ValueError(f"omp needs k >= 0 and prefilter >= 1; got k={k}, prefilter={prefilter}")
+    out_device = targets.device
+    n_targets, n_atoms = targets.shape[0], dictionary.shape[0]
+    empty = (torch.zeros(n_targets, k, dtype=torch.long, device=out_device),
+             torch.zeros(n_targets, k, dtype=torch.float32, device=out_device))
+    if n_targets == 0 or n_atoms == 0 or k == 0:
+        return empty
+    device = torch.device(device) if device is not None else targets.device
+    work_dtype = torch.float64 if targets.dtype == dictionary.dtype == torch.float64 else torch.float32
+    raw = dictionary.to(device)
+    _check_finite(raw, "dictionary")
+    _check_finite(targets, "targets")
+
+    steps = min(k, n_atoms)
+    candidates = n_atoms if prefilter is None else min(prefilter, n_atoms)
+    steps = min(steps, candidates)
+    norms = raw.to(torch.float64).norm(dim=1)
+    valid = norms > 0
+    atoms = (raw.to(torch.float64) / norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None]).to(work_dtype)
+    gram = None
+    if gram_dtype is not None:
+        gram_bytes = n_atoms * n_atoms * torch.empty((), dtype=gram_dtype).element_size()
+        if gram_bytes <= max_gram_bytes:
+            gram = _gram(atoms, gram_dtype)
+        else:
+            logger.warning("OMP: the %d x %d Gram matrix would take %.1f GiB > max_gram_bytes; using residual "
+                           "GEMMs (exact, slower)", n_atoms, n_atoms, gram_bytes / 2**30)
+    if gram is None:
+        n_gram_steps = 0
+    elif prefilter is not None:
+        n_gram_steps = steps
+    else:
+        n_gram_steps = min(steps, max(1, atoms.shape[1] // 20) if gram_steps is None else gram_steps)
+    if batch_size is None:
+        batch_size = _auto_batch_size(candidates, atoms.shape[1], steps, n_gram_steps, prefilter is not None,
+                                      gram is not None, device)
+    logger.info("OMP: %d targets, %d atoms, k=%d, prefilter=%s, Gram=%s, gram steps=%d, batch=%d, on %s",
+                n_targets, n_atoms, steps, prefilter, None if gram is None else gram.dtype, n_gram_steps,
+                batch_size, device)
+
+    all_indices, all_coefs = [], []
+    work = _Workspace()
+    for start in tqdm(range(0, n_targets, batch_size), desc="OMP", unit="batch", disable=not progress):
+        x = targets[start : start + batch_size].to(device=device, dtype=work_dtype)
+        chosen, kept, gamma = _pursue(x, atoms, valid, gram, steps, candidates, prefilter is not None,
+                                      n_gram_steps, work)
+        coefs = _refit(x, raw, norms, chosen, kept, gamma)
+        all_indices.append(chosen.to(out_device))
+        all_coefs.append(coefs.to(out_device))
+    indices, coefs = torch.cat(all_indices), torch.cat(all_coefs)
+    if steps < k:
+        indices = torch.cat([indices, empty[0][:, steps:]], dim=1)
+        coefs = torch.cat([coefs, empty[1][:, steps:]], dim=1)
+    return indices, coefs
+
+
+def _check_finite(values: Tensor, name: str) -> None:
+    bad_rows = (~torch.isfinite(values)).any(dim=1).nonzero().flatten()
+    if bad_rows.numel():
+        raise TransplantError(f"OMP {name} contain NaN/Inf in {bad_rows.numel()} rows (first: row "
+                              f"{int(bad_rows[0])}); fix or drop those embedding rows before initialising")
+
+
+def _gram(atoms: Tensor, dtype: torch.dtype) -> Tensor:
+    """G = A·Aᵀ by row blocks of the upper triangle, mirrored: half the FLOPs of one GEMM, and the only
+    full-size buffer is G itself, in its storage dtype."""
+    n = atoms.shape[0]
+    gram = torch.empty(n, n, dtype=dtype, device=atoms.device)
+    for start in range(0, n, _GRAM_BLOCK_ROWS):
+        stop = min(start + _GRAM_BLOCK_ROWS, n)
+        block = (atoms[start:stop] @ atoms[start:].T).to(dtype)  # [rows, n - start]
+        gram[start:stop, start:] = block
+        gram[stop:, start:stop] = block[:, stop - start :].T
+    return gram
+
+
+def _auto_batch_size(candidates: int, dim: int, steps: int, gram_steps: int, prefiltered: bool,
+                     has_gram: bool, device: torch.device) -> int:
+    """Targets per batch so that the per-batch buffers (~8 candidate-length rows, the Gram rows of the
+    chosen atoms and, for prefilter without G, the gathered candidate atoms) stay near a fixed budget."""
+    per_target = 4 * (candidates * (8 + gram_steps) + 3 * steps * dim)
+    if prefiltered and not has_gram:
+        per_target += 4 * candidates * dim
+    budget = _BATCH_BUDGET_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    return max(1, budget // per_target)
+
+
+class _Workspace:
+    """Per-call buffers reused by every batch: on CPU a fresh multi-hundred-MB tensor per batch would cost
+    page faults on every touch, on GPU allocator churn."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A contiguous buffer of `shape` (uninitialised), carved from the largest one seen under `name`."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+
+def _pursue(x: Tensor, atoms: Tensor, valid: Tensor, gram: Tensor | None, steps: int, n_candidates: int,
+            prefiltered: bool, gram_steps: int, work: _Workspace) -> tuple[Tensor, Tensor, Tensor]:
+    """Greedy support selection for one batch. Returns (atom indices [B, k], kept mask [B, k], the
+    working-precision least-squares coefficients of the unit-norm atoms [B, k]).
+
+    Zero atoms need no mask: their correlation is exactly 0 in every update (zero row of A and of G), so one
+    can only win when no atom correlates with the residual, which ends the pursuit anyway."""
+    batch, dim = x.shape
+    dtype, device = x.dtype, x.device
+    eps = torch.finfo(dtype).eps
+    stop_rtol, dependent_tol = 100 * eps, 100 * eps  # ~1e-5 in float32, ~2e-14 in float64
+
+    c0 = x @ atoms.T  # [B, N]: the one full correlation GEMM
+    cand = cand_atoms = None
+    if prefiltered:
+        cand = c0.abs().masked_fill_(~valid, -1.0).topk(n_candidates, dim=1, sorted=False).indices  # [B, M]
+        c0 = c0.gather(1, cand)
+        if gram is None:  # residual correlations need the candidates' atoms: [B, M, D]
+            cand_atoms = work.get("cand_atoms", (batch, n_candidates, dim), dtype, device)
+            torch.index_select(atoms, 0, cand.flatten(), out=cand_atoms.view(-1, dim))
+    width = c0.shape[1]
+    alpha = c0
+    score = work.get("score", (batch, width), dtype, device)
+    gram_rows = work.get("gram_rows", (batch, gram_steps, width), dtype, device)
+    x_norm = x.norm(dim=1)
+    rows = torch.arange(batch, device=device)
+
+    picked = torch.zeros(batch, steps, dtype=torch.long, device=device)  # candidate positions, even skipped
+    chosen = torch.zeros(batch, steps, dtype=torch.long, device=device)
+    kept = torch.zeros(batch, steps, dtype=torch.bool, device=device)
+    chosen_atoms = torch.zeros(batch, steps, dim, dtype=dtype, device=device)
+    chol = torch.eye(steps, dtype=dtype, device=device).expand(batch, -1, -1).clone()  # L·Lᵀ = G[S, S]
+    forward = torch.zeros(batch, steps, dtype=dtype, device=device)  # z with L·z = c0[S]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    for step in range(steps):
+        torch.abs(alpha, out=score)
+        score.scatter_(1, picked[:, :step], -1.0)
+        best, pick = score.max(dim=1)
+        done |= best <= stop_rtol * x_norm  # nothing left that any atom can explain
+        atom_index = pick if cand is None else cand[rows, pick]
+        atom = atoms[atom_index]  # [B, D]
+        if step:
+            overlap = torch.bmm(chosen_atoms[:, :step], atom[:, :, None])  # G[S, new], exact from atoms
+            w = torch.linalg.solve_triangular(chol[:, :step, :step], overlap, upper=False)[:, :, 0]
+            d2 = 1.0 - (w * w).sum(dim=1)
+        else:
+            w = x.new_zeros(batch, 0)
+            d2 = torch.ones_like(x_norm)
+        # An atom in the span of the chosen ones has no correlation left in exact arithmetic; it can only
+        # win through rounding. Skip it (slot stays padded) instead of breaking the factorisation.
+        keep = ~done & (d2 > dependent_tol)
+        d = torch.where(keep, d2.clamp_min(dependent_tol).sqrt(), torch.ones_like(d2))
+        chol[:, step, :step] = w * keep[:, None]
+        chol[:, step, step] = d
+        forward[:, step] = (c0[rows, pick] - (w * forward[:, :step]).sum(dim=1)) / d * keep
+        chosen_atoms[:, step] = atom * keep[:, None]
+        chosen[:, step] = atom_index * keep
+        kept[:, step] = keep
+        picked[:, step] = pick
+        if step + 1 == steps:
+            break
+        size = step + 1
+        gamma = torch.linalg.solve_triangular(chol[:, :size, :size].mT, forward[:, :size, None], upper=True)
+        if step < gram_steps:  # Batch-OMP update: alpha = c0 - gamma·G[S, candidates]
+            gram_rows[:, step] = gram[atom_index] if cand is None else gram[atom_index[:, None], cand]
+            alpha = c0 - torch.bmm(gamma.mT, gram_rows[:, :size])[:, 0]
+        else:  # residual update: alpha = (x - gamma·A[S])·A[candidates]ᵀ
+            residual = x - torch.bmm(gamma.mT, chosen_atoms[:, :size])[:, 0]
+            if cand_atoms is None:
+                alpha = residual @ atoms.T
+            else:
+                alpha = torch.bmm(cand_atoms, residual[:, :, None])[:, :, 0]
+    gamma = torch.linalg.solve_triangular(chol.mT, forward[:, :, None], upper=True)[:, :, 0]
+    return chosen, kept, gamma
+
+
+def _refit(x: Tensor, raw: Tensor, norms: Tensor, chosen: Tensor, kept: Tensor, gamma: Tensor) -> Tensor:
+    """Least squares on the chosen support in float64 (Cholesky of the k×k normal equations of the unit-norm
+    atoms), then rescaled to the raw atoms. Rows whose factorisation fails keep the pursuit's solution."""
+    scale = norms[chosen].where(kept, torch.ones_like(norms[chosen]))
+    sub = raw[chosen].to(torch.float64) / scale[:, :, None] * kept[:, :, None]  # [B, k, D]
+    normal = sub @ sub.mT + torch.diag_embed((~kept).to(torch.float64))
+    rhs = sub @ x.to(torch.float64)[:, :, None]
+    factor, info = torch.linalg.cholesky_ex(normal)
+    solved = torch.cholesky_solve(rhs, factor)[:, :, 0]
+    coefs = torch.where((info == 0)[:, None], solved, gamma.to(torch.float64))
+    coefs = torch.nan_to_num(coefs / scale * kept, nan=0.0, posinf=0.0, neginf=0.0)
+    return coefs.to(torch.float32)
