@@ -305,7 +305,14 @@ def build_sentencepiece(spec: SentencePieceSpec) -> Tokenizer:
         steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
     if spec.remove_extra_whitespaces:
         steps += [normalizers.Replace(Regex("^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
-    if spec.add_dummy_prefix:
+    user_defined = [p for p, _, t in pieces if t == SP_USER_DEFINED]
+    if spec.add_dummy_prefix and user_defined:
+        # Added tokens are matched against their own normalized content, and Prepend would turn "<x>" into
+        # "▁<x>"; this prefix skips a text that is exactly one user-defined piece, so the content stays "<x>".
+        # (Only differs from sentencepiece when the whole input is that piece: it gets no lone "▁" first.)
+        alternatives = "|".join(re.escape(p) for p in user_defined)
+        steps.append(normalizers.Replace(Regex(rf"\A(?!(?:{alternatives})\z)"), "▁"))
+    elif spec.add_dummy_prefix:
         steps.append(normalizers.Prepend("▁"))
     if spec.escape_whitespaces:
         steps.append(normalizers.Replace(" ", "▁"))

@@ -21,7 +21,7 @@ from transplant.vocab import Vocab, vocab_from_converted
 
 log = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 1  # bump when a converter changes, so cached tokenizer.json files are rebuilt
+CONVERTER_VERSION = 2  # bump when a converter changes, so cached tokenizer.json files are rebuilt
 
 
 def load(spec: str | os.PathLike, *, trust_remote_code: bool = False, options: dict | None = None) -> Vocab:
