@@ -1,0 +1,131 @@
+"""Process setup for the trainer: distributed environment, device and dtype, the DeepSpeed config.
+
+The same code runs as one CPU process started by plain python, as N processes under torchrun or the deepspeed
+launcher, on CPUs (gloo) or GPUs (NCCL). Everything a launcher would set is given a default here, so a plain
+`python -m distill.main recipe.yaml` is a world of one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill.config import Recipe, recipe_relative
+from transplant.errors import TransplantError
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS_DIR = Path("~/.cache/tokentransplant/torch_extensions").expanduser()
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def prepare_environment() -> None:
+    """Defaults for what launchers set, and a persistent cache for DeepSpeed's JIT-built ops (the CPU shm comm
+    op takes ~35-70 s to compile with g++ the first time; with the cache later starts take a second)."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    dtype: torch.dtype  # training dtype of the student/teacher weights
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" is bf16 on GPUs that support it, else fp32 (CPU bf16 matmuls are slow and DeepSpeed's CPU path
+    is tested in fp32)."""
+    if name == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError as err:
+        raise TransplantError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from err
+
+
+def init_runtime(recipe: Recipe) -> Runtime:
+    prepare_environment()
+    import deepspeed
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = _device(local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return Runtime(rank, world, local_rank, device, resolve_dtype(recipe.student.dtype, device))
+
+
+def load_deepspeed_config(recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
+    """The recipe's DeepSpeed JSON with the batch geometry, clipping and precision filled in from the recipe.
+
+    The optimizer is always a torch object built by the trainer: an `optimizer` section in the JSON would make
+    DeepSpeed build its own (and JIT-compile fused Adam for minutes), so it is refused.
+    """
+    path = recipe_relative(recipe, recipe.deepspeed)
+    if not path.is_file():
+        raise TransplantError(f"DeepSpeed config {recipe.deepspeed} not found; point `deepspeed:` at a JSON "
+                              "such as recipes/deepspeed/zero0_cpu.json")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise TransplantError(f"DeepSpeed config {path} is not valid JSON ({err.msg}); fix it") from err
+    config = copy.deepcopy(config)
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise TransplantError(f"{path} has a `{section}` section; remove it: the optimizer and schedule "
+                                  "come from the recipe's `optim:` keys")
+    train = recipe.train
+    config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+    config["gradient_accumulation_steps"] = train.grad_accum
+    config["train_batch_size"] = train.micro_batch_size * train.grad_accum * runtime.world_size
+    config["gradient_clipping"] = float(recipe.optim.grad_clip)
+    config.setdefault("steps_per_print", 10**9)
+    config.setdefault("wall_clock_breakdown", False)
+    bf16 = runtime.dtype == torch.bfloat16
+    fp16 = runtime.dtype == torch.float16
+    config["bf16"] = {**config.get("bf16", {}), "enabled": bf16}
+    config["fp16"] = {**config.get("fp16", {}), "enabled": fp16}
+    zero = config.setdefault("zero_optimization", {"stage": 0})
+    if int(zero.get("stage", 0)) == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return config
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
