@@ -20,8 +20,14 @@ log = logging.getLogger("tokentransplant")
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "datasets", "urllib3", "filelock", "huggingface_hub"):
+    for noisy in ("transformers", "datasets", "urllib3", "filelock", "huggingface_hub", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:  # transformers' per-tensor "Loading weights" bars drown the summary
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def user_errors(fn):
@@ -70,7 +76,7 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
     from transplant.pipeline import transplant
 
     options = dict(_parse_setting(s) for s in settings)
-    eval_texts = _default_eval_texts(eval_bytes) if eval_bytes else None
+    eval_texts = functools.partial(_default_eval_texts, eval_bytes) if eval_bytes else None
     result = transplant(base, donor, method=method, output=output, device=device, dtype=dtype,
                         pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite, eval_texts=eval_texts,
                         options=options)
@@ -104,6 +110,7 @@ def _parse_setting(text: str) -> tuple[str, object]:
 @user_errors
 def eval_cmd(models, text_files, max_length, device):
     """Bits per byte of one or more model dirs (or aliases) on held-out text."""
+    _setup_logging(False)
     from transplant.evaluate import model_bits_per_byte
     from transplant.sources import resolve_source
 

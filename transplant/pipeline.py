@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def model_card(base: str, donor: str, method: str, stats: dict[str, Any], option
 
 def transplant(base: str | Path, donor: str | Path, *, method: str | None = None, output: str | Path | None = None,
                device: str = "cpu", dtype: str | None = None, pad_to_multiple_of: int | None = None,
-               overwrite: bool = False, eval_texts: dict[str, str] | None = None,
+               overwrite: bool = False, eval_texts: dict[str, str] | Callable[[], dict[str, str]] | None = None,
                options: dict[str, Any] | None = None) -> TransplantResult:
     """Give `base` the tokenizer of `donor`; returns where the new model is and how well it survived."""
     started = time.perf_counter()
@@ -120,6 +121,8 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         new_output = build_embedding(plan, "output", base_out)
 
     stats = {**alignment.stats(len(base_vocab)), **digit_report(base_vocab, new_vocab)}
+    if callable(eval_texts):  # fetched only once the inputs are known to be good
+        eval_texts = eval_texts()
     sample = next(iter((eval_texts or {}).values()), None)
     if sample:
         stats["shared_token_fraction_on_sample"] = round(shared_token_fraction(alignment, new_vocab, sample), 4)
