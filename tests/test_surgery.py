@@ -255,6 +255,20 @@ def test_real_tokenizer_round_trip(tiny_pair, tmp_path):
     assert isinstance(tokenizer.batch_decode(generated)[0], str)
 
 
+def test_copy_fallback_without_copy_file_range(bases, tmp_path, monkeypatch):
+    """Filesystems (or platforms) that refuse the in-kernel copy get the buffered copy, bit-identical."""
+
+    def refuse(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(sst.os, "copy_file_range", refuse, raising=False)
+    monkeypatch.setattr(sst, "COPY_BUFFER_BYTES", 1000)  # several chunks per tensor
+    _, _, _, out = transplant(bases["sharded"], tmp_path / "out")
+    written, base = all_tensors(out), all_tensors(bases["sharded"])
+    for name in base.keys() - {"model.embed_tokens.weight", "lm_head.weight"}:
+        assert torch.equal(written[name], base[name]), name
+
+
 def test_disk_full_cleans_up(bases, tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -355,6 +369,9 @@ def test_bad_matrices_are_rejected_before_writing(bases, tmp_path):
     with pytest.raises(ValueError, match="new_input"):
         write_transplanted(bases["tied"], tmp_path / "out", new_input=torch.zeros(10, HIDDEN + 1), new_output=None,
                            save_tokenizer=write_marker, special_ids={}, model_card="")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        write_transplanted(bases["tied"], tmp_path / "out", new_input=torch.full((10, HIDDEN), 1e6), new_output=None,
+                           save_tokenizer=write_marker, special_ids={}, model_card="", dtype=torch.float16)
     with pytest.raises(ValueError, match="outside the new vocabulary"):
         write_transplanted(bases["tied"], tmp_path / "out", new_input=torch.zeros(10, HIDDEN), new_output=None,
                            save_tokenizer=write_marker, special_ids={"eos": 10}, model_card="")

@@ -9,8 +9,10 @@ torch tensor (its bytes go through a fixed buffer), which keeps it bit-identical
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -225,15 +227,37 @@ def _header_bytes(tensors: list[PlannedTensor], metadata: dict[str, str]) -> byt
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _write_all(dst: BinaryIO, data: memoryview) -> None:
+    """Unbuffered writes may be partial; a large tensor goes out in one call per ~2 GB otherwise."""
+    while len(data):
+        written = dst.write(data)
+        data = data[written:]
+
+
 def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, nbytes: int, buffer: bytearray) -> None:
-    src.seek(start)
+    """Copy bytes file to file in the kernel (copy_file_range: no user-space copy, a reflink on XFS/btrfs);
+    fall back to a bounded buffer where the filesystem or platform refuses."""
+    copied = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while copied < nbytes:
+                got = os.copy_file_range(src.fileno(), dst.fileno(), nbytes - copied, start + copied)
+                if not got:
+                    raise TransplantError(f"{src.name} ended early while copying (truncated?); re-download "
+                                          "the base model")
+                copied += got
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                raise
+    src.seek(start + copied)
     view = memoryview(buffer)
-    remaining = nbytes
+    remaining = nbytes - copied
     while remaining:
         got = src.readinto(view[: min(len(buffer), remaining)])
         if not got:
             raise TransplantError(f"{src.name} ended early while copying (truncated?); re-download the base model")
-        dst.write(view[:got])
+        _write_all(dst, view[:got])
         remaining -= got
 
 
@@ -242,16 +266,19 @@ def _write_tensor(dst: BinaryIO, tensor: torch.Tensor, expected: PlannedTensor) 
     if tuple(tensor.shape) != tuple(expected.shape) or DTYPE_TO_CODE.get(flat.dtype) != expected.code:
         raise ValueError(f"{expected.name}: produced {tuple(tensor.shape)} {flat.dtype}, planned "
                          f"{expected.shape} {expected.code}")
-    dst.write(memoryview(flat.view(torch.uint8).numpy()))
+    _write_all(dst, memoryview(flat.view(torch.uint8).numpy()))
 
 
 def write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str]) -> None:
-    """Write one safetensors file: header first, then each tensor's bytes, one tensor in memory at a time."""
+    """Write one safetensors file: header first, then each tensor's bytes, one tensor in memory at a time.
+
+    The file is unbuffered on purpose: every write is large (a header or a whole tensor), and the kernel-side
+    copies of unchanged tensors write at the file offset, which a user-space buffer would get out of order."""
     buffer = bytearray(COPY_BUFFER_BYTES)
     sources: dict[Path, BinaryIO] = {}
     try:
-        with open(path, "wb", buffering=COPY_BUFFER_BYTES) as dst:
-            dst.write(_header_bytes(tensors, metadata))
+        with open(path, "wb", buffering=0) as dst:
+            _write_all(dst, memoryview(_header_bytes(tensors, metadata)))
             for tensor in tensors:
                 if tensor.source is not None:
                     src = sources.get(tensor.source.file)

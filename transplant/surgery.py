@@ -185,11 +185,16 @@ def pad_embeddings(matrix: torch.Tensor, rows: int, *, output: bool) -> torch.Te
     return torch.cat([matrix, fill], dim=0)
 
 
-def _check_matrix(matrix: torch.Tensor, hidden: int, what: str) -> None:
+def _check_shape(matrix: torch.Tensor, hidden: int, what: str) -> None:
     if matrix.ndim != 2 or matrix.shape[1] != hidden or not matrix.is_floating_point():
         raise ValueError(f"{what} must be a floating [V, {hidden}] matrix, got {tuple(matrix.shape)} {matrix.dtype}")
-    if not torch.isfinite(matrix).all():
-        raise ValueError(f"{what} contains NaN or inf rows")
+
+
+def _check_finite(matrix: torch.Tensor, what: str) -> None:
+    """After the cast, so an fp32 value that overflows float16 is caught too (aminmax propagates NaN, fast)."""
+    low, high = torch.aminmax(matrix)
+    if not (torch.isfinite(low) and torch.isfinite(high)):
+        raise ValueError(f"{what} contains NaN or inf (in {matrix.dtype})")
 
 
 # ---------------------------------------------------------------- config files
@@ -360,9 +365,9 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
     entries, shard_sizes = sst.weight_entries(base_dir)
     input_name, output_name = locate_embeddings(entries, config, base_dir)
     hidden = entries[input_name].shape[1]
-    _check_matrix(new_input, hidden, "new_input")
+    _check_shape(new_input, hidden, "new_input")
     if new_output is not None:
-        _check_matrix(new_output, hidden, "new_output")
+        _check_shape(new_output, hidden, "new_output")
         if new_output.shape[0] != new_input.shape[0]:
             raise ValueError(f"new_output has {new_output.shape[0]} rows, new_input {new_input.shape[0]}")
     rows = padded_rows(new_input.shape[0], pad_to_multiple_of)
@@ -372,8 +377,10 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
     input_dtype = dtype or entries[input_name].dtype
     output_dtype = dtype or (entries[output_name].dtype if output_name else input_dtype)
     new_input = pad_embeddings(new_input.detach().to("cpu", input_dtype), rows, output=False)
+    _check_finite(new_input, "new_input")
     if new_output is not None:
         new_output = pad_embeddings(new_output.detach().to("cpu", output_dtype), rows, output=True)
+        _check_finite(new_output, "new_output")
     planned = _plan_weights(entries, input_name, output_name, new_input, new_output, dtype)
     max_shard = max(shard_sizes) if len(shard_sizes) > 1 else None
     shards = sst.split_into_shards(planned, max_shard)
