@@ -46,7 +46,7 @@ def default_method(donor_has_model: bool) -> str:
 
 
 def _special_ids(vocab: Vocab) -> dict[str, int | None]:
-    return {role: vocab.roles.get(role) for role in ("bos", "eos", "pad", "unk")}
+    return {f"{role}_token_id": vocab.roles.get(role) for role in ("bos", "eos", "pad", "unk")}
 
 
 def model_card(base: str, donor: str, method: str, stats: dict[str, Any], options: dict[str, Any]) -> str:
