@@ -25,8 +25,10 @@ def _start_token(tokenizer) -> int | None:
 
 
 @torch.no_grad()
-def sum_nll(model, tokenizer, text: str, *, max_length: int = 1024, batch_size: int = 4) -> tuple[float, int]:
+def sum_nll(model, tokenizer, text: str, *, max_length: int = 1024, batch_size: int | None = None) -> tuple[float, int]:
     """Total negative log-likelihood (nats) of `text`'s tokens and the number of tokens scored."""
+    if batch_size is None:  # keep the [batch, length, vocab] logits near 1 GB (Gemma's vocab is 262k)
+        batch_size = max(1, int(2.5e8 // (max_length * model.config.vocab_size)))
     ids = tokenizer.encode(text, add_special_tokens=False)
     start = _start_token(tokenizer)
     window = max_length - 1 if start is not None else max_length
@@ -56,7 +58,7 @@ def sum_nll(model, tokenizer, text: str, *, max_length: int = 1024, batch_size: 
 
 
 def bits_per_byte(model, tokenizer, texts: str | Iterable[str], *, max_length: int = 1024,
-                  batch_size: int = 4, progress: bool = False) -> float:
+                  batch_size: int | None = None, progress: bool = False) -> float:
     """Bits per UTF-8 byte of `texts` under `model` with `tokenizer` (lower is better)."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     total_nats, total_bytes = 0.0, 0
