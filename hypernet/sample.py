@@ -1,0 +1,132 @@
+"""Diverse training tokenizers for the hypernetwork.
+
+ZeTT's point is that a hypernetwork trained on one tokenizer only learns that tokenizer; it must see many. We count
+word frequencies once, then the frequency of every substring of every word (weighted by the word's count). A
+sampled tokenizer is a noisy top-k of those substrings (log count + Gumbel noise · `noise`), of a random size, plus
+all 256 single bytes so every text is encodable, turned into an in-memory `tokenizers` Unigram model over a
+byte-level pre-tokenizer (scores = log relative frequency). Sampling one takes well under a second.
+Real tokenizers (`Vocab`s) can be mixed in.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from transplant.vocab import TokenKind, Vocab
+
+WORD = re.compile(r" ?[^\W\d_]+| ?\d{1,3}| ?[^\s\w]+|\s+(?!\S)|\s+| ?_+")
+
+
+@dataclass
+class TrainTokenizer:
+    """What training needs from a tokenizer: its name, the bytes of each id, and batch encoding."""
+
+    name: str
+    token_bytes: list[bytes]
+    encode_batch: Callable[[list[str]], list[list[int]]]
+
+    def __len__(self) -> int:
+        return len(self.token_bytes)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte (what the ByteLevel pre-tokenizer emits)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+BYTE_CHAR = _bytes_to_unicode()
+
+
+def byte_level(data: bytes) -> str:
+    return "".join(BYTE_CHAR[b] for b in data)
+
+
+def substring_counts(corpus: str, max_len: int = 16) -> Counter:
+    """Counts of every substring (up to max_len bytes) of every pre-tokenized word, as UTF-8 bytes."""
+    words = Counter(WORD.findall(corpus))
+    counts: Counter = Counter()
+    for word, freq in words.items():
+        data = word.encode("utf-8")
+        for start in range(len(data)):
+            for end in range(start + 2, min(len(data), start + max_len) + 1):
+                counts[data[start:end]] += freq
+    return counts
+
+
+class TokenizerSampler:
+    """Draws random Unigram tokenizers from one corpus' substring statistics, and real tokenizers if given."""
+
+    def __init__(self, corpus: str, *, size_range: tuple[int, int] = (4000, 32000), noise: float = 1.0,
+                 min_count: int = 2, max_len: int = 16, real: list[Vocab] | None = None, real_prob: float = 0.0,
+                 seed: int = 0):
+        counts = substring_counts(corpus, max_len)
+        self.candidates = [(piece, count) for piece, count in counts.most_common() if count >= min_count]
+        self.log_counts = torch.tensor([math.log(count) for _, count in self.candidates], dtype=torch.float64)
+        self.size_range = size_range
+        self.noise = noise
+        self.real = [real_tokenizer(v) for v in (real or [])]
+        self.real_prob = real_prob
+        self.rng = random.Random(seed)
+
+    def sample(self) -> TrainTokenizer:
+        if self.real and self.rng.random() < self.real_prob:
+            return self.rng.choice(self.real)
+        low, high = self.size_range
+        size = int(math.exp(self.rng.uniform(math.log(low), math.log(high))))
+        return self.sample_unigram(size)
+
+    def sample_unigram(self, size: int) -> TrainTokenizer:
+        gen = torch.Generator().manual_seed(self.rng.getrandbits(62))
+        uniform = torch.rand(len(self.log_counts), generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        keys = self.log_counts - self.noise * torch.log(-torch.log(uniform))
+        k = min(max(0, size - 256), len(self.candidates))
+        order = torch.topk(keys, k).indices.tolist() if k else []
+        chosen = [self.candidates[i] for i in order]
+        total = sum(count for _, count in chosen) or 1
+        pieces = [bytes([b]) for b in range(256)] + [piece for piece, _ in chosen]
+        scores = [-20.0] * 256 + [math.log(count / total) for _, count in chosen]
+        return build_unigram(pieces, scores, name=f"unigram-{len(pieces)}")
+
+
+def build_unigram(pieces: list[bytes], scores: list[float], name: str = "unigram") -> TrainTokenizer:
+    """An in-memory byte-level Unigram tokenizer; id 0 is `<unk>` (never produced: all bytes are pieces)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = [("<unk>", -100.0)] + [(byte_level(p), s) for p, s in zip(pieces, scores)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    token_bytes = [b""] + list(pieces)
+
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        return [enc.ids for enc in tok.encode_batch(texts, add_special_tokens=False)]
+
+    return TrainTokenizer(name, token_bytes, encode_batch)
+
+
+def real_tokenizer(vocab: Vocab) -> TrainTokenizer:
+    """A real tokenizer for training; specials get no bytes (they are never predicted)."""
+    backend = getattr(vocab.tokenizer, "backend_tokenizer", None)
+
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        if backend is not None:
+            return [enc.ids for enc in backend.encode_batch(texts, add_special_tokens=False)]
+        return [vocab.encode(t) for t in texts]
+
+    token_bytes = [b if kind is not TokenKind.SPECIAL else b"" for b, kind in zip(vocab.token_bytes, vocab.kinds)]
+    return TrainTokenizer(vocab.name or "real", token_bytes, encode_batch)
