@@ -196,7 +196,7 @@ def extend_cmd(model, tokens, corpus_files, num_tokens, method, output, overwrit
     click.echo(f"  output: {result.output}")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "ignore_unknown_options": True})
+@click.command(context_settings={"help_option_names": [], "ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @user_errors
 def distill_main(args):
@@ -206,9 +206,14 @@ def distill_main(args):
     sys.exit(main(list(args)))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def hypernet_main():
-    """Train and apply a ZeTT-style hypernetwork that predicts embeddings for any tokenizer."""
+@click.command(context_settings={"help_option_names": [], "ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@user_errors
+def hypernet_main(args):
+    """Train and apply a ZeTT-style hypernetwork: hypernet train RECIPE.yaml [key=value ...]."""
+    from hypernet.main import main
+
+    sys.exit(main(list(args)))
 
 
 if __name__ == "__main__":
