@@ -107,13 +107,24 @@ def _parse_setting(text: str) -> tuple[str, object]:
               help="Text file(s) to score; default: the built-in held-out slices.")
 @click.option("--max-length", default=1024, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--tasks", help="Run stock lm-eval instead, e.g. tt_bpb,tt_mc_small (local, offline) or any "
+              "lm-eval task name when the hub is reachable.")
+@click.option("--limit", type=float, help="lm-eval: at most this many examples per task (or a fraction).")
 @user_errors
-def eval_cmd(models, text_files, max_length, device):
-    """Bits per byte of one or more model dirs (or aliases) on held-out text."""
+def eval_cmd(models, text_files, max_length, device, tasks, limit):
+    """Compare model dirs (or aliases) side by side: bits per byte, or lm-eval tasks with --tasks."""
     _setup_logging(False)
     from transplant.evaluate import model_bits_per_byte
     from transplant.sources import resolve_source
 
+    if tasks:
+        from transplant.lmeval import format_table, run_lm_eval
+
+        dirs = {spec: str(resolve_source(spec, need_model=True).model_dir) for spec in models}
+        results = run_lm_eval(list(dirs.values()), [t.strip() for t in tasks.split(",") if t.strip()],
+                              device=device, limit=int(limit) if limit and limit >= 1 else limit)
+        click.echo(format_table({spec: results[path] for spec, path in dirs.items()}))
+        return
     named = _read_texts(text_files) if text_files else _default_eval_texts(16384)
     click.echo("model\t" + "\t".join(named) + "\t(bits/byte)")
     for spec in models:
