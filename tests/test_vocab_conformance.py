@@ -178,3 +178,26 @@ def test_sentencepiece_piece_bytes_follow_the_model():
         elif piece.type in (2, 3):  # unknown, control
             assert vocab.kinds[idx] is TokenKind.SPECIAL
     assert proto.pieces[1029].piece == "▁t" and vocab.token_bytes[1029] == b" t"
+
+
+LLAMA_CPP = ("llama-cpp-python", "0.3.36")
+
+
+@pytest.mark.parametrize("vocab_name,expected_format", [("llama-spm", "gguf"), ("phi-3", "gguf"), ("gpt-2", "gguf")])
+def test_llama_cpp_vocab_suite(vocab_name, expected_format):
+    """llama.cpp's own tokenizer test vectors (inputs and expected ids) for vocab-only GGUF files.
+
+    llama-spm and phi-3 are "llama" (SentencePiece) vocabularies rebuilt by our converter (transformers' GGUF path
+    gets 31/46 on llama-spm); gpt-2 goes through transformers' GGUF loader.
+    """
+    member = f"vendor/llama.cpp/models/ggml-vocab-{vocab_name}.gguf"
+    path = wheel_file(*LLAMA_CPP, member, sdist=True)
+    inputs = wheel_file(*LLAMA_CPP, member + ".inp", sdist=True).read_text(encoding="utf-8")
+    outputs = wheel_file(*LLAMA_CPP, member + ".out", sdist=True).read_text(encoding="utf-8").split("\n")
+    texts = inputs.split("\n__ggml_vocab_test__\n")
+    texts = texts[:-1] if texts[-1] == "" else texts
+    vocab = load_vocab(path)
+    assert vocab.source_format == expected_format
+    failures = [(text, vocab.encode(text), line) for text, line in zip(texts, outputs)
+                if vocab.encode(text) != [int(x) for x in line.split()]]
+    assert len(texts) >= 40 and not failures, failures[:3]

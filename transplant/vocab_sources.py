@@ -225,29 +225,37 @@ def _load_dir(directory: Path, trust_remote_code: bool) -> Vocab:
                           "one .gguf); pass a tokenizer dir or file")
 
 
-def _from_transformers(tok: Any, fmt: str, name: str) -> Vocab:
+def _converted_from_transformers(tok: Any, fmt: str, name: str) -> tf.Converted:
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise TransplantError(f"{name} loads only as a slow (Python) tokenizer; convert it to tokenizer.json first")
     names = {key: str(getattr(tok, key)) for key in ("bos_token", "eos_token", "unk_token", "pad_token")
              if getattr(tok, key, None)}
-    return vocab_from_converted(tf.Converted(backend, names, fmt, getattr(tok, "chat_template", None)), name)
+    return tf.Converted(backend, names, fmt, getattr(tok, "chat_template", None))
 
 
-def _load_gguf(path: Path) -> Vocab:
+def _convert_gguf(path: Path) -> tf.Converted:
+    """llama.cpp "llama" (SPM) vocabularies are rebuilt here; other GGUF vocabularies go through transformers."""
     model, spec, template = tf.read_gguf_tokenizer(path)
     if spec is not None:
         conv = tf.convert_sentencepiece(spec, "gguf")
         conv.chat_template = template
-        return vocab_from_converted(conv, path.stem)
+        return conv
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as err:
-        raise TransplantError(f"transformers cannot read the {model!r} tokenizer in {path} ({err}); "
-                              "export the tokenizer as tokenizer.json") from err
-    return _from_transformers(tok, "gguf", path.stem)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise TransplantError(f"transformers cannot read the {model!r} tokenizer in {path} ({reason}); "
+                              "export the tokenizer as tokenizer.json and pass that") from err
+    return _converted_from_transformers(tok, "gguf", path.stem)
+
+
+def _load_gguf(path: Path) -> Vocab:
+    # transformers' GGUF tokenizer conversion takes up to a minute for 150k-token vocabularies: cache it
+    key = f"{path.stem}-gguf-{_sha256(path)[:16]}"
+    return vocab_from_converted(_cached_conversion(key, path, lambda: _convert_gguf(path)), path.stem)
 
 
 def _load_hub(spec: str, trust_remote_code: bool) -> Vocab:
@@ -261,4 +269,4 @@ def _load_hub(spec: str, trust_remote_code: bool) -> Vocab:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise TransplantError(f"cannot load tokenizer {spec!r} ({reason}); pass a local tokenizer dir or file, "
                               f"a hub id reachable from here, or an alias: {', '.join(sorted(TOKENIZERS))}") from err
-    return _from_transformers(tok, "hf", spec)
+    return vocab_from_converted(_converted_from_transformers(tok, "hf", spec), spec)
