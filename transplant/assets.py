@@ -97,10 +97,12 @@ class ModelAsset:
 
     @property
     def gguf_path(self) -> Path:
+        """Where the (joined) GGUF is cached: split models go next to their main package's name."""
         package, version, member = self.parts[0]
         if len(self.parts) == 1:
             return cached_file_path(package, version, member)
-        return cached_file_path(package, version, member.rsplit("/", 1)[-1].rsplit(".part", 1)[0])
+        owner, owner_version = self.sha256_record[:2] if self.sha256_record else (package, version)
+        return cached_file_path(owner, owner_version, member.rsplit("/", 1)[-1].rsplit(".part", 1)[0])
 
 
 _GEMMA_PARTS = tuple(

@@ -143,6 +143,7 @@ def convert_gguf(gguf_path: Path, dest: Path, *, tokenizer_fixes: tuple[str, ...
     start = time.perf_counter()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model dir
     try:
         log.info("[1/4] reading the tokenizer from %s", gguf_path.name)
         tokenizer = load_gguf_tokenizer(gguf_path, tokenizer_fixes)
@@ -166,6 +167,8 @@ def convert_gguf(gguf_path: Path, dest: Path, *, tokenizer_fixes: tuple[str, ...
         config_path = tmp / "config.json"
         config_path.write_text(json.dumps(add_legacy_config_keys(json.loads(config_path.read_text())), indent=2) + "\n")
         write_tokenizer_files(tokenizer, tmp, model_max_length=model_max_length, chat_template=chat_template)
+        for item in tmp.iterdir():
+            item.chmod(0o644)
 
         log.info("[4/4] checking the saved dir against the GGUF model")
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
