@@ -49,7 +49,7 @@ class _VocabTables:
     lengths: np.ndarray  # int64 [V]: bytes per token (0 for specials)
     is_special: np.ndarray  # bool [V]
     starts_with_space: np.ndarray  # bool [V]: first byte is b" " (candidate carrier of the dummy prefix)
-    special_keys: dict[int, str]  # special id -> pairing key ("role:bos", "text:<|im_start|>")
+    special_keys: dict[int, frozenset[str]]  # special id -> pairing keys ("role:bos", "text:<|im_start|>")
     token_bytes: list[bytes]  # b"" for specials whatever the vocab says
     adds_prefix_space: bool
     pad_id: int
@@ -66,9 +66,12 @@ def _tables(vocab: Vocab) -> _VocabTables:
     lengths = np.fromiter(map(len, vocab.token_bytes), dtype=np.int64, count=len(vocab))
     lengths[is_special] = 0
     starts_with_space = np.fromiter((b[:1] == b" " for b in vocab.token_bytes), dtype=bool, count=len(vocab))
-    keys = {int(i): f"text:{t}" for i, t in vocab.special_texts.items()}
-    keys.update({int(i): f"role:{r}" for r, i in vocab.roles.items()})
-    keys = {i: k for i, k in keys.items() if 0 <= i < len(vocab) and is_special[i]}
+    keys: dict[int, set[str]] = defaultdict(set)
+    for idx, text in vocab.special_texts.items():
+        keys[int(idx)].add(f"text:{text}")
+    for role, idx in vocab.roles.items():  # one id may hold several roles (GPT-2: bos = eos = unk)
+        keys[int(idx)].add(f"role:{role}")
+    keys = {i: frozenset(k) for i, k in keys.items() if 0 <= i < len(vocab) and is_special[i]}
     pad_id = vocab.roles.get("pad", vocab.roles.get("eos", 0))
     text_bytes = [b"" if special else piece for piece, special in zip(vocab.token_bytes, is_special.tolist())]
     tables = _VocabTables(lengths, is_special, starts_with_space & ~is_special, keys, text_bytes,
@@ -130,21 +133,27 @@ def _boundaries(t: _Offsets, s: _Offsets, limit: int) -> np.ndarray:
 
 
 def _pair_specials(t_ids, s_ids, t: _Offsets, s: _Offsets, tt: _VocabTables, st: _VocabTables, limit: int):
-    """(offset, teacher pos, student pos) for specials paired by key at the same byte offset, in order."""
+    """(offset, teacher pos, student pos) for specials sharing a key at the same byte offset, in order."""
     t_pos, s_pos = np.flatnonzero(t.special), np.flatnonzero(s.special)
     if not t_pos.size or not s_pos.size:
         return []
     waiting: dict[tuple[str, int], deque] = defaultdict(deque)
     for p in s_pos.tolist():
-        key = st.special_keys.get(int(s_ids[p]))
-        if key is not None:
+        for key in sorted(st.special_keys.get(int(s_ids[p]), ())):
             waiting[(key, int(s.starts[p]))].append(p)
-    pairs = []
+    pairs, used = [], set()
     for p in t_pos.tolist():
-        key, offset = tt.special_keys.get(int(t_ids[p])), int(t.starts[p])
-        queue = waiting.get((key, offset)) if key is not None else None
-        if queue and offset <= limit:
-            pairs.append((offset, p, queue.popleft()))
+        offset = int(t.starts[p])
+        if offset > limit:
+            break
+        for key in sorted(tt.special_keys.get(int(t_ids[p]), ())):
+            queue = waiting.get((key, offset))
+            while queue and queue[0] in used:
+                queue.popleft()
+            if queue:
+                used.add(queue[0])
+                pairs.append((offset, p, queue.popleft()))
+                break
     return pairs
 
 

@@ -103,6 +103,19 @@ def test_specials_pair_by_role_and_unpaired_are_masked():
     assert a.student_chunk_index.tolist() == [[0, 0, 1, 2, -1]]  # student pad has no partner
 
 
+def test_special_with_several_roles_pairs_by_any_role():
+    # GPT-2 style: one <|endoftext|> id is bos, eos and unk at once
+    teacher = make_vocab([b"ab", b"c"], specials=("bos",))
+    teacher.roles.update({"eos": teacher.roles["bos"], "unk": teacher.roles["bos"]})
+    student = make_vocab([b"a", b"b", b"c"], specials=("bos", "eos"))
+    t = ids_of(teacher, "bos", b"ab", b"c", "bos")
+    s = ids_of(student, "bos", b"a", b"b", b"c", "eos")
+    a = align_batch([t], [s], teacher, student)
+    assert a.chunk_is_special.tolist() == [[True, False, False, True]]
+    assert a.teacher_chunk_index.tolist() == [[0, 1, 2, 3]]
+    assert a.student_chunk_index.tolist() == [[0, 1, 1, 2, 3]]
+
+
 def test_byte_fallback_shares_no_boundary_inside_a_character():
     e_acute = "é".encode()  # c3 a9
     teacher = make_vocab([b"caf", e_acute, b" ok"])
@@ -239,6 +252,7 @@ def _load(name):
 @pytest.mark.parametrize("teacher_name,student_name", PAIRS)
 def test_real_tokenizer_pairs_chunk_bytes_match(teacher_name, student_name):
     teacher, student = _load(teacher_name), _load(student_name)
+    byte_tokens = 0
     for text in SAMPLE_TEXTS:
         pair = tokenize_pair(text, teacher, student, max_length=4096)
         data = text.encode()
@@ -259,9 +273,13 @@ def test_real_tokenizer_pairs_chunk_bytes_match(teacher_name, student_name):
             if vocab.adds_prefix_space:
                 got[0] = got[0][1:]  # the dummy prefix is not text
             assert got == [data[s:e] for s, e in spans], (vocab.name, text)
+        byte_tokens += sum(student.kinds[i] is TokenKind.BYTE for i in pair.student_ids)
+        byte_tokens += sum(teacher.kinds[i] is TokenKind.BYTE for i in pair.teacher_ids)
         # bos pairs with bos when both have one
         if "bos" in teacher.roles and "bos" in student.roles:
             assert a.chunk_is_special[0, 0] and a.teacher_chunk_index[0, 0] == 0 == a.student_chunk_index[0, 0]
+    if any(TokenKind.BYTE in v.kinds for v in (teacher, student)):
+        assert byte_tokens > 0  # the texts exercise byte fallback (rare CJK, emoji) where a side has it
 
 
 @pytest.mark.slow

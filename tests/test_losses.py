@@ -265,3 +265,36 @@ def test_num_items_normalises_globally(abc_case):
         local, metrics = get_loss(name)(abc_case)
         scaled, _ = get_loss(name)(abc_case, num_items=10)
         assert scaled.item() * 10 == pytest.approx(local.item() * metrics["num_items_local"].item())
+
+
+@pytest.mark.slow
+def test_all_losses_on_a_real_pair():
+    """llama3 teacher, mistral-v3 student (SentencePiece, dummy prefix, byte fallback), random logits."""
+    from distill.chunks import tokenize_pair
+    from transplant.vocab import load_vocab
+
+    teacher, student = load_vocab("llama3"), load_vocab("mistral-v3")
+    texts = ["Hello world, this is a test.\n  def f(x):\n\treturn x", "Über café 日本語 🙂👍🏽 done."]
+    pairs = [tokenize_pair(x, teacher, student, 64, add_eos=True) for x in texts]
+    alignment = align_batch([p.teacher_ids for p in pairs], [p.student_ids for p in pairs], teacher, student)
+    mapping = mined_mapping(student, teacher)
+    assert mapping[student.bytes_to_id[b" world"]] == teacher.bytes_to_id[b" world"]
+    assert mapping[student.roles["eos"]] == teacher.roles["eos"]
+    torch.manual_seed(0)
+    t_len, s_len = alignment.teacher_input_ids.shape[1], alignment.student_input_ids.shape[1]
+    batch = {
+        "alignment": alignment,
+        "teacher_logits": torch.randn(2, t_len, len(teacher)),
+        "student_logits": torch.randn(2, s_len, len(student) + 64, requires_grad=True),  # padded vocab
+        "teacher_word_start_mask": word_start_mask(teacher),
+        "student_word_start_mask": word_start_mask(student),
+        "mined_mapping": mapping,
+    }
+    options = {"alm": {"debias": True, "merge_threshold": 0.5}, "uld": {"top_k": 256}}
+    for name in LOSSES:
+        batch["student_logits"].grad = None
+        loss, metrics = get_loss(name)(batch, **options.get(name, {}))
+        assert torch.isfinite(loss) and loss.item() > 0, name
+        assert metrics["num_items_local"].item() == get_loss(name).count_items(batch) > 0
+        loss.backward()
+        assert batch["student_logits"].grad.abs().sum() > 0, name

@@ -19,7 +19,6 @@ Ties go to the smaller length difference, then the smaller teacher id. The DP ru
 
 from __future__ import annotations
 
-import bisect
 import logging
 import weakref
 from collections.abc import Mapping
@@ -37,44 +36,68 @@ logger = logging.getLogger(__name__)
 _CACHE: dict[tuple, tuple[weakref.ref, weakref.ref, torch.Tensor]] = {}
 
 
-def levenshtein_pairs(left: list[bytes], right: list[bytes], max_bytes: int = 48,
-                      block: int = 65536) -> np.ndarray:
-    """Exact byte edit distance of each pair (left[i], right[i]) on their first `max_bytes` bytes."""
-    out = np.empty(len(left), dtype=np.int64)
-    for lo in range(0, len(left), block):
-        a_list, b_list = left[lo:lo + block], right[lo:lo + block]
-        width = max(1, max(map(len, a_list), default=1), max(map(len, b_list), default=1))
-        width = min(width, max_bytes)
-        a = np.frombuffer(b"".join(x[:width].ljust(width, b"\0") for x in a_list), np.uint8).reshape(-1, width)
-        b = np.frombuffer(b"".join(x[:width].ljust(width, b"\0") for x in b_list), np.uint8).reshape(-1, width)
-        len_a = np.minimum(np.fromiter(map(len, a_list), np.int64, len(a_list)), width)
-        len_b = np.minimum(np.fromiter(map(len, b_list), np.int64, len(b_list)), width)
-        cols = np.arange(width + 1)
-        row = np.broadcast_to(cols, (len(a_list), width + 1)).copy()  # D[0][j] = j
+class _Packed:
+    """Byte strings as a zero-padded uint8 matrix [N, width] plus lengths (capped at width)."""
+
+    def __init__(self, items: list[bytes], width: int):
+        self.width = width
+        self.matrix = np.frombuffer(b"".join(x[:width].ljust(width, b"\0") for x in items),
+                                    np.uint8).reshape(len(items), width)
+        self.lengths = np.minimum(np.fromiter(map(len, items), np.int64, len(items)), width)
+
+
+def _levenshtein_indexed(left: _Packed, right: _Packed, left_idx: np.ndarray, right_idx: np.ndarray,
+                         block: int = 65536) -> np.ndarray:
+    """Edit distance of left[left_idx[k]] vs right[right_idx[k]] for every k.
+
+    Pairs run in blocks of similar length (sorted by the longer side), so a block of short tokens runs a short,
+    narrow DP; one DP row per step of the left string, vectorised over the block; int16 keeps rows small."""
+    len_left, len_right = left.lengths[left_idx], right.lengths[right_idx]
+    order = np.argsort(np.maximum(len_left, len_right), kind="stable")
+    out = np.empty(left_idx.size, dtype=np.int64)
+    for lo in range(0, left_idx.size, block):
+        idx = order[lo:lo + block]
+        len_a, len_b = len_left[idx], len_right[idx]
+        width = max(1, int(len_a.max(initial=0)), int(len_b.max(initial=0)))
+        a = left.matrix[left_idx[idx], :width]
+        b = right.matrix[right_idx[idx], :width]
+        cols = np.arange(width + 1, dtype=np.int16)
+        row = np.broadcast_to(cols, (idx.size, width + 1)).copy()  # D[0][j] = j
         result = len_b.copy()  # pairs with an empty left side
-        rows_idx = np.arange(len(a_list))
+        pairs = np.arange(idx.size)
         for i in range(1, int(len_a.max(initial=0)) + 1):
             # D[i][j] = min(D[i-1][j-1] + cost, D[i-1][j] + 1, D[i][j-1] + 1); the last term is a running min.
             cand = np.minimum(row[:, :-1] + (a[:, i - 1:i] != b), row[:, 1:] + 1)
-            row = np.concatenate([np.full((len(a_list), 1), i), cand], axis=1)
+            row[:, 0] = i
+            row[:, 1:] = cand
             row = np.minimum.accumulate(row - cols, axis=1) + cols
             done = len_a == i
-            result[done] = row[rows_idx[done], len_b[done]]
-        out[lo:lo + block] = result
+            result[done] = row[pairs[done], len_b[done]]
+        out[idx] = result
     return out
 
 
-def _candidates(query: bytes, fwd_keys: list[bytes], fwd_ids: list[int], rev_keys: list[bytes],
-                rev_ids: list[int], exact: dict[bytes, int], window: int) -> set[int]:
-    found: set[int] = set()
-    at = bisect.bisect_left(fwd_keys, query)
-    found.update(fwd_ids[max(0, at - window):at + window])
-    at = bisect.bisect_left(rev_keys, query[::-1])
-    found.update(rev_ids[max(0, at - window):at + window])
-    for variant in (query[1:] if query[:1] == b" " else b" " + query,):
-        if variant in exact:
-            found.add(exact[variant])
-    return found
+def levenshtein_pairs(left: list[bytes], right: list[bytes], max_bytes: int = 48, block: int = 65536) -> np.ndarray:
+    """Exact byte edit distance of each pair (left[i], right[i]) on their first `max_bytes` bytes."""
+    width = max(1, min(max_bytes, max(map(len, left + right), default=1)))
+    index = np.arange(len(left))
+    return _levenshtein_indexed(_Packed(left, width), _Packed(right, width), index, index, block)
+
+
+def _sorted_neighbours(pool: list[bytes], queries: list[bytes], window: int) -> np.ndarray:
+    """[Q, 2*window]: indices into `pool` of the entries around each query's position in byte-sorted order."""
+    width = max(1, max(map(len, pool + queries), default=1))
+    keys = np.array(pool, dtype=f"S{width}")  # numpy orders S-strings bytewise, like Python bytes
+    order = np.argsort(keys, kind="stable")
+    at = np.searchsorted(keys[order], np.array(queries, dtype=f"S{width}"))
+    around = np.clip(at[:, None] + np.arange(-window, window), 0, len(pool) - 1)
+    return order[around]
+
+
+def _special_partner(sid: int, student_vocab: Vocab, teacher_vocab: Vocab, teacher_texts: dict[str, int]) -> int:
+    role = student_vocab.role_of.get(sid)
+    tid = teacher_vocab.roles.get(role) if role is not None else None
+    return tid if tid is not None else teacher_texts.get(student_vocab.special_texts.get(sid), -1)
 
 
 def mined_mapping(student_vocab: Vocab, teacher_vocab: Vocab, *, window: int = 8,
@@ -88,45 +111,43 @@ def mined_mapping(student_vocab: Vocab, teacher_vocab: Vocab, *, window: int = 8
         return hit[2]
     mapping = np.full(len(student_vocab), -1, dtype=np.int64)
     exact = teacher_vocab.bytes_to_id
+    teacher_texts = {t: i for i, t in teacher_vocab.special_texts.items()}
     pending: list[int] = []
     for sid, (piece, kind) in enumerate(zip(student_vocab.token_bytes, student_vocab.kinds)):
         if kind is TokenKind.SPECIAL:
-            continue
-        if piece in exact:
+            mapping[sid] = _special_partner(sid, student_vocab, teacher_vocab, teacher_texts)
+        elif piece in exact:
             mapping[sid] = exact[piece]
         elif piece:
             pending.append(sid)
-    teacher_texts = {t: i for i, t in teacher_vocab.special_texts.items()}
-    for sid in (i for i, k in enumerate(student_vocab.kinds) if k is TokenKind.SPECIAL):
-        role = student_vocab.role_of.get(sid)
-        tid = teacher_vocab.roles.get(role) if role is not None else None
-        if tid is None:
-            tid = teacher_texts.get(student_vocab.special_texts.get(sid), -1)
-        mapping[sid] = tid
-    if pending:
-        pool = sorted(exact.items())
-        fwd_keys, fwd_ids = [p for p, _ in pool], [i for _, i in pool]
-        rev = sorted((p[::-1], i) for p, i in pool)
-        rev_keys, rev_ids = [p for p, _ in rev], [i for _, i in rev]
-        queries, cands, owners = [], [], []
-        for sid in pending:
-            piece = student_vocab.token_bytes[sid]
-            found = _candidates(piece, fwd_keys, fwd_ids, rev_keys, rev_ids, exact, window)
-            owners.extend([sid] * len(found))
-            cands.extend(found)
-            queries.extend([piece] * len(found))
-        teacher_bytes = teacher_vocab.token_bytes
-        distance = levenshtein_pairs(queries, [teacher_bytes[c] for c in cands], max_bytes)
-        len_gap = np.abs(np.fromiter(map(len, queries), np.int64, len(queries))
-                         - np.fromiter((len(teacher_bytes[c]) for c in cands), np.int64, len(cands)))
-        owner_arr, cand_arr = np.asarray(owners, np.int64), np.asarray(cands, np.int64)
-        score = (distance * 4096 + np.minimum(len_gap, 4095)) * (1 << 24) + cand_arr
-        order = np.lexsort((score, owner_arr))
+    if pending and exact:
+        pool_ids = np.fromiter(exact.values(), np.int64, len(exact))
+        pool = list(exact)
+        queries = [student_vocab.token_bytes[sid] for sid in pending]
+        forward = pool_ids[_sorted_neighbours(pool, queries, window)]
+        backward = pool_ids[_sorted_neighbours([p[::-1] for p in pool], [q[::-1] for q in queries], window)]
+        spaced = np.fromiter((exact.get(q[1:] if q[:1] == b" " else b" " + q, -1) for q in queries), np.int64,
+                             len(queries))
+        candidates = np.concatenate([forward, backward, spaced[:, None]], axis=1)
+        query_idx = np.repeat(np.arange(len(queries)), candidates.shape[1])
+        cand_ids = candidates.reshape(-1)
+        keep = cand_ids >= 0
+        pairs = np.unique(query_idx[keep] * len(teacher_vocab) + cand_ids[keep])
+        query_idx, cand_ids = pairs // len(teacher_vocab), pairs % len(teacher_vocab)
+        width = max(1, min(max_bytes, max(map(len, queries))))
+        distance = _levenshtein_indexed(_Packed(queries, width), _Packed(teacher_vocab.token_bytes, width),
+                                        query_idx, cand_ids)
+        query_len = np.fromiter(map(len, queries), np.int64, len(queries))
+        teacher_len = np.fromiter(map(len, teacher_vocab.token_bytes), np.int64, len(teacher_vocab))
+        len_gap = np.minimum(np.abs(query_len[query_idx] - teacher_len[cand_ids]), 4095)
+        # best per query: smallest distance, then smallest length gap, then smallest teacher id
+        score = (distance * 4096 + len_gap) * (1 << 24) + cand_ids
+        order = np.lexsort((score, query_idx))
         first = np.ones(order.size, bool)
-        first[1:] = owner_arr[order][1:] != owner_arr[order][:-1]
-        mapping[owner_arr[order][first]] = cand_arr[order][first]
+        first[1:] = query_idx[order][1:] != query_idx[order][:-1]
+        mapping[np.asarray(pending)[query_idx[order][first]]] = cand_ids[order][first]
         logger.info("MinED: %d exact, %d by edit distance over %d candidate pairs",
-                    len(student_vocab) - len(pending), len(pending), len(cands))
+                    len(student_vocab) - len(pending), len(pending), pairs.size)
     result = torch.from_numpy(mapping)
     _CACHE[key] = (weakref.ref(student_vocab), weakref.ref(teacher_vocab), result)
     return result
