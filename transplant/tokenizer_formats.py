@@ -78,11 +78,12 @@ SP_NORMAL, SP_UNKNOWN, SP_CONTROL, SP_USER_DEFINED, SP_UNUSED, SP_BYTE = 1, 2, 3
 class Converted:
     """A fast tokenizer plus what a HF tokenizer config needs next to it."""
 
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None when `tokenizer_file` holds it (loading a file avoids a deep copy)
     special_tokens: dict[str, str]  # "bos_token"/"eos_token"/"pad_token"/"unk_token" -> literal text
     source_format: str
     chat_template: str | None = None
     extra: dict = field(default_factory=dict)
+    tokenizer_file: str | None = None
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -99,6 +100,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 _BYTE_TO_CHAR = bytes_to_unicode()
 UNICODE_TO_BYTE: dict[str, int] = {c: b for b, c in _BYTE_TO_CHAR.items()}
+# str.translate table taking byte-level characters to the latin-1 character of their byte
+BYTE_LEVEL_TO_LATIN1 = {ord(c): b for b, c in _BYTE_TO_CHAR.items()}
 
 
 def byte_level_string(data: bytes) -> str:

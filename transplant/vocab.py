@@ -195,8 +195,10 @@ def describe_tokens(backend: Any) -> tuple[list[bytes], list[TokenKind], dict[in
         if token is not None:  # a non-special added token is inserted literally
             token_bytes[idx] = (piece.replace(marker, " ") if family == "sentencepiece" else piece).encode()
         elif family == "byte_level":
-            token_bytes[idx] = bytes(tf.UNICODE_TO_BYTE[c] if c in tf.UNICODE_TO_BYTE else ord(c) for c in piece) \
-                if all(c in tf.UNICODE_TO_BYTE for c in piece) else piece.encode()
+            try:
+                token_bytes[idx] = piece.translate(tf.BYTE_LEVEL_TO_LATIN1).encode("latin-1")
+            except UnicodeEncodeError:  # not byte-level text after all: a literal
+                token_bytes[idx] = piece.encode()
         elif family == "sentencepiece":
             match = _BYTE_PIECE.match(piece)
             if match:
@@ -239,10 +241,12 @@ def vocab_from_converted(conv: tf.Converted, name: str) -> Vocab:
     """Wrap a converted tokenizer as a `Vocab` (PreTrainedTokenizerFast + bytes, kinds, roles)."""
     from transformers import PreTrainedTokenizerFast
 
-    backend = conv.tokenizer
-    token_bytes, kinds, special_texts = describe_tokens(backend)
+    source = {"tokenizer_file": conv.tokenizer_file} if conv.tokenizer is None else {"tokenizer_object": conv.tokenizer}
+    wrapped = PreTrainedTokenizerFast(**source, clean_up_tokenization_spaces=False)
+    backend = wrapped.backend_tokenizer
     names = {k: v for k, v in conv.special_tokens.items() if v and backend.token_to_id(v) is not None}
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **names)
+    wrapped.add_special_tokens(names)
+    token_bytes, kinds, special_texts = describe_tokens(backend)
     if conv.chat_template:
         wrapped.chat_template = conv.chat_template
     return Vocab(tokenizer=wrapped, token_bytes=token_bytes, kinds=kinds,

@@ -21,7 +21,7 @@ from transplant.vocab import Vocab, vocab_from_converted
 
 log = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 2  # bump when a converter changes, so cached tokenizer.json files are rebuilt
+CONVERTER_VERSION = 3  # bump when a converter changes, so cached tokenizer.json files are rebuilt
 
 
 def load(spec: str | os.PathLike, *, trust_remote_code: bool = False, options: dict | None = None) -> Vocab:
@@ -54,36 +54,42 @@ def _sha256(path: Path) -> str:
 
 
 def _cached_conversion(key: str, source: Path, build) -> tf.Converted:
-    """Converted tokenizers are cached as tokenizer.json (building a 128k-token BPE takes seconds)."""
-    from tokenizers import Tokenizer
+    """Converted tokenizers are cached as tokenizer.json (building a 128k-token BPE takes seconds).
 
+    The entry is trusted only when the source file and the tokenizer.json both hash as recorded; the returned
+    `Converted` points at the cached file, so transformers loads it once instead of deep-copying an object.
+    """
     from transplant._wheels import cache_dir
 
     folder = cache_dir() / "tokenizers" / key
     digest = _sha256(source)
-    meta_path = folder / "meta.json"
+    meta_path, json_path = folder / "meta.json", folder / "tokenizer.json"
     if meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text())
-            if meta["version"] == CONVERTER_VERSION and meta["source_sha256"] == digest:
-                return tf.Converted(Tokenizer.from_file(str(folder / "tokenizer.json")), meta["special_tokens"],
-                                    meta["source_format"], meta.get("chat_template"), meta.get("extra", {}))
-        except (OSError, ValueError, KeyError, Exception) as err:  # a damaged cache entry is rebuilt
+            if (meta["version"] == CONVERTER_VERSION and meta["source_sha256"] == digest
+                    and meta["tokenizer_sha256"] == _sha256(json_path)):
+                return tf.Converted(None, meta["special_tokens"], meta["source_format"], meta.get("chat_template"),
+                                    meta.get("extra", {}), tokenizer_file=str(json_path))
+            log.info("cached tokenizer %s is stale; rebuilding", folder)
+        except (OSError, ValueError, KeyError) as err:  # a damaged cache entry is rebuilt
             log.warning("rebuilding cached tokenizer %s (%s)", folder, err)
     conv = build()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
     conv.tokenizer.save(str(tmp / "tokenizer.json"))
     meta = {"version": CONVERTER_VERSION, "source_sha256": digest, "source": str(source),
-            "special_tokens": conv.special_tokens, "source_format": conv.source_format,
-            "chat_template": conv.chat_template, "extra": conv.extra}
+            "tokenizer_sha256": _sha256(tmp / "tokenizer.json"), "special_tokens": conv.special_tokens,
+            "source_format": conv.source_format, "chat_template": conv.chat_template, "extra": conv.extra}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     try:
         tmp.rename(folder)
     except OSError:  # another process won the race; its copy is as good
         shutil.rmtree(tmp, ignore_errors=True)
-    return conv
+        return conv
+    return tf.Converted(None, conv.special_tokens, conv.source_format, conv.chat_template, conv.extra,
+                        tokenizer_file=str(json_path))
 
 
 def _convert_file(fmt: str, path: Path, options: dict) -> tf.Converted:
