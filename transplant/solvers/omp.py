@@ -10,20 +10,25 @@ set), computed the way Rubinstein, Zibulevsky & Elad (2008) do:
   matrix G = A·Aᵀ, so step s costs O(N·s) per target instead of O(N·D) (s ≤ k ≪ D). G (N² entries) is built
   once per call in row blocks and reused for every target; with fp32 it takes 8 GB at N = 45k, so it can be
   stored in fp16/bf16 (`gram_dtype`) or skipped (`gram_dtype=None`, or larger than `max_gram_bytes`).
-* Late steps read O(N·s) Gram memory per target, which is bandwidth-bound, while a residual GEMM costs a
-  fixed O(N·D) at full FLOP rate; past `gram_steps` steps (about D/20: where the two meet on CPU and on
-  GPU) the correlations come from the residual instead. Both are exact.
+* Step s reads O(N·s) Gram memory per target (bandwidth-bound), a residual GEMM costs a fixed O(N·D) at
+  full FLOP rate. On the 2-core CPU here Gram updates won at every step up to k=64 (bench/RESULTS.md), so
+  they are the default; `gram_steps=g` switches to residual correlations after g steps, which a roofline
+  estimate says pays for large k on GPUs (around g ≈ D/20; not measured, no GPU was available). Both exact.
 * The least-squares solution uses a Cholesky factor of G[S, S] grown by one row per step. Its entries are
   computed from the chosen atoms themselves (O(s·D)), never from a reduced-precision G, so the Gram dtype
   can only affect which atom wins a near-tie, not the coefficients; the final coefficients are refitted in
   float64 on the chosen support.
-* `prefilter=M` keeps, per target, the M anchors with the largest |c0| and pursues inside them (O(M·s) per
-  step with G, O(M·D) without): approximate, measured in bench/RESULTS.md.
+* `prefilter=M` pursues, per target, inside the M anchors most correlated with the residual (O(M·s) per
+  step with G, O(M·D) without). Chosen from c0 alone, the set misses most later picks: after the first
+  atom or two the residual points elsewhere (measured: at k=64 the error grows by ~13% instead of ~3%), so by
+  default the set is re-chosen from exact residual correlations after steps 2, 4, 8, … (one GEMM each,
+  log2(k) in all). Approximate; measured in bench/RESULTS.md.
 
 Selection uses correlations with unit-normalised atoms (|aᵢ·r| / ‖aᵢ‖), i.e. the scale of an embedding row does
 not make it more likely to be chosen; the returned coefficients apply to the original (unnormalised) rows.
-Complexity per target (N anchors, D dims, k steps, g = gram_steps): exact with G: N·D + N·min(k, g)²/2 +
-N·D·max(0, k − g) plus a one-off N²·D for G; without G: k·N·D; prefilter M with G: N·D + M·k²/2.
+Complexity per target (N anchors, D dims, k steps): exact with G: N·D (c0) + N·k²/2 (updates) + k²·D
+(Cholesky) plus a one-off N²·D/2 for G; without G: k·N·D; prefilter M: N·D + M·k²/2 with G, N·D + k·M·D
+without. Memory per target in flight: N·(k + 8) floats with G; G itself N² in `gram_dtype`.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_GRAM_BYTES = 12 * 2**30
 _GRAM_BLOCK_ROWS = 4096
 # Per-call working set the automatic batch size aims at (bigger batches only help the GPU's GEMMs).
-_BATCH_BUDGET_BYTES = {"cpu": 256 * 2**20, "cuda": 4 * 2**30}
+_BATCH_BUDGET_BYTES = {"cpu": 512 * 2**20, "cuda": 4 * 2**30}
 
 
 def omp(
@@ -50,10 +55,12 @@ def omp(
     k: int,
     *,
     prefilter: int | None = None,
+    prefilter_refresh: bool = True,
     batch_size: int | None = None,
     gram_dtype: torch.dtype | None = torch.float32,
     max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
     gram_steps: int | None = None,
+    gram: Tensor | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
@@ -61,14 +68,19 @@ def omp(
 
     Returns `(indices [B, k] int64, coefficients [B, k] float32)` on the targets' device with
     `targets ≈ Σⱼ coefficients[:, j, None] · dictionary[indices[:, j]]`, columns in selection order. The output
-    always has k columns; a row whose pursuit ended early (its residual no longer correlates with any atom:
-    exactly representable target, zero target, k > N, atoms dependent on the chosen ones) carries index 0
-    with coefficient 0 in the remaining columns, so the sum above stays correct. Zero atoms are never chosen.
+    always has k columns; a column that holds no atom carries index 0 with coefficient 0, so the sum stays
+    correct: the columns after an early stop (the residual no longer correlates with any atom: exactly
+    representable or zero target, k > N) and the rare pick skipped for being linearly dependent on the
+    chosen atoms (duplicates; it could only win through rounding). Zero atoms are never chosen.
+
+    `prefilter=M` is the approximate, cheaper pursuit inside M candidates per target (module docstring);
+    `prefilter_refresh=False` keeps the first top-M by |c0| for every step (cheapest, worse for large k).
 
     Computation runs on `device` (default: the targets' device) in float32 (float64 when both inputs are
     float64); float16/bfloat16 inputs are upcast. `gram_dtype=None` or a Gram larger than `max_gram_bytes`
     switches to residual GEMMs (same result, O(N·D) per step). `gram_steps` overrides where exact pursuit
-    switches from Gram updates to residual GEMMs (None: automatic, about D/20).
+    switches from Gram updates to residual GEMMs (None: never). `gram` passes a Gram matrix
+    from `unit_gram(dictionary)` to reuse across calls on the same dictionary (the one-off N²·D cost).
     """
     if targets.ndim != 2 or dictionary.ndim != 2 or targets.shape[1] != dictionary.shape[1]:
         raise ValueError(f"omp needs targets [B, D] and dictionary [N, D]; got {tuple(targets.shape)} and "
@@ -84,17 +96,18 @@ def omp(
     device = torch.device(device) if device is not None else targets.device
     work_dtype = torch.float64 if targets.dtype == dictionary.dtype == torch.float64 else torch.float32
     raw = dictionary.to(device)
-    _check_finite(raw, "dictionary")
-    _check_finite(targets, "targets")
 
     steps = min(k, n_atoms)
-    candidates = n_atoms if prefilter is None else min(prefilter, n_atoms)
-    steps = min(steps, candidates)
-    norms = raw.to(torch.float64).norm(dim=1)
+    candidates = n_atoms if prefilter is None else min(max(prefilter, steps), n_atoms)  # M >= k
+    norms, atoms = _unit_atoms(raw, work_dtype)
+    _check_finite(norms, "dictionary", 0)
     valid = norms > 0
-    atoms = (raw.to(torch.float64) / norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None]).to(work_dtype)
-    gram = None
-    if gram_dtype is not None:
+    if gram is not None:
+        if gram.shape != (n_atoms, n_atoms):
+            raise ValueError(f"omp: gram must be [{n_atoms}, {n_atoms}] (unit_gram(dictionary)); got "
+                             f"{tuple(gram.shape)}")
+        gram = gram.to(device)
+    elif gram_dtype is not None:
         gram_bytes = n_atoms * n_atoms * torch.empty((), dtype=gram_dtype).element_size()
         if gram_bytes <= max_gram_bytes:
             gram = _gram(atoms, gram_dtype)
@@ -106,7 +119,7 @@ def omp(
     elif prefilter is not None:
         n_gram_steps = steps
     else:
-        n_gram_steps = min(steps, max(1, atoms.shape[1] // 20) if gram_steps is None else gram_steps)
+        n_gram_steps = steps if gram_steps is None else min(steps, gram_steps)
     if batch_size is None:
         batch_size = _auto_batch_size(candidates, atoms.shape[1], steps, n_gram_steps, prefilter is not None,
                                       gram is not None, device)
@@ -118,8 +131,9 @@ def omp(
     work = _Workspace()
     for start in tqdm(range(0, n_targets, batch_size), desc="OMP", unit="batch", disable=not progress):
         x = targets[start : start + batch_size].to(device=device, dtype=work_dtype)
+        _check_finite(x.norm(dim=1), "targets", start)
         chosen, kept, gamma = _pursue(x, atoms, valid, gram, steps, candidates, prefilter is not None,
-                                      n_gram_steps, work)
+                                      prefilter_refresh, n_gram_steps, work)
         coefs = _refit(x, raw, norms, chosen, kept, gamma)
         all_indices.append(chosen.to(out_device))
         all_coefs.append(coefs.to(out_device))
@@ -130,11 +144,29 @@ def omp(
     return indices, coefs
 
 
-def _check_finite(values: Tensor, name: str) -> None:
-    bad_rows = (~torch.isfinite(values)).any(dim=1).nonzero().flatten()
+def _check_finite(row_norms: Tensor, name: str, offset: int) -> None:
+    """A row holding NaN/Inf has a non-finite norm; checking norms costs O(rows), not O(rows·D)."""
+    bad_rows = (~torch.isfinite(row_norms)).nonzero().flatten()
     if bad_rows.numel():
         raise TransplantError(f"OMP {name} contain NaN/Inf in {bad_rows.numel()} rows (first: row "
-                              f"{int(bad_rows[0])}); fix or drop those embedding rows before initialising")
+                              f"{offset + int(bad_rows[0])}); fix or drop those embedding rows before initialising")
+
+
+def unit_gram(dictionary: Tensor, dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> Tensor:
+    """The Gram matrix of the unit-normalised dictionary rows (zero rows stay zero), as `omp` builds it;
+    compute it once to share between calls on the same dictionary."""
+    raw = dictionary.to(device if device is not None else dictionary.device)
+    work_dtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
+    return _gram(_unit_atoms(raw, work_dtype)[1], dtype)
+
+
+def _unit_atoms(raw: Tensor, work_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(row norms, rows divided by their norm), both in `work_dtype`; zero rows stay zero."""
+    atoms = raw.to(work_dtype)
+    norms = atoms.norm(dim=1)
+    atoms = atoms / norms.clamp_min(torch.finfo(work_dtype).tiny)[:, None]
+    return norms, atoms
 
 
 def _gram(atoms: Tensor, dtype: torch.dtype) -> Tensor:
@@ -180,43 +212,50 @@ class _Workspace:
 
 
 def _pursue(x: Tensor, atoms: Tensor, valid: Tensor, gram: Tensor | None, steps: int, n_candidates: int,
-            prefiltered: bool, gram_steps: int, work: _Workspace) -> tuple[Tensor, Tensor, Tensor]:
+            prefiltered: bool, refresh: bool, gram_steps: int, work: _Workspace) -> tuple[Tensor, Tensor, Tensor]:
     """Greedy support selection for one batch. Returns (atom indices [B, k], kept mask [B, k], the
-    working-precision least-squares coefficients of the unit-norm atoms [B, k]).
-
-    Zero atoms need no mask: their correlation is exactly 0 in every update (zero row of A and of G), so one
-    can only win when no atom correlates with the residual, which ends the pursuit anyway."""
+    working-precision least-squares coefficients of the unit-norm atoms [B, k])."""
     batch, dim = x.shape
     dtype, device = x.dtype, x.device
     eps = torch.finfo(dtype).eps
     stop_rtol, dependent_tol = 100 * eps, 100 * eps  # ~1e-5 in float32, ~2e-14 in float64
-
-    c0 = x @ atoms.T  # [B, N]: the one full correlation GEMM
-    cand = cand_atoms = None
-    if prefiltered:
-        cand = c0.abs().masked_fill_(~valid, -1.0).topk(n_candidates, dim=1, sorted=False).indices  # [B, M]
-        c0 = c0.gather(1, cand)
-        if gram is None:  # residual correlations need the candidates' atoms: [B, M, D]
-            cand_atoms = work.get("cand_atoms", (batch, n_candidates, dim), dtype, device)
-            torch.index_select(atoms, 0, cand.flatten(), out=cand_atoms.view(-1, dim))
-    width = c0.shape[1]
-    alpha = c0
-    score = work.get("score", (batch, width), dtype, device)
-    gram_rows = work.get("gram_rows", (batch, gram_steps, width), dtype, device)
-    x_norm = x.norm(dim=1)
     rows = torch.arange(batch, device=device)
+    x_norm = x.norm(dim=1)
 
-    picked = torch.zeros(batch, steps, dtype=torch.long, device=device)  # candidate positions, even skipped
+    c0_full = x @ atoms.T  # [B, N]: the one full correlation GEMM
     chosen = torch.zeros(batch, steps, dtype=torch.long, device=device)
     kept = torch.zeros(batch, steps, dtype=torch.bool, device=device)
     chosen_atoms = torch.zeros(batch, steps, dim, dtype=dtype, device=device)
     chol = torch.eye(steps, dtype=dtype, device=device).expand(batch, -1, -1).clone()  # L·Lᵀ = G[S, S]
     forward = torch.zeros(batch, steps, dtype=dtype, device=device)  # z with L·z = c0[S]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    gamma = forward[:, :0, None]
+    width = n_candidates if prefiltered else atoms.shape[0]
+    score = work.get("score", (batch, width), dtype, device)
+    gram_rows = work.get("gram_rows", (gram_steps, batch, width), dtype, device)  # G[S, candidates]
+    cand = cand_atoms = None
+    c0, alpha = c0_full, c0_full
+    blocked = (~valid).expand(batch, -1).clone()  # zero atoms and atoms already picked (even if skipped)
+    picked = torch.zeros(batch, steps, dtype=torch.long, device=device)  # every pick, kept or skipped
+    refresh_at = {2**i for i in range(1, steps.bit_length())} if prefiltered and refresh else set()
 
     for step in range(steps):
+        if prefiltered and (step == 0 or step in refresh_at):
+            # (Re)choose the candidates: the M atoms most correlated with the current residual.
+            if step:  # exact correlations with the current residual: one GEMM
+                residual = x - torch.bmm(gamma.mT, chosen_atoms[:, :step])[:, 0]
+                alpha = residual @ atoms.T
+            full_score = alpha.abs().masked_fill_(~valid, -1.0).scatter_(1, picked[:, :step], -1.0)
+            cand = full_score.topk(n_candidates, dim=1, sorted=False).indices  # [B, M]
+            blocked = full_score.gather(1, cand) < 0
+            c0, alpha = c0_full.gather(1, cand), alpha.gather(1, cand)
+            if gram is None:  # residual correlations need the candidates' atoms: [B, M, D]
+                cand_atoms = work.get("cand_atoms", (batch, n_candidates, dim), dtype, device)
+                torch.index_select(atoms, 0, cand.flatten(), out=cand_atoms.view(-1, dim))
+            elif step:
+                gram_rows[:step] = gram[chosen[:, :step, None], cand[:, None, :]].transpose(0, 1)
         torch.abs(alpha, out=score)
-        score.scatter_(1, picked[:, :step], -1.0)
+        score.masked_fill_(blocked, -1.0)
         best, pick = score.max(dim=1)
         done |= best <= stop_rtol * x_norm  # nothing left that any atom can explain
         atom_index = pick if cand is None else cand[rows, pick]
@@ -238,14 +277,18 @@ def _pursue(x: Tensor, atoms: Tensor, valid: Tensor, gram: Tensor | None, steps:
         chosen_atoms[:, step] = atom * keep[:, None]
         chosen[:, step] = atom_index * keep
         kept[:, step] = keep
-        picked[:, step] = pick
+        blocked[rows, pick] = True
+        picked[:, step] = atom_index
         if step + 1 == steps:
             break
         size = step + 1
         gamma = torch.linalg.solve_triangular(chol[:, :size, :size].mT, forward[:, :size, None], upper=True)
         if step < gram_steps:  # Batch-OMP update: alpha = c0 - gamma·G[S, candidates]
-            gram_rows[:, step] = gram[atom_index] if cand is None else gram[atom_index[:, None], cand]
-            alpha = c0 - torch.bmm(gamma.mT, gram_rows[:, :size])[:, 0]
+            if cand is None and gram.dtype == dtype:
+                torch.index_select(gram, 0, atom_index, out=gram_rows[step])
+            else:
+                gram_rows[step] = gram[atom_index] if cand is None else gram[atom_index[:, None], cand]
+            alpha = c0 - torch.bmm(gamma.mT, gram_rows[:size].transpose(0, 1))[:, 0]
         else:  # residual update: alpha = (x - gamma·A[S])·A[candidates]ᵀ
             residual = x - torch.bmm(gamma.mT, chosen_atoms[:, :size])[:, 0]
             if cand_atoms is None:
@@ -259,7 +302,8 @@ def _pursue(x: Tensor, atoms: Tensor, valid: Tensor, gram: Tensor | None, steps:
 def _refit(x: Tensor, raw: Tensor, norms: Tensor, chosen: Tensor, kept: Tensor, gamma: Tensor) -> Tensor:
     """Least squares on the chosen support in float64 (Cholesky of the k×k normal equations of the unit-norm
     atoms), then rescaled to the raw atoms. Rows whose factorisation fails keep the pursuit's solution."""
-    scale = norms[chosen].where(kept, torch.ones_like(norms[chosen]))
+    scale = norms[chosen].to(torch.float64)
+    scale = scale.where(kept, torch.ones_like(scale))
     sub = raw[chosen].to(torch.float64) / scale[:, :, None] * kept[:, :, None]  # [B, k, D]
     normal = sub @ sub.mT + torch.diag_embed((~kept).to(torch.float64))
     rhs = sub @ x.to(torch.float64)[:, :, None]
