@@ -68,3 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}")
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
