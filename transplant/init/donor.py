@@ -51,6 +51,12 @@ def select_anchors(ctx: InitContext, min_norm_ratio: float = 0.25) -> Anchors:
     return Anchors(new_ids[~bad], base_ids[~bad], int(bad.sum()))
 
 
+def cosine_topk(targets: torch.Tensor, dictionary: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The m anchors most cosine-similar to each target: (similarities [B, m], positions [B, m])."""
+    sims = torch.nn.functional.normalize(targets, dim=1) @ torch.nn.functional.normalize(dictionary, dim=1).T
+    return sims.topk(min(m, dictionary.shape[0]), dim=1)
+
+
 def relative_error(targets: torch.Tensor, dictionary: torch.Tensor, positions: torch.Tensor,
                    weights: torch.Tensor) -> torch.Tensor:
     """‖target − Σ w·anchor‖ / ‖target‖ in the donor space: how well each new token was reconstructed."""

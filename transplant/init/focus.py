@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from transplant.init.base import InitContext, InitPlan
-from transplant.init.donor import donor_plan
+from transplant.init.donor import cosine_topk, donor_plan
 from transplant.init.registry import register
 
 
@@ -27,8 +27,7 @@ def sparsemax(scores: torch.Tensor) -> torch.Tensor:
 
 
 def focus_weights(targets: torch.Tensor, dictionary: torch.Tensor, top_m: int, temperature: float):
-    sims = torch.nn.functional.normalize(targets, dim=1) @ torch.nn.functional.normalize(dictionary, dim=1).T
-    top, pos = sims.topk(min(top_m, dictionary.shape[0]), dim=1)
+    top, pos = cosine_topk(targets, dictionary, top_m)
     return pos, sparsemax(top / temperature)
 
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 import torch
 
 from transplant.init.base import InitContext, InitPlan
-from transplant.init.donor import donor_plan
+from transplant.init.donor import cosine_topk, donor_plan
 from transplant.init.registry import register
 
 
 def knn_weights(targets: torch.Tensor, dictionary: torch.Tensor, k: int, temperature: float):
     """Top-k anchors by cosine similarity and softmax(similarity / temperature) weights."""
-    sims = torch.nn.functional.normalize(targets, dim=1) @ torch.nn.functional.normalize(dictionary, dim=1).T
-    top, pos = sims.topk(min(k, dictionary.shape[0]), dim=1)
+    top, pos = cosine_topk(targets, dictionary, k)
     return pos, torch.softmax(top / temperature, dim=1)
 
 
