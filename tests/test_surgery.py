@@ -148,13 +148,25 @@ def test_padding_and_dtype_cast(bases, tmp_path):
     emb, head = written["model.embed_tokens.weight"], written["lm_head.weight"]
     assert emb.shape == head.shape == (192, HIDDEN)
     assert torch.equal(emb[:NEW_VOCAB], new_input.bfloat16()) and torch.equal(head[:NEW_VOCAB], new_output.bfloat16())
-    mean_row = new_input.bfloat16().float().mean(0).bfloat16()
-    assert torch.equal(emb[NEW_VOCAB:], mean_row.expand(192 - NEW_VOCAB, -1))
-    assert not head[NEW_VOCAB:].any()  # padded output rows score 0
+    for written_matrix, given in ((emb, new_input), (head, new_output)):  # padded rows = mean row
+        mean_row = given.bfloat16().float().mean(0).bfloat16()
+        assert torch.equal(written_matrix[NEW_VOCAB:], mean_row.expand(192 - NEW_VOCAB, -1))
     base = all_tensors(bases["untied"])
     assert torch.equal(written["model.norm.weight"], base["model.norm.weight"].bfloat16())
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == 192
+
+
+def test_padded_ids_never_beat_the_average_token(bases, tmp_path):
+    """The mean output row scores the mean real logit, so each padded id gets at most 1/V (Jensen)."""
+    from transformers import AutoModelForCausalLM
+
+    _, _, _, out = transplant(bases["untied"], tmp_path / "out", pad_to_multiple_of=64)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    logits = model(torch.randint(0, NEW_VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))).logits
+    real_lse = torch.logsumexp(logits[..., :NEW_VOCAB], -1, keepdim=True)
+    assert logits.shape[-1] == 192
+    assert ((logits[..., NEW_VOCAB:] - real_lse).exp() <= 1.0001 / NEW_VOCAB).all()
 
 
 def test_multimodal_style_nested_config(tmp_path):
