@@ -11,6 +11,7 @@ from sklearn.linear_model import orthogonal_mp, orthogonal_mp_gram
 
 from transplant.errors import TransplantError
 from transplant.solvers.omp import omp, unit_gram
+from transplant.solvers.sparsemax import sparsemax
 
 
 def _problem(n=200, d=64, b=50, seed=0, dtype=torch.float64):
@@ -237,6 +238,10 @@ def test_gram_over_budget_falls_back_to_residual_updates(caplog):
     ref_indices, ref_coefs = omp(targets, atoms, 8)
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(coefs, ref_coefs, atol=1e-5, rtol=1e-4)
+    with caplog.at_level(logging.INFO, logger="transplant.solvers.omp"):
+        half = omp(targets, atoms, 8, max_gram_bytes=200 * 200 * 2)  # fp32 does not fit, fp16 does
+    assert "Gram=torch.float16" in caplog.text
+    assert torch.isfinite(half[1]).all()
 
 
 def test_precomputed_gram_is_reused():
@@ -262,3 +267,33 @@ def test_rejects_bad_inputs():
     bad[3, 0] = float("nan")
     with pytest.raises(TransplantError, match="NaN"):
         omp(targets, bad, 4)
+
+
+# ----------------------------------------------------------------------------- sparsemax (FOCUS weights)
+def _simplex_projection(values: np.ndarray) -> np.ndarray:
+    """Reference: bisection on tau for sum(max(v - tau, 0)) = 1."""
+    low, high = values.min() - 1, values.max()
+    for _ in range(200):
+        tau = (low + high) / 2
+        low, high = (tau, high) if np.maximum(values - tau, 0).sum() > 1 else (low, tau)
+    return np.maximum(values - (low + high) / 2, 0)
+
+
+def test_sparsemax_is_the_projection_onto_the_simplex():
+    scores = torch.randn(20, 9, generator=torch.Generator().manual_seed(18), dtype=torch.float64) * 2
+    probs = sparsemax(scores)
+    for row in range(20):
+        np.testing.assert_allclose(probs[row].numpy(), _simplex_projection(scores[row].numpy()), atol=1e-9)
+    assert (probs == 0).any()  # sparse, unlike softmax
+    torch.testing.assert_close(sparsemax(scores.T, dim=0), probs.T)
+
+
+def test_sparsemax_simple_cases_and_masks():
+    assert torch.equal(sparsemax(torch.tensor([3.0, 0.0, -1.0])), torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(sparsemax(torch.tensor([0.5, 0.5])), torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(sparsemax(torch.tensor([0.3, 0.1])), torch.tensor([0.6, 0.4]))
+    scores = torch.tensor([[5.0, 1.0, 1.0], [2.0, float("-inf"), 2.0], [float("-inf")] * 3])
+    mask = torch.tensor([[False, True, True], [True, True, True], [True, True, True]])
+    probs = sparsemax(scores, mask=mask)
+    torch.testing.assert_close(probs, torch.tensor([[0.0, 0.5, 0.5], [0.5, 0.0, 0.5], [0.0, 0.0, 0.0]]))
+    assert sparsemax(torch.tensor([1.0, 2.0], dtype=torch.bfloat16)).dtype == torch.float32

@@ -8,8 +8,8 @@ set), computed the way Rubinstein, Zibulevsky & Elad (2008) do:
 
 * c0 = x·Aᵀ for a batch of targets is one GEMM; after that the correlations are c0 − γ·G[S, :] with the Gram
   matrix G = A·Aᵀ, so step s costs O(N·s) per target instead of O(N·D) (s ≤ k ≪ D). G (N² entries) is built
-  once per call in row blocks and reused for every target; with fp32 it takes 8 GB at N = 45k, so it can be
-  stored in fp16/bf16 (`gram_dtype`) or skipped (`gram_dtype=None`, or larger than `max_gram_bytes`).
+  once per call in row blocks and reused for every target; with fp32 it takes 8 GB at N = 45k, so it is
+  stored in fp16 when fp32 does not fit (`gram_dtype="auto"`), or skipped (`None`, or nothing fits).
 * Step s reads O(N·s) Gram memory per target (bandwidth-bound), a residual GEMM costs a fixed O(N·D) at
   full FLOP rate. On the 2-core CPU here Gram updates won at every step up to k=64 (bench/RESULTS.md), so
   they are the default; `gram_steps=g` switches to residual correlations after g steps, which a roofline
@@ -34,6 +34,7 @@ without. Memory per target in flight: N·(k + 8) floats with G; G itself N² in 
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -43,7 +44,7 @@ from transplant.errors import TransplantError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_GRAM_BYTES = 12 * 2**30
+FALLBACK_GRAM_BYTES = 4 * 2**30  # when the available memory cannot be read
 _GRAM_BLOCK_ROWS = 4096
 # Per-call working set the automatic batch size aims at (bigger batches only help the GPU's GEMMs).
 _BATCH_BUDGET_BYTES = {"cpu": 512 * 2**20, "cuda": 4 * 2**30}
@@ -57,8 +58,8 @@ def omp(
     prefilter: int | None = None,
     prefilter_refresh: bool = True,
     batch_size: int | None = None,
-    gram_dtype: torch.dtype | None = torch.float32,
-    max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
+    gram_dtype: torch.dtype | Literal["auto"] | None = "auto",
+    max_gram_bytes: int | None = None,
     gram_steps: int | None = None,
     gram: Tensor | None = None,
     device: torch.device | str | None = None,
@@ -77,8 +78,11 @@ def omp(
     `prefilter_refresh=False` keeps the first top-M by |c0| for every step (cheapest, worse for large k).
 
     Computation runs on `device` (default: the targets' device) in float32 (float64 when both inputs are
-    float64); float16/bfloat16 inputs are upcast. `gram_dtype=None` or a Gram larger than `max_gram_bytes`
-    switches to residual GEMMs (same result, O(N·D) per step). `gram_steps` overrides where exact pursuit
+    float64); float16/bfloat16 inputs are upcast. The Gram matrix is stored in `gram_dtype`; "auto" takes
+    float32 if N² of them fit in `max_gram_bytes`, else float16 (its ~5e-4 error can only flip near-tied
+    picks), else none. No Gram (`None`, or too big) means residual GEMMs: same result, O(N·D) per step.
+    `max_gram_bytes` defaults to a third of the available RAM (CPU) or half the free GPU memory: an 8 GB Gram
+    on a shared 24 GB machine got this process OOM-killed. `gram_steps` overrides where exact pursuit
     switches from Gram updates to residual GEMMs (None: never). `gram` passes a Gram matrix
     from `unit_gram(dictionary)` to reuse across calls on the same dictionary (the one-off N²·D cost).
     """
@@ -107,13 +111,9 @@ def omp(
             raise ValueError(f"omp: gram must be [{n_atoms}, {n_atoms}] (unit_gram(dictionary)); got "
                              f"{tuple(gram.shape)}")
         gram = gram.to(device)
-    elif gram_dtype is not None:
-        gram_bytes = n_atoms * n_atoms * torch.empty((), dtype=gram_dtype).element_size()
-        if gram_bytes <= max_gram_bytes:
-            gram = _gram(atoms, gram_dtype)
-        else:
-            logger.warning("OMP: the %d x %d Gram matrix would take %.1f GiB > max_gram_bytes; using residual "
-                           "GEMMs (exact, slower)", n_atoms, n_atoms, gram_bytes / 2**30)
+    else:
+        chosen_dtype = _choose_gram_dtype(n_atoms, gram_dtype, max_gram_bytes, device)
+        gram = None if chosen_dtype is None else _gram(atoms, chosen_dtype)
     if gram is None:
         n_gram_steps = 0
     elif prefilter is not None:
@@ -121,7 +121,7 @@ def omp(
     else:
         n_gram_steps = steps if gram_steps is None else min(steps, gram_steps)
     if batch_size is None:
-        batch_size = _auto_batch_size(candidates, atoms.shape[1], steps, n_gram_steps, prefilter is not None,
+        batch_size = _auto_batch_size(n_atoms, candidates, atoms.shape[1], steps, n_gram_steps, prefilter is not None,
                                       gram is not None, device)
     logger.info("OMP: %d targets, %d atoms, k=%d, prefilter=%s, Gram=%s, gram steps=%d, batch=%d, on %s",
                 n_targets, n_atoms, steps, prefilter, None if gram is None else gram.dtype, n_gram_steps,
@@ -142,6 +142,32 @@ def omp(
         indices = torch.cat([indices, empty[0][:, steps:]], dim=1)
         coefs = torch.cat([coefs, empty[1][:, steps:]], dim=1)
     return indices, coefs
+
+
+def _choose_gram_dtype(n_atoms: int, gram_dtype: torch.dtype | str | None, max_gram_bytes: int | None,
+                       device: torch.device) -> torch.dtype | None:
+    if gram_dtype is None:
+        return None
+    budget = _memory_budget(device) if max_gram_bytes is None else max_gram_bytes
+    options = (torch.float32, torch.float16) if gram_dtype == "auto" else (gram_dtype,)
+    for dtype in options:
+        if n_atoms * n_atoms * torch.empty((), dtype=dtype).element_size() <= budget:
+            return dtype
+    logger.warning("OMP: a %d x %d Gram matrix in %s does not fit in max_gram_bytes=%.1f GiB; using residual "
+                   "GEMMs (exact, slower)", n_atoms, n_atoms, options[-1], budget / 2**30)
+    return None
+
+
+def _memory_budget(device: torch.device) -> int:
+    """Bytes a Gram matrix may take: half the free GPU memory, or a third of the available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024 // 3
+    except (OSError, KeyError, ValueError):
+        return FALLBACK_GRAM_BYTES
 
 
 def _check_finite(row_norms: Tensor, name: str, offset: int) -> None:
@@ -182,13 +208,13 @@ def _gram(atoms: Tensor, dtype: torch.dtype) -> Tensor:
     return gram
 
 
-def _auto_batch_size(candidates: int, dim: int, steps: int, gram_steps: int, prefiltered: bool,
+def _auto_batch_size(n_atoms: int, candidates: int, dim: int, steps: int, gram_steps: int, prefiltered: bool,
                      has_gram: bool, device: torch.device) -> int:
     """Targets per batch so that the per-batch buffers (~8 candidate-length rows, the Gram rows of the
     chosen atoms and, for prefilter without G, the gathered candidate atoms) stay near a fixed budget."""
     per_target = 4 * (candidates * (8 + gram_steps) + 3 * steps * dim)
-    if prefiltered and not has_gram:
-        per_target += 4 * candidates * dim
+    if prefiltered:  # full-width correlations for the candidate choice, and gathered atoms without G
+        per_target += 4 * (3 * n_atoms + (0 if has_gram else candidates * dim))
     budget = _BATCH_BUDGET_BYTES["cuda" if device.type == "cuda" else "cpu"]
     return max(1, budget // per_target)
 
