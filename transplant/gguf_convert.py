@@ -15,6 +15,11 @@ Tokenizers need care too:
 - SmolLM2's own tokenizer splits digits one by one before byte-level BPE (llama.cpp pre-tokenizer "smollm");
   transformers' GGUF converter drops that step (harmless for this vocab, which has no multi-digit tokens, but we
   restore it so the file says what the model was trained with).
+
+Measured here (2-core machine shared with other jobs, so times vary 3x with load): SmolLM2-135M converts in
+55-75 s (1.6 GB peak RSS, 517 MB safetensors), Gemma-3-270M in ~65 s on an idle machine and 209 s at load
+average 12 (3.4 GB peak RSS, 1.07 GB). Saved logits equal the GGUF model's exactly (max |diff| 0), also when
+loaded with transformers 4.57; the Gemma tokenizer gives sentencepiece's ids on ~1.5 MB of the text assets.
 """
 
 from __future__ import annotations

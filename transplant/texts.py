@@ -19,6 +19,10 @@ The Bible modules are read directly from their SWORD zText files (index + zlib b
 binary or its libraries are needed; only `apt-get download` and `dpkg-deb`. Every text is capped at
 `MAX_BYTES`. Debian texts are stable for a given package version (recorded in `<name>.json` next to the text);
 `code` depends on the Python version, so its cache file names it.
+
+Sanity numbers (bits per byte on `heldout(name, 8192)`, stock transformers, fp32):
+SmolLM2-135M english 0.856, german 1.158, spanish 2.008, code 0.742, python-docs 0.917, numbers 2.021;
+Gemma-3-270M english 0.764, german 0.913, spanish 1.346, code 0.733, python-docs 0.912, numbers 1.947.
 """
 
 from __future__ import annotations
