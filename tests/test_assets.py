@@ -81,7 +81,9 @@ def test_every_offline_equivalent_exists():
         assert offline in assets.TOKENIZERS or offline in assets.MODELS
 
 
-def test_hub_error_is_one_line_and_names_the_way_out():
+def test_hub_error_is_one_line_and_names_the_way_out(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     err = assets.hub_error("llama", "meta-llama/Llama-3.2-1B",
                            OSError("We couldn't connect to 'https://huggingface.co'\nlong traceback text"))
     message = str(err)
@@ -91,6 +93,9 @@ def test_hub_error_is_one_line_and_names_the_way_out():
     assert "'llama3' is the offline equivalent" in message and "\n" not in message
     plain = str(assets.hub_error("org/x", "org/x", RuntimeError("")))
     assert "(alias" not in plain and "RuntimeError" in plain
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = str(assets.hub_error("mistral", "mistralai/Mistral-7B-v0.3", OSError("a long offline message")))
+    assert ": HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set; offline, use" in offline and "'mistral-v3'" in offline
 
 
 def test_hub_offline_from_environment(monkeypatch):

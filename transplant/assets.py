@@ -243,6 +243,8 @@ def resolve_model(spec: str | os.PathLike) -> Path | str:
 
 
 def _short_reason(err: BaseException) -> str:
+    if _offline_by_environment():
+        return "HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     reason = lines[0] if lines else type(err).__name__
     return reason if len(reason) <= 160 else reason[:157] + "..."
@@ -288,10 +290,12 @@ def _hub_unreachable(timeout: float) -> bool:
 
 def is_hub_offline(timeout: float = 2.0) -> bool:
     """True when HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set or the hub does not answer within `timeout` s."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}:
-            return True
-    return _hub_unreachable(timeout)
+    return _offline_by_environment() or _hub_unreachable(timeout)
+
+
+def _offline_by_environment() -> bool:
+    return any(os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}
+               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 # ----------------------------------------------------------------------------------------- fetch and list
