@@ -30,6 +30,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
 import re
 import shutil
 import struct
@@ -70,6 +71,11 @@ def _debian_packages(packages: tuple[str, ...], dest: Path) -> dict[str, str]:
     debs = dest / "debs"
     debs.mkdir(parents=True)
     result = subprocess.run(["apt-get", "download", *packages], cwd=debs, capture_output=True, text=True)
+    if result.returncode != 0 and "Unable to locate package" in result.stderr and os.geteuid() == 0:
+        # A fresh machine has no package lists yet; as root we can fetch them (nothing is installed).
+        log.info("apt has no package lists yet; running apt-get update")
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+        result = subprocess.run(["apt-get", "download", *packages], cwd=debs, capture_output=True, text=True)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
         raise TransplantError(f"apt-get download {' '.join(packages)} failed ({last}); run `apt-get update` "
