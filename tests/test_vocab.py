@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from transplant.vocab import TokenKind, Vocab, load_vocab
 
 SAMPLE = (Path(__file__).parent / "data" / "multilingual_sample.txt").read_text(encoding="utf-8")
 EDGE = ["", " ", "  ", " a", "a ", "  two leading", "two trailing  ", "\n\n\n", "\t", "a\tb", "🙂", "👨‍👩‍👧‍👦", "ü",
-        "日本語", "12345678901234567890", "x  y   z", " \n ", "a\r\nb", "<tool> call", "ok<tool>"]
+        "日本語", "12345678901234567890", "x  y   z", " \n ", "a \nb", "a\n  b", "a\r\nb", "<tool> call", "ok<tool>"]
 TEXTS = [SAMPLE, *EDGE, *SAMPLE.splitlines()[:60]]
 
 
@@ -62,11 +63,12 @@ def sp_models(tmp_path_factory):
     renamed = root / "tokenizer.model.v3"  # Mistral-style name: detected by content, not suffix
     renamed.write_bytes(plain.read_bytes())
     nfkc = train_sentencepiece(root, "nfkc", normalization_rule_name="nmt_nfkc", remove_extra_whitespaces=True)
+    collapse = train_sentencepiece(root, "collapse", remove_extra_whitespaces=True)  # identity + collapse
     unigram = train_sentencepiece(root, "unigram", model_type="unigram", vocab_size=1200)
-    return {"plain": plain, "renamed": renamed, "nfkc": nfkc, "unigram": unigram}
+    return {"plain": plain, "renamed": renamed, "nfkc": nfkc, "collapse": collapse, "unigram": unigram}
 
 
-@pytest.mark.parametrize("which", ["plain", "renamed", "nfkc", "unigram"])
+@pytest.mark.parametrize("which", ["plain", "renamed", "nfkc", "collapse", "unigram"])
 def test_sentencepiece_ids_match_reference(sp_models, which):
     import sentencepiece as spm
 
@@ -106,6 +108,25 @@ def test_sentencepiece_remove_extra_whitespaces(sp_models):
     vocab = load_vocab(sp_models["nfkc"])
     ids = vocab.encode("  a   b  ")
     assert b"".join(vocab.token_bytes[i] for i in ids) == b" a b"  # stripped and collapsed, like sentencepiece
+
+
+def test_dir_with_only_tokenizer_model_uses_our_converter(tmp_path, sp_models):
+    import sentencepiece as spm
+
+    directory = tmp_path / "spdir"
+    directory.mkdir()
+    (directory / "tokenizer.model").write_bytes(sp_models["plain"].read_bytes())
+    config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>", "chat_template": "{{ 'x' }}"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    vocab = load_vocab(directory)
+    reference = spm.SentencePieceProcessor(model_file=str(sp_models["plain"]))
+    assert vocab.source_format == "sentencepiece" and vocab.tokenizer.chat_template == "{{ 'x' }}"
+    assert vocab.roles["pad"] == reference.unk_id()  # the config's names win over the model's
+    assert all(vocab.encode(text) == reference.encode(text) for text in TEXTS)
+    # with a tokenizer.json next to it, that file is used (as transformers does), whatever it says
+    build_byte_bpe(tmp_path / "bpe", BASE_CORPUS, 300, ["<s>", "</s>", "<pad>"])
+    shutil.copy(tmp_path / "bpe" / "tokenizer.json", directory / "tokenizer.json")
+    assert load_vocab(directory).source_format == "hf"
 
 
 # ------------------------------------------------------------------------------------------- byte-level / HF dir

@@ -307,16 +307,18 @@ def build_sentencepiece(spec: SentencePieceSpec) -> Tokenizer:
     if spec.precompiled_charsmap:
         steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
     if spec.remove_extra_whitespaces:
-        steps += [normalizers.Replace(Regex("^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+        # only U+0020 and only at the ends of the whole text (onig's ^/$ would also match at newlines)
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
     user_defined = [p for p, _, t in pieces if t == SP_USER_DEFINED]
+    space = "▁" if spec.escape_whitespaces else " "  # the dummy prefix is an (escaped) space
     if spec.add_dummy_prefix and user_defined:
         # Added tokens are matched against their own normalized content, and Prepend would turn "<x>" into
         # "▁<x>"; this prefix skips a text that is exactly one user-defined piece, so the content stays "<x>".
         # (Only differs from sentencepiece when the whole input is that piece: it gets no lone "▁" first.)
         alternatives = "|".join(re.escape(p) for p in user_defined)
-        steps.append(normalizers.Replace(Regex(rf"\A(?!(?:{alternatives})\z)"), "▁"))
+        steps.append(normalizers.Replace(Regex(rf"\A(?!(?:{alternatives})\z)"), space))
     elif spec.add_dummy_prefix:
-        steps.append(normalizers.Prepend("▁"))
+        steps.append(normalizers.Prepend(space))
     if spec.escape_whitespaces:
         steps.append(normalizers.Replace(" ", "▁"))
     if steps:

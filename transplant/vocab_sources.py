@@ -21,7 +21,7 @@ from transplant.vocab import Vocab, vocab_from_converted
 
 log = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 3  # bump when a converter changes, so cached tokenizer.json files are rebuilt
+CONVERTER_VERSION = 4  # bump when a converter changes, so cached tokenizer.json files are rebuilt
 
 
 def load(spec: str | os.PathLike, *, trust_remote_code: bool = False, options: dict | None = None) -> Vocab:
@@ -208,7 +208,8 @@ def _from_tokenizer_json(path: Path, names: dict[str, str], template: str | None
 
 def _load_dir(directory: Path, trust_remote_code: bool) -> Vocab:
     names, template = _read_config(directory)
-    sp_files = [p for p in sorted(directory.glob("*.model*")) if p.is_file()]
+    sp_files = [p for p in sorted(directory.glob("*.model*"))
+                if p.is_file() and p.stat().st_size < 64 << 20 and not p.name.endswith(".safetensors")]
     if (directory / "tokenizer.json").exists():
         if sp_files:
             log.info("%s has tokenizer.json and %s; using tokenizer.json (as transformers does)",
