@@ -70,13 +70,19 @@ def main() -> None:
     print("| tokenizer | ids | build (no cache) | cached load | peak RSS | ids vs reference |")
     print("|---|---|---|---|---|---|")
     for name in args.names or list(TOKENIZERS):
-        out = subprocess.run([sys.executable, "-c", CHILD.replace("ROOT", repr(str(ROOT))), name,
-                              str(args.runs)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD.replace("ROOT", repr(str(ROOT))), name, str(args.runs)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {name} | {row['size']:,} | {statistics.median(row['build']):.1f} s "
-              f"| {statistics.median(row['cached']):.1f} s | {row['rss_gib']:.2f} GiB "
-              f"| {row['texts'] - row['mismatch']}/{row['texts']} texts equal ({row['tokens']:,} tokens) |",
-              flush=True)
+        print(
+            f"| {name} | {row['size']:,} | {statistics.median(row['build']):.1f} s "
+            f"| {statistics.median(row['cached']):.1f} s | {row['rss_gib']:.2f} GiB "
+            f"| {row['texts'] - row['mismatch']}/{row['texts']} texts equal ({row['tokens']:,} tokens) |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

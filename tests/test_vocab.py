@@ -1,4 +1,5 @@
-"""load_vocab / Vocab on tiny tokenizers built in the test: bytes, kinds, roles, ids vs references, bad inputs."""
+"""load_vocab / Vocab on tiny tokenizers built in the test: bytes, kinds, roles, ids vs references, bad
+inputs."""
 
 from __future__ import annotations
 
@@ -15,8 +16,30 @@ from transplant.errors import TransplantError
 from transplant.vocab import TokenKind, Vocab, load_vocab
 
 SAMPLE = (Path(__file__).parent / "data" / "multilingual_sample.txt").read_text(encoding="utf-8")
-EDGE = ["", " ", "  ", " a", "a ", "  two leading", "two trailing  ", "\n\n\n", "\t", "a\tb", "🙂", "👨‍👩‍👧‍👦", "ü",
-        "日本語", "12345678901234567890", "x  y   z", " \n ", "a \nb", "a\n  b", "a\r\nb", "<tool> call", "ok<tool>"]
+EDGE = [
+    "",
+    " ",
+    "  ",
+    " a",
+    "a ",
+    "  two leading",
+    "two trailing  ",
+    "\n\n\n",
+    "\t",
+    "a\tb",
+    "🙂",
+    "👨‍👩‍👧‍👦",
+    "ü",
+    "日本語",
+    "12345678901234567890",
+    "x  y   z",
+    " \n ",
+    "a \nb",
+    "a\n  b",
+    "a\r\nb",
+    "<tool> call",
+    "ok<tool>",
+]
 TEXTS = [SAMPLE, *EDGE, *SAMPLE.splitlines()[:60]]
 
 
@@ -26,7 +49,8 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 def expected_bytes(vocab: Vocab, text: str) -> bytes:
-    """The normalized text a tokenizer without normalization rules covers: the dummy prefix is a real space."""
+    """The normalized text a tokenizer without normalization rules covers: the dummy prefix is a real
+    space."""
     return (" " + text).encode() if vocab.adds_prefix_space and text else text.encode()
 
 
@@ -37,7 +61,7 @@ def assert_byte_invariant(vocab: Vocab, texts: list[str]) -> None:
         assert vocab.decode(ids) == text, text
 
 
-# ----------------------------------------------------------------------------------------------- SentencePiece
+# ---------------------------------------------------------------------------------------------- SentencePiece
 
 
 def train_sentencepiece(directory: Path, name: str, **extra) -> Path:
@@ -46,11 +70,24 @@ def train_sentencepiece(directory: Path, name: str, **extra) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     corpus = directory / "corpus.txt"
     corpus.write_text(SAMPLE + BASE_CORPUS + DONOR_CORPUS, encoding="utf-8")
-    options = dict(input=str(corpus), model_prefix=str(directory / name), vocab_size=1000, model_type="bpe",
-                   byte_fallback=True, character_coverage=0.995, hard_vocab_limit=False, num_threads=1,
-                   user_defined_symbols=["<tool>"], control_symbols=["[INST]", "[/INST]"], minloglevel=2,
-                   normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-                   allow_whitespace_only_pieces=True, max_sentence_length=100000)
+    options = dict(
+        input=str(corpus),
+        model_prefix=str(directory / name),
+        vocab_size=1000,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=0.995,
+        hard_vocab_limit=False,
+        num_threads=1,
+        user_defined_symbols=["<tool>"],
+        control_symbols=["[INST]", "[/INST]"],
+        minloglevel=2,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        max_sentence_length=100000,
+    )
     options.update(extra)
     spm.SentencePieceTrainer.train(**options)
     return directory / f"{name}.model"
@@ -62,7 +99,9 @@ def sp_models(tmp_path_factory):
     plain = train_sentencepiece(root, "plain")
     renamed = root / "tokenizer.model.v3"  # Mistral-style name: detected by content, not suffix
     renamed.write_bytes(plain.read_bytes())
-    nfkc = train_sentencepiece(root, "nfkc", normalization_rule_name="nmt_nfkc", remove_extra_whitespaces=True)
+    nfkc = train_sentencepiece(
+        root, "nfkc", normalization_rule_name="nmt_nfkc", remove_extra_whitespaces=True
+    )
     collapse = train_sentencepiece(root, "collapse", remove_extra_whitespaces=True)  # identity + collapse
     unigram = train_sentencepiece(root, "unigram", model_type="unigram", vocab_size=1200)
     return {"plain": plain, "renamed": renamed, "nfkc": nfkc, "collapse": collapse, "unigram": unigram}
@@ -90,7 +129,11 @@ def test_sentencepiece_bytes_kinds_roles(sp_models):
     newline = reference.piece_to_id("<0x0A>")
     assert vocab.token_bytes[newline] == b"\n" and vocab.kinds[newline] is TokenKind.BYTE
     assert sum(kind is TokenKind.BYTE for kind in vocab.kinds) == 256
-    word = next(i for i in range(len(vocab)) if reference.id_to_piece(i).startswith("▁") and len(reference.id_to_piece(i)) > 2)
+    word = next(
+        i
+        for i in range(len(vocab))
+        if reference.id_to_piece(i).startswith("▁") and len(reference.id_to_piece(i)) > 2
+    )
     assert vocab.token_bytes[word] == reference.id_to_piece(word).replace("▁", " ").encode()
     assert vocab.roles["unk"] == reference.unk_id() and vocab.roles["bos"] == reference.bos_id()
     assert vocab.roles["eos"] == reference.eos_id()
@@ -107,7 +150,9 @@ def test_sentencepiece_bytes_kinds_roles(sp_models):
 def test_sentencepiece_remove_extra_whitespaces(sp_models):
     vocab = load_vocab(sp_models["nfkc"])
     ids = vocab.encode("  a   b  ")
-    assert b"".join(vocab.token_bytes[i] for i in ids) == b" a b"  # stripped and collapsed, like sentencepiece
+    assert (
+        b"".join(vocab.token_bytes[i] for i in ids) == b" a b"
+    )  # stripped and collapsed, like sentencepiece
 
 
 def test_dir_with_only_tokenizer_model_uses_our_converter(tmp_path, sp_models):
@@ -129,7 +174,7 @@ def test_dir_with_only_tokenizer_model_uses_our_converter(tmp_path, sp_models):
     assert load_vocab(directory).source_format == "hf"
 
 
-# ------------------------------------------------------------------------------------------- byte-level / HF dir
+# ---------------------------------------------------------------------------------------- byte-level / HF dir
 
 
 def test_hf_dir_byte_level(tmp_path):
@@ -150,7 +195,10 @@ def test_hf_dir_byte_level(tmp_path):
 def test_save_round_trip_through_auto_tokenizer(tmp_path, sp_models):
     from transformers import AutoTokenizer
 
-    for source in (sp_models["plain"], build_byte_bpe(tmp_path / "bpe", BASE_CORPUS, 400, ["<s>", "</s>", "<pad>"])):
+    for source in (
+        sp_models["plain"],
+        build_byte_bpe(tmp_path / "bpe", BASE_CORPUS, 400, ["<s>", "</s>", "<pad>"]),
+    ):
         vocab = load_vocab(source)
         out = tmp_path / f"saved-{Path(source).name}"
         out.mkdir()
@@ -175,7 +223,20 @@ def test_save_round_trip_through_auto_tokenizer(tmp_path, sp_models):
 def test_wordpiece_bytes_and_roles(tmp_path):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "##lo", "##ld", "wor", "hel", "!"]
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "hello",
+        "world",
+        "##lo",
+        "##ld",
+        "wor",
+        "hel",
+        "!",
+    ]
     tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -184,12 +245,15 @@ def test_wordpiece_bytes_and_roles(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     vocab = load_vocab(tmp_path / "tokenizer.json")
     assert vocab.source_format == "tokenizer.json"
-    assert vocab.token_bytes[words.index("##lo")] == b"lo" and vocab.token_bytes[words.index("hello")] == b"hello"
+    assert (
+        vocab.token_bytes[words.index("##lo")] == b"lo"
+        and vocab.token_bytes[words.index("hello")] == b"hello"
+    )
     assert vocab.roles == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     assert vocab.encode("hello world!") == [5, 6, 11]
 
 
-# ---------------------------------------------------------------------------------------------- tiktoken / tekken
+# ------------------------------------------------------------------------------------------ tiktoken / tekken
 
 
 def tiny_ranks() -> dict[bytes, int]:
@@ -221,7 +285,10 @@ def tiny_ranks() -> dict[bytes, int]:
 
 
 def write_tiktoken(path: Path, ranks: dict[bytes, int]) -> Path:
-    lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    lines = [
+        f"{base64.b64encode(tok).decode()} {rank}"
+        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -233,7 +300,9 @@ def test_tiktoken_file_matches_tiktoken(tmp_path):
 
     ranks = tiny_ranks()
     path = write_tiktoken(tmp_path / "tiny.tiktoken", ranks)
-    reference = tiktoken.Encoding("tiny", pat_str=PATTERNS["llama3"], mergeable_ranks=ranks, special_tokens={})
+    reference = tiktoken.Encoding(
+        "tiny", pat_str=PATTERNS["llama3"], mergeable_ranks=ranks, special_tokens={}
+    )
     vocab = load_vocab(path)  # no options: Llama-3 pattern, no specials
     assert vocab.source_format == "tiktoken" and len(vocab) == len(ranks) and not vocab.roles
     for text in TEXTS:
@@ -243,7 +312,9 @@ def test_tiktoken_file_matches_tiktoken(tmp_path):
     gpt2 = load_vocab(path, options={"pattern": "gpt2", "specials": ["<|endoftext|>", "<|im_start|>"]})
     assert gpt2.roles == {"eos": len(ranks), "im_start": len(ranks) + 1}
     assert gpt2.kinds[len(ranks)] is TokenKind.SPECIAL and gpt2.special_texts[len(ranks)] == "<|endoftext|>"
-    reference2 = tiktoken.Encoding("tiny2", pat_str=PATTERNS["gpt2"], mergeable_ranks=ranks, special_tokens={})
+    reference2 = tiktoken.Encoding(
+        "tiny2", pat_str=PATTERNS["gpt2"], mergeable_ranks=ranks, special_tokens={}
+    )
     assert gpt2.encode(SAMPLE) == reference2.encode_ordinary(SAMPLE)
 
 
@@ -252,12 +323,21 @@ def test_tekken_json(tmp_path):
 
     ranks = tiny_ranks()
     pattern = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-    entries = [{"rank": r, "token_bytes": base64.b64encode(t).decode(), "token_str": None}
-               for t, r in sorted(ranks.items(), key=lambda kv: kv[1])]
+    entries = [
+        {"rank": r, "token_bytes": base64.b64encode(t).decode(), "token_str": None}
+        for t, r in sorted(ranks.items(), key=lambda kv: kv[1])
+    ]
     num_special = 30
-    data = {"config": {"pattern": pattern, "num_vocab_tokens": len(entries), "version": "v3",
-                       "default_vocab_size": num_special + len(entries) - 10, "default_num_special_tokens": num_special},
-            "vocab": entries}
+    data = {
+        "config": {
+            "pattern": pattern,
+            "num_vocab_tokens": len(entries),
+            "version": "v3",
+            "default_vocab_size": num_special + len(entries) - 10,
+            "default_num_special_tokens": num_special,
+        },
+        "vocab": entries,
+    }
     path = tmp_path / "tekken.json"
     path.write_text(json.dumps(data))
     kept = {t: r for t, r in ranks.items() if r < len(entries) - 10}
@@ -273,7 +353,7 @@ def test_tekken_json(tmp_path):
     assert_byte_invariant(vocab, TEXTS)
 
 
-# --------------------------------------------------------------------------------------------------------- GGUF
+# ------------------------------------------------------------------------------------------------------- GGUF
 
 
 def test_gguf_llama_spm_vocab_matches_sentencepiece(tmp_path, sp_models):
@@ -305,7 +385,7 @@ def test_gguf_llama_spm_vocab_matches_sentencepiece(tmp_path, sp_models):
     assert vocab.roles["bos"] == reference.bos_id()
 
 
-# ------------------------------------------------------------------------------------------ dispatch and errors
+# ---------------------------------------------------------------------------------------- dispatch and errors
 
 
 def test_cache_is_reused_and_repaired(tmp_path, sp_models):
@@ -321,8 +401,9 @@ def test_cache_is_reused_and_repaired(tmp_path, sp_models):
 
 def test_resolve_model_hook(tmp_path, monkeypatch):
     directory = build_byte_bpe(tmp_path / "model", BASE_CORPUS, 300, ["<s>", "</s>", "<pad>"])
-    monkeypatch.setattr(assets, "resolve_model", lambda spec: directory if spec == "tiny-model" else spec,
-                        raising=False)
+    monkeypatch.setattr(
+        assets, "resolve_model", lambda spec: directory if spec == "tiny-model" else spec, raising=False
+    )
     assert load_vocab("tiny-model").roles["bos"] == 0
 
 

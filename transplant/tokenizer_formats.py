@@ -1,17 +1,17 @@
 """Build `tokenizers.Tokenizer` objects from raw tokenizer files, with ids equal to each family's reference.
 
 Why our own converters: transformers' SentencePiece conversion drops a leading space and orders merges by id
-instead of score, and its tiktoken path needs the pattern and specials that only the model's own package knows.
-Each builder here returns a `Converted` (the fast tokenizer plus the special-token names a HF config needs); the
-byte view of the vocabulary is derived later, from the tokenizer alone, by `transplant.vocab`.
+instead of score, and its tiktoken path needs the pattern and specials that only the model's own package
+knows. Each builder here returns a `Converted` (the fast tokenizer plus the special-token names a HF config
+needs); the byte view of the vocabulary is derived later, from the tokenizer alone, by `transplant.vocab`.
 
 Equivalences the builders rely on:
-- tiktoken merges the adjacent pair whose concatenation has the lowest rank. A BPE whose merges are every split
-  (left, right) of every token, ordered by the rank of the concatenation, with `ignore_merges` (a pre-token that
-  is itself a token is taken whole, as tiktoken does), makes the same choices.
-- SentencePiece BPE merges the adjacent pair whose concatenation is a normal piece with the highest score (ties:
-  leftmost). Merges ordered by descending score of the concatenation reproduce that; the normalizer mirrors
-  `normalizer_spec` (charsmap, extra-whitespace removal, dummy prefix, spaces to `▁`) and there is no
+- tiktoken merges the adjacent pair whose concatenation has the lowest rank. A BPE whose merges are every
+  split (left, right) of every token, ordered by the rank of the concatenation, with `ignore_merges` (a
+  pre-token that is itself a token is taken whole, as tiktoken does), makes the same choices.
+- SentencePiece BPE merges the adjacent pair whose concatenation is a normal piece with the highest score
+  (ties: leftmost). Merges ordered by descending score of the concatenation reproduce that; the normalizer
+  mirrors `normalizer_spec` (charsmap, extra-whitespace removal, dummy prefix, spaces to `▁`) and there is no
   pre-tokenizer, because SentencePiece encodes the whole normalized string at once.
 """
 
@@ -45,30 +45,43 @@ DEFAULT_TIKTOKEN_PATTERN = "llama3"
 
 
 def _llama3_specials() -> list[str]:
-    named = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-             "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
-             "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
+    named = (
+        "<|begin_of_text|> <|end_of_text|> <|reserved_special_token_0|> <|reserved_special_token_1|> "
+        "<|finetune_right_pad_id|> <|step_id|> <|start_header_id|> <|end_header_id|> <|eom_id|> <|eot_id|> "
+        "<|python_tag|> <|image|>"
+    ).split()
     return named + [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(named))]
 
 
 # Special tokens appended after the mergeable ranks, in id order, plus the HF names for the roles they play.
 SPECIALS: dict[str, tuple[list[str], dict[str, str]]] = {
-    "llama3": (_llama3_specials(), {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
-                                    "pad_token": "<|finetune_right_pad_id|>"}),
-    "qwen": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)],
-             {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}),
-    "gpt2": (["<|endoftext|>"], {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-                                 "unk_token": "<|endoftext|>"}),
+    "llama3": (
+        _llama3_specials(),
+        {
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|end_of_text|>",
+            "pad_token": "<|finetune_right_pad_id|>",
+        },
+    ),
+    "qwen": (
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)],
+        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+    ),
+    "gpt2": (
+        ["<|endoftext|>"],
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+    ),
     "none": ([], {}),
 }
 # Pattern-specific normalization done by the reference before splitting (Qwen's tokenizer applies NFC).
 NFC_PATTERNS = {"qwen"}
 
 # mistral_common's Tekkenizer.DEPRECATED_SPECIAL_TOKENS: used when a tekken file lists no special tokens.
-TEKKEN_DEFAULT_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-                           "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
-                           "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
-                           "[TOOL_CONTENT]"]
+TEKKEN_DEFAULT_SPECIALS = (
+    "<unk> <s> </s> [INST] [/INST] [AVAILABLE_TOOLS] [/AVAILABLE_TOOLS] [TOOL_RESULTS] [/TOOL_RESULTS] "
+    "[TOOL_CALLS] [IMG] <pad> [IMG_BREAK] [IMG_END] [PREFIX] [MIDDLE] [SUFFIX] [SYSTEM_PROMPT] "
+    "[/SYSTEM_PROMPT] [TOOL_CONTENT]"
+).split()
 
 # SentencePiece piece types (sentencepiece_model.proto; llama.cpp's GGUF token types use the same numbers).
 SP_NORMAL, SP_UNKNOWN, SP_CONTROL, SP_USER_DEFINED, SP_UNUSED, SP_BYTE = 1, 2, 3, 4, 5, 6
@@ -108,7 +121,7 @@ def byte_level_string(data: bytes) -> str:
     return "".join(_BYTE_TO_CHAR[b] for b in data)
 
 
-# --------------------------------------------------------------------------------------------- tiktoken / tekken
+# ------------------------------------------------------------------------------------------ tiktoken / tekken
 
 
 def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -122,7 +135,8 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except (ValueError, TypeError) as err:
             raise TransplantError(
-                f"{path} is not a valid tiktoken BPE file (line {line_no}: {err}); pass an intact tiktoken file"
+                f"{path} is not a valid tiktoken BPE file (line {line_no}: {err}); "
+                "pass an intact tiktoken file"
             ) from err
     if not ranks:
         raise TransplantError(f"{path} is an empty tiktoken file; pass an intact tiktoken file")
@@ -142,8 +156,14 @@ def _rank_merges(ranks: dict[bytes, int]) -> list[tuple[str, str]]:
     return [(left, right) for _, _, left, right in found]
 
 
-def build_byte_level_bpe(ranks: dict[bytes, int], pattern: str, specials: dict[str, int], *,
-                         nfc: bool = False, bos: str | None = None) -> Tokenizer:
+def build_byte_level_bpe(
+    ranks: dict[bytes, int],
+    pattern: str,
+    specials: dict[str, int],
+    *,
+    nfc: bool = False,
+    bos: str | None = None,
+) -> Tokenizer:
     """A byte-level BPE with tiktoken semantics: split by `pattern`, merge by rank, specials at given ids."""
     vocab = {byte_level_string(token): rank for token, rank in ranks.items()}
     if len(vocab) != len(ranks):
@@ -151,31 +171,43 @@ def build_byte_level_bpe(ranks: dict[bytes, int], pattern: str, specials: dict[s
     taken = set(vocab.values())
     for text, idx in specials.items():
         if text in vocab or idx in taken:
-            raise TransplantError(f"special token {text!r} (id {idx}) collides with a normal token; "
-                                  "check the special-token list passed for this tiktoken file")
+            raise TransplantError(
+                f"special token {text!r} (id {idx}) collides with a normal token; "
+                "check the special-token list passed for this tiktoken file"
+            )
         vocab[text] = idx
     tok = Tokenizer(models.BPE(vocab, _rank_merges(ranks), ignore_merges=True))
     if nfc:
         tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     byte_post = processors.ByteLevel(trim_offsets=False)
     if bos is not None:
-        template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                 special_tokens=[(bos, specials[bos])])
+        template = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, specials[bos])]
+        )
         tok.post_processor = processors.Sequence([byte_post, template])
     else:
         tok.post_processor = byte_post
-    tok.add_special_tokens([AddedToken(text, special=True, normalized=False)
-                            for text, _ in sorted(specials.items(), key=lambda kv: kv[1])])
+    tok.add_special_tokens(
+        [
+            AddedToken(text, special=True, normalized=False)
+            for text, _ in sorted(specials.items(), key=lambda kv: kv[1])
+        ]
+    )
     return tok
 
 
-def convert_tiktoken(path: Path, pattern: str | None = None, specials: str | list[str] | None = None) -> Converted:
-    """A tiktoken file; `pattern` is a name in PATTERNS or a regex, `specials` a name in SPECIALS or a list."""
+def convert_tiktoken(
+    path: Path, pattern: str | None = None, specials: str | list[str] | None = None
+) -> Converted:
+    """A tiktoken file; `pattern` is a name in PATTERNS or a regex, `specials` a name in SPECIALS or a
+    list."""
     ranks = read_tiktoken_ranks(path)
     pattern_name = pattern or DEFAULT_TIKTOKEN_PATTERN
     regex = PATTERNS.get(pattern_name, pattern_name)
@@ -185,13 +217,19 @@ def convert_tiktoken(path: Path, pattern: str | None = None, specials: str | lis
         special_list, names = SPECIALS.get(specials or "none", SPECIALS["none"])
     start = max(ranks.values()) + 1
     special_ids = {text: start + i for i, text in enumerate(special_list)}
-    tok = build_byte_level_bpe(ranks, regex, special_ids, nfc=pattern_name in NFC_PATTERNS,
-                               bos=names.get("bos_token") if pattern_name == "llama3" else None)
+    tok = build_byte_level_bpe(
+        ranks,
+        regex,
+        special_ids,
+        nfc=pattern_name in NFC_PATTERNS,
+        bos=names.get("bos_token") if pattern_name == "llama3" else None,
+    )
     return Converted(tok, dict(names), "tiktoken")
 
 
 def convert_tekken(path: Path) -> Converted:
-    """A Mistral tekken json: specials first (ids 0..n-1), then the first `vocab_size - n` ranks shifted by n."""
+    """A Mistral tekken json: specials first (ids 0..n-1), then the first `vocab_size - n` ranks shifted by
+    n."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         config = data["config"]
@@ -201,14 +239,28 @@ def convert_tekken(path: Path) -> Converted:
         ranks = {base64.b64decode(e["token_bytes"]): num_special + int(e["rank"]) for e in entries}
         pattern = config["pattern"]
     except (ValueError, KeyError, TypeError) as err:
-        raise TransplantError(f"{path} is not a valid Mistral tekken file ({err!r}); pass an intact tekken json") from err
+        raise TransplantError(
+            f"{path} is not a valid Mistral tekken file ({err!r}); pass an intact tekken json"
+        ) from err
     listed = data.get("special_tokens")
-    names = [t["token_str"] for t in sorted(listed, key=lambda t: t["rank"])] if listed else TEKKEN_DEFAULT_SPECIALS
+    names = (
+        [t["token_str"] for t in sorted(listed, key=lambda t: t["rank"])]
+        if listed
+        else TEKKEN_DEFAULT_SPECIALS
+    )
     names = names + [f"<SPECIAL_{i}>" for i in range(len(names), num_special)]
     specials = {text: i for i, text in enumerate(names[:num_special])}
     tok = build_byte_level_bpe(ranks, pattern, specials, bos="<s>" if "<s>" in specials else None)
-    present = {k: v for k, v in {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                                 "pad_token": "<pad>"}.items() if v in specials}
+    present = {
+        k: v
+        for k, v in {
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "pad_token": "<pad>",
+        }.items()
+        if v in specials
+    }
     return Converted(tok, present, "tekken")
 
 
@@ -254,19 +306,29 @@ def try_read_sentencepiece(data: bytes) -> SentencePieceSpec | None:
     trainer, norm = proto.trainer_spec, proto.normalizer_spec
     model_types = {1: "unigram", 2: "bpe"}
     if trainer.model_type not in model_types:
-        raise TransplantError(f"SentencePiece model type {trainer.model_type} (word/char) is not supported; "
-                              "use a BPE or unigram model")
+        raise TransplantError(
+            f"SentencePiece model type {trainer.model_type} (word/char) is not supported; "
+            "use a BPE or unigram model"
+        )
     pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
     special_ids = {}
-    for name, idx in (("unk_token", trainer.unk_id), ("bos_token", trainer.bos_id), ("eos_token", trainer.eos_id),
-                      ("pad_token", trainer.pad_id)):
+    for name, idx in (
+        ("unk_token", trainer.unk_id),
+        ("bos_token", trainer.bos_id),
+        ("eos_token", trainer.eos_id),
+        ("pad_token", trainer.pad_id),
+    ):
         if 0 <= idx < len(pieces):
             special_ids[name] = idx
     return SentencePieceSpec(
-        pieces=pieces, model_type=model_types[trainer.model_type],
-        add_dummy_prefix=norm.add_dummy_prefix, remove_extra_whitespaces=norm.remove_extra_whitespaces,
-        escape_whitespaces=norm.escape_whitespaces, treat_whitespace_as_suffix=trainer.treat_whitespace_as_suffix,
-        precompiled_charsmap=bytes(norm.precompiled_charsmap), byte_fallback=trainer.byte_fallback,
+        pieces=pieces,
+        model_type=model_types[trainer.model_type],
+        add_dummy_prefix=norm.add_dummy_prefix,
+        remove_extra_whitespaces=norm.remove_extra_whitespaces,
+        escape_whitespaces=norm.escape_whitespaces,
+        treat_whitespace_as_suffix=trainer.treat_whitespace_as_suffix,
+        precompiled_charsmap=bytes(norm.precompiled_charsmap),
+        byte_fallback=trainer.byte_fallback,
         special_ids=special_ids,
     )
 
@@ -289,16 +351,23 @@ def _score_merges(pieces: list[tuple[str, float, int]], piece_ids: dict[str, int
 def build_sentencepiece(spec: SentencePieceSpec) -> Tokenizer:
     """A fast tokenizer that gives the same ids as the `sentencepiece` library for `spec`."""
     if spec.treat_whitespace_as_suffix:
-        raise TransplantError("SentencePiece models with treat_whitespace_as_suffix are not supported; "
-                              "convert the model to tokenizer.json with its own tooling")
+        raise TransplantError(
+            "SentencePiece models with treat_whitespace_as_suffix are not supported; "
+            "convert the model to tokenizer.json with its own tooling"
+        )
     pieces = spec.pieces
     piece_ids: dict[str, int] = {}
     for idx, (piece, _, _) in enumerate(pieces):
         piece_ids.setdefault(piece, idx)
     unk = next((p for p, _, t in pieces if t == SP_UNKNOWN), None)
     if spec.model_type == "bpe":
-        model = models.BPE(piece_ids, _score_merges(pieces, piece_ids), unk_token=unk, fuse_unk=True,
-                           byte_fallback=spec.byte_fallback)
+        model = models.BPE(
+            piece_ids,
+            _score_merges(pieces, piece_ids),
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=spec.byte_fallback,
+        )
     else:
         unk_id = piece_ids[unk] if unk is not None else None
         model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id, spec.byte_fallback)
@@ -341,18 +410,23 @@ def build_sentencepiece(spec: SentencePieceSpec) -> Tokenizer:
     bos_id = spec.special_ids.get("bos_token")
     if spec.add_bos and bos_id is not None:
         bos = pieces[bos_id][0]
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, bos_id)])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
     return tok
 
 
 def convert_sentencepiece(spec: SentencePieceSpec, source_format: str = "sentencepiece") -> Converted:
     names = {name: spec.pieces[idx][0] for name, idx in spec.special_ids.items()}
-    return Converted(build_sentencepiece(spec), names, source_format,
-                     extra={"sentencepiece_add_dummy_prefix": spec.add_dummy_prefix})
+    return Converted(
+        build_sentencepiece(spec),
+        names,
+        source_format,
+        extra={"sentencepiece_add_dummy_prefix": spec.add_dummy_prefix},
+    )
 
 
-# ----------------------------------------------------------------------------------------------------- sniffing
+# --------------------------------------------------------------------------------------------------- sniffing
 
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/=]+ \d+$")
 
@@ -360,45 +434,3 @@ _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/=]+ \d+$")
 def looks_like_tiktoken(head: bytes) -> bool:
     lines = [line for line in head.splitlines()[:-1] if line.strip()][:20]  # the last line may be cut off
     return bool(lines) and all(_TIKTOKEN_LINE.match(line.strip()) for line in lines)
-
-
-# --------------------------------------------------------------------------------------------------------- GGUF
-
-
-def read_gguf_tokenizer(path: Path) -> tuple[str, SentencePieceSpec | None, str | None]:
-    """(tokenizer model name, SentencePiece spec when it is llama.cpp's "llama" (SPM) vocab, chat template).
-
-    transformers' GGUF path rebuilds SPM vocabularies with the same faulty SentencePiece conversion, so "llama"
-    vocabularies are rebuilt here from the tokens, scores and token types (same numbering as SentencePiece).
-    """
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as err:  # the reader raises bare ValueError/struct errors on damaged files
-        raise TransplantError(f"{path} is not a readable GGUF file ({err}); pass an intact .gguf file") from err
-
-    def get(key: str, default=None):
-        fld = reader.get_field(key)
-        return default if fld is None else fld.contents()
-
-    model = get("tokenizer.ggml.model")
-    if model is None:
-        raise TransplantError(f"{path} has no tokenizer metadata; pass a GGUF that embeds its vocabulary")
-    template = get("tokenizer.chat_template")
-    if model != "llama":
-        return model, None, template
-    tokens, scores, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.scores"), get("tokenizer.ggml.token_type")
-    special_ids = {}
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
-        idx = get(f"tokenizer.ggml.{key}")
-        if idx is not None and 0 <= int(idx) < len(tokens):
-            special_ids[name] = int(idx)
-    spec = SentencePieceSpec(
-        pieces=list(zip(tokens, [float(s) for s in scores], [int(t) for t in types])),
-        add_dummy_prefix=bool(get("tokenizer.ggml.add_space_prefix", True)),
-        byte_fallback=SP_BYTE in set(types), add_bos=bool(get("tokenizer.ggml.add_bos_token", True)),
-        special_ids=special_ids,
-    )
-    return model, spec, template

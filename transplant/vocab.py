@@ -1,10 +1,11 @@
 """Tokenizers as byte strings.
 
-Every tokenizer family spells tokens differently (`▁word`, `Ġword`, raw bytes, `<0x0A>`). A `Vocab` turns any of
-them into the exact bytes each id contributes to decoded text, so that matching, initialisation and distillation
-work on bytes, never on a family's spelling.
+Every tokenizer family spells tokens differently (`▁word`, `Ġword`, raw bytes, `<0x0A>`). A `Vocab` turns any
+of them into the exact bytes each id contributes to decoded text, so that matching, initialisation and
+distillation work on bytes, never on a family's spelling.
 
-What `token_bytes` means per family (derived from the fast tokenizer alone, so every source gets the same rules):
+What `token_bytes` means per family (derived from the fast tokenizer alone, so every source gets the same
+rules):
 - byte-level BPE (GPT-2, Llama 3, Qwen, tekken): `Ġthe` -> b" the" through GPT-2's byte<->unicode map.
 - SentencePiece: `▁the` -> b" the"; `<0x0A>` -> b"\n" with kind BYTE.
 - WordPiece: `##ing` -> b"ing"; a word-start piece gets NO leading space (the decoder inserts spaces between
@@ -14,7 +15,7 @@ What `token_bytes` means per family (derived from the fast tokenizer alone, so e
 The invariant, tested against each reference implementation: for text x without special-token literals,
 `b"".join(token_bytes[i] for i in encode(x))` equals the tokenizer's normalized text as bytes. For byte-level
 and tiktoken families that is `x.encode()` (Qwen: NFC of x). For SentencePiece with a dummy prefix it is
-`(" " + x).encode()` for non-empty x (also when x already starts with a space: " a" -> "▁▁a"), b"" for x == "";
+`(" " + x).encode()` for non-empty x (also when x already starts with a space: " a" -> "▁▁a"), b"" for "";
 models with `remove_extra_whitespaces` first strip and collapse runs of U+0020, exactly as sentencepiece does.
 `decode(encode(x)) == x` holds wherever normalization is the identity.
 """
@@ -47,7 +48,9 @@ class TokenKind(str, Enum):
 class Vocab:
     """A tokenizer plus, for every id, its exact bytes, its kind and (for specials) its role."""
 
-    tokenizer: Any  # transformers.PreTrainedTokenizerFast whose ids equal the family's reference implementation
+    tokenizer: (
+        Any  # transformers.PreTrainedTokenizerFast whose ids equal the family's reference implementation
+    )
     token_bytes: list[bytes]  # per id; b"" for specials
     kinds: list[TokenKind]  # per id
     roles: dict[str, int]  # role -> id: "bos", "eos", "pad", "unk", and chat markers ("im_start", ...)
@@ -79,31 +82,39 @@ class Vocab:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write tokenizer files that stock `AutoTokenizer` (transformers 4.x and 5.x) loads with the same ids.
+        """Write tokenizer files that stock `AutoTokenizer` (transformers 4.x and 5.x) loads with the same
+        ids.
 
         Writes tokenizer.json, tokenizer_config.json (class PreTrainedTokenizerFast, which both major versions
-        know; 5.x's own `TokenizersBackend` is unknown to 4.x) and special_tokens_map.json. Other tokenizer files
-        already in `directory` (tokenizer.model, vocab.json, chat_template.jinja, ...) would be stale and some
-        are preferred by transformers, so they are removed.
+        know; 5.x's own `TokenizersBackend` is unknown to 4.x) and special_tokens_map.json. Other tokenizer
+        files already in `directory` (tokenizer.model, vocab.json, chat_template.jinja, ...) would be stale
+        and some are preferred by transformers, so they are removed.
         """
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None:
-            raise TransplantError(f"vocab {self.name!r} has no fast tokenizer to save; load it with load_vocab()")
+            raise TransplantError(
+                f"vocab {self.name!r} has no fast tokenizer to save; load it with load_vocab()"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         special = {f"{role}_token": self._text_of(role) for role in ("bos", "eos", "unk", "pad")}
         special = {key: text for key, text in special.items() if text is not None}
-        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
-                                  "clean_up_tokenization_spaces": False}
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special,
+            "clean_up_tokenization_spaces": False,
+        }
         max_len = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(max_len, int) and max_len < 10**12:
             config["model_max_length"] = max_len
         template = getattr(self.tokenizer, "chat_template", None)
         if template:
             config["chat_template"] = template
-        files = {"tokenizer.json": backend.to_str(),
-                 "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
-                 "special_tokens_map.json": json.dumps(special, indent=2, ensure_ascii=False)}
+        files = {
+            "tokenizer.json": backend.to_str(),
+            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
+            "special_tokens_map.json": json.dumps(special, indent=2, ensure_ascii=False),
+        }
         for stale in sorted(STALE_TOKENIZER_FILES):
             for path in directory.glob(stale):
                 log.warning("removing stale tokenizer file %s (it would disagree with tokenizer.json)", path)
@@ -118,35 +129,86 @@ class Vocab:
         return None if idx is None else self.special_texts.get(idx)
 
 
-STALE_TOKENIZER_FILES = {"tokenizer.model", "tokenizer.model.v*", "spiece.model", "sentencepiece.bpe.model",
-                         "vocab.json", "merges.txt", "vocab.txt", "tekken.json", "added_tokens.json",
-                         "chat_template.jinja", "chat_template.json"}
+STALE_TOKENIZER_FILES = {
+    "tokenizer.model",
+    "tokenizer.model.v*",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tekken.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+}
 
 # Literal special-token names -> role, for tokenizers whose config does not name them (raw files, GGUF).
 ROLE_NAMES: dict[str, str] = {
-    "<s>": "bos", "<|begin_of_text|>": "bos", "<bos>": "bos", "<|startoftext|>": "bos", "<|bos|>": "bos",
-    "</s>": "eos", "<|end_of_text|>": "eos", "<eos>": "eos", "<|endoftext|>": "eos", "<|eos|>": "eos",
-    "<pad>": "pad", "[pad]": "pad", "<|pad|>": "pad", "<|finetune_right_pad_id|>": "pad",
-    "<unk>": "unk", "[unk]": "unk", "<|unk|>": "unk",
-    "[cls]": "cls", "[sep]": "sep", "[mask]": "mask", "<mask>": "mask",
-    "<|im_start|>": "im_start", "<|im_end|>": "im_end",
-    "<|start_header_id|>": "start_header", "<|end_header_id|>": "end_header", "<|eot_id|>": "eot",
-    "<|eom_id|>": "eom", "<|python_tag|>": "python_tag", "<|image|>": "image",
-    "<start_of_turn>": "start_turn", "<end_of_turn>": "end_turn",
-    "[inst]": "inst", "[/inst]": "/inst", "[system_prompt]": "system_prompt", "[/system_prompt]": "/system_prompt",
-    "[tool_calls]": "tool_calls", "[available_tools]": "available_tools", "[/available_tools]": "/available_tools",
-    "[tool_results]": "tool_results", "[/tool_results]": "/tool_results", "[tool_content]": "tool_content",
-    "[img]": "img", "[img_break]": "img_break", "[img_end]": "img_end",
-    "[prefix]": "fim_prefix", "[middle]": "fim_middle", "[suffix]": "fim_suffix",
-    "<|fim_prefix|>": "fim_prefix", "<|fim_middle|>": "fim_middle", "<|fim_suffix|>": "fim_suffix",
-    "<|fim_pad|>": "fim_pad", "<|system|>": "system", "<|user|>": "user", "<|assistant|>": "assistant",
-    "<|end|>": "end", "<think>": "think", "</think>": "/think", "<tool_call>": "tool_call",
+    "<s>": "bos",
+    "<|begin_of_text|>": "bos",
+    "<bos>": "bos",
+    "<|startoftext|>": "bos",
+    "<|bos|>": "bos",
+    "</s>": "eos",
+    "<|end_of_text|>": "eos",
+    "<eos>": "eos",
+    "<|endoftext|>": "eos",
+    "<|eos|>": "eos",
+    "<pad>": "pad",
+    "[pad]": "pad",
+    "<|pad|>": "pad",
+    "<|finetune_right_pad_id|>": "pad",
+    "<unk>": "unk",
+    "[unk]": "unk",
+    "<|unk|>": "unk",
+    "[cls]": "cls",
+    "[sep]": "sep",
+    "[mask]": "mask",
+    "<mask>": "mask",
+    "<|im_start|>": "im_start",
+    "<|im_end|>": "im_end",
+    "<|start_header_id|>": "start_header",
+    "<|end_header_id|>": "end_header",
+    "<|eot_id|>": "eot",
+    "<|eom_id|>": "eom",
+    "<|python_tag|>": "python_tag",
+    "<|image|>": "image",
+    "<start_of_turn>": "start_turn",
+    "<end_of_turn>": "end_turn",
+    "[inst]": "inst",
+    "[/inst]": "/inst",
+    "[system_prompt]": "system_prompt",
+    "[/system_prompt]": "/system_prompt",
+    "[tool_calls]": "tool_calls",
+    "[available_tools]": "available_tools",
+    "[/available_tools]": "/available_tools",
+    "[tool_results]": "tool_results",
+    "[/tool_results]": "/tool_results",
+    "[tool_content]": "tool_content",
+    "[img]": "img",
+    "[img_break]": "img_break",
+    "[img_end]": "img_end",
+    "[prefix]": "fim_prefix",
+    "[middle]": "fim_middle",
+    "[suffix]": "fim_suffix",
+    "<|fim_prefix|>": "fim_prefix",
+    "<|fim_middle|>": "fim_middle",
+    "<|fim_suffix|>": "fim_suffix",
+    "<|fim_pad|>": "fim_pad",
+    "<|system|>": "system",
+    "<|user|>": "user",
+    "<|assistant|>": "assistant",
+    "<|end|>": "end",
+    "<think>": "think",
+    "</think>": "/think",
+    "<tool_call>": "tool_call",
     "</tool_call>": "/tool_call",
 }
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
-# ----------------------------------------------------------------------------------------------- bytes and roles
+# -------------------------------------------------------------------------------------------- bytes and roles
 
 
 def _decoder_steps(backend: Any) -> list[dict]:
@@ -206,7 +268,7 @@ def describe_tokens(backend: Any) -> tuple[list[bytes], list[TokenKind], dict[in
             else:
                 token_bytes[idx] = piece.replace(marker, " ").encode()
         elif family == "wordpiece":
-            token_bytes[idx] = (piece[len(marker):] if piece.startswith(marker) else piece).encode()
+            token_bytes[idx] = (piece[len(marker) :] if piece.startswith(marker) else piece).encode()
         else:
             token_bytes[idx] = piece.encode()
     holes = pieces.count(None)
@@ -241,7 +303,11 @@ def vocab_from_converted(conv: tf.Converted, name: str) -> Vocab:
     """Wrap a converted tokenizer as a `Vocab` (PreTrainedTokenizerFast + bytes, kinds, roles)."""
     from transformers import PreTrainedTokenizerFast
 
-    source = {"tokenizer_file": conv.tokenizer_file} if conv.tokenizer is None else {"tokenizer_object": conv.tokenizer}
+    source = (
+        {"tokenizer_file": conv.tokenizer_file}
+        if conv.tokenizer is None
+        else {"tokenizer_object": conv.tokenizer}
+    )
     wrapped = PreTrainedTokenizerFast(**source, clean_up_tokenization_spaces=False)
     backend = wrapped.backend_tokenizer
     names = {k: v for k, v in conv.special_tokens.items() if v and backend.token_to_id(v) is not None}
@@ -249,20 +315,30 @@ def vocab_from_converted(conv: tf.Converted, name: str) -> Vocab:
     token_bytes, kinds, special_texts = describe_tokens(backend)
     if conv.chat_template:
         wrapped.chat_template = conv.chat_template
-    return Vocab(tokenizer=wrapped, token_bytes=token_bytes, kinds=kinds,
-                 roles=detect_roles(names, backend, special_texts), name=name, source_format=conv.source_format,
-                 adds_prefix_space=_adds_prefix_space(backend, token_bytes), special_texts=special_texts)
+    return Vocab(
+        tokenizer=wrapped,
+        token_bytes=token_bytes,
+        kinds=kinds,
+        roles=detect_roles(names, backend, special_texts),
+        name=name,
+        source_format=conv.source_format,
+        adds_prefix_space=_adds_prefix_space(backend, token_bytes),
+        special_texts=special_texts,
+    )
 
 
-# ------------------------------------------------------------------------------------------------------ loading
+# ---------------------------------------------------------------------------------------------------- loading
 
 
-def load_vocab(spec: str | os.PathLike, *, trust_remote_code: bool = False, options: dict | None = None) -> Vocab:
-    """Load a tokenizer from an alias, HF dir/hub id, tokenizer.json, SentencePiece .model, tiktoken, tekken, GGUF.
+def load_vocab(
+    spec: str | os.PathLike, *, trust_remote_code: bool = False, options: dict | None = None
+) -> Vocab:
+    """Load a tokenizer from an alias, HF dir/hub id, tokenizer.json, SentencePiece .model, tiktoken, tekken,
+    GGUF.
 
-    `options` only matters for bare tiktoken files: {"pattern": name in PATTERNS or a regex, "specials": name in
-    SPECIALS or a list of literals appended after the ranks}. Without it such a file gets the Llama-3/cl100k split
-    pattern and no special tokens.
+    `options` only matters for bare tiktoken files: {"pattern": name in PATTERNS or a regex, "specials": name
+    in SPECIALS or a list of literals appended after the ranks}. Without it such a file gets the
+    Llama-3/cl100k split pattern and no special tokens.
     """
     from transplant.vocab_sources import load
 

@@ -67,10 +67,19 @@ def _cached_conversion(key: str, source: Path, build) -> tf.Converted:
     if meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text())
-            if (meta["version"] == CONVERTER_VERSION and meta["source_sha256"] == digest
-                    and meta["tokenizer_sha256"] == _sha256(json_path)):
-                return tf.Converted(None, meta["special_tokens"], meta["source_format"], meta.get("chat_template"),
-                                    meta.get("extra", {}), tokenizer_file=str(json_path))
+            if (
+                meta["version"] == CONVERTER_VERSION
+                and meta["source_sha256"] == digest
+                and meta["tokenizer_sha256"] == _sha256(json_path)
+            ):
+                return tf.Converted(
+                    None,
+                    meta["special_tokens"],
+                    meta["source_format"],
+                    meta.get("chat_template"),
+                    meta.get("extra", {}),
+                    tokenizer_file=str(json_path),
+                )
             log.info("cached tokenizer %s is stale; rebuilding", folder)
         except (OSError, ValueError, KeyError) as err:  # a damaged cache entry is rebuilt
             log.warning("rebuilding cached tokenizer %s (%s)", folder, err)
@@ -78,9 +87,16 @@ def _cached_conversion(key: str, source: Path, build) -> tf.Converted:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
     conv.tokenizer.save(str(tmp / "tokenizer.json"))
-    meta = {"version": CONVERTER_VERSION, "source_sha256": digest, "source": str(source),
-            "tokenizer_sha256": _sha256(tmp / "tokenizer.json"), "special_tokens": conv.special_tokens,
-            "source_format": conv.source_format, "chat_template": conv.chat_template, "extra": conv.extra}
+    meta = {
+        "version": CONVERTER_VERSION,
+        "source_sha256": digest,
+        "source": str(source),
+        "tokenizer_sha256": _sha256(tmp / "tokenizer.json"),
+        "special_tokens": conv.special_tokens,
+        "source_format": conv.source_format,
+        "chat_template": conv.chat_template,
+        "extra": conv.extra,
+    }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     try:
@@ -88,8 +104,14 @@ def _cached_conversion(key: str, source: Path, build) -> tf.Converted:
     except OSError:  # another process won the race; its copy is as good
         shutil.rmtree(tmp, ignore_errors=True)
         return conv
-    return tf.Converted(None, conv.special_tokens, conv.source_format, conv.chat_template, conv.extra,
-                        tokenizer_file=str(json_path))
+    return tf.Converted(
+        None,
+        conv.special_tokens,
+        conv.source_format,
+        conv.chat_template,
+        conv.extra,
+        tokenizer_file=str(json_path),
+    )
 
 
 def _convert_file(fmt: str, path: Path, options: dict) -> tf.Converted:
@@ -117,13 +139,15 @@ def _alias_for_file(path: Path) -> str | None:
     from transplant.assets import TOKENIZERS
 
     for name, asset in TOKENIZERS.items():
-        if (cache_dir() / "files" / f"{asset.package}-{asset.version}" / asset.member).resolve() == path.resolve():
+        if (
+            cache_dir() / "files" / f"{asset.package}-{asset.version}" / asset.member
+        ).resolve() == path.resolve():
             return name
     return None
 
 
 def sniff_format(path: Path) -> str:
-    """"gguf" | "tokenizer.json" | "tekken" | "tiktoken" | "sentencepiece", from the file's content."""
+    """ "gguf" | "tokenizer.json" | "tekken" | "tiktoken" | "sentencepiece", from the file's content."""
     data = path.read_bytes()
     if data[:4] == b"GGUF":
         return "gguf"
@@ -136,13 +160,17 @@ def sniff_format(path: Path) -> str:
             return "tokenizer.json"
         if {"config", "vocab"} <= keys:
             return "tekken"
-        raise TransplantError(f"{path} is JSON but neither a tokenizer.json nor a tekken file; pass one of those")
+        raise TransplantError(
+            f"{path} is JSON but neither a tokenizer.json nor a tekken file; pass one of those"
+        )
     if tf.looks_like_tiktoken(data[:65536]):
         return "tiktoken"
     if tf.try_read_sentencepiece(data) is not None:
         return "sentencepiece"
-    raise TransplantError(f"{path}: unknown tokenizer format; pass a tokenizer.json, SentencePiece .model, "
-                          "tiktoken, tekken json, GGUF file or a HF tokenizer dir")
+    raise TransplantError(
+        f"{path}: unknown tokenizer format; pass a tokenizer.json, SentencePiece .model, "
+        "tiktoken, tekken json, GGUF file or a HF tokenizer dir"
+    )
 
 
 def _load_path(path: Path, trust_remote_code: bool, options: dict) -> Vocab:
@@ -160,7 +188,9 @@ def _load_path(path: Path, trust_remote_code: bool, options: dict) -> Vocab:
     key = f"{path.name}-{fmt}-{_sha256(path)[:16]}"
     if options:
         key += "-" + hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
-    return vocab_from_converted(_cached_conversion(key, path, lambda: _convert_file(fmt, path, options)), path.name)
+    return vocab_from_converted(
+        _cached_conversion(key, path, lambda: _convert_file(fmt, path, options)), path.name
+    )
 
 
 def _token_text(value: Any) -> str | None:
@@ -202,18 +232,26 @@ def _from_tokenizer_json(path: Path, names: dict[str, str], template: str | None
         backend = Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception on malformed files
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise TransplantError(f"{path} is not a valid tokenizer.json ({reason}); pass an intact file") from err
+        raise TransplantError(
+            f"{path} is not a valid tokenizer.json ({reason}); pass an intact file"
+        ) from err
     return vocab_from_converted(tf.Converted(backend, names, fmt, template), path.parent.name or path.name)
 
 
 def _load_dir(directory: Path, trust_remote_code: bool) -> Vocab:
     names, template = _read_config(directory)
-    sp_files = [p for p in sorted(directory.glob("*.model*"))
-                if p.is_file() and p.stat().st_size < 64 << 20 and not p.name.endswith(".safetensors")]
+    sp_files = [
+        p
+        for p in sorted(directory.glob("*.model*"))
+        if p.is_file() and p.stat().st_size < 64 << 20 and not p.name.endswith(".safetensors")
+    ]
     if (directory / "tokenizer.json").exists():
         if sp_files:
-            log.info("%s has tokenizer.json and %s; using tokenizer.json (as transformers does)",
-                     directory, sp_files[0].name)
+            log.info(
+                "%s has tokenizer.json and %s; using tokenizer.json (as transformers does)",
+                directory,
+                sp_files[0].name,
+            )
         return _from_tokenizer_json(directory / "tokenizer.json", names, template, "hf")
     for candidates, fmt in ((sp_files, "sentencepiece"), ([directory / "tekken.json"], "tekken")):
         for path in candidates:
@@ -228,22 +266,81 @@ def _load_dir(directory: Path, trust_remote_code: bool) -> Vocab:
         return _load_gguf(ggufs[0])
     if (directory / "tokenizer_config.json").exists() or (directory / "vocab.json").exists():
         return _load_hub(str(directory), trust_remote_code)
-    raise TransplantError(f"{directory} holds no tokenizer files (tokenizer.json, tokenizer.model, tekken.json, "
-                          "one .gguf); pass a tokenizer dir or file")
+    raise TransplantError(
+        f"{directory} holds no tokenizer files (tokenizer.json, tokenizer.model, tekken.json, "
+        "one .gguf); pass a tokenizer dir or file"
+    )
 
 
 def _converted_from_transformers(tok: Any, fmt: str, name: str) -> tf.Converted:
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
-        raise TransplantError(f"{name} loads only as a slow (Python) tokenizer; convert it to tokenizer.json first")
-    names = {key: str(getattr(tok, key)) for key in ("bos_token", "eos_token", "unk_token", "pad_token")
-             if getattr(tok, key, None)}
+        raise TransplantError(
+            f"{name} loads only as a slow (Python) tokenizer; convert it to tokenizer.json first"
+        )
+    names = {
+        key: str(getattr(tok, key))
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+        if getattr(tok, key, None)
+    }
     return tf.Converted(backend, names, fmt, getattr(tok, "chat_template", None))
 
 
+def _read_gguf_tokenizer(path: Path) -> tuple[str, tf.SentencePieceSpec | None, str | None]:
+    """(tokenizer model name, SentencePiece spec when it is llama.cpp's "llama" (SPM) vocab, chat template).
+
+    transformers' GGUF path rebuilds SPM vocabularies with the same faulty SentencePiece conversion, so
+    "llama" vocabularies are rebuilt here from the tokens, scores and token types (same numbering as
+    SentencePiece).
+    """
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as err:  # the reader raises bare ValueError/struct errors on damaged files
+        raise TransplantError(
+            f"{path} is not a readable GGUF file ({err}); pass an intact .gguf file"
+        ) from err
+
+    def get(key: str, default=None):
+        fld = reader.get_field(key)
+        return default if fld is None else fld.contents()
+
+    model = get("tokenizer.ggml.model")
+    if model is None:
+        raise TransplantError(f"{path} has no tokenizer metadata; pass a GGUF that embeds its vocabulary")
+    template = get("tokenizer.chat_template")
+    if model != "llama":
+        return model, None, template
+    tokens, scores, types = (
+        get("tokenizer.ggml.tokens"),
+        get("tokenizer.ggml.scores"),
+        get("tokenizer.ggml.token_type"),
+    )
+    special_ids = {}
+    for name, key in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
+        idx = get(f"tokenizer.ggml.{key}")
+        if idx is not None and 0 <= int(idx) < len(tokens):
+            special_ids[name] = int(idx)
+    spec = tf.SentencePieceSpec(
+        pieces=list(zip(tokens, [float(s) for s in scores], [int(t) for t in types])),
+        add_dummy_prefix=bool(get("tokenizer.ggml.add_space_prefix", True)),
+        byte_fallback=tf.SP_BYTE in set(types),
+        add_bos=bool(get("tokenizer.ggml.add_bos_token", True)),
+        special_ids=special_ids,
+    )
+    return model, spec, template
+
+
 def _convert_gguf(path: Path) -> tf.Converted:
-    """llama.cpp "llama" (SPM) vocabularies are rebuilt here; other GGUF vocabularies go through transformers."""
-    model, spec, template = tf.read_gguf_tokenizer(path)
+    """llama.cpp "llama" (SPM) vocabularies are rebuilt here; other GGUF vocabularies go through
+    transformers."""
+    model, spec, template = _read_gguf_tokenizer(path)
     if spec is not None:
         conv = tf.convert_sentencepiece(spec, "gguf")
         conv.chat_template = template
@@ -254,8 +351,10 @@ def _convert_gguf(path: Path) -> tf.Converted:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise TransplantError(f"transformers cannot read the {model!r} tokenizer in {path} ({reason}); "
-                              "export the tokenizer as tokenizer.json and pass that") from err
+        raise TransplantError(
+            f"transformers cannot read the {model!r} tokenizer in {path} ({reason}); "
+            "export the tokenizer as tokenizer.json and pass that"
+        ) from err
     return _converted_from_transformers(tok, "gguf", path.stem)
 
 
@@ -274,6 +373,8 @@ def _load_hub(spec: str, trust_remote_code: bool) -> Vocab:
         tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
     except Exception as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise TransplantError(f"cannot load tokenizer {spec!r} ({reason}); pass a local tokenizer dir or file, "
-                              f"a hub id reachable from here, or an alias: {', '.join(sorted(TOKENIZERS))}") from err
+        raise TransplantError(
+            f"cannot load tokenizer {spec!r} ({reason}); pass a local tokenizer dir or file, "
+            f"a hub id reachable from here, or an alias: {', '.join(sorted(TOKENIZERS))}"
+        ) from err
     return vocab_from_converted(_converted_from_transformers(tok, "hf", spec), spec)
