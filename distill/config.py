@@ -8,6 +8,7 @@ as a string (YAML 1.1), hence values are coerced to the field's declared type ra
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -283,7 +284,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(raw, dict):
             raise TransplantError(f"recipe {path} must be a mapping of keys at the top level")
     if data:
-        raw = _merge(raw, data)
+        raw = _merge(raw, copy.deepcopy(data))
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from distill.config import load_recipe
 from transplant.errors import TransplantError
@@ -64,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
             return 0
         if "WORLD_SIZE" not in os.environ and recipe.launch.nproc_per_node > 1:
-            from distill.trainer import prepare_student
+            if not Path(recipe.student.path).exists():
+                from distill.trainer import prepare_student
 
-            prepare_student(recipe, is_main=True)  # once, before the workers start
+                prepare_student(recipe, is_main=True)  # once, before the workers start
             return _relaunch(argv, recipe.launch.nproc_per_node, recipe.launch.master_port)
         from distill.trainer import run
 

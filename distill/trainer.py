@@ -238,6 +238,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         started = time.perf_counter()
+        lrs = [g["lr"] for g in self.engine.optimizer.param_groups]  # the rates this step uses
         batches = self.loader.step_batches()
         counts = self._counts(batches)
         per_micro = [self._micro_step(b, counts) for b in batches]
@@ -254,7 +255,6 @@ class Trainer:
                 values[key] /= self.rt.world_size
         self.step += 1
         seconds = time.perf_counter() - started
-        lrs = [g["lr"] for g in self.engine.optimizer.param_groups] if self.engine.optimizer else []
         record = {"step": self.step, **values, "num_items": float(counts[0]), "step_time": seconds,
                   "student_tokens_per_s": float(packed[-1]) / seconds,
                   **{f"lr_{name}": lr for name, lr in zip(self.group_names, lrs)}}

@@ -1,0 +1,232 @@
+"""The distillation trainer on tiny models: learning, exact resume (also after SIGKILL), several processes,
+ZeRO-3, export, LoRA and embeddings-only phases, recipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from distill.config import load_recipe
+from distill.runtime import load_deepspeed_config
+from distill.trainer import Trainer
+from tests.conftest import BASE_CORPUS
+from transplant.errors import TransplantError
+
+REPO = Path(__file__).resolve().parents[1]
+ZERO0 = str(REPO / "recipes/deepspeed/zero0_cpu.json")
+ZERO3 = str(REPO / "recipes/deepspeed/zero3_cpu_test.json")
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def make_recipe(tmp_path: Path, tiny_pair, name: str, **sections) -> dict:
+    train_file = tmp_path / "train.txt"
+    if not train_file.exists():
+        train_file.write_text(BASE_CORPUS)
+        (tmp_path / "heldout.txt").write_text(BASE_CORPUS[:1200])
+    recipe = {
+        "output_dir": str(tmp_path / name),
+        "teacher": {"path": str(tiny_pair["base_untied"])},
+        "student": {"path": str(tiny_pair["donor_model"])},
+        "data": {"train": [str(train_file)], "max_length": 48},
+        "loss": {"name": "alm"},
+        "optim": {"lr": 3e-3, "warmup_steps": 1},
+        "train": {"steps": 6, "micro_batch_size": 2, "grad_accum": 2, "log_every": 100},
+        "eval": {"texts": [], "teacher": False},
+        "checkpoint": {"every": 0},
+        "deepspeed": ZERO0,
+    }
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values} if isinstance(values, dict) else values
+    return recipe
+
+
+def run_in_process(recipe: dict, *overrides: str) -> tuple[Trainer, dict]:
+    trainer = Trainer(load_recipe(data=recipe, overrides=list(overrides))).setup()
+    return trainer, trainer.train()
+
+
+def run_cli(recipe: dict, tmp_path: Path, *args: str, wait: bool = True):
+    path = tmp_path / f"{Path(recipe['output_dir']).name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "distill.main", str(path), *args]
+    if not wait:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def losses(output_dir: str) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def weights(output_dir: str) -> dict[str, torch.Tensor]:
+    return load_file(Path(output_dir) / "final" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+def test_alm_steps_reduce_loss_and_heldout_bpb_and_export_loads(tmp_path, tiny_pair):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (tmp_path / "one.txt").write_text(BASE_CORPUS[:150])  # one unpacked document: the same batch every step
+    recipe = make_recipe(tmp_path, tiny_pair, "learn", train={"steps": 12, "grad_accum": 1},
+                         data={"train": [str(tmp_path / "one.txt")], "max_length": 48, "pack": False},
+                         loss={"name": "alm", "options": {"diff": "binary_kl"}}, optim={"lr": 1e-2},
+                         eval={"texts": [str(tmp_path / "heldout.txt")], "teacher": True, "every": 6})
+    trainer, result = run_in_process(recipe)
+    history = [r["loss"] for r in result["history"] if "loss" in r]
+    assert len(history) == 12 and history[-1] < 0.5 * history[0]
+    evals = [r for r in result["history"] if "eval_bpb_all" in r]
+    assert [r["step"] for r in evals] == [0, 6, 12] and "teacher_bpb_all" in evals[0]
+    assert all(0 < r["eval_bpb_all"] < 20 for r in evals)
+    # The export is a stock HF dir with the student's tokenizer and the trained weights.
+    out = result["export"]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == len(AutoTokenizer.from_pretrained(tiny_pair["donor_tok"]))
+    ids = torch.tensor([tokenizer.encode("The cat sat on the mat.")])
+    trainer.engine.module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, trainer.engine.module(input_ids=ids).logits)
+
+
+def test_tied_student_exports_once_and_ce_needs_no_teacher(tmp_path, tiny_pair):
+    from transformers import AutoModelForCausalLM
+
+    recipe = make_recipe(tmp_path, tiny_pair, "tied", loss={"name": "ce"}, train={"steps": 4},
+                         teacher={"path": str(tiny_pair["donor_model"])}, student={"path": str(tiny_pair["base_tied"])},
+                         eval={"texts": [str(tmp_path / "heldout.txt")], "teacher": False})
+    trainer, result = run_in_process(recipe)
+    assert trainer.teacher is None  # plain CE: no teacher forward at all
+    assert result["history"][-1]["eval_bpb_all"] < result["history"][0]["eval_bpb_all"]
+    saved = load_file(Path(result["export"]) / "model.safetensors")
+    assert "lm_head.weight" not in saved
+    model = AutoModelForCausalLM.from_pretrained(result["export"])
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(model.model.embed_tokens.weight, saved["model.embed_tokens.weight"])
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path, tiny_pair):
+    recipe = make_recipe(tmp_path, tiny_pair, "full", checkpoint={"every": 3, "keep": 1})
+    recipe["train"]["steps"] = 8
+    run_in_process(recipe)
+    resumed = {**recipe, "output_dir": str(tmp_path / "resumed")}
+    run_in_process(resumed, "train.stop_after=5")  # steps 4-5 run after the step-3 checkpoint, then are lost
+    assert not (tmp_path / "resumed" / "final").exists()
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").glob("step_*")] == ["step_00000003"]
+    with pytest.raises(TransplantError, match="--resume"):
+        run_in_process(resumed)
+    run_in_process(resumed, "train.resume=true")
+    assert losses(resumed["output_dir"]) == losses(recipe["output_dir"])
+    assert [s for s, _ in losses(resumed["output_dir"])] == list(range(1, 9))
+    assert_same_weights(weights(resumed["output_dir"]), weights(recipe["output_dir"]))
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, tiny_pair):
+    recipe = make_recipe(tmp_path, tiny_pair, "killed", train={"steps": 40, "grad_accum": 1},
+                         checkpoint={"every": 2, "keep": 2})
+    process = run_cli(recipe, tmp_path, wait=False)
+    latest = Path(recipe["output_dir"]) / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not (latest.exists() and latest.read_text().strip() >= "step_00000004"):
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (Path(recipe["output_dir"]) / "final").exists()
+    run_in_process(recipe, "train.resume=true")
+    reference = {**recipe, "output_dir": str(tmp_path / "reference")}
+    run_in_process(reference)
+    assert losses(recipe["output_dir"]) == losses(reference["output_dir"])
+    assert_same_weights(weights(recipe["output_dir"]), weights(reference["output_dir"]))
+
+
+@pytest.mark.parametrize("deepspeed_json", [ZERO0, ZERO3], ids=["zero0", "zero3"])
+def test_two_gloo_processes_equal_one_with_accumulation(tmp_path, tiny_pair, deepspeed_json):
+    one = make_recipe(tmp_path, tiny_pair, "one", train={"steps": 4, "grad_accum": 2})
+    run_in_process(one)
+    two = make_recipe(tmp_path, tiny_pair, "two", train={"steps": 4, "grad_accum": 1},
+                      launch={"nproc_per_node": 2}, deepspeed=deepspeed_json)
+    run_cli(two, tmp_path)  # relaunches itself under torchrun with 2 gloo processes
+    for (s1, l1), (s2, l2) in zip(losses(one["output_dir"]), losses(two["output_dir"]), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
+    assert_same_weights(weights(two["output_dir"]), weights(one["output_dir"]), atol=1e-5)
+
+
+def test_lora_changes_only_adapted_layers_and_embeddings(tmp_path, tiny_pair):
+    recipe = make_recipe(tmp_path, tiny_pair, "lora", train={"steps": 3},
+                         lora={"enabled": True, "rank": 4, "targets": ["q_proj", "v_proj"]})
+    _, result = run_in_process(recipe)
+    before, after = load_file(tiny_pair["donor_model"] / "model.safetensors"), weights(recipe["output_dir"])
+    assert sorted(before) == sorted(after)  # adapters merged: no lora tensors left
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    expected = {n for n in before if n.endswith(("q_proj.weight", "v_proj.weight"))}
+    assert changed == expected | {"model.embed_tokens.weight", "lm_head.weight"}
+
+
+def test_embeddings_only_phase_freezes_the_body(tmp_path, tiny_pair):
+    recipe = make_recipe(tmp_path, tiny_pair, "emb", train={"steps": 2, "embeddings_only_steps": 2})
+    run_in_process(recipe)
+    before, after = load_file(tiny_pair["donor_model"] / "model.safetensors"), weights(recipe["output_dir"])
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {"model.embed_tokens.weight", "lm_head.weight"}
+    recipe = make_recipe(tmp_path, tiny_pair, "emb_then_all", train={"steps": 3, "embeddings_only_steps": 2})
+    _, result = run_in_process(recipe)
+    assert result["history"][1]["lr_body"] == 0.0 and result["history"][2]["lr_body"] > 0.0
+    after = weights(recipe["output_dir"])
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_recipe_overrides_interpolation_and_errors(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("output_dir: out/x\noptim: {lr: 1e-4}\ncheckpoint: {dir: '${output_dir}/ck'}\n")
+    recipe = load_recipe(path, ["output_dir=/tmp/y", "train.steps=7", "loss.options.debias=true",
+                                "data.train=[a.txt, b.jsonl]"])
+    assert recipe.optim.lr == 1e-4 and isinstance(recipe.optim.lr, float)
+    assert recipe.checkpoint.dir == "/tmp/y/ck" and recipe.export.dir == "/tmp/y/final"
+    assert recipe.train.steps == 7 and recipe.loss.options == {"debias": True}
+    assert recipe.data.train == ["a.txt", "b.jsonl"]
+    with pytest.raises(TransplantError, match="unknown recipe key train.stepz"):
+        load_recipe(path, ["train.stepz=3"])
+    with pytest.raises(TransplantError, match="not a valid int"):
+        load_recipe(path, ["train.steps=many"])
+    with pytest.raises(TransplantError, match="key=value"):
+        load_recipe(path, ["train.steps"])
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"optimizer": {"type": "Adam"}}')
+    with pytest.raises(TransplantError, match="optimizer"):
+        load_deepspeed_config(load_recipe(path, [f"deepspeed={bad}"]), None)
+
+
+DISTILL_RECIPES = ["cpu_smoke_smollm2_mistral.yaml", "cpu_2proc.yaml", "llama3_8b_to_mistral_nemo_8gpu_zero3.yaml",
+                   "large_to_small_distill.yaml"]
+
+
+@pytest.mark.parametrize("recipe_path", [REPO / "recipes" / n for n in DISTILL_RECIPES], ids=lambda p: p.name)
+def test_shipped_recipes_are_valid_and_documented(recipe_path):
+    text = recipe_path.read_text()
+    assert text.startswith("#") and "distill " in text.split("\n\n")[0] and "--set" in text
+    recipe = load_recipe(recipe_path)
+    assert recipe.checkpoint.dir.startswith(recipe.output_dir) and recipe.export.dir.startswith(recipe.output_dir)
+    ds = (recipe_path.parent / recipe.deepspeed) if not Path(recipe.deepspeed).exists() else Path(recipe.deepspeed)
+    config = json.loads(ds.read_text())
+    assert "optimizer" not in config and "scheduler" not in config
