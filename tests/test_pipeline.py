@@ -177,3 +177,9 @@ def test_cli_eval_table(tiny_pair, tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 3 and all(float(line.split("\t")[1]) > 0 for line in lines[1:])
+
+
+def test_cli_eval_with_lm_eval_tasks(tiny_pair):
+    result = _cli(["eval", tiny_pair["base_tied"], "--tasks", "tt_mc_small", "--limit", "4"])
+    assert result.exit_code == 0, result.output
+    assert "tt_mc_small" in result.output and str(tiny_pair["base_tied"]) in result.output
