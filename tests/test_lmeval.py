@@ -141,9 +141,10 @@ def test_mc_small_data_is_well_formed():
 
 
 def test_list_local_tasks():
-    tasks = lmeval.list_local_tasks({"mine": "x"})
-    assert {"tt_bpb_english", "tt_bpb_code", "tt_bpb_german", "tt_bpb_numbers", "tt_bpb_mine",
-            "tt_mc_small"} <= set(tasks)
+    slices = lmeval.bpb_slices()
+    assert {"english", "code", "german", "numbers"} <= set(slices)
+    assert lmeval.list_local_tasks({"mine": "x"}) == [f"tt_bpb_{name}" for name in slices] + ["tt_bpb_mine",
+                                                                                            "tt_mc_small"]
 
 
 def test_errors_name_the_problem(tiny_pair, tmp_path, monkeypatch):
@@ -152,15 +153,15 @@ def test_errors_name_the_problem(tiny_pair, tmp_path, monkeypatch):
         lmeval.run_lm_eval([str(tmp_path / "missing")], ["tt_mc_small"])
     with pytest.raises(TransplantError, match="hub.*tt_mc_small"):
         lmeval.run_lm_eval([str(tiny_pair["base_tied"])], ["hellaswag"])
-    with pytest.raises(TransplantError, match="unknown local task tt_bpb_klingon.*tt_mc_small"):
+    with pytest.raises(TransplantError, match="unknown local task.*tt_bpb_klingon.*tt_mc_small"):
         lmeval.run_lm_eval([str(tiny_pair["base_tied"])], ["tt_bpb_klingon"])
     with pytest.raises(TransplantError, match="no lm-eval task"):
         lmeval.run_lm_eval([str(tiny_pair["base_tied"])], [])
 
 
 def test_tt_bpb_expands_to_every_slice():
-    assert lmeval._expand_tasks(["tt_bpb", "tt_mc_small"], {"mine": "x"}) == [
-        "tt_bpb_english", "tt_bpb_code", "tt_bpb_german", "tt_bpb_numbers", "tt_bpb_mine", "tt_mc_small"]
+    every = [f"tt_bpb_{name}" for name in lmeval.bpb_slices()]
+    assert lmeval._expand_tasks(["tt_bpb", "tt_mc_small"], {"mine": "x"}) == every + ["tt_bpb_mine", "tt_mc_small"]
     assert lmeval._expand_tasks("tt_mc_small,tt_bpb_code", None) == ["tt_mc_small", "tt_bpb_code"]
 
 
@@ -175,8 +176,8 @@ def test_smollm2_above_chance_and_bpb_near_reference():
     assert scores["tt_mc_small"]["samples"] == 80
     assert scores["tt_mc_small"]["acc"] > 0.25 + 3 * scores["tt_mc_small"]["acc_stderr"]  # chance is 0.25
     bpb = scores["tt_bpb_english"]["bits_per_byte"]
-    assert 0.9 < bpb < 1.3
+    assert 0.85 < bpb < 1.3  # measured 0.936 (9 documents of ~2 KB); `transplant eval` on the whole slice: 0.896
     model, tokenizer = load_for_eval(model_dir)
     docs = lmeval.heldout_documents("english", n_bytes=16384)
-    assert bpb == pytest.approx(bits_per_byte(model, tokenizer, docs), rel=2e-3)
+    assert bpb == pytest.approx(bits_per_byte(model, tokenizer, docs), rel=1e-4)
     assert math.isfinite(scores["tt_bpb_english"]["word_perplexity"])

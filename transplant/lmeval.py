@@ -6,18 +6,21 @@ harness everyone uses. Offline there are no hub data sets, so the project ships 
 wants absolute `data_files` paths, so concrete YAMLs are written into the cache at run time.
 
 Local tasks:
-  tt_bpb_<slice>  loglikelihood_rolling over a held-out text slice (`transplant.texts.heldout`) cut into
-                  documents of about `doc_bytes` bytes at line breaks; metrics word_perplexity, byte_perplexity,
-                  bits_per_byte. `tt_bpb` expands to every slice.
+  tt_bpb_<slice>  loglikelihood_rolling over a held-out slice of `transplant.texts` (english, code, german,
+                  numbers, spanish, python-docs) or over caller text (`texts=`), cut into documents of about
+                  `doc_bytes` bytes at line breaks; metrics word_perplexity, byte_perplexity, bits_per_byte.
+                  `tt_bpb` expands to every slice.
   tt_mc_small     80 original 4-way multiple-choice items scored by log-likelihood (acc, acc_norm; chance 0.25).
 
-bits_per_byte here and `transplant.evaluate.bits_per_byte` agree on the same documents when a document fits in
-one context window: both prepend BOS (EOS when there is none) and score every text token. They differ on longer
-text: `evaluate` cuts windows of max_length-1 tokens that each restart from BOS, lm-eval predicts max_length
-tokens per window and conditions each later window on one token of the previous one only (no BOS). Cutting the
-slices into documents of ~2 KB keeps both inside one window for typical tokenizers. lm-eval would also score the
-BOS that a tokenizer adds on encode (e.g. SentencePiece Llama/Mistral) as a first "text" token; the bpb tasks run
-with add_bos_token=False so that tokenizers which add BOS are not charged for it (BOS stays as the prefix).
+Bits per byte, lm-eval vs `transplant.evaluate.bits_per_byte`: on the same documents they agree when each
+document fits in one context window (both prepend BOS, EOS when there is none, and score every text token).
+They differ on longer text: `evaluate` cuts windows of max_length-1 tokens that each restart from BOS; lm-eval
+predicts max_length tokens per window and conditions each later window on one token of the previous one only.
+Cutting a slice into ~2 KB documents keeps both inside one window and gives every model, whatever its tokenizer,
+the same context in bytes; the price is less context than `transplant eval`, which scores the slice as one text
+(so tt_bpb_* numbers are higher than `transplant eval`'s for the same slice). lm-eval would also score the BOS
+that a tokenizer adds on encode (SentencePiece Llama/Mistral style) as a first text token, charging such
+tokenizers for it; the bpb tasks therefore run with add_bos_token=False (BOS stays as the prefix).
 """
 
 from __future__ import annotations
@@ -29,12 +32,10 @@ import json
 import logging
 import os
 import shutil
-import socket
 import string
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from urllib.parse import urlparse
 
 from transplant.errors import TransplantError
 
@@ -45,14 +46,24 @@ BPB_PREFIX = "tt_bpb_"
 BPB_ALL = "tt_bpb"
 BPB_SLICES = ("english", "code", "german", "numbers")
 MC_TASKS = {"tt_mc_small": ("tt_mc_small.yaml", "tt_mc_small.json")}
-DEFAULT_BPB_BYTES = 32768
+DEFAULT_BPB_BYTES = 16384  # what `transplant eval` scores per slice
 DEFAULT_DOC_BYTES = 2048
 _HIDDEN_BY_DEFAULT = ("byte_perplexity",)  # 2 ** bits_per_byte: redundant in a table
 
 
+def bpb_slices() -> list[str]:
+    """Names of the built-in held-out text slices (`transplant.texts`), each a task tt_bpb_<name>."""
+    try:
+        from transplant.texts import TEXTS
+    except ImportError:  # texts not installed: the documented core slices
+        return list(BPB_SLICES)
+    return list(TEXTS)
+
+
 def list_local_tasks(texts: Mapping[str, str] | None = None) -> list[str]:
     """Task names that run without the hub (the built-in slices, `texts` given by the caller, tt_mc_small)."""
-    slices = list(BPB_SLICES) + [name for name in (texts or {}) if name not in BPB_SLICES]
+    slices = bpb_slices()
+    slices += [name for name in (texts or {}) if name not in slices]
     return [BPB_PREFIX + name for name in slices] + sorted(MC_TASKS)
 
 
@@ -120,17 +131,13 @@ def _is_local(task: str) -> bool:
     return task.startswith(BPB_PREFIX) or task in MC_TASKS
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub can be reached (offline env vars say no without trying)."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE"):
-            return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
+def _hub_reachable() -> bool:
+    """Whether lm-eval could fetch hub data sets (offline env vars say no without trying)."""
+    if os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
         return False
+    from transplant.assets import is_hub_offline
+
+    return not is_hub_offline()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -305,9 +312,12 @@ def run_lm_eval(models: Sequence[str | Path], tasks: Sequence[str], *, device: s
     local = [task for task in task_names if _is_local(task)]
     remote = [task for task in task_names if not _is_local(task)]
     known_local = list_local_tasks(texts)
-    for task in local:
-        if task.startswith(BPB_PREFIX) and task not in known_local:
-            _check_slice(task[len(BPB_PREFIX):], known_local)
+    unknown_local = [task for task in local if task not in known_local]
+    if unknown_local:
+        raise TransplantError(
+            f"unknown local task(s) {', '.join(unknown_local)} (no such held-out text slice); local tasks: "
+            f"{', '.join(known_local)}; or pass your own text as texts={{name: text}} for tt_bpb_<name>"
+        )
     if remote and not _hub_reachable():
         raise TransplantError(
             f"lm-eval task(s) {', '.join(remote)} need the Hugging Face hub, which is not reachable; "
@@ -350,17 +360,6 @@ def run_lm_eval(models: Sequence[str | Path], tasks: Sequence[str], *, device: s
     return results
 
 
-def _check_slice(name: str, known_local: list[str]) -> None:
-    try:
-        from transplant import texts as heldout_texts
-
-        heldout_texts.heldout(name, n_bytes=16)
-    except (ImportError, KeyError, ValueError, TransplantError) as err:
-        raise TransplantError(
-            f"unknown local task tt_bpb_{name} ({err}); local tasks: {', '.join(known_local)}"
-        ) from err
-
-
 def _empty_device_cache() -> None:
     import torch
 
@@ -373,7 +372,7 @@ def _cell(metrics: Mapping[str, float], metric: str) -> str:
     if value is None:
         return "-"
     stderr = metrics.get(f"{metric}_stderr")
-    text = f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+    text = f"{value:.4f}" if abs(value) < 1e4 else f"{value:.5g}"
     return f"{text} ± {stderr:.4f}" if stderr else text
 
 
