@@ -10,6 +10,7 @@ intermediate pieces become tokens too and are reported). New ids come after ever
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import re
@@ -48,7 +49,11 @@ def corpus_words(backend, texts: list[str]) -> Counter:
 
 
 def learn_merges(backend, texts: list[str], n: int, min_count: int = 2) -> list[tuple[str, str]]:
-    """The n most frequent adjacent symbol pairs, merged greedily as BPE training would (incremental counts)."""
+    """The n most frequent adjacent symbol pairs, merged greedily as BPE training would.
+
+    Pair counts are updated incrementally (only words containing the merged pair are touched) and the best pair
+    comes from a heap with lazy invalidation, so learning thousands of merges on megabytes of text takes seconds.
+    """
     word_counts = corpus_words(backend, texts)
     words = [[t.value for t in backend.model.tokenize(w)] for w in word_counts]
     freqs = list(word_counts.values())
@@ -58,17 +63,23 @@ def learn_merges(backend, texts: list[str], n: int, min_count: int = 2) -> list[
         for pair in zip(symbols, symbols[1:]):
             pair_counts[pair] += freqs[idx]
             where[pair].add(idx)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
     merges: list[tuple[str, str]] = []
-    while len(merges) < n and pair_counts:
-        pair, count = max(pair_counts.items(), key=lambda item: (item[1], item[0]))
-        if count < min_count:
+    while len(merges) < n and heap:
+        negative, pair = heapq.heappop(heap)
+        if -negative != pair_counts.get(pair, 0):
+            continue  # stale entry: the count changed after it was pushed
+        if -negative < min_count:
             break
         merges.append(pair)
         merged = pair[0] + pair[1]
-        for idx in list(where.pop(pair, ())):
+        touched: set[tuple[str, str]] = set()
+        for idx in where.pop(pair, ()):
             symbols = words[idx]
             for old in zip(symbols, symbols[1:]):
                 pair_counts[old] -= freqs[idx]
+                touched.add(old)
             out, i = [], 0
             while i < len(symbols):
                 if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
@@ -81,7 +92,11 @@ def learn_merges(backend, texts: list[str], n: int, min_count: int = 2) -> list[
             for new in zip(out, out[1:]):
                 pair_counts[new] += freqs[idx]
                 where[new].add(idx)
-        pair_counts = Counter({p: c for p, c in pair_counts.items() if c > 0})
+                touched.add(new)
+        for changed in touched:
+            if pair_counts[changed] > 0 and changed != pair:
+                heapq.heappush(heap, (-pair_counts[changed], changed))
+        pair_counts.pop(pair, None)
     return merges
 
 
