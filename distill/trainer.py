@@ -206,10 +206,10 @@ class Trainer:
         ce_fn = self.ce_fn.count_items
         local = [sum(self.loss_fn.count_items({"alignment": b}) for b in batches),
                  sum(ce_fn({"alignment": b}) for b in batches) if self.recipe.loss.ce_weight else 0]
-        counts = torch.tensor(local, dtype=torch.float64)
+        counts = torch.tensor(local, dtype=torch.float64, device=self.rt.device)  # NCCL reduces device tensors
         if self.rt.world_size > 1:
             torch.distributed.all_reduce(counts)
-        return counts.clamp(min=1)
+        return counts.cpu().clamp(min=1)
 
     def _micro_step(self, alignment, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         r, a = self.recipe, alignment.to(self.rt.device)
@@ -234,7 +234,7 @@ class Trainer:
             metrics = {**metrics, "ce_anchor": anchor.detach(), "loss": loss.detach()}
         self.engine.backward(loss * self.rt.world_size, scale_wrt_gas=False)
         self.engine.step()
-        return {k: v.detach().float().cpu() for k, v in metrics.items()}
+        return {k: v.detach().float() for k, v in metrics.items()}  # stays on the device: one sync per step
 
     def train_step(self) -> dict[str, Any]:
         started = time.perf_counter()
@@ -245,7 +245,7 @@ class Trainer:
         keys = sorted(per_micro[0])
         local = torch.stack([torch.stack([m[k] for m in per_micro]).sum() if k in SUMMED_METRICS
                              else torch.stack([m[k] for m in per_micro]).mean() for k in keys])
-        tokens = torch.tensor([float(sum(int(b.student_attention_mask.sum()) for b in batches))])
+        tokens = torch.tensor([float(sum(int(b.student_attention_mask.sum()) for b in batches))], device=local.device)
         packed = torch.cat([local, tokens])
         if self.rt.world_size > 1:
             torch.distributed.all_reduce(packed)
@@ -256,7 +256,7 @@ class Trainer:
         self.step += 1
         seconds = time.perf_counter() - started
         record = {"step": self.step, **values, "num_items": float(counts[0]), "step_time": seconds,
-                  "student_tokens_per_s": float(packed[-1]) / seconds,
+                  "student_tokens_per_s": float(packed[-1]) / seconds, **_peak_memory(),
                   **{f"lr_{name}": lr for name, lr in zip(self.group_names, lrs)}}
         return record
 
@@ -356,6 +356,15 @@ class Trainer:
         if self.rt.world_size > 1:
             torch.distributed.barrier()
         return out
+
+
+def _peak_memory() -> dict[str, float]:
+    import resource
+
+    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    if torch.cuda.is_available():
+        peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
 
 
 def _fmt(record: dict[str, Any]) -> str:
