@@ -48,6 +48,7 @@ class DataConfig:
     chat_template: str = "auto"  # auto | own | plain: how jsonl `messages` are rendered (see distill.data)
     shuffle: bool = True
     pack: bool = True  # several documents per sequence (no padding waste) vs one document per sequence
+    prefetch: bool = True  # build the next step's batches in a thread while this step computes
 
 
 @dataclass

@@ -22,6 +22,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -375,29 +376,51 @@ def _aligned_rows(windows: list[Window], k: int) -> range:
 class DistillLoader:
     """Micro-batches for one rank: global step s uses windows [s*G, (s+1)*G) of the packer's stream
     (G = micro_batch * grad_accum * world); micro-batch j of rank r takes the (j*world + r)-th slice of size
-    micro_batch, so a run on N ranks sees exactly what one rank with N times the accumulation would."""
+    micro_batch, so a run on N ranks sees exactly what one rank with N times the accumulation would.
+
+    With `prefetch`, the next step's batches are built in a background thread while the current step computes
+    (tokenizers and numpy release the GIL); `state_dict` always describes the batches already handed out.
+    """
 
     def __init__(self, packer: Packer, *, micro_batch_size: int, grad_accum: int = 1, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, prefetch: bool = False):
         self.packer, self.micro_batch_size, self.grad_accum = packer, micro_batch_size, grad_accum
         self.rank, self.world_size = rank, world_size
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="distill-data") if prefetch else None
+        self._pending: Future | None = None
+        self._consumed = dict(vars(packer.state))
 
-    def step_batches(self) -> list[ChunkAlignment]:
-        """The `grad_accum` micro-batches of this rank for the next optimizer step."""
+    def _produce(self) -> tuple[list[ChunkAlignment], dict[str, int]]:
         size = self.micro_batch_size
         windows = [self.packer.next_window() for _ in range(size * self.grad_accum * self.world_size)]
         mine = []
         for j in range(self.grad_accum):
             start = (j * self.world_size + self.rank) * size
             mine.append(stitch(windows[start:start + size], self.packer.teacher, self.packer.student))
-        return mine
+        return mine, dict(vars(self.packer.state))
+
+    def step_batches(self) -> list[ChunkAlignment]:
+        """The `grad_accum` micro-batches of this rank for the next optimizer step."""
+        if self._pool is None:
+            batches, state = self._produce()
+        else:
+            if self._pending is None:
+                self._pending = self._pool.submit(self._produce)
+            batches, state = self._pending.result()
+            self._pending = self._pool.submit(self._produce)
+        self._consumed = state
+        return batches
 
     def __iter__(self) -> Iterator[list[ChunkAlignment]]:
         while True:
             yield self.step_batches()
 
     def state_dict(self) -> dict[str, int]:
-        return dict(vars(self.packer.state))
+        return dict(self._consumed)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if self._pending is not None:  # it is mutating the packer: let it finish, then discard its batches
+            self._pending.result()
+            self._pending = None
         self.packer.state = PackerState(**{k: int(v) for k, v in state.items()})
+        self._consumed = dict(vars(self.packer.state))

@@ -142,7 +142,7 @@ class Trainer:
         packer = Packer(docs, self.teacher_vocab, self.student_vocab, max_length=r.data.max_length,
                         seed=r.train.seed, shuffle=r.data.shuffle, pack=r.data.pack, chat_template=r.data.chat_template)
         self.loader = DistillLoader(packer, micro_batch_size=r.train.micro_batch_size, grad_accum=r.train.grad_accum,
-                                    rank=rt.rank, world_size=rt.world_size)
+                                    rank=rt.rank, world_size=rt.world_size, prefetch=r.data.prefetch)
         self.heldout = self._heldout_texts()
         log.info("teacher %s, student %s (%s, ZeRO-%d, %d rank(s)), loss %s, %d documents",
                  self.teacher_dir, self.student_dir, rt.dtype, self.stage, rt.world_size, r.loss.name, len(docs))
