@@ -196,7 +196,7 @@ def test_prefilter_with_every_atom_equals_exact():
 
 def test_prefilter_error_is_close_to_exact():
     """Measured on this problem (N=400, D=64, k=8, rank-16 + noise atoms), mean relative error: exact 0.1624;
-    refreshed candidates (default) M=128 0.1634, M=64 0.1674, M=16 0.1759, M=4 (raised to k) 0.1814;
+    refreshed candidates (prefilter_refresh=True) M=128 0.1634, M=64 0.1674, M=16 0.1759, M=4 (raised to k) 0.1814;
     top-M by |c0| only: M=128 0.1649, M=64 0.1831, M=16 0.2608 (one atom: 0.669). The bounds sit just above
     those numbers. Guaranteed: the first pick equals exact OMP's, so no row is worse than a one-atom fit."""
     gen = torch.Generator().manual_seed(14)
@@ -218,6 +218,10 @@ def test_prefilter_error_is_close_to_exact():
                 assert np.all(error <= one_atom + 1e-6)
                 means[refresh, m] = error.mean()
     assert means[True, 16] < means[False, 16] and means[True, 64] < means[False, 64]
+    for k, refresh in ((8, False), (24, True)):  # default: refresh only for k > 16
+        default = omp(targets, atoms, k, prefilter=32)
+        explicit = omp(targets, atoms, k, prefilter=32, prefilter_refresh=refresh)
+        assert torch.equal(default[0], explicit[0]) and torch.equal(default[1], explicit[1])
 
 
 def test_deterministic_and_independent_of_batch_size():
