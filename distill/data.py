@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from distill.chat import CHAT_MODES, chat_markups
 from distill.chunks import ChunkAlignment, align_batch, tokenize_pair
 from transplant.errors import TransplantError
 from transplant.vocab import Vocab
@@ -38,8 +39,6 @@ log = logging.getLogger(__name__)
 
 DOC_BYTES = 4096  # long texts are split into ~4 KB documents at paragraph/line breaks (the unit of shuffling)
 MIN_ROOM = 8  # a window with fewer free tokens than this on either side is closed
-CHAT_MODES = ("auto", "own", "plain", "teacher", "student")
-_SENTINEL = "\u2063TTMSG{}\u2063"  # invisible separator: never produced by templates, never stripped
 
 
 # ----------------------------------------------------------------------------------------------------- reading
@@ -106,48 +105,6 @@ def read_documents(sources: list[str], *, corpus_bytes: int = 2_000_000) -> list
     if not docs:
         raise TransplantError(f"no training text found in {sources}; check data.train")
     return docs
-
-
-# ----------------------------------------------------------------------------------------------------- chat
-def plain_markup(messages: list[dict]) -> list[str]:
-    """`role: content` turns separated by blank lines; the markup pieces around each content."""
-    return [("\n\n" if i else "") + f"{m['role']}: " for i, m in enumerate(messages)] + [""]
-
-
-def template_markup(tokenizer: Any, messages: list[dict]) -> list[str] | None:
-    """The markup a chat template puts before each message and after the last (None: no usable template).
-
-    Renders the template with sentinel contents and splits at them, so any Jinja template works as long as it
-    inserts each content verbatim (templates that rewrite contents fall back to the plain format).
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    fake = [{"role": m["role"], "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
-    try:
-        rendered = tokenizer.apply_chat_template(fake, tokenize=False)
-    except Exception as err:  # templates raise anything (e.g. "roles must alternate"); the plain format still works
-        log.debug("chat template failed (%s); using the plain format", err)
-        return None
-    parts, pos = [], 0
-    for i in range(len(messages)):
-        found = rendered.find(_SENTINEL.format(i), pos)
-        if found < 0:
-            return None
-        parts.append(rendered[pos:found])
-        pos = found + len(_SENTINEL.format(i))
-    return parts + [rendered[pos:]]
-
-
-def chat_markups(messages: list[dict], teacher: Vocab, student: Vocab, mode: str) -> tuple[list[str], list[str]]:
-    """(teacher markup, student markup) pieces for `messages`; each list has len(messages) + 1 strings."""
-    own = {"teacher": template_markup(teacher.tokenizer, messages) if mode in ("auto", "own", "teacher") else None,
-           "student": template_markup(student.tokenizer, messages) if mode in ("auto", "own", "student") else None}
-    plain = plain_markup(messages)
-    if mode == "teacher":
-        return (own["teacher"] or plain,) * 2
-    if mode == "student":
-        return (own["student"] or plain,) * 2
-    return own["teacher"] or plain, own["student"] or plain
 
 
 # ----------------------------------------------------------------------------------------------------- packing

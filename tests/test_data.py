@@ -8,16 +8,9 @@ import json
 import pytest
 import torch
 
+from distill.chat import plain_markup, template_markup
 from distill.chunks import align_batch
-from distill.data import (
-    DistillLoader,
-    Packer,
-    plain_markup,
-    read_documents,
-    split_text,
-    stitch,
-    template_markup,
-)
+from distill.data import DistillLoader, Packer, read_documents, split_text, stitch
 from tests.conftest import BASE_CORPUS, DONOR_CORPUS
 from transplant.errors import TransplantError
 from transplant.vocab import load_vocab
