@@ -2,12 +2,12 @@
 
 Claim under test (DESIGN.md §3): exact Batch-OMP is several times cheaper than the plain batched OMP that
 recomputes every anchor's correlation with the residual each step, and prefiltering cuts the cost further with
-a measurable loss. The real job has ~217k targets; a few hundred to a thousand are timed here and the per-target
-cost is extrapolated (the work is linear in the number of targets; the Gram matrix is a one-off).
+a measurable loss. The real job has ~217k targets; a few hundred to a thousand are timed here and the
+per-target cost is extrapolated (the work is linear in the number of targets; the Gram matrix is a one-off).
 
-Data: synthetic embeddings with low-rank structure (rank 64, decaying spectrum), a shared mean direction, noise
-and log-normal row norms, which resembles real embedding matrices better than iid Gaussians. A target (a new
-token) is a weighted sum of two random anchors plus a fresh row of the same process at 0.6x scale: related to
+Data: synthetic embeddings with low-rank structure (rank 64, decaying spectrum), a shared mean direction,
+noise and log-normal row norms, which resembles real embedding matrices better than iid Gaussians. A target
+(a new token) is a weighted sum of two random anchors plus a fresh row of the same process at 0.6x scale: related to
 a few anchors, not in their span.
 
     OMP_NUM_THREADS=1 python bench/bench_omp_solver.py            # full run, ~10 min on a loaded 2-core box
@@ -174,8 +174,8 @@ def quality(targets, dictionary, idx, coef):
 
 def same_support(idx_a, coef_a, idx_b, coef_b):
     def sets(idx, coef):
-        return [frozenset(i for i, c in zip(r.tolist(), v.tolist(), strict=True) if c) for r, v in zip(idx, coef,
-                                                                                                          strict=True)]
+        return [frozenset(i for i, c in zip(r.tolist(), v.tolist(), strict=True) if c)
+                for r, v in zip(idx, coef, strict=True)]
     return float(np.mean([a == b for a, b in zip(sets(idx_a, coef_a), sets(idx_b, coef_b), strict=True)]))
 
 
@@ -191,7 +191,8 @@ def build_gram(dictionary: torch.Tensor, dtype: torch.dtype, device: torch.devic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--anchors", type=int, default=45_000)
     parser.add_argument("--dim", type=int, default=640)
     parser.add_argument("--runs", type=int, default=3)
@@ -212,7 +213,8 @@ def main() -> None:
     all_targets = (weights * dictionary[pairs]).sum(dim=1) + 0.6 * synthetic(4096, args.dim, gen)
     atoms = dictionary.to(device)
     print(f"anchors N={args.anchors}, D={args.dim}, device={device}, threads={torch.get_num_threads()}, "
-          f"runs={args.runs} (median time, max peak), Gram {gram_name}, load average {os.getloadavg()[0]:.1f}")
+          f"runs={args.runs} (median time, max peak), Gram {gram_name}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     # timed targets per method and k: a few seconds per run, ~10 min in all on a loaded 2-core box
     plans = {8: dict(naive=128, exact=512, residual=256, pre=1024, pre_nogram=512, skl=8),
              64: dict(naive=64, exact=64, residual=32, pre=256, pre_nogram=128, skl=4)}
@@ -245,7 +247,8 @@ def main() -> None:
                lambda t, k=k: omp(t, atoms, k, gram_dtype=None))
         for refresh in (False, True):
             for m in (256, 1024):
-                name = f"prefilter M={m}, {'refreshed' if refresh else 'top-M by abs(c0) only'}, {gram_name} Gram"
+                how = "refreshed" if refresh else "top-M by abs(c0) only"
+                name = f"prefilter M={m}, {how}, {gram_name} Gram"
                 record(name, k, plan["pre"], True, lambda t, k=k, m=m, r=refresh, g=gram: omp(
                     t, atoms, k, prefilter=m, prefilter_refresh=r, gram=g))
         record("prefilter M=1024, refreshed, no Gram", k, plan["pre_nogram"], False,
@@ -273,7 +276,8 @@ def print_table(rows, one_off, args) -> None:
     for row in sorted(rows, key=lambda r: r["k"]):
         per_target = row["seconds"] / row["n"]
         total = per_target * REAL_TARGETS + (seconds if row["gram"] else 0.0)
-        print(f"| {row['label']} | {row['k']} | {row['n']} | {row['seconds']:.2f} s | {per_target * 1e3:.2f} | "
+        print(f"| {row['label']} | {row['k']} | {row['n']} | {row['seconds']:.2f} s | "
+              f"{per_target * 1e3:.2f} | "
               f"{total / 60:.0f} min{' incl. Gram' if row['gram'] else ''} | {row['peak'] / 2**20:.0f} MiB | "
               f"{row['err']:.4f} | {row['exact_err']:.4f} | {row['agree'] * 100:.0f}% |")
 

@@ -1,4 +1,4 @@
-"""Batch-OMP against scikit-learn's reference OMP, plus the numerical corner cases an embedding matrix hits."""
+"""Batch-OMP against scikit-learn's reference OMP, plus the numerical corner cases embedding matrices hit."""
 
 from __future__ import annotations
 
@@ -115,7 +115,8 @@ def test_duplicate_atoms_give_the_same_fit_as_without_them():
                                _rel_error(targets, atoms, base_indices, base_coefs), atol=1e-5)
     original = torch.cat([torch.arange(200), torch.arange(100), torch.arange(50)])
     for row in range(30):  # never two copies of one atom in a support
-        used = [original[i].item() for i, c in zip(indices[row].tolist(), coefs[row].tolist(), strict=True) if c]
+        pairs = zip(indices[row].tolist(), coefs[row].tolist(), strict=True)
+        used = [original[i].item() for i, c in pairs if c]
         assert len(used) == len(set(used))
 
 
@@ -196,7 +197,8 @@ def test_prefilter_with_every_atom_equals_exact():
 
 def test_prefilter_error_is_close_to_exact():
     """Measured on this problem (N=400, D=64, k=8, rank-16 + noise atoms), mean relative error: exact 0.1624;
-    refreshed candidates (prefilter_refresh=True) M=128 0.1634, M=64 0.1674, M=16 0.1759, M=4 (raised to k) 0.1814;
+    refreshed candidates (prefilter_refresh=True) M=128 0.1634, M=64 0.1674, M=16 0.1759, M=4 (raised to
+    k) 0.1814;
     top-M by |c0| only: M=128 0.1649, M=64 0.1831, M=16 0.2608 (one atom: 0.669). The bounds sit just above
     those numbers. Guaranteed: the first pick equals exact OMP's, so no row is worse than a one-atom fit."""
     gen = torch.Generator().manual_seed(14)

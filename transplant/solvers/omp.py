@@ -11,8 +11,9 @@ set), computed the way Rubinstein, Zibulevsky & Elad (2008) do:
   once per call in row blocks and reused for every target; with fp32 it takes 8 GB at N = 45k, so it is
   stored in fp16 when fp32 does not fit (`gram_dtype="auto"`), or skipped (`None`, or nothing fits).
 * Step s reads O(N·s) Gram memory per target (bandwidth-bound), a residual GEMM costs a fixed O(N·D) at
-  full FLOP rate. On the 2-core CPU here Gram updates won at every step up to k=64 (bench/RESULTS.md), so
-  they are the default; `gram_steps=g` switches to residual correlations after g steps, which a roofline
+  full FLOP rate. On the 2-core CPU here Gram updates won at every step up to k=64 (exploratory sweep,
+  N=45k, k=64, 1 thread: 123 ms/target all-Gram, 207 switching at step 32, 306 residual only), so they are
+  the default; `gram_steps=g` switches to residual correlations after g steps, which a roofline
   estimate says pays for large k on GPUs (around g ≈ D/20; not measured, no GPU was available). Both exact.
 * The least-squares solution uses a Cholesky factor of G[S, S] grown by one row per step. Its entries are
   computed from the chosen atoms themselves (O(s·D)), never from a reduced-precision G, so the Gram dtype
@@ -25,8 +26,9 @@ set), computed the way Rubinstein, Zibulevsky & Elad (2008) do:
   exact with c0 alone, +7% refreshed, 3x faster than exact) but costs more than exact Batch-OMP at small k
   (k=8: exact 7.0 ms/target, refreshed 8-12, c0-only 3.4 at +4% error), so it is on for k > 16 only.
 
-Selection uses correlations with unit-normalised atoms (|aᵢ·r| / ‖aᵢ‖), i.e. the scale of an embedding row does
-not make it more likely to be chosen; the returned coefficients apply to the original (unnormalised) rows.
+Selection uses correlations with unit-normalised atoms (|aᵢ·r| / ‖aᵢ‖), i.e. the scale of an embedding row
+does not make it more likely to be chosen; the returned coefficients apply to the original (unnormalised)
+rows.
 Complexity per target (N anchors, D dims, k steps): exact with G: N·D (c0) + N·k²/2 (updates) + k²·D
 (Cholesky) plus a one-off N²·D/2 for G; without G: k·N·D; prefilter M: N·D + M·k²/2 with G, N·D + k·M·D
 without. Memory per target in flight: N·(k + 8) floats with G; G itself N² in `gram_dtype`.
@@ -69,9 +71,9 @@ def omp(
     """Sparse-code every row of `targets` [B, D] with at most `k` rows of `dictionary` [N, D].
 
     Returns `(indices [B, k] int64, coefficients [B, k] float32)` on the targets' device with
-    `targets ≈ Σⱼ coefficients[:, j, None] · dictionary[indices[:, j]]`, columns in selection order. The output
-    always has k columns; a column that holds no atom carries index 0 with coefficient 0, so the sum stays
-    correct: the columns after an early stop (the residual no longer correlates with any atom: exactly
+    `targets ≈ Σⱼ coefficients[:, j, None] · dictionary[indices[:, j]]`, columns in selection order. The
+    output always has k columns; a column that holds no atom carries index 0 with coefficient 0, so the sum
+    stays correct: the columns after an early stop (the residual no longer correlates with any atom: exactly
     representable or zero target, k > N) and the rare pick skipped for being linearly dependent on the
     chosen atoms (duplicates; it could only win through rounding). Zero atoms are never chosen.
 
@@ -122,8 +124,8 @@ def omp(
     else:
         n_gram_steps = steps if gram_steps is None else min(steps, gram_steps)
     if batch_size is None:
-        batch_size = _auto_batch_size(n_atoms, candidates, atoms.shape[1], steps, n_gram_steps, prefilter is not None,
-                                      gram is not None, device)
+        batch_size = _auto_batch_size(n_atoms, candidates, atoms.shape[1], steps, n_gram_steps,
+                                      prefilter is not None, gram is not None, device)
     logger.info("OMP: %d targets, %d atoms, k=%d, prefilter=%s, Gram=%s, gram steps=%d, batch=%d, on %s",
                 n_targets, n_atoms, steps, prefilter, None if gram is None else gram.dtype, n_gram_steps,
                 batch_size, device)
@@ -177,7 +179,8 @@ def _check_finite(row_norms: Tensor, name: str, offset: int) -> None:
     bad_rows = (~torch.isfinite(row_norms)).nonzero().flatten()
     if bad_rows.numel():
         raise TransplantError(f"OMP {name} contain NaN/Inf in {bad_rows.numel()} rows (first: row "
-                              f"{offset + int(bad_rows[0])}); fix or drop those embedding rows before initialising")
+                              f"{offset + int(bad_rows[0])}); fix or drop those embedding rows before "
+                              "initialising")
 
 
 def unit_gram(dictionary: Tensor, dtype: torch.dtype = torch.float32,
@@ -240,7 +243,8 @@ class _Workspace:
 
 
 def _pursue(x: Tensor, atoms: Tensor, valid: Tensor, gram: Tensor | None, steps: int, n_candidates: int,
-            prefiltered: bool, refresh: bool, gram_steps: int, work: _Workspace) -> tuple[Tensor, Tensor, Tensor]:
+            prefiltered: bool, refresh: bool, gram_steps: int,
+            work: _Workspace) -> tuple[Tensor, Tensor, Tensor]:
     """Greedy support selection for one batch. Returns (atom indices [B, k], kept mask [B, k], the
     working-precision least-squares coefficients of the unit-norm atoms [B, k])."""
     batch, dim = x.shape

@@ -15,8 +15,8 @@ def sparsemax(scores: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tens
     """Project `scores` onto the simplex along `dim`: p = max(scores − τ, 0) with τ chosen so that Σp = 1.
 
     `mask` (bool, broadcastable to `scores`) marks the allowed entries; the others get weight 0, and a slice
-    with no allowed entry is all zeros (instead of NaN). Non-finite scores (-inf, NaN) count as masked. Computed in float32
-    (float64 stays float64), returned in that dtype.
+    with no allowed entry is all zeros (instead of NaN). Non-finite scores (-inf, NaN) count as masked.
+    Computed in float32 (float64 stays float64), returned in that dtype.
     """
     work_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     z = scores.to(work_dtype).movedim(dim, -1)
