@@ -7,8 +7,8 @@ per-target cost is extrapolated (the work is linear in the number of targets; th
 
 Data: synthetic embeddings with low-rank structure (rank 64, decaying spectrum), a shared mean direction,
 noise and log-normal row norms, which resembles real embedding matrices better than iid Gaussians. A target
-(a new token) is a weighted sum of two random anchors plus a fresh row of the same process at 0.6x scale: related to
-a few anchors, not in their span.
+(a new token) is a weighted sum of two random anchors plus a fresh row of the same process at 0.6x scale:
+related to a few anchors, not in their span.
 
     OMP_NUM_THREADS=1 python bench/bench_omp_solver.py            # full run, ~10 min on a loaded 2-core box
     OMP_NUM_THREADS=1 python bench/bench_omp_solver.py --anchors 4500 --scale 0.25 --runs 1   # smoke run
