@@ -66,9 +66,24 @@ def relative_error(targets: torch.Tensor, dictionary: torch.Tensor, positions: t
     return (targets - approx).norm(dim=1) / targets.norm(dim=1).clamp_min(1e-12)
 
 
-def donor_plan(ctx: InitContext, method: str, combine: Combiner, batch_size: int = 4096,
-               notes: dict | None = None) -> InitPlan:
-    """Run `combine` in the donor input space (and output space when the donor has its own lm_head)."""
+def in_batches(combine: Combiner, batch_size: int = 4096, desc: str = "") -> Combiner:
+    """Wrap a per-batch combiner (GEMM + topk) so memory stays bounded over hundreds of thousands of targets."""
+
+    def run(targets: torch.Tensor, dictionary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions, weights = [], []
+        for start in tqdm(range(0, targets.shape[0], batch_size), desc=desc, leave=False,
+                          disable=targets.shape[0] <= batch_size):
+            pos, w = combine(targets[start : start + batch_size], dictionary)
+            positions.append(pos)
+            weights.append(w)
+        return torch.cat(positions), torch.cat(weights)
+
+    return run
+
+
+def donor_plan(ctx: InitContext, method: str, combine: Combiner, notes: dict | None = None) -> InitPlan:
+    """Run `combine` on all new tokens at once in the donor input space (and in the output space when the
+    donor has its own lm_head): solvers such as OMP build per-dictionary state (a Gram matrix) only once."""
     ctx.require_donor(method)
     if ctx.donor_input.shape[0] < len(ctx.new_vocab):
         raise TransplantError(
@@ -86,20 +101,17 @@ def donor_plan(ctx: InitContext, method: str, combine: Combiner, batch_size: int
         spaces["output"] = ctx.donor_output
     for role, donor in spaces.items():
         rows, cols, vals = copy_shared(ctx.alignment, len(ctx.base_vocab))
-        dictionary = donor[anchors.new_ids.to(donor.device)].float()
-        positions, weights, errors = [], [], []
-        for start in tqdm(range(0, targets.numel(), batch_size), desc=f"{method} ({role})", leave=False,
-                          disable=targets.numel() <= batch_size):
-            batch = donor[targets[start : start + batch_size].to(donor.device)].float()
-            pos, w = combine(batch, dictionary)
-            errors.append(relative_error(batch, dictionary, pos, w).cpu())
-            positions.append(pos.cpu())
-            weights.append(w.float().cpu())
-        if role == "input" and errors:
-            reconstruction = torch.cat(errors)
         if targets.numel():
-            pos = torch.cat(positions)
-            w = torch.cat(weights)
+            dictionary = donor[anchors.new_ids.to(donor.device)].float()
+            target_rows = donor[targets.to(donor.device)].float()
+            log.info("%s (%s): %d new tokens over %d anchors", method, role, targets.numel(), dictionary.shape[0])
+            pos, w = combine(target_rows, dictionary)
+            pos, w = pos.to(dictionary.device), w.float().to(dictionary.device)
+            if role == "input":
+                reconstruction = torch.cat([relative_error(target_rows[i : i + 8192], dictionary, pos[i : i + 8192],
+                                                           w[i : i + 8192]).cpu()
+                                            for i in range(0, targets.numel(), 8192)])
+            pos, w = pos.cpu(), w.cpu()
             k = pos.shape[1]
             keep = w.reshape(-1) != 0  # sparsemax / early-stopped OMP leave exact zeros: not stored
             rows += targets.repeat_interleave(k)[keep].tolist()

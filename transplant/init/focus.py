@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from transplant.init.base import InitContext, InitPlan
-from transplant.init.donor import cosine_topk, donor_plan
+from transplant.init.donor import cosine_topk, donor_plan, in_batches
 from transplant.init.registry import register
 
 
@@ -35,5 +35,5 @@ def focus_weights(targets: torch.Tensor, dictionary: torch.Tensor, top_m: int, t
 def focus_init(ctx: InitContext) -> InitPlan:
     top_m = int(ctx.options.get("top_m", 64))
     temperature = float(ctx.options.get("temperature", 0.1))
-    return donor_plan(ctx, "focus", lambda t, d: focus_weights(t, d, top_m, temperature),
+    return donor_plan(ctx, "focus", in_batches(lambda t, d: focus_weights(t, d, top_m, temperature), desc="focus"),
                       notes={"top_m": top_m, "temperature": temperature})

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from transplant.init.base import InitContext, InitPlan
-from transplant.init.donor import cosine_topk, donor_plan
+from transplant.init.donor import cosine_topk, donor_plan, in_batches
 from transplant.init.registry import register
 
 
@@ -22,5 +22,5 @@ def knn_weights(targets: torch.Tensor, dictionary: torch.Tensor, k: int, tempera
 def knn_init(ctx: InitContext) -> InitPlan:
     k = int(ctx.options.get("k", 8))
     temperature = float(ctx.options.get("temperature", 0.1))
-    return donor_plan(ctx, "knn", lambda t, d: knn_weights(t, d, k, temperature),
+    return donor_plan(ctx, "knn", in_batches(lambda t, d: knn_weights(t, d, k, temperature), desc="knn"),
                       notes={"k": k, "temperature": temperature})

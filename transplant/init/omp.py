@@ -19,5 +19,5 @@ def omp_init(ctx: InitContext) -> InitPlan:
     k = int(ctx.options.get("k", 64))
     prefilter = ctx.options.get("prefilter")
     prefilter = int(prefilter) if prefilter else None
-    return donor_plan(ctx, "omp", lambda t, d: omp(t, d, k, prefilter=prefilter),
+    return donor_plan(ctx, "omp", lambda t, d: omp(t, d, k, prefilter=prefilter, progress=True),
                       notes={"k": k, "prefilter": prefilter})
