@@ -19,5 +19,11 @@ def omp_init(ctx: InitContext) -> InitPlan:
     k = int(ctx.options.get("k", 64))
     prefilter = ctx.options.get("prefilter")
     prefilter = int(prefilter) if prefilter else None
-    return donor_plan(ctx, "omp", lambda t, d: omp(t, d, k, prefilter=prefilter, progress=True),
+    def combine(targets, dictionary):
+        # the Gram matrix costs N²·D/2 once; pursuit without it costs B·k·N·D: build it only when that is more
+        use_gram = targets.shape[0] * k > dictionary.shape[0]
+        return omp(targets, dictionary, k, prefilter=prefilter, gram_dtype="auto" if use_gram else None,
+                   progress=True)
+
+    return donor_plan(ctx, "omp", combine,
                       notes={"k": k, "prefilter": prefilter})
