@@ -126,6 +126,9 @@ class Trainer:
         student = AutoModelForCausalLM.from_pretrained(self.student_dir, dtype=rt.dtype,
                                                        trust_remote_code=r.student.trust_remote_code)
         student.config.use_cache = False
+        _check_vocab(self.student_vocab, student.config, "student", self.student_dir)
+        if self.teacher is not None:
+            _check_vocab(self.teacher_vocab, self.teacher.config, "teacher", self.teacher_dir)
         if r.train.gradient_checkpointing:
             student.gradient_checkpointing_enable()
         if r.lora.enabled:
@@ -356,6 +359,14 @@ class Trainer:
         if self.rt.world_size > 1:
             torch.distributed.barrier()
         return out
+
+
+def _check_vocab(vocab: Any, config: Any, role: str, directory: Path) -> None:
+    """Token ids beyond the embedding rows would crash mid-run (or read garbage on GPU): fail at start-up."""
+    rows = getattr(config.get_text_config(), "vocab_size", None)
+    if rows is not None and len(vocab) > rows:
+        raise TransplantError(f"{role} {directory}: its tokenizer has {len(vocab)} ids but the model only "
+                              f"{rows} embedding rows; use the tokenizer saved with that model")
 
 
 def _peak_memory() -> dict[str, float]:
