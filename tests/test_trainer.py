@@ -230,3 +230,22 @@ def test_shipped_recipes_are_valid_and_documented(recipe_path):
     ds = (recipe_path.parent / recipe.deepspeed) if not Path(recipe.deepspeed).exists() else Path(recipe.deepspeed)
     config = json.loads(ds.read_text())
     assert "optimizer" not in config and "scheduler" not in config
+
+
+def test_self_distillation_transplants_the_student_when_missing_and_reads_chat_jsonl(tmp_path, tiny_pair):
+    lines = [json.dumps({"messages": [{"role": "user", "content": "What does add(2, 3) print?"},
+                                      {"role": "assistant", "content": "It prints 5. The quick brown fox."}]}),
+             json.dumps({"text": BASE_CORPUS[:400]})]
+    (tmp_path / "mix.jsonl").write_text("\n".join(lines * 4))
+    student_dir = tmp_path / "transplanted"
+    recipe = make_recipe(tmp_path, tiny_pair, "selfdistill", train={"steps": 2},
+                         teacher={"path": str(tiny_pair["base_tied"])},
+                         student={"path": str(student_dir), "prepare": {"base": str(tiny_pair["base_tied"]),
+                                                                       "donor": str(tiny_pair["donor_tok"]),
+                                                                       "method": "fvt"}},
+                         data={"train": [str(tmp_path / "mix.jsonl")], "max_length": 64})
+    _, result = run_in_process(recipe)
+    assert (student_dir / "config.json").exists()  # made by transplant() before training
+    losses_seen = [r["loss"] for r in result["history"] if "loss" in r]
+    assert len(losses_seen) == 2 and all(0 < v < 10 for v in losses_seen)
+    assert all(r["num_items"] > 10 for r in result["history"] if "num_items" in r)
