@@ -27,8 +27,10 @@ RECIPE = REPO / "recipes" / "cpu_smoke_smollm2_mistral.yaml"
 def run_one(loss: str, args: argparse.Namespace, work: Path) -> list[dict]:
     out = work / loss
     metrics = out / "metrics.jsonl"
-    if args.reuse and (out / "final").exists():
-        return [json.loads(line) for line in metrics.read_text().splitlines()]
+    if args.reuse and metrics.exists():
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        if any(r.get("step") == args.steps and "loss" in r for r in records):
+            return records
     sets = {
         "output_dir": str(out), "student.path": args.student, "loss.name": loss, "train.steps": args.steps,
         "train.micro_batch_size": args.batch, "train.grad_accum": 1, "data.max_length": args.seq,

@@ -54,7 +54,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     name: str = "alm"  # alm | alm-l1 | ce | uld | mined (distill.losses registry)
-    options: dict = field(default_factory=dict)  # keyword options of the loss (e.g. temperature, debias)
+    options: dict = field(default_factory=dict)  # per loss name: {alm: {temperature: 100}, uld: {top_k: 4096}}
     ce_weight: float = 0.0  # adds the student's own next-token CE (an anchor) to a distillation loss
 
 

@@ -14,6 +14,7 @@ Design points:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -51,6 +52,26 @@ def lr_factor(step: int, optim: Any, total: int) -> float:
     if optim.schedule == "cosine":
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     raise TransplantError(f"optim.schedule={optim.schedule!r} is unknown; use cosine, linear or constant")
+
+
+def loss_options(name: str, per_loss: dict[str, Any], loss_fn: Any) -> dict[str, Any]:
+    """The chosen loss's block of `loss.options` (keyed by loss name, so that switching `loss.name` never feeds
+    one loss another's options, e.g. ALM's temperature 100 to ULD), checked against the loss's signature."""
+    from distill.losses import LOSSES
+
+    strays = sorted(set(per_loss) - set(LOSSES))
+    if strays:
+        raise TransplantError(f"loss.options.{strays[0]}: options are keyed by loss name ({', '.join(sorted(LOSSES))})"
+                              f", e.g. loss.options.alm.temperature=100")
+    options = dict(per_loss.get(name) or {})
+    params = inspect.signature(loss_fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        allowed = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "num_items"]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise TransplantError(f"loss.options.{name}.{unknown[0]} is not an option of loss {name!r}; "
+                                  f"it takes: {', '.join(allowed)}")
+    return options
 
 
 def embedding_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -108,6 +129,7 @@ class Trainer:
         self.teacher_vocab = load_vocab(self.teacher_dir, trust_remote_code=r.teacher.trust_remote_code)
         self.student_vocab = load_vocab(self.student_dir, trust_remote_code=r.student.trust_remote_code)
         self.loss_fn, self.ce_fn = get_loss(r.loss.name), get_loss("ce")
+        self.loss_options = loss_options(r.loss.name, r.loss.options, self.loss_fn)
         self.needs_teacher = r.loss.name != "ce"
         self.ds_config = load_deepspeed_config(r, rt)
         self.stage = zero_stage(self.ds_config)
@@ -175,7 +197,7 @@ class Trainer:
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
     def _loss_extras(self) -> dict[str, Any]:
-        options, extras = self.recipe.loss.options, {}
+        options, extras = self.loss_options, {}
         device = self.rt.device
         if options.get("debias"):
             from distill.chunks import word_start_mask
@@ -216,7 +238,7 @@ class Trainer:
 
     def _micro_step(self, alignment, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         r, a = self.recipe, alignment.to(self.rt.device)
-        need_hidden = bool(r.loss.options.get("hidden_weight"))
+        need_hidden = bool(self.loss_options.get("hidden_weight"))
         batch: dict[str, Any] = {"alignment": a, **self.loss_extras}
         if self.needs_teacher:
             with torch.no_grad():
@@ -230,7 +252,7 @@ class Trainer:
         batch["student_logits"] = s_out.logits
         if need_hidden:
             batch["student_hidden_states"] = s_out.hidden_states[-1]
-        loss, metrics = self.loss_fn(batch, num_items=float(counts[0]), **r.loss.options)
+        loss, metrics = self.loss_fn(batch, num_items=float(counts[0]), **self.loss_options)
         if r.loss.ce_weight:
             anchor, _ = self.ce_fn(batch, num_items=float(counts[1]))
             loss = loss + r.loss.ce_weight * anchor

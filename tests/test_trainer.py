@@ -17,8 +17,9 @@ import yaml
 from safetensors.torch import load_file
 
 from distill.config import load_recipe
+from distill.losses import get_loss
 from distill.runtime import load_deepspeed_config
-from distill.trainer import Trainer
+from distill.trainer import Trainer, loss_options
 from tests.conftest import BASE_CORPUS
 from transplant.errors import TransplantError
 
@@ -89,7 +90,7 @@ def test_alm_steps_reduce_loss_and_heldout_bpb_and_export_loads(tmp_path, tiny_p
     (tmp_path / "one.txt").write_text(BASE_CORPUS[:150])  # one unpacked document: the same batch every step
     recipe = make_recipe(tmp_path, tiny_pair, "learn", train={"steps": 12, "grad_accum": 1},
                          data={"train": [str(tmp_path / "one.txt")], "max_length": 48, "pack": False},
-                         loss={"name": "alm", "options": {"diff": "binary_kl"}}, optim={"lr": 1e-2},
+                         loss={"name": "alm", "options": {"alm": {"diff": "binary_kl"}}}, optim={"lr": 1e-2},
                          eval={"texts": [str(tmp_path / "heldout.txt")], "teacher": True, "every": 6})
     trainer, result = run_in_process(recipe)
     history = [r["loss"] for r in result["history"] if "loss" in r]
@@ -199,11 +200,11 @@ def test_embeddings_only_phase_freezes_the_body(tmp_path, tiny_pair):
 def test_recipe_overrides_interpolation_and_errors(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("output_dir: out/x\noptim: {lr: 1e-4}\ncheckpoint: {dir: '${output_dir}/ck'}\n")
-    recipe = load_recipe(path, ["output_dir=/tmp/y", "train.steps=7", "loss.options.debias=true",
+    recipe = load_recipe(path, ["output_dir=/tmp/y", "train.steps=7", "loss.options.alm.debias=true",
                                 "data.train=[a.txt, b.jsonl]"])
     assert recipe.optim.lr == 1e-4 and isinstance(recipe.optim.lr, float)
     assert recipe.checkpoint.dir == "/tmp/y/ck" and recipe.export.dir == "/tmp/y/final"
-    assert recipe.train.steps == 7 and recipe.loss.options == {"debias": True}
+    assert recipe.train.steps == 7 and recipe.loss.options == {"alm": {"debias": True}}
     assert recipe.data.train == ["a.txt", "b.jsonl"]
     with pytest.raises(TransplantError, match="unknown recipe key train.stepz"):
         load_recipe(path, ["train.stepz=3"])
@@ -211,6 +212,11 @@ def test_recipe_overrides_interpolation_and_errors(tmp_path):
         load_recipe(path, ["train.steps=many"])
     with pytest.raises(TransplantError, match="key=value"):
         load_recipe(path, ["train.steps"])
+    assert loss_options("uld", {"alm": {"temperature": 100.0}, "uld": {"top_k": 8}}, get_loss("uld")) == {"top_k": 8}
+    with pytest.raises(TransplantError, match="keyed by loss name"):
+        loss_options("alm", {"temperature": 100.0}, get_loss("alm"))
+    with pytest.raises(TransplantError, match="not an option of loss 'uld'"):
+        loss_options("uld", {"uld": {"debias": True}}, get_loss("uld"))
     bad = tmp_path / "ds.json"
     bad.write_text('{"optimizer": {"type": "Adam"}}')
     with pytest.raises(TransplantError, match="optimizer"):
@@ -230,6 +236,8 @@ def test_shipped_recipes_are_valid_and_documented(recipe_path):
     ds = (recipe_path.parent / recipe.deepspeed) if not Path(recipe.deepspeed).exists() else Path(recipe.deepspeed)
     config = json.loads(ds.read_text())
     assert "optimizer" not in config and "scheduler" not in config
+    for name in recipe.loss.options:  # every loss block is valid for its loss
+        loss_options(name, recipe.loss.options, get_loss(name))
 
 
 def test_self_distillation_transplants_the_student_when_missing_and_reads_chat_jsonl(tmp_path, tiny_pair):
