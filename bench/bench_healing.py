@@ -38,7 +38,7 @@ def run_one(loss: str, args: argparse.Namespace, work: Path) -> list[dict]:
         "train.embeddings_only_steps": args.embedding_steps, "checkpoint.every": 0, "export.enabled": False,
         "train.log_every": 10, "optim.lr": args.lr, "optim.embedding_lr": args.embedding_lr,
     }
-    command = [sys.executable, "-m", "distill.main", str(RECIPE)]
+    command = [sys.executable, "-m", "distill.main", str(args.recipe)]
     for key, value in sets.items():
         command += ["--set", f"{key}={value}"]
     if out.exists():
@@ -60,6 +60,39 @@ def summarise(loss: str, records: list[dict]) -> dict:
             "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in steps), "bpb": evals,
             "teacher_bpb": next((r["teacher_bpb_all"] for r in records if "teacher_bpb_all" in r), None),
             "first_loss": steps[0]["loss"], "last_loss": statistics.mean(r["loss"] for r in steps[-5:])}
+
+
+def interleaved_timing(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    """Median step time per loss, the losses taking turns step by step on ONE trainer, so that every loss sees
+    the same machine load (on a shared machine a run-by-run comparison mostly measures the neighbours)."""
+    from distill.config import load_recipe
+    from distill.losses import get_loss
+    from distill.trainer import Trainer, loss_options
+
+    out = work / "timing"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe, [f"output_dir={out}", f"student.path={args.student}", "eval.texts=[]",
+                                  f"train.micro_batch_size={args.batch}", "train.grad_accum=1",
+                                  f"data.max_length={args.seq}", f"data.train_bytes={args.train_bytes}",
+                                  "train.embeddings_only_steps=0", f"train.steps={10**6}"])
+    trainer = Trainer(recipe).setup()
+    trainer._start()
+    times: dict[str, list[float]] = {loss: [] for loss in args.losses}
+    for round_ in range(args.ab_steps + 1):
+        for loss in args.losses:
+            trainer.loss_fn = get_loss(loss)
+            trainer.loss_options = loss_options(loss, recipe.loss.options, trainer.loss_fn)
+            trainer.needs_teacher = loss != "ce"
+            record = trainer.train_step()
+            if round_:  # the first round warms up allocators and caches
+                times[loss].append(record["step_time"])
+    return {loss: statistics.median(values) for loss, values in times.items()}
 
 
 def table(rows: list[dict]) -> str:
@@ -101,6 +134,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default=str(RECIPE), help="base recipe; the flags below override it")
     parser.add_argument("--losses", nargs="+", default=["alm", "ce", "uld"])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seq", type=int, default=256)
@@ -117,13 +151,24 @@ def main() -> int:
     parser.add_argument("--work", default=str(REPO / "bench" / "_work" / "healing"))
     parser.add_argument("--plot", default=str(REPO / "bench" / "healing.png"))
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs in --work")
+    parser.add_argument("--ab-steps", type=int, default=0,
+                        help="rounds of interleaved step timing (all losses on one trainer); 0 = skip")
+    parser.add_argument("--skip-runs", action="store_true", help="only the interleaved timing")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows = [summarise(loss, run_one(loss, args, work)) for loss in args.losses]
-    (work / "summary.json").write_text(json.dumps(rows, indent=2))
-    print(table(rows))
-    plot(rows, Path(args.plot))
+    if not args.skip_runs:
+        rows = [summarise(loss, run_one(loss, args, work)) for loss in args.losses]
+        (work / "summary.json").write_text(json.dumps(rows, indent=2))
+        print(table(rows))
+        plot(rows, Path(args.plot))
+    if args.ab_steps:
+        medians = interleaved_timing(args, work)
+        (work / "timing.json").write_text(json.dumps(medians, indent=2))
+        ce = medians.get("ce")
+        print("\ninterleaved step timing (median s):")
+        for loss, value in medians.items():
+            print(f"  {loss}: {value:.2f}" + (f"  ({value / ce:.2f}x ce)" if ce else ""))
     return 0
 
 
