@@ -142,3 +142,11 @@ def test_byte_pool_weights_longest_pieces_by_length_and_position(vocabs):
     ctx_bytes = _ctx(base, new, options={"unit": "bytes", "decay": 1.0})
     out_bytes = build_embedding(get_initializer("byte-pool")(ctx_bytes), "input", ctx_bytes.base_input)
     assert torch.allclose(out_bytes[4], (e[7] + e[8]) / 2)
+
+
+def test_normal_token_wins_over_byte_fallback_duplicate():
+    # SentencePiece style: the byte token <0x31> comes first, the trained normal "1" later
+    base = make_vocab([b"", b"1", b"1", b" "], [S, B, N, N], {"bos": 0})
+    new = make_vocab([b"", b"1"], [S, N], {"bos": 0})
+    assert base.bytes_to_id[b"1"] == 2
+    assert align(base, new).new_to_base.tolist() == [0, 2]

@@ -64,10 +64,18 @@ class Vocab:
 
     @cached_property
     def bytes_to_id(self) -> dict[bytes, int]:
-        """Normal and byte-fallback tokens by their bytes (the first id wins on duplicates)."""
+        """Normal and byte-fallback tokens by their bytes.
+
+        On duplicates a NORMAL token wins over a byte-fallback one, then the lower id: SentencePiece models
+        (Gemma, Mistral) hold both `1` and `<0x31>`, and the byte token is almost never used in training, so
+        its row is untrained — matching or segmenting onto it silently ruins every digit.
+        """
         table: dict[bytes, int] = {}
         for idx, (piece, kind) in enumerate(zip(self.token_bytes, self.kinds)):
-            if kind is not TokenKind.SPECIAL and piece not in table:
+            if kind is TokenKind.SPECIAL:
+                continue
+            current = table.get(piece)
+            if current is None or (self.kinds[current] is TokenKind.BYTE and kind is TokenKind.NORMAL):
                 table[piece] = idx
         return table
 
