@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,17 +21,21 @@ WORK = Path(__file__).parent / "_work"
 
 
 def run_one(base: str, donor: str, method: str, options: dict, out: Path) -> dict:
+    """Transplant in a fresh process under GNU time: its own wall time and peak RSS (a child's ru_maxrss would
+    start from the parent's RSS at fork, which holds a model here)."""
     code = (
-        "import json, sys, resource, transplant; "
+        "import json, transplant; "
         f"r = transplant.transplant({base!r}, {donor!r}, method={method!r}, output={str(out)!r}, overwrite=True, "
-        f"options={options!r}); "
-        "print(json.dumps({'seconds': r.seconds, 'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,"
-        " 'stats': r.stats}))"
+        f"options={options!r}); print(json.dumps({{'seconds': r.seconds}}))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-2000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
+        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", stats.name, sys.executable, "-c", code],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        _, rss_kb = stats.read().split()[-2:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**info, "rss_mb": float(rss_kb) / 1024}
 
 
 def bpb_row(model_dir, texts: dict[str, str]) -> dict[str, float]:
@@ -74,5 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     main()
