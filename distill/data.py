@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from distill.chat import CHAT_MODES, chat_markups
-from distill.chunks import ChunkAlignment, align_batch, tokenize_pair
+from distill.chunks import ChunkAlignment, _first_last, align_batch, tokenize_pair
 from transplant.errors import TransplantError
 from transplant.vocab import Vocab
 
@@ -258,15 +258,6 @@ def _pad_id(vocab: Vocab) -> int:
         if vocab.roles.get(role) is not None:
             return int(vocab.roles[role])
     return 0
-
-
-def _first_last(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, length = index.shape
-    slot = torch.where(index < 0, n, index)
-    positions = torch.arange(length).expand(batch, length)
-    first = torch.full((batch, n + 1), length, dtype=torch.long).scatter_reduce(1, slot, positions, "amin")
-    last = torch.full((batch, n + 1), -1, dtype=torch.long).scatter_reduce(1, slot, positions, "amax")
-    return first[:, :n], last[:, :n]
 
 
 def stitch(windows: list[Window], teacher: Vocab, student: Vocab) -> ChunkAlignment:
