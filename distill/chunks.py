@@ -261,7 +261,7 @@ def _one_hot(index: torch.Tensor, n: int) -> torch.Tensor:
     return out[..., :n]
 
 
-def _first_last(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_spans(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per chunk, the first and last token position carrying that chunk index."""
     batch, length = index.shape
     slot = torch.where(index < 0, n, index)
@@ -309,8 +309,8 @@ def align_batch(teacher_ids: list[list[int]], student_ids: list[list[int]], teac
 
     t_chunk_t, s_chunk_t = torch.from_numpy(t_chunk), torch.from_numpy(s_chunk)
     mask = torch.from_numpy(chunk_cols["mask"])
-    t_first, t_last = _first_last(t_chunk_t, n_chunks)
-    s_first, s_last = _first_last(s_chunk_t, n_chunks)
+    t_first, t_last = chunk_spans(t_chunk_t, n_chunks)
+    s_first, s_last = chunk_spans(s_chunk_t, n_chunks)
     zero = torch.zeros((), dtype=torch.long)
     return ChunkAlignment(
         teacher_input_ids=torch.from_numpy(t_ids), student_input_ids=torch.from_numpy(s_ids),

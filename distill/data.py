@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from distill.chat import CHAT_MODES, chat_markups
-from distill.chunks import ChunkAlignment, _first_last, align_batch, tokenize_pair
+from distill.chunks import ChunkAlignment, align_batch, chunk_spans, tokenize_pair
 from transplant.errors import TransplantError
 from transplant.vocab import Vocab
 
@@ -310,7 +310,7 @@ def stitch(windows: list[Window], teacher: Vocab, student: Vocab) -> ChunkAlignm
     mask = out["chunk_mask"]
     zero = torch.zeros((), dtype=torch.long)
     for prefix in ("teacher", "student"):
-        first, last = _first_last(out[f"{prefix}_chunk_index"], c_len)
+        first, last = chunk_spans(out[f"{prefix}_chunk_index"], c_len)
         out[f"{prefix}_chunk_first"] = torch.where(mask, first, zero)
         out[f"{prefix}_chunk_last"] = torch.where(mask, last, zero)
     return ChunkAlignment(**out)

@@ -183,3 +183,47 @@ def test_cli_eval_with_lm_eval_tasks(tiny_pair):
     result = _cli(["eval", tiny_pair["base_tied"], "--tasks", "tt_mc_small", "--limit", "4"])
     assert result.exit_code == 0, result.output
     assert "tt_mc_small" in result.output and str(tiny_pair["base_tied"]) in result.output
+
+
+def test_failed_evaluation_leaves_no_output(tiny_pair, tmp_path, monkeypatch):
+    """The report and BPB are made on the finished temp folder, so a crash there leaves nothing half-written."""
+    import transplant.evaluate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(transplant.evaluate, "model_bits_per_byte", broken)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_tok"], method="fvt", output=out,
+                              eval_texts={"sample": TEXT})
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_report_is_inside_the_committed_output(tiny_pair, tmp_path):
+    out = tmp_path / "out"
+    result = transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_tok"], method="fvt", output=out,
+                                   eval_texts={"sample": TEXT})
+    report = json.loads((out / "report.json").read_text())
+    assert report["bits_per_byte"]["sample"]["after"] == pytest.approx(result.bpb_after)
+    assert result.seconds > 0 and not any(p.name.startswith(".") for p in out.iterdir())
+
+
+@pytest.mark.parametrize("method, tokenizer_only", [("fvt", True), ("omp", False), (None, False)])
+def test_hub_donor_fetches_weights_only_when_the_method_needs_them(tiny_pair, tmp_path, monkeypatch, method,
+                                                                    tokenizer_only):
+    from transplant import assets, sources
+    from transplant.errors import TransplantError
+
+    asked = []
+
+    def fake_download(hub_id, spec, tokenizer_only):
+        asked.append(tokenizer_only)
+        raise TransplantError("offline")
+
+    real_resolve = assets.resolve_model
+    monkeypatch.setattr(assets, "resolve_model", lambda s: "org/donor" if s == "org/donor" else real_resolve(s))
+    monkeypatch.setattr(sources, "_download_hub", fake_download)
+    with pytest.raises(TransplantError, match="offline"):
+        transplant.transplant(tiny_pair["base_tied"], "org/donor", method=method, output=tmp_path / "out")
+    assert asked == [tokenizer_only]

@@ -20,7 +20,7 @@ from transplant.align import align, shared_token_fraction
 from transplant.errors import TransplantError
 from transplant.init.base import InitContext, build_embedding
 from transplant.init.numbers import compose_number_rows, digit_report
-from transplant.init.registry import NEEDS_DONOR, available_methods, get_initializer
+from transplant.init.registry import NEEDS_DONOR, available_methods, get_initializer, needs_donor
 from transplant.report import build_report, render_plot, write_report
 from transplant.sources import resolve_source
 from transplant.vocab import Vocab, load_vocab
@@ -81,7 +81,8 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     if dtype is not None and dtype not in DTYPES:
         raise TransplantError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     base_src = resolve_source(base, need_model=True)
-    donor_src = resolve_source(donor, need_model=False)
+    # a hub donor is fetched with its weights unless the chosen method only needs its tokenizer
+    donor_src = resolve_source(donor, need_model=False, tokenizer_only_ok=method is not None and not needs_donor(method))
     method = method or default_method(donor_src.is_model)
     initializer = get_initializer(method)
     if method in NEEDS_DONOR and not donor_src.is_model:
@@ -127,26 +128,32 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     if sample:
         stats["shared_token_fraction_on_sample"] = round(shared_token_fraction(alignment, new_vocab, sample), 4)
     card = model_card(str(base), str(donor), method, stats, options)
+    result = TransplantResult(output, method, stats, 0.0, extra={"notes": plan.notes})
+
+    def evaluate_and_report(model_dir: Path) -> None:
+        """Runs on the finished folder before it is renamed into place: a failure here leaves no output."""
+        result.seconds = time.perf_counter() - started  # the transplant itself, evaluation excluded
+        bpb = {}
+        if eval_texts:
+            from transplant.evaluate import model_bits_per_byte
+
+            for name, text in eval_texts.items():
+                bpb[name] = {"before": model_bits_per_byte(base_src.model_dir, text, device=device),
+                             "after": model_bits_per_byte(model_dir, text, device=device)}
+            total_bytes = sum(len(t.encode()) for t in eval_texts.values())
+            for key, attr in (("before", "bpb_before"), ("after", "bpb_after")):
+                weighted = sum(bpb[n][key] * len(t.encode()) for n, t in eval_texts.items()) / total_bytes
+                setattr(result, attr, weighted)
+        report = build_report(base=str(base), donor=str(donor), method=method, stats=stats, plan=plan,
+                              base_vocab=base_vocab, new_vocab=new_vocab, new_ids=alignment.new_ids.tolist(),
+                              seconds=result.seconds, bpb=bpb, options=options)
+        write_report(model_dir, report, render_plot(plan.notes.get("reconstruction_error")))
+        result.extra["report"] = report
+
     surgery.write_transplanted(
         base_src.model_dir, output, new_input=new_input.cpu(), new_output=None if new_output is None else new_output.cpu(),
         save_tokenizer=new_vocab.save, special_ids=_special_ids(new_vocab), model_card=card,
         dtype=DTYPES.get(dtype) if dtype else None, pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite,
+        before_commit=evaluate_and_report,
     )
-    result = TransplantResult(output, method, stats, time.perf_counter() - started, extra={"notes": plan.notes})
-    bpb = {}
-    if eval_texts:
-        from transplant.evaluate import model_bits_per_byte
-
-        for name, text in eval_texts.items():
-            bpb[name] = {"before": model_bits_per_byte(base_src.model_dir, text, device=device),
-                         "after": model_bits_per_byte(output, text, device=device)}
-        total_bytes = sum(len(t.encode()) for t in eval_texts.values())
-        for key, attr in (("before", "bpb_before"), ("after", "bpb_after")):
-            weighted = sum(bpb[n][key] * len(t.encode()) for n, t in eval_texts.items()) / total_bytes
-            setattr(result, attr, weighted)
-    report = build_report(base=str(base), donor=str(donor), method=method, stats=stats, plan=plan,
-                          base_vocab=base_vocab, new_vocab=new_vocab, new_ids=alignment.new_ids.tolist(),
-                          seconds=result.seconds, bpb=bpb, options=options)
-    write_report(output, report, render_plot(plan.notes.get("reconstruction_error")))
-    result.extra["report"] = report
     return result

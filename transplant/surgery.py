@@ -353,8 +353,12 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor, new_output: torch.Tensor | None,
                        save_tokenizer: Callable[[Path], None], special_ids: dict[str, int | None],
                        model_card: str, dtype: torch.dtype | None = None, pad_to_multiple_of: int | None = None,
-                       overwrite: bool = False, extra_files: dict[str, str | bytes] | None = None) -> Path:
+                       overwrite: bool = False, extra_files: dict[str, str | bytes] | None = None,
+                       before_commit: Callable[[Path], None] | None = None) -> Path:
     """Write the base model with new embeddings as a complete HF model folder at `out_dir`; return it.
+
+    `before_commit(tmp_dir)` runs on the complete folder before it is renamed into place (evaluation, reports),
+    so a failure there leaves no output behind, like any other failure.
 
     `new_output` None ties the output to the input embedding; a matrix unties it. `dtype` casts every
     floating tensor. Embedding rows are padded to `pad_to_multiple_of` (see `pad_embeddings`).
@@ -397,6 +401,8 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
             **(extra_files or {}),
         }
         _write_files(tmp, base_dir, files)
+        if before_commit is not None:
+            before_commit(tmp)
         _move_into_place(tmp, out_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -30,6 +30,12 @@ def get_initializer(name: str) -> Initializer:
         raise TransplantError(f"unknown method {name!r}; choose one of: {', '.join(sorted(INITIALIZERS))}") from err
 
 
+def needs_donor(name: str) -> bool:
+    """Whether the method reads the donor's embeddings (so a hub donor must be fetched with its weights)."""
+    get_initializer(name)
+    return name in NEEDS_DONOR
+
+
 def available_methods() -> list[str]:
     _load_builtin_methods()
     return sorted(INITIALIZERS)
