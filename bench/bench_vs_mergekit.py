@@ -86,8 +86,8 @@ def main() -> None:
             for variant in args.ours:
                 cmd = [transplant_exe, "--base", str(base_dir), "--donor", str(donor_dir), "--method", "omp",
                        "--set", f"k={k}", "-o", "{out}", "--eval-bytes", "0"]
-                if variant == "omp-prefilter":
-                    cmd += ["--set", f"prefilter={args.prefilter}"]
+                # our default (`prefilter=auto`) prefilters on CPU for k > 16: name both variants explicitly
+                cmd += ["--set", f"prefilter={args.prefilter if variant == 'omp-prefilter' else 0}"]
                 runs.append(("ours", variant, k, cmd))
         for method in args.extra:
             runs.append(("ours", method, "—", [transplant_exe, "--base", str(base_dir), "--donor", str(donor_dir),

@@ -303,3 +303,24 @@ def test_sparsemax_simple_cases_and_masks():
     probs = sparsemax(scores, mask=mask)
     torch.testing.assert_close(probs, torch.tensor([[0.0, 0.5, 0.5], [0.5, 0.0, 0.5], [0.0, 0.0, 0.0]]))
     assert sparsemax(torch.tensor([1.0, 2.0], dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def test_auto_prefilter_only_where_exact_pursuit_is_expensive():
+    from transplant.init.omp import AUTO_CANDIDATES, resolve_prefilter
+
+    assert resolve_prefilter("auto", 64, 46_000, "cpu") == AUTO_CANDIDATES  # k=64 over 46k anchors on CPU
+    assert resolve_prefilter("auto", 8, 46_000, "cpu") is None  # small k: exact is cheap
+    assert resolve_prefilter("auto", 64, 3_000, "cpu") is None  # few anchors: nothing to filter
+    assert resolve_prefilter("auto", 64, 46_000, "cuda:0") is None  # the GPU affords exact pursuit
+    for exact in (0, "0", "exact", "none", None):
+        assert resolve_prefilter(exact, 64, 46_000, "cpu") is None
+    assert resolve_prefilter("512", 64, 46_000, "cuda") == 512
+
+
+@pytest.mark.parametrize("bad", ["fast", -3, "1.5"])
+def test_bad_prefilter_option_is_a_user_error(bad):
+    from transplant.errors import TransplantError
+    from transplant.init.omp import resolve_prefilter
+
+    with pytest.raises(TransplantError, match="prefilter must be"):
+        resolve_prefilter(bad, 64, 46_000, "cpu")
