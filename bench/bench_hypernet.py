@@ -1,4 +1,5 @@
-"""Held-out bits/byte of SmolLM2-135M given unseen tokenizers by hypernet, byte-pool-learned and fvt.
+"""Held-out bits/byte of SmolLM2-135M given unseen tokenizers by hypernet, byte-pool-learned, fvt (and omp where
+the donor is a model).
 
     python bench/bench_hypernet.py --hypernet out/hn-short --donors llama3 --bytes 4096
 
@@ -17,14 +18,17 @@ import transplant.init.byte_pool_learned  # noqa: F401  (registers the methods u
 import transplant.init.hypernet_init  # noqa: F401
 from transplant import texts
 from transplant.evaluate import model_bits_per_byte
+from transplant.init.registry import needs_donor
 from transplant.pipeline import transplant
+from transplant.sources import resolve_source
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--donors", nargs="+", default=["llama3", "mistral-v3", "qwen", "gemma3-270m"])
-    parser.add_argument("--methods", nargs="+", default=["fvt", "hypernet", "byte-pool-learned"])
+    parser.add_argument("--methods", nargs="+", default=["fvt", "hypernet", "byte-pool-learned"],
+                        help="methods that need a donor model (omp) run only for donors that are models")
     parser.add_argument("--hypernet", required=True)
     parser.add_argument("--bytes", type=int, default=8192)
     parser.add_argument("--pool-steps", type=int, default=1500)
@@ -37,7 +41,10 @@ def main() -> None:
     print("| (base) | - | - | " + " | ".join(f"{model_bits_per_byte(base_dir, t):.4f}" for t in slices.values()) + " |",
           flush=True)
     for donor in args.donors:
+        donor_is_model = resolve_source(donor, need_model=False).is_model
         for method in args.methods:
+            if needs_donor(method) and not donor_is_model:
+                continue
             options = {"hypernet": args.hypernet} if method == "hypernet" else {}
             if method == "byte-pool-learned":
                 options = {"steps": args.pool_steps}

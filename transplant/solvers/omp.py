@@ -264,7 +264,9 @@ def _pursue(x: Tensor, atoms: Tensor, valid: Tensor, gram: Tensor | None, steps:
     gamma = forward[:, :0, None]
     width = n_candidates if prefiltered else atoms.shape[0]
     score = work.get("score", (batch, width), dtype, device)
-    gram_rows = work.get("gram_rows", (gram_steps, batch, width), dtype, device)  # G[S, candidates]
+    alpha_buf = work.get("alpha", (batch, width), dtype, device)
+    # G[S, candidates], per target contiguous [steps, width]: the update below is one strided batched GEMM
+    gram_rows = work.get("gram_rows", (batch, gram_steps, width), dtype, device)
     cand = cand_atoms = None
     c0, alpha = c0_full, c0_full
     blocked = (~valid).expand(batch, -1).clone()  # zero atoms and atoms already picked (even if skipped)
@@ -285,10 +287,21 @@ def _pursue(x: Tensor, atoms: Tensor, valid: Tensor, gram: Tensor | None, steps:
                 cand_atoms = work.get("cand_atoms", (batch, n_candidates, dim), dtype, device)
                 torch.index_select(atoms, 0, cand.flatten(), out=cand_atoms.view(-1, dim))
             elif step:
-                gram_rows[:step] = gram[chosen[:, :step, None], cand[:, None, :]].transpose(0, 1)
-        torch.abs(alpha, out=score)
-        score.masked_fill_(blocked, -1.0)
-        best, pick = score.max(dim=1)
+                gram_rows[:, :step] = gram[chosen[:, :step, None], cand[:, None, :]]
+        if cand is None:
+            # Exact pursuit: atoms already picked have (numerically) zero correlation with the residual and
+            # zero atoms exactly zero, so zeroing the picks replaces the mask, and max |alpha| comes from one
+            # max and one min pass instead of abs + mask + max over [B, N] (the loop is bandwidth-bound).
+            if step:
+                alpha.scatter_(1, picked[:, :step], 0.0)
+            high, high_at = alpha.max(dim=1)
+            low, low_at = alpha.min(dim=1)
+            upper = high >= -low
+            best, pick = torch.where(upper, high, -low), torch.where(upper, high_at, low_at)
+        else:
+            torch.abs(alpha, out=score)
+            score.masked_fill_(blocked, -1.0)
+            best, pick = score.max(dim=1)
         done |= best <= stop_rtol * x_norm  # nothing left that any atom can explain
         atom_index = pick if cand is None else cand[rows, pick]
         atom = atoms[atom_index]  # [B, D]
@@ -316,11 +329,9 @@ def _pursue(x: Tensor, atoms: Tensor, valid: Tensor, gram: Tensor | None, steps:
         size = step + 1
         gamma = torch.linalg.solve_triangular(chol[:, :size, :size].mT, forward[:, :size, None], upper=True)
         if step < gram_steps:  # Batch-OMP update: alpha = c0 - gamma·G[S, candidates]
-            if cand is None and gram.dtype == dtype:
-                torch.index_select(gram, 0, atom_index, out=gram_rows[step])
-            else:
-                gram_rows[step] = gram[atom_index] if cand is None else gram[atom_index[:, None], cand]
-            alpha = c0 - torch.bmm(gamma.mT, gram_rows[:size].transpose(0, 1))[:, 0]
+            gram_rows[:, step] = gram[atom_index] if cand is None else gram[atom_index[:, None], cand]
+            alpha = torch.baddbmm(c0[:, None], gamma.mT, gram_rows[:, :size], alpha=-1.0,
+                                  out=alpha_buf[:, None])[:, 0]
         else:  # residual update: alpha = (x - gamma·A[S])·A[candidates]ᵀ
             residual = x - torch.bmm(gamma.mT, chosen_atoms[:, :size])[:, 0]
             if cand_atoms is None:
