@@ -1,8 +1,9 @@
 """Batched exact Orthogonal Matching Pursuit (Batch-OMP).
 
 OMP writes each new token's embedding as a k-sparse combination of anchor embeddings. Plain batched OMP
-recomputes every anchor's correlation with the residual at every step, one GEMM of O(B·N·D) per step, which is
-what makes mergekit take ~25 CPU-minutes on a 217k × 45k × 640 problem. Here the pursuit is the same greedy
+recomputes every anchor's correlation with the residual at every step, one GEMM of O(B·N·D) per step: mergekit's
+`batch_omp` needs 4.0 ms/target at k=8 and 34 ms at k=64 on a 210k × 46k × 640 problem on 2 CPU cores, ours
+0.95 / 13.0 ms exact (bench/bench_solver_vs_mergekit.py). Here the pursuit is the same greedy
 algorithm (pick the atom with the largest |correlation| with the residual, then least squares on the chosen
 set), computed the way Rubinstein, Zibulevsky & Elad (2008) do:
 
