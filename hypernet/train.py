@@ -5,9 +5,9 @@ predict input/output rows for the tokens of the batch only; run the frozen base 
 embeddings and score the next token against the output rows of a *vocabulary subset*: the batch's tokens plus
 `negatives` random ids of the sampled vocabulary.
 
-Approximation (documented on purpose): the softmax runs over that subset, not the full sampled vocabulary, so the
-loss is a lower bound of the true cross-entropy; the random negatives keep the predicted output rows from
-collapsing onto one another. This is what makes a step cost O(batch vocabulary) instead of O(vocabulary).
+Approximation (documented on purpose): the softmax runs over that subset, not the full sampled vocabulary; the
+random negatives' logits are raised by log((V - b) / m) (m negatives standing for the V - b tokens outside the
+batch) so the subset's partition function is an estimate of the full one (sampled softmax, Jean et al. 2015). This is what makes a step cost O(batch vocabulary) instead of O(vocabulary).
 
 Tokens whose bytes exist in the base vocabulary are copied (as at apply time) unless `predict_shared` is set.
 `lm_every: N` runs the (expensive) LM loss only every N-th step; on a CPU the LM forward+backward of a 135M model
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import fields
@@ -121,6 +122,16 @@ def lm_loss(lm, net: Hypernet, pieces: TokenizerPieces, texts: list[str], *, seq
         targets, tmask = local[batch][:, 1:], keep[:, 1:]
         hidden = lm.model(inputs_embeds=embeds, attention_mask=valid.long()).last_hidden_state[:, :-1]
     logits = hidden[tmask] @ rows_out.T
+    # Sampled-softmax correction: each random negative stands for (V - b) / m tokens of the vocabulary outside
+    # the batch, so the subset's partition function estimates the full one. Without it the loss rewards pushing
+    # every predicted output row up against a tiny field of negatives, which at apply time (full softmax)
+    # over-predicts new tokens: a 1000-step run got worse than FVT on code (bench/RESULTS.md, Hypernetwork).
+    in_batch = torch.zeros(vocab_size, dtype=torch.bool)
+    in_batch[batch[valid]] = True
+    outside = ~in_batch[subset]
+    n_outside, population = int(outside.sum()), int((pieces.has_pieces & ~in_batch).sum())
+    if n_outside:
+        logits = logits + outside.float() * math.log(max(population, n_outside) / n_outside)
     return F.cross_entropy(logits, targets[tmask])
 
 

@@ -99,7 +99,9 @@ def test_training_reduces_loss_saves_resumes_and_applies(tiny_pair, tmp_path):
     untrained = Hypernet(aux_only.config, float(aux_only.input_std), float(aux_only.output_std))
     lm_before, aux_before = _fixed_losses(untrained, tiny_pair)
     assert _fixed_losses(aux_only, tiny_pair)[1] < aux_before
-    out = train(_recipe(tiny_pair, tmp_path, aux_weight=0.0))  # the LM objective alone
+    # the LM objective alone; its sampled-softmax estimate is noisy on a 500-token vocabulary, so a gentler lr
+    # than the aux run (lr 1e-2 raised the fixed loss for one of two seeds, 3e-3 lowered it for both)
+    out = train(_recipe(tiny_pair, tmp_path, aux_weight=0.0, lr=3e-3))
     net = load_hypernet(out)
     lm_after, _ = _fixed_losses(net, tiny_pair)
     assert lm_after < lm_before
