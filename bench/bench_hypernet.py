@@ -1,5 +1,5 @@
-"""Held-out bits/byte of SmolLM2-135M given unseen tokenizers by hypernet, byte-pool-learned, fvt (and omp where
-the donor is a model).
+"""Held-out bits/byte of SmolLM2-135M given unseen tokenizers by hypernet, byte-pool-learned and fvt (methods
+that need a donor model, e.g. `--methods omp`, run only for donors that are models).
 
     python bench/bench_hypernet.py --hypernet out/hn-short --donors llama3 --bytes 4096
 

@@ -55,8 +55,6 @@ def main() -> None:
     parser.add_argument("--prefilter", type=int, default=1024)
     parser.add_argument("--ours-only", action="store_true")
     parser.add_argument("--bytes", type=int, default=16384)
-    parser.add_argument("--mergekit-batch-size", type=int, default=0,
-                        help="mergekit --batch-size (0: its own default, 512)")
     args = parser.parse_args()
     from transplant import texts
     from transplant.sources import resolve_source
@@ -81,8 +79,7 @@ def main() -> None:
         for k in args.k:
             if not args.ours_only:
                 runs.append(("mergekit", "omp", k, [str(mergekit_venv()), str(base_dir), str(donor_dir), "{out}",
-                                                    "--k", str(k), "--approximation-method", "omp"]
-                             + (["--batch-size", str(args.mergekit_batch_size)] if args.mergekit_batch_size else [])))
+                                                    "--k", str(k), "--approximation-method", "omp"]))
             for variant in args.ours:
                 cmd = [transplant_exe, "--base", str(base_dir), "--donor", str(donor_dir), "--method", "omp",
                        "--set", f"k={k}", "-o", "{out}", "--eval-bytes", "0"]

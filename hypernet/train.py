@@ -7,7 +7,8 @@ embeddings and score the next token against the output rows of a *vocabulary sub
 
 Approximation (documented on purpose): the softmax runs over that subset, not the full sampled vocabulary; the
 random negatives' logits are raised by log((V - b) / m) (m negatives standing for the V - b tokens outside the
-batch) so the subset's partition function is an estimate of the full one (sampled softmax, Jean et al. 2015). This is what makes a step cost O(batch vocabulary) instead of O(vocabulary).
+batch) so the subset's partition function is an estimate of the full one (sampled softmax, Jean et al. 2015).
+This is what makes a step cost O(batch vocabulary) instead of O(vocabulary).
 
 Tokens whose bytes exist in the base vocabulary are copied (as at apply time) unless `predict_shared` is set.
 `lm_every: N` runs the (expensive) LM loss only every N-th step; on a CPU the LM forward+backward of a 135M model

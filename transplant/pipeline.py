@@ -20,7 +20,7 @@ from transplant.align import align, shared_token_fraction
 from transplant.errors import TransplantError
 from transplant.init.base import InitContext, build_embedding
 from transplant.init.numbers import compose_number_rows, digit_report
-from transplant.init.registry import NEEDS_DONOR, available_methods, get_initializer, needs_donor
+from transplant.init.registry import available_methods, get_initializer, needs_donor
 from transplant.report import build_report, render_plot, write_report
 from transplant.sources import resolve_source
 from transplant.vocab import Vocab, load_vocab
@@ -85,7 +85,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     donor_src = resolve_source(donor, need_model=False, tokenizer_only_ok=method is not None and not needs_donor(method))
     method = method or default_method(donor_src.is_model)
     initializer = get_initializer(method)
-    if method in NEEDS_DONOR and not donor_src.is_model:
+    if needs_donor(method) and not donor_src.is_model:
         raise TransplantError(
             f"method {method!r} needs donor embeddings but {donor!s} is only a tokenizer; "
             "pass a donor model or use --method fvt"

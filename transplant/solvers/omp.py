@@ -264,13 +264,12 @@ def _pursue(x: Tensor, atoms: Tensor, valid: Tensor, gram: Tensor | None, steps:
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     gamma = forward[:, :0, None]
     width = n_candidates if prefiltered else atoms.shape[0]
-    score = work.get("score", (batch, width), dtype, device)
     alpha_buf = work.get("alpha", (batch, width), dtype, device)
     # G[S, candidates], per target contiguous [steps, width]: the update below is one strided batched GEMM
     gram_rows = work.get("gram_rows", (batch, gram_steps, width), dtype, device)
     cand = cand_atoms = None
     c0, alpha = c0_full, c0_full
-    blocked = (~valid).expand(batch, -1).clone()  # zero atoms and atoms already picked (even if skipped)
+    blocked = None  # prefilter only: candidates that are zero atoms or already picked (even if skipped)
     picked = torch.zeros(batch, steps, dtype=torch.long, device=device)  # every pick, kept or skipped
     refresh_at = {2**i for i in range(1, steps.bit_length())} if prefiltered and refresh else set()
 
@@ -300,7 +299,7 @@ def _pursue(x: Tensor, atoms: Tensor, valid: Tensor, gram: Tensor | None, steps:
             upper = high >= -low
             best, pick = torch.where(upper, high, -low), torch.where(upper, high_at, low_at)
         else:
-            torch.abs(alpha, out=score)
+            score = torch.abs(alpha, out=work.get("score", (batch, width), dtype, device))
             score.masked_fill_(blocked, -1.0)
             best, pick = score.max(dim=1)
         done |= best <= stop_rtol * x_norm  # nothing left that any atom can explain
@@ -323,7 +322,8 @@ def _pursue(x: Tensor, atoms: Tensor, valid: Tensor, gram: Tensor | None, steps:
         chosen_atoms[:, step] = atom * keep[:, None]
         chosen[:, step] = atom_index * keep
         kept[:, step] = keep
-        blocked[rows, pick] = True
+        if blocked is not None:
+            blocked[rows, pick] = True
         picked[:, step] = atom_index
         if step + 1 == steps:
             break
