@@ -45,7 +45,7 @@ def user_errors(fn):
 
 
 def _default_eval_texts(n_bytes: int) -> dict[str, str]:
-    from transplant import texts
+    from transplant.assets import texts
 
     return {name: texts.heldout(name, n_bytes=n_bytes) for name in ("english", "code")}
 
@@ -114,11 +114,11 @@ def _parse_setting(text: str) -> tuple[str, object]:
 def eval_cmd(models, text_files, max_length, device, tasks, limit):
     """Compare model dirs (or aliases) side by side: bits per byte, or lm-eval tasks with --tasks."""
     _setup_logging(False)
-    from transplant.evaluate import model_bits_per_byte
-    from transplant.sources import resolve_source
+    from transplant.assets.sources import resolve_source
+    from transplant.eval.bpb import model_bits_per_byte
 
     if tasks:
-        from transplant.lmeval import format_table, run_lm_eval
+        from transplant.eval.lmeval import format_table, run_lm_eval
 
         dirs = {spec: str(resolve_source(spec, need_model=True).model_dir) for spec in models}
         results = run_lm_eval(list(dirs.values()), [t.strip() for t in tasks.split(",") if t.strip()],
@@ -160,9 +160,10 @@ def assets_group():
 @assets_group.command("list")
 @user_errors
 def assets_list():
-    from transplant import assets
+    """List the offline assets and whether each is cached."""
+    from transplant.assets import catalog
 
-    for row in assets.list_assets():
+    for row in catalog.list_assets():
         click.echo(f"{row['name']:<24} {row['kind']:<10} {'cached' if row['cached'] else '      '}  {row['description']}")
 
 
@@ -171,12 +172,12 @@ def assets_list():
 @user_errors
 def assets_fetch(names):
     """Fetch assets into the cache (`all` for everything)."""
-    from transplant import assets
+    from transplant.assets import catalog
 
     if names == ("all",):
-        names = tuple(row["name"] for row in assets.list_assets())
+        names = tuple(row["name"] for row in catalog.list_assets())
     for name in names:
-        click.echo(f"{name}: {assets.fetch(name)}")
+        click.echo(f"{name}: {catalog.fetch(name)}")
 
 
 @transplant_main.command("extend")

@@ -11,7 +11,7 @@ import time
 import torch
 
 from distill.chunks import align_batch, tokenize_pair
-from transplant.vocab import load_vocab
+from transplant.assets import load_vocab
 
 torch.set_num_threads(1)
 

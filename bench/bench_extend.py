@@ -29,9 +29,9 @@ def main() -> None:
     import time
 
     import transplant
-    from transplant import texts
-    from transplant.evaluate import bits_per_byte, load_for_eval
-    from transplant.sources import resolve_source
+    from transplant.assets import texts
+    from transplant.assets.sources import resolve_source
+    from transplant.eval.bpb import bits_per_byte, load_for_eval
 
     WORK.mkdir(exist_ok=True)
     corpus = texts.train_text(args.domain, n_bytes=args.train_bytes)

@@ -14,13 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import hypernet.initializer  # noqa: F401
 import transplant.init.byte_pool_learned  # noqa: F401  (registers the methods until methods.py imports them)
-import transplant.init.hypernet_init  # noqa: F401
-from transplant import texts
-from transplant.evaluate import model_bits_per_byte
+from transplant.assets import texts
+from transplant.assets.sources import resolve_source
+from transplant.eval.bpb import model_bits_per_byte
 from transplant.init.registry import needs_donor
 from transplant.pipeline import transplant
-from transplant.sources import resolve_source
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--pool-steps", type=int, default=1500)
     args = parser.parse_args()
     slices = {name: texts.heldout(name, args.bytes) for name in ("english", "code")}
-    from transplant.assets import resolve_model
+    from transplant.assets.catalog import resolve_model
 
     base_dir = resolve_model(args.base)
     print("| donor | method | seconds | english BPB | code BPB |\n|---|---|---|---|---|")

@@ -43,18 +43,18 @@ save_file({"indices": torch.cat([p[0] for p in parts]), "coefs": torch.cat([p[1]
 
 def pair_problem(base: str, donor: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(all target rows, anchor dictionary) in the donor input space, exactly as the `omp` method builds them."""
-    from transplant.align import align
+    from transplant.assets import load_vocab
+    from transplant.assets.sources import resolve_source
     from transplant.init.base import InitContext
     from transplant.init.donor import donor_plan
-    from transplant.sources import resolve_source
-    from transplant.surgery import read_embeddings
-    from transplant.vocab import load_vocab
+    from transplant.io.surgery import read_embeddings
+    from transplant.tokenizers.align import align
 
     base_src, donor_src = resolve_source(base, need_model=True), resolve_source(donor, need_model=True)
     base_vocab, new_vocab = load_vocab(base_src.tokenizer_spec), load_vocab(donor_src.tokenizer_spec)
     base_emb, donor_emb = read_embeddings(base_src.model_dir), read_embeddings(donor_src.model_dir)
-    ctx = InitContext(base_vocab, new_vocab, align(base_vocab, new_vocab), base_emb.input, base_emb.output,
-                      donor_emb.input, None, {}, "cpu")
+    ctx = InitContext(base_vocab=base_vocab, new_vocab=new_vocab, alignment=align(base_vocab, new_vocab),
+                      base_input=base_emb.input, base_output=base_emb.output, donor_input=donor_emb.input)
     captured: dict[str, torch.Tensor] = {}
 
     class Captured(Exception):

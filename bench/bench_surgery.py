@@ -42,7 +42,7 @@ def generate_base() -> None:
     """Write the synthetic base with our streaming writer: one random tensor in memory at a time."""
     import torch
 
-    from transplant import safetensors_stream as sst
+    from transplant.io import safetensors
 
     kv = KV_HEADS * HIDDEN // HEADS
     shapes = {"model.embed_tokens.weight": (BASE_VOCAB, HIDDEN), "lm_head.weight": (BASE_VOCAB, HIDDEN),
@@ -59,10 +59,10 @@ def generate_base() -> None:
     def maker(shape):
         return lambda: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
 
-    planned = [sst.plan_tensor(name, maker(shape), torch.bfloat16, shape) for name, shape in sorted(shapes.items())]
+    planned = [safetensors.plan_tensor(name, maker(shape), torch.bfloat16, shape) for name, shape in sorted(shapes.items())]
     shutil.rmtree(BASE, ignore_errors=True)
     BASE.mkdir(parents=True)
-    sst.write_shards(BASE, [planned], {"format": "pt"})
+    safetensors.write_shards(BASE, [planned], {"format": "pt"})
     (BASE / "config.json").write_text(json.dumps(llama_config(BASE_VOCAB), indent=2))
 
 
@@ -77,7 +77,7 @@ def new_matrices():
 def run_streaming(out: Path) -> float:
     import torch
 
-    from transplant.surgery import read_embeddings, write_transplanted
+    from transplant.io.surgery import read_embeddings, write_transplanted
 
     new_input, new_output = new_matrices()
     start = time.perf_counter()
@@ -109,7 +109,7 @@ def run_idle(out: Path) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import transplant.surgery  # noqa: F401
+    import transplant.io.surgery  # noqa: F401
 
 
 def run_copy(out: Path) -> float:
@@ -180,16 +180,16 @@ def check_output(out: Path) -> str:
     """Every non-embedding tensor bit-identical to the base, embeddings equal to the given matrices."""
     import torch
 
-    from transplant import safetensors_stream as sst
+    from transplant.io import safetensors
 
-    base, _ = sst.weight_entries(BASE)
-    new, _ = sst.weight_entries(out)
+    base, _ = safetensors.weight_entries(BASE)
+    new, _ = safetensors.weight_entries(out)
     embeddings = {"model.embed_tokens.weight", "lm_head.weight"}
     if set(base) != set(new):
         return f"FAIL tensor names differ: {sorted(set(base) ^ set(new))[:3]}"
     bad = [name for name in base if name not in embeddings and not same_bytes(base[name], new[name])]
     given = dict(zip(["model.embed_tokens.weight", "lm_head.weight"], new_matrices()))
-    bad += [name for name, matrix in given.items() if not torch.equal(sst.load_tensor(new[name]), matrix)]
+    bad += [name for name, matrix in given.items() if not torch.equal(safetensors.load_tensor(new[name]), matrix)]
     vocab = json.loads((out / "config.json").read_text())["vocab_size"]
     if bad or vocab != NEW_VOCAB:
         return f"FAIL {bad[:3]} vocab={vocab}"
@@ -202,8 +202,8 @@ def padding_rows_table() -> list[tuple[str, str, str, float, float, float]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transplant.assets import fetch_model
-    from transplant.texts import fetch_text
+    from transplant.assets.catalog import fetch_model
+    from transplant.assets.texts import fetch_text
 
     torch.set_grad_enabled(False)
     texts = {name: Path(fetch_text(name)).read_text()[200_000:212_000] for name in ("english", "code", "german")}
@@ -284,7 +284,7 @@ def write_results(rows: list[tuple[str, float, float, float, str]], idle_rss: fl
     table = "\n".join(f"| {m} | {t:.1f} s | {r:.2f} GiB | {w:.2f} GB | {c} |" for m, t, r, w, c in rows)
     section = f"""## Surgery
 
-Claim: streaming surgery (`transplant.surgery.write_transplanted`) needs memory for the embedding matrices, not
+Claim: streaming surgery (`transplant.io.surgery.write_transplanted`) needs memory for the embedding matrices, not
 the model, and is faster than loading and saving the model. Synthetic 1B-class Llama (vocab 128,256 x 2048, 16 layers,
 hidden 2048 / intermediate 8192, untied, random bf16, one {size:.2f} GB safetensors file, written by our own
 streaming writer in {gen_s:.0f} s) gets new 32,768-row input and output embeddings (given matrices).

@@ -39,7 +39,7 @@ def run_one(base: str, donor: str, method: str, options: dict, out: Path) -> dic
 
 
 def bpb_row(model_dir, texts: dict[str, str]) -> dict[str, float]:
-    from transplant.evaluate import bits_per_byte, load_for_eval
+    from transplant.eval.bpb import bits_per_byte, load_for_eval
 
     model, tokenizer = load_for_eval(model_dir)
     return {name: bits_per_byte(model, tokenizer, text, max_length=512) for name, text in texts.items()}
@@ -54,8 +54,8 @@ def main() -> None:
     parser.add_argument("--slices", nargs="+", default=list(SLICES))
     args = parser.parse_args()
     WORK.mkdir(exist_ok=True)
-    from transplant import texts
-    from transplant.sources import resolve_source
+    from transplant.assets import texts
+    from transplant.assets.sources import resolve_source
 
     held_out = {name: texts.heldout(name, n_bytes=args.bytes) for name in args.slices}
     options = json.loads(args.options)

@@ -23,9 +23,10 @@ CHILD = r"""
 import json, resource, sys, sysconfig, time
 from pathlib import Path
 sys.path.insert(0, ROOT)
-from transplant.assets import TOKENIZERS, fetch_tokenizer_file
-from transplant.vocab import load_vocab, vocab_from_converted
-from transplant.vocab_sources import _convert_file
+from transplant.assets.catalog import TOKENIZERS, fetch_tokenizer_file
+from transplant.tokenizers.vocab import vocab_from_converted
+from transplant.assets import load_vocab
+from transplant.tokenizers.load import _convert_file
 name, runs = sys.argv[1], int(sys.argv[2])
 asset, path = TOKENIZERS[name], fetch_tokenizer_file(name)
 load_vocab(name)  # imports and cache warm-up
@@ -46,7 +47,7 @@ elif asset.format == "tekken":
     ref = lambda s: tek.encode(s, bos=False, eos=False)
 else:
     import tiktoken, unicodedata
-    from transplant.tokenizer_formats import NFC_PATTERNS, PATTERNS, read_tiktoken_ranks
+    from transplant.tokenizers.formats import NFC_PATTERNS, PATTERNS, read_tiktoken_ranks
     enc = tiktoken.Encoding(name, pat_str=PATTERNS[asset.options["pattern"]],
                             mergeable_ranks=read_tiktoken_ranks(path), special_tokens={})
     nfc = asset.options["pattern"] in NFC_PATTERNS
@@ -65,7 +66,7 @@ def main() -> None:
     parser.add_argument("names", nargs="*")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from transplant.assets import TOKENIZERS
+    from transplant.assets.catalog import TOKENIZERS
 
     print("| tokenizer | ids | build (no cache) | cached load | peak RSS | ids vs reference |")
     print("|---|---|---|---|---|---|")

@@ -24,7 +24,7 @@ MERGEKIT = "mergekit==0.1.5"
 
 
 def mergekit_venv() -> Path:
-    from transplant._wheels import cache_dir
+    from transplant.assets.wheels import cache_dir
 
     venv = cache_dir() / "bench" / "mergekit-venv"
     exe = venv / "bin" / "mergekit-tokensurgeon"
@@ -56,8 +56,8 @@ def main() -> None:
     parser.add_argument("--ours-only", action="store_true")
     parser.add_argument("--bytes", type=int, default=16384)
     args = parser.parse_args()
-    from transplant import texts
-    from transplant.sources import resolve_source
+    from transplant.assets import texts
+    from transplant.assets.sources import resolve_source
 
     WORK.mkdir(exist_ok=True)
     held_out = {name: texts.heldout(name, n_bytes=args.bytes) for name in SLICES}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from transplant.vocab import Vocab
+from transplant.tokenizers.vocab import Vocab
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from transplant.vocab import TokenKind, Vocab
+from transplant.tokenizers.vocab import TokenKind, Vocab
 
 WHITESPACE_BYTES = b" \t\n\r\x0b\x0c"
 _WHITESPACE_CODES = np.frombuffer(WHITESPACE_BYTES, dtype=np.uint8)

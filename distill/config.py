@@ -34,7 +34,7 @@ class PrepareConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # local HF dir or an alias known to transplant.assets (e.g. smollm2-135m)
+    path: str = ""  # local HF dir or an alias known to transplant.assets.catalog (e.g. smollm2-135m)
     dtype: str = "auto"  # auto = bf16 on GPUs that support it, else fp32
     trust_remote_code: bool = False
     prepare: PrepareConfig | None = None  # student only: build it first if `path` does not exist

@@ -33,7 +33,7 @@ import torch
 from distill.chat import CHAT_MODES, chat_markups
 from distill.chunks import ChunkAlignment, align_batch, chunk_spans, tokenize_pair
 from transplant.errors import TransplantError
-from transplant.vocab import Vocab
+from transplant.tokenizers.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def read_documents(sources: list[str], *, corpus_bytes: int = 2_000_000) -> list
     for source in sources:
         source = str(source)
         if source.startswith("texts:"):
-            from transplant import texts
+            from transplant.assets import texts
 
             docs.extend(split_text(texts.train_text(source[len("texts:"):], corpus_bytes)))
             continue

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from distill.lora import lora_scales, merge_lora_state_dict
-from transplant.surgery import TOKENIZER_FILES
+from transplant.tokenizers.files import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,10 @@ def write_hf_dir(model: torch.nn.Module, state: dict[str, torch.Tensor], tokeniz
         config.pop("torch_dtype", None)
         config["use_cache"] = True
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        for name in ("generation_config.json", *TOKENIZER_FILES):
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        for pattern in ("generation_config.json", *TOKENIZER_FILES):
+            for path in Path(tokenizer_dir).glob(pattern):
+                if path.is_file():
+                    shutil.copy2(path, tmp / path.name)
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old"
             if old.exists():

@@ -83,7 +83,7 @@ def embedding_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def resolve_model_dir(spec: str) -> Path:
-    from transplant.sources import resolve_source
+    from transplant.assets.sources import resolve_source
 
     return Path(resolve_source(spec, need_model=True).model_dir)
 
@@ -121,7 +121,7 @@ class Trainer:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
-        from transplant.vocab import load_vocab
+        from transplant.assets import load_vocab
 
         r, rt = self.recipe, self.rt
         prepare_student(r, rt.is_main)
@@ -215,7 +215,7 @@ class Trainer:
         for spec in self.recipe.eval.texts:
             spec = str(spec)
             if spec.startswith("texts:"):
-                from transplant import texts as corpora
+                from transplant.assets import texts as corpora
 
                 texts[spec[6:]] = corpora.heldout(spec[6:], self.recipe.eval.n_bytes)
             else:
@@ -288,7 +288,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module | None = None, tokenizer: Any = None) -> dict[str, float]:
-        from transplant.evaluate import bits_per_byte
+        from transplant.eval.bpb import bits_per_byte
 
         if not self.heldout:
             return {}

@@ -8,7 +8,7 @@ import torch
 
 from hypernet.model import Hypernet, decompose, load_hypernet
 from transplant.errors import TransplantError
-from transplant.vocab import Vocab
+from transplant.tokenizers.vocab import Vocab
 
 
 def check_fits(net: Hypernet, base_input: torch.Tensor, base_output: torch.Tensor | None, where: str) -> None:

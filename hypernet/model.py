@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from transplant.errors import TransplantError
-from transplant.init.segment import greedy_segment, segment_with_base
-from transplant.vocab import Vocab
+from transplant.tokenizers.segment import greedy_segment, segment_with_base
+from transplant.tokenizers.vocab import Vocab
 
 WEIGHTS_FILE = "hypernet.safetensors"
 CONFIG_FILE = "config.json"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from transplant.vocab import TokenKind, Vocab
+from transplant.tokenizers.vocab import TokenKind, Vocab
 
 WORD = re.compile(r" ?[^\W\d_]+| ?\d{1,3}| ?[^\s\w]+|\s+(?!\S)|\s+| ?_+")
 

@@ -46,7 +46,8 @@ from hypernet.model import (
     save_hypernet,
 )
 from hypernet.sample import TokenizerSampler, TrainTokenizer
-from transplant.vocab import TokenKind, Vocab, load_vocab
+from transplant.assets import load_vocab
+from transplant.tokenizers.vocab import TokenKind, Vocab
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class TokenizerPieces:
 def _corpus(spec: dict[str, int] | str) -> str:
     if isinstance(spec, str):
         return Path(spec).read_text(encoding="utf-8")
-    from transplant.texts import train_text
+    from transplant.assets.texts import train_text
 
     return "".join(train_text(name, int(n)) for name, n in spec.items())
 
@@ -199,7 +200,7 @@ def train(recipe: dict[str, Any]) -> Path:
     """Run a recipe (see recipes/hypernet_smollm2_cpu.yaml); returns the output dir holding the hypernetwork."""
     from transformers import AutoModelForCausalLM
 
-    from transplant.assets import resolve_model
+    from transplant.assets.catalog import resolve_model
 
     cfg = {**DEFAULTS, **recipe}
     if cfg["threads"]:

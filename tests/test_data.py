@@ -12,8 +12,8 @@ from distill.chat import plain_markup, template_markup
 from distill.chunks import align_batch
 from distill.data import DistillLoader, Packer, read_documents, split_text, stitch
 from tests.conftest import BASE_CORPUS, DONOR_CORPUS
+from transplant.assets import load_vocab
 from transplant.errors import TransplantError
-from transplant.vocab import load_vocab
 
 CHAT = [{"role": "user", "content": "Is the cat on the mat?"},
         {"role": "assistant", "content": "Yes: the cat sat on the mat. 12345"}]

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+import hypernet.initializer  # noqa: F401  (registers `hypernet`)
 import transplant
 import transplant.init.byte_pool_learned as bpl
-import transplant.init.hypernet_init  # noqa: F401  (registers `hypernet`)
 from hypernet.main import load_recipe, main
 from hypernet.model import (
     Hypernet,
@@ -22,9 +22,9 @@ from hypernet.model import (
 from hypernet.sample import TokenizerSampler, build_unigram
 from hypernet.train import TokenizerPieces, _aux_population, aux_loss, lm_loss, train
 from tests.conftest import BASE_CORPUS, DONOR_CORPUS
+from transplant.assets import load_vocab
 from transplant.errors import TransplantError
-from transplant.surgery import read_embeddings
-from transplant.vocab import load_vocab
+from transplant.io.surgery import read_embeddings
 
 TEXT = "The catalogue of cats: for i in range(10): print(i) 12345 café"
 

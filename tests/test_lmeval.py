@@ -13,8 +13,9 @@ import socket
 
 import pytest
 
-from transplant import lmeval
+from transplant.assets import catalog
 from transplant.errors import TransplantError
+from transplant.eval import lmeval
 
 SAMPLE_TEXT = (
     "The river ran past the old mill and under the stone bridge.\n"
@@ -68,7 +69,7 @@ def test_mc_small_runs_with_limit(run, models):
 
 
 def test_bpb_matches_transplant_evaluate(run, models):
-    from transplant.evaluate import bits_per_byte, load_for_eval
+    from transplant.eval.bpb import bits_per_byte, load_for_eval
 
     docs = lmeval.heldout_documents("sample", doc_bytes=DOC_BYTES, texts={"sample": SAMPLE_TEXT})
     assert "".join(docs) == SAMPLE_TEXT
@@ -167,10 +168,9 @@ def test_tt_bpb_expands_to_every_slice():
 
 @pytest.mark.slow
 def test_smollm2_above_chance_and_bpb_near_reference():
-    from transplant import assets
-    from transplant.evaluate import bits_per_byte, load_for_eval
+    from transplant.eval.bpb import bits_per_byte, load_for_eval
 
-    model_dir = assets.resolve_model("smollm2-135m")
+    model_dir = catalog.resolve_model("smollm2-135m")
     results = lmeval.run_lm_eval([model_dir], ["tt_mc_small", "tt_bpb_english"], bpb_bytes=16384)
     scores = results[str(model_dir)]
     assert scores["tt_mc_small"]["samples"] == 80

@@ -271,7 +271,7 @@ def test_num_items_normalises_globally(abc_case):
 def test_all_losses_on_a_real_pair():
     """llama3 teacher, mistral-v3 student (SentencePiece, dummy prefix, byte fallback), random logits."""
     from distill.chunks import tokenize_pair
-    from transplant.vocab import load_vocab
+    from transplant.assets import load_vocab
 
     teacher, student = load_vocab("llama3"), load_vocab("mistral-v3")
     texts = ["Hello world, this is a test.\n  def f(x):\n\treturn x", "Über café 日本語 🙂👍🏽 done."]

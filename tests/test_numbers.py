@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from tests.test_align_init import B, N, S, make_vocab
-from transplant.align import align
 from transplant.init.base import InitContext, build_embedding
 from transplant.init.numbers import compose_number_rows, digit_report, digit_scheme
 from transplant.init.registry import get_initializer
+from transplant.tokenizers.align import align
 
 
 def _vocabs():
@@ -27,7 +27,7 @@ def test_digit_scheme_labels():
 def test_number_rows_input_mean_output_first_piece_when_untied():
     base, new = _vocabs()
     emb, out_emb = torch.randn(len(base), 6), torch.randn(len(base), 6)
-    ctx = InitContext(base, new, align(base, new), emb, out_emb)
+    ctx = InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=emb, base_output=out_emb)
     plan = compose_number_rows(get_initializer("zero")(ctx), ctx)
     assert plan.notes["number_tokens_composed"] == 2
     new_in = build_embedding(plan, "input", emb)
@@ -43,7 +43,7 @@ def test_number_rows_input_mean_output_first_piece_when_untied():
 def test_tied_base_keeps_one_matrix_and_dense_rows_do_not_undo_numbers():
     base, new = _vocabs()
     emb = torch.randn(len(base), 6)
-    ctx = InitContext(base, new, align(base, new), emb, None)
+    ctx = InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=emb, base_output=None)
     plan = compose_number_rows(get_initializer("mean")(ctx), ctx)
     assert plan.output_weights is None
     new_in = build_embedding(plan, "input", emb)

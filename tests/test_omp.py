@@ -321,6 +321,9 @@ def test_auto_prefilter_only_where_exact_pursuit_is_expensive():
 def test_bad_prefilter_option_is_a_user_error(bad):
     from transplant.errors import TransplantError
     from transplant.init.omp import resolve_prefilter
+    from transplant.init.registry import parse_options
 
     with pytest.raises(TransplantError, match="prefilter must be"):
         resolve_prefilter(bad, 64, 46_000, "cpu")
+    with pytest.raises(TransplantError, match=r"--set prefilter=.*prefilter must be"):
+        parse_options("omp", {"prefilter": bad})

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import transplant
 from cli import transplant_main
-from transplant.evaluate import bits_per_byte
-from transplant.vocab import load_vocab
+from transplant.assets import load_vocab
+from transplant.eval.bpb import bits_per_byte
 
 TEXT = "The cat sat on the catalog. for i in range(3): print(i) 12345 café"
 
@@ -53,11 +53,11 @@ def test_transplant_tokenizer_only_donor(tiny_pair, tmp_path, base_key, method):
     assert (out / "report.md").exists() and (out / "README.md").read_text().count("tokentransplant") >= 1
 
 
-@pytest.mark.parametrize("method", ["omp", "knn", "focus"])
-def test_donor_model_methods(tiny_pair, tmp_path, method):
+@pytest.mark.parametrize("method,options", [("omp", {"k": 4}), ("knn", {"k": 4}), ("focus", {"top_m": 4})])
+def test_donor_model_methods(tiny_pair, tmp_path, method, options):
     out = tmp_path / "out"
     result = transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_model"], method=method, output=out,
-                                   options={"k": 4})
+                                   options=options)
     report = json.loads((out / "report.json").read_text())
     assert report["reconstruction_error"]["n"] > 0
     assert 0 <= report["reconstruction_error"]["median"] <= 1.0 + 1e-6
@@ -187,12 +187,12 @@ def test_cli_eval_with_lm_eval_tasks(tiny_pair):
 
 def test_failed_evaluation_leaves_no_output(tiny_pair, tmp_path, monkeypatch):
     """The report and BPB are made on the finished temp folder, so a crash there leaves nothing half-written."""
-    import transplant.evaluate
+    import transplant.eval.bpb
 
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation crashed")
 
-    monkeypatch.setattr(transplant.evaluate, "model_bits_per_byte", broken)
+    monkeypatch.setattr(transplant.eval.bpb, "model_bits_per_byte", broken)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="evaluation crashed"):
         transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_tok"], method="fvt", output=out,
@@ -212,7 +212,7 @@ def test_report_is_inside_the_committed_output(tiny_pair, tmp_path):
 @pytest.mark.parametrize("method, tokenizer_only", [("fvt", True), ("omp", False), (None, False)])
 def test_hub_donor_fetches_weights_only_when_the_method_needs_them(tiny_pair, tmp_path, monkeypatch, method,
                                                                     tokenizer_only):
-    from transplant import assets, sources
+    from transplant.assets import catalog, sources
     from transplant.errors import TransplantError
 
     asked = []
@@ -221,8 +221,8 @@ def test_hub_donor_fetches_weights_only_when_the_method_needs_them(tiny_pair, tm
         asked.append(tokenizer_only)
         raise TransplantError("offline")
 
-    real_resolve = assets.resolve_model
-    monkeypatch.setattr(assets, "resolve_model", lambda s: "org/donor" if s == "org/donor" else real_resolve(s))
+    real_resolve = catalog.resolve_model
+    monkeypatch.setattr(catalog, "resolve_model", lambda s: "org/donor" if s == "org/donor" else real_resolve(s))
     monkeypatch.setattr(sources, "_download_hub", fake_download)
     with pytest.raises(TransplantError, match="offline"):
         transplant.transplant(tiny_pair["base_tied"], "org/donor", method=method, output=tmp_path / "out")

@@ -15,7 +15,7 @@ def transplanted(tmp_path_factory):
     import transplant
 
     out = tmp_path_factory.mktemp("real") / "smollm2-mistral-v3"
-    from transplant import texts
+    from transplant.assets import texts
 
     eval_texts = {"english": texts.heldout("english", n_bytes=4096)}
     return transplant.transplant("smollm2-135m", "mistral-v3", method="fvt", output=out, eval_texts=eval_texts)
@@ -25,7 +25,7 @@ def test_demo_output_loads_generates_and_tokenizes_like_sentencepiece(transplant
     import sentencepiece as spm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transplant.assets import fetch_tokenizer_file
+    from transplant.assets.catalog import fetch_tokenizer_file
 
     out = transplanted.output
     tokenizer = AutoTokenizer.from_pretrained(out)

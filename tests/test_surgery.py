@@ -14,10 +14,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from transplant import safetensors_stream as sst
-from transplant import surgery
 from transplant.errors import TransplantError
-from transplant.surgery import read_embeddings, write_transplanted
+from transplant.io import safetensors, surgery
+from transplant.io.surgery import read_embeddings, write_transplanted
 
 HIDDEN, BASE_VOCAB, NEW_VOCAB = 32, 100, 137
 
@@ -273,8 +272,8 @@ def test_copy_fallback_without_copy_file_range(bases, tmp_path, monkeypatch):
     def refuse(*args):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(sst.os, "copy_file_range", refuse, raising=False)
-    monkeypatch.setattr(sst, "COPY_BUFFER_BYTES", 1000)  # several chunks per tensor
+    monkeypatch.setattr(safetensors.os, "copy_file_range", refuse, raising=False)
+    monkeypatch.setattr(safetensors, "COPY_BUFFER_BYTES", 1000)  # several chunks per tensor
     _, _, _, out = transplant(bases["sharded"], tmp_path / "out")
     written, base = all_tensors(out), all_tensors(bases["sharded"])
     for name in base.keys() - {"model.embed_tokens.weight", "lm_head.weight"}:
@@ -285,7 +284,7 @@ def test_disk_full_cleans_up(bases, tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sst, "write_shard", full)
+    monkeypatch.setattr(safetensors, "write_shard", full)
     with pytest.raises(TransplantError, match="disk full while writing .*free space or choose another --output"):
         transplant(bases["untied"], tmp_path / "out")
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
@@ -293,7 +292,7 @@ def test_disk_full_cleans_up(bases, tmp_path, monkeypatch):
 
 def test_disk_full_midway_through_a_shard(bases, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = sst._copy_range
+    real = safetensors._copy_range
 
     def flaky(*args):
         calls["n"] += 1
@@ -301,7 +300,7 @@ def test_disk_full_midway_through_a_shard(bases, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args)
 
-    monkeypatch.setattr(sst, "_copy_range", flaky)
+    monkeypatch.setattr(safetensors, "_copy_range", flaky)
     with pytest.raises(TransplantError, match="disk full"):
         transplant(bases["sharded"], tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == []

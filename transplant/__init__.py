@@ -1,7 +1,7 @@
 """tokentransplant: give a pretrained language model a new tokenizer, byte-exact, then heal it.
 
 Public API: `transplant.transplant(base, donor, ...)`, `transplant.extend_vocab(...)` and
-`transplant.evaluate.bits_per_byte(...)`. Imported lazily so `import transplant.vocab` stays light.
+`transplant.eval.bpb.bits_per_byte(...)`. Imported lazily so `import transplant.tokenizers.vocab` stays light.
 """
 
 __version__ = "0.1.0"

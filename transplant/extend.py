@@ -19,8 +19,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from transplant.assets import load_vocab
 from transplant.errors import TransplantError
-from transplant.vocab import Vocab, load_vocab
+from transplant.tokenizers.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,8 @@ def extend_vocab(model: str | Path, tokenizer: str | Path | None = None, *, new_
                  output: str | Path | None = None, overwrite: bool = False,
                  eval_texts: dict[str, str] | None = None, options: dict[str, Any] | None = None):
     """Add tokens (given, or the n most useful ones learned from `corpus`) and save a loadable model dir."""
+    from transplant.assets.sources import resolve_source
     from transplant.pipeline import transplant
-    from transplant.sources import resolve_source
 
     source = resolve_source(model, need_model=True)
     base_vocab = load_vocab(tokenizer or source.tokenizer_spec)

@@ -15,15 +15,16 @@ from typing import Any
 
 import torch
 
-from transplant import surgery
-from transplant.align import align, shared_token_fraction
+from transplant.assets import load_vocab
+from transplant.assets.sources import resolve_source
 from transplant.errors import TransplantError
+from transplant.eval.report import build_report, render_plot, write_report
 from transplant.init.base import InitContext, build_embedding
 from transplant.init.numbers import compose_number_rows, digit_report
-from transplant.init.registry import available_methods, get_initializer, needs_donor
-from transplant.report import build_report, render_plot, write_report
-from transplant.sources import resolve_source
-from transplant.vocab import Vocab, load_vocab
+from transplant.init.registry import available_methods, get_initializer, needs_donor, parse_options
+from transplant.io import surgery
+from transplant.tokenizers.align import align, shared_token_fraction
+from transplant.tokenizers.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,6 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
                options: dict[str, Any] | None = None) -> TransplantResult:
     """Give `base` the tokenizer of `donor`; returns where the new model is and how well it survived."""
     started = time.perf_counter()
-    options = dict(options or {})
     if dtype is not None and dtype not in DTYPES:
         raise TransplantError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     base_src = resolve_source(base, need_model=True)
@@ -85,6 +85,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     donor_src = resolve_source(donor, need_model=False, tokenizer_only_ok=method is not None and not needs_donor(method))
     method = method or default_method(donor_src.is_model)
     initializer = get_initializer(method)
+    options = parse_options(method, options)  # typos and bad values fail before anything is loaded
     if needs_donor(method) and not donor_src.is_model:
         raise TransplantError(
             f"method {method!r} needs donor embeddings but {donor!s} is only a tokenizer; "
@@ -107,12 +108,14 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     if donor_src.is_model:
         donor_emb = surgery.read_embeddings(donor_src.model_dir)
         donor_input, donor_output = donor_emb.input, donor_emb.output
-    ctx = InitContext(base_vocab, new_vocab, alignment, base_emb.input.to(device),
-                      None if base_emb.output is None else base_emb.output.to(device),
-                      None if donor_input is None else donor_input.to(device),
-                      None if donor_output is None else donor_output.to(device), options, device)
+    ctx = InitContext(
+        base_vocab=base_vocab, new_vocab=new_vocab, alignment=alignment, base_input=base_emb.input.to(device),
+        base_output=None if base_emb.output is None else base_emb.output.to(device),
+        donor_input=None if donor_input is None else donor_input.to(device),
+        donor_output=None if donor_output is None else donor_output.to(device), options=options, device=device,
+    )
     plan = initializer(ctx)
-    if options.get("numbers", True):
+    if options["numbers"]:
         plan = compose_number_rows(plan, ctx)
     new_input = build_embedding(plan, "input", ctx.base_input)
     separate_output = base_emb.output is not None or plan.output_weights is not None
@@ -135,7 +138,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         result.seconds = time.perf_counter() - started  # the transplant itself, evaluation excluded
         bpb = {}
         if eval_texts:
-            from transplant.evaluate import model_bits_per_byte
+            from transplant.eval.bpb import model_bits_per_byte
 
             for name, text in eval_texts.items():
                 bpb[name] = {"before": model_bits_per_byte(base_src.model_dir, text, device=device),
@@ -145,7 +148,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
                 weighted = sum(bpb[n][key] * len(t.encode()) for n, t in eval_texts.items()) / total_bytes
                 setattr(result, attr, weighted)
         report = build_report(base=str(base), donor=str(donor), method=method, stats=stats, plan=plan,
-                              base_vocab=base_vocab, new_vocab=new_vocab, new_ids=alignment.new_ids.tolist(),
+                              base_vocab=base_vocab, new_vocab=new_vocab, new_ids=alignment.unshared_new_ids.tolist(),
                               seconds=result.seconds, bpb=bpb, options=options)
         write_report(model_dir, report, render_plot(plan.notes.get("reconstruction_error")))
         result.extra["report"] = report

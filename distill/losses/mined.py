@@ -30,7 +30,7 @@ import torch
 from distill.losses import register
 from distill.losses.common import fp32, normalise, rows_at
 from distill.losses.uld import count_chunk_items
-from transplant.vocab import TokenKind, Vocab
+from transplant.tokenizers.vocab import TokenKind, Vocab
 
 logger = logging.getLogger(__name__)
 _CACHE: dict[tuple, tuple[weakref.ref, weakref.ref, torch.Tensor]] = {}

@@ -14,17 +14,19 @@ from typing import Any
 
 import torch
 
-from transplant.align import Alignment
 from transplant.errors import TransplantError
-from transplant.vocab import TokenKind, Vocab
+from transplant.tokenizers.align import Alignment
+from transplant.tokenizers.vocab import TokenKind, Vocab
 
 # (role, base matrix [V_base, D]) -> (new ids [n], rows [n, D]) overriding the sparse result
 DenseRows = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class InitContext:
-    """Everything an initializer may look at. Donor fields are None when the donor is only a tokenizer."""
+    """Everything an initializer may look at. Donor fields are None when the donor is only a tokenizer.
+
+    `options` are the method's `--set` values, typed and complete (see `registry.parse_options`)."""
 
     base_vocab: Vocab
     new_vocab: Vocab
@@ -71,6 +73,17 @@ def copy_shared(alignment: Alignment, base_size: int) -> tuple[list[int], list[i
 def normal_base_ids(vocab: Vocab) -> torch.Tensor:
     """Base ids that are real text pieces: the population for mean/covariance statistics."""
     return torch.tensor([i for i, kind in enumerate(vocab.kinds) if kind is not TokenKind.SPECIAL], dtype=torch.long)
+
+
+def mean_rows(new_ids: torch.Tensor, population: torch.Tensor) -> DenseRows:
+    """Dense-row hook filling `new_ids` with the mean of the base rows in `population` (the fallback several
+    methods use for tokens they cannot build, e.g. new specials without bytes)."""
+
+    def rows(role: str, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = base[population.to(base.device)].float().mean(0)
+        return new_ids, mean.expand(int(new_ids.numel()), -1)
+
+    return rows
 
 
 def apply_plan_matrix(weights: torch.Tensor, base: torch.Tensor, chunk_rows: int = 65536) -> torch.Tensor:

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from transplant.init.base import InitContext, InitPlan, copy_shared, normal_base_ids, sparse_rows
-from transplant.init.mean import mean_rows
-from transplant.init.registry import register
-from transplant.init.segment import greedy_segment
+from transplant.init.base import InitContext, InitPlan, copy_shared, mean_rows, normal_base_ids, sparse_rows
+from transplant.init.registry import Option, register
+from transplant.tokenizers.segment import greedy_segment
 
 
 def pool_weights(lengths: list[int], decay: float) -> list[float]:
@@ -26,15 +25,20 @@ def pool_weights(lengths: list[int], decay: float) -> list[float]:
     return [r / total for r in raw]
 
 
-@register("byte-pool")
+OPTIONS = (
+    Option("decay", float, 0.8, "weight decay per position (earlier pieces weigh more)", min=0.0, max=1.0),
+    Option("unit", str, "pieces", "pool the longest base pieces or single bytes", choices=("pieces", "bytes")),
+)
+
+
+@register("byte-pool", options=OPTIONS)
 def byte_pool_init(ctx: InitContext) -> InitPlan:
-    decay = float(ctx.options.get("decay", 0.8))
-    unit = str(ctx.options.get("unit", "pieces"))
+    decay, unit = ctx.options["decay"], ctx.options["unit"]
     table = ctx.base_vocab.bytes_to_id
     max_len = 1 if unit == "bytes" else max((len(b) for b in table), default=1)
     rows, cols, vals = copy_shared(ctx.alignment, len(ctx.base_vocab))
     unfilled: list[int] = []
-    for new_id in ctx.alignment.new_ids.tolist():
+    for new_id in ctx.alignment.unshared_new_ids.tolist():
         piece = ctx.new_vocab.token_bytes[new_id]
         ids = greedy_segment(piece, table, max_len) if piece else []
         if not ids:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from transplant.init.base import InitContext, InitPlan, copy_shared, normal_base_ids, sparse_rows
-from transplant.init.registry import register
-from transplant.vocab import TokenKind, Vocab
+from transplant.init.registry import Option, register
+from transplant.tokenizers.vocab import TokenKind, Vocab
 
 log = logging.getLogger(__name__)
 PAD = 256
@@ -130,7 +130,7 @@ def cached_pooler(base: Vocab, base_input: torch.Tensor, base_output: torch.Tens
                   use_cache: bool = True) -> tuple[BytePooler, dict]:
     from safetensors.torch import load_file, save_file
 
-    from transplant._wheels import cache_dir
+    from transplant.cache import cache_dir
 
     path = Path(cache_dir()) / "byte_pool" / f"{_cache_key(base, base_input, base_output, params)}.safetensors"
     d = base_input.shape[1]
@@ -148,18 +148,25 @@ def cached_pooler(base: Vocab, base_input: torch.Tensor, base_output: torch.Tens
     return pooler, stats
 
 
-@register("byte-pool-learned")
+OPTIONS = (
+    Option("steps", int, 1500, "training steps of the pooler", min=1),
+    Option("dim", int, 128, "width of the pooler's byte embeddings", min=1),
+    Option("max_bytes", int, 16, "bytes of a token the pooler reads (longer tokens are cut)", min=1),
+    Option("lr", float, 3e-3, "learning rate", min=0.0),
+    Option("seed", int, 0, "random seed"),
+    Option("cache", bool, True, "reuse a pooler trained on the same base with the same settings"),
+)
+
+
+@register("byte-pool-learned", options=OPTIONS)
 def byte_pool_learned_init(ctx: InitContext) -> InitPlan:
-    opts = ctx.options
-    params = {"steps": int(opts.get("steps", 1500)), "dim": int(opts.get("dim", 128)),
-              "max_bytes": int(opts.get("max_bytes", 16)), "lr": float(opts.get("lr", 3e-3)),
-              "seed": int(opts.get("seed", 0))}
-    use_cache = str(opts.get("cache", True)).lower() not in ("0", "false", "no", "off")
+    params = {key: ctx.options[key] for key in ("steps", "dim", "max_bytes", "lr", "seed")}
+    use_cache = ctx.options["cache"]
     base_in, base_out = ctx.base_input.cpu(), None if ctx.base_output is None else ctx.base_output.cpu()
     pooler, stats = cached_pooler(ctx.base_vocab, base_in, base_out, params, use_cache)
     rows, cols, vals = copy_shared(ctx.alignment, len(ctx.base_vocab))
     weights = sparse_rows(rows, cols, vals, (len(ctx.new_vocab), len(ctx.base_vocab)))
-    new_ids = ctx.alignment.new_ids
+    new_ids = ctx.alignment.unshared_new_ids
     has = torch.tensor([bool(ctx.new_vocab.token_bytes[i]) for i in new_ids.tolist()], dtype=torch.bool)
     predicted, unfilled = new_ids[has], new_ids[~has]
     with torch.no_grad():

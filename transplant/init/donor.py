@@ -16,9 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from transplant.errors import TransplantError
-from transplant.init.base import InitContext, InitPlan, copy_shared, normal_base_ids, sparse_rows
-from transplant.init.mean import mean_rows
-from transplant.vocab import TokenKind
+from transplant.init.base import InitContext, InitPlan, copy_shared, mean_rows, normal_base_ids, sparse_rows
+from transplant.tokenizers.vocab import TokenKind
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def donor_plan(ctx: InitContext, method: str, combine: Combiner, notes: dict | N
             f"donor embeddings have {ctx.donor_input.shape[0]} rows but its tokenizer has {len(ctx.new_vocab)} ids; "
             "the donor model and tokenizer do not belong together"
         )
-    anchors = select_anchors(ctx, float(ctx.options.get("min_norm_ratio", 0.25)))
+    anchors = select_anchors(ctx, ctx.options.get("min_norm_ratio", 0.25))
     if anchors.new_ids.numel() == 0:
         raise TransplantError(f"{method}: the vocabularies share no usable anchor tokens; use --method fvt")
     targets = _text_targets(ctx)
@@ -118,7 +117,7 @@ def donor_plan(ctx: InitContext, method: str, combine: Combiner, notes: dict | N
             cols += anchors.base_ids[pos.reshape(-1)][keep].tolist()
             vals += w.reshape(-1)[keep].tolist()
         plans[role] = sparse_rows(rows, cols, vals, (len(ctx.new_vocab), len(ctx.base_vocab)))
-    specials = [i for i in ctx.alignment.new_ids.tolist() if ctx.new_vocab.kinds[i] is TokenKind.SPECIAL]
+    specials = [i for i in ctx.alignment.unshared_new_ids.tolist() if ctx.new_vocab.kinds[i] is TokenKind.SPECIAL]
     dense = mean_rows(torch.tensor(specials, dtype=torch.long), normal_base_ids(ctx.base_vocab)) if specials else None
     info = {"anchors": int(anchors.new_ids.numel()), "anchors_excluded_undertrained": anchors.excluded,
             "reconstruction_error": reconstruction, "targets": targets, **(notes or {})}
@@ -127,5 +126,5 @@ def donor_plan(ctx: InitContext, method: str, combine: Combiner, notes: dict | N
 
 def _text_targets(ctx: InitContext) -> torch.Tensor:
     kinds = ctx.new_vocab.kinds
-    return torch.tensor([i for i in ctx.alignment.new_ids.tolist() if kinds[i] is not TokenKind.SPECIAL],
+    return torch.tensor([i for i in ctx.alignment.unshared_new_ids.tolist() if kinds[i] is not TokenKind.SPECIAL],
                         dtype=torch.long)

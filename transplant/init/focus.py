@@ -12,18 +12,13 @@ import torch
 
 from transplant.init.base import InitContext, InitPlan
 from transplant.init.donor import cosine_topk, donor_plan, in_batches
-from transplant.init.registry import register
+from transplant.init.registry import Option, register
+from transplant.solvers.sparsemax import sparsemax
 
-
-def sparsemax(scores: torch.Tensor) -> torch.Tensor:
-    """Euclidean projection of each row onto the probability simplex (Martins & Astudillo, 2016)."""
-    sorted_scores, _ = scores.sort(dim=-1, descending=True)
-    cumsum = sorted_scores.cumsum(dim=-1)
-    ks = torch.arange(1, scores.shape[-1] + 1, device=scores.device, dtype=scores.dtype)
-    support = 1 + ks * sorted_scores > cumsum
-    k_star = support.sum(dim=-1, keepdim=True)
-    tau = (cumsum.gather(-1, k_star - 1) - 1) / k_star.to(scores.dtype)
-    return (scores - tau).clamp_min(0)
+OPTIONS = (
+    Option("top_m", int, 64, "candidate anchors per new token (most similar in the donor space)", min=1),
+    Option("temperature", float, 0.1, "similarity temperature before sparsemax (lower: sparser)", min=1e-6),
+)
 
 
 def focus_weights(targets: torch.Tensor, dictionary: torch.Tensor, top_m: int, temperature: float):
@@ -31,9 +26,8 @@ def focus_weights(targets: torch.Tensor, dictionary: torch.Tensor, top_m: int, t
     return pos, sparsemax(top / temperature)
 
 
-@register("focus", needs_donor=True)
+@register("focus", needs_donor=True, options=OPTIONS)
 def focus_init(ctx: InitContext) -> InitPlan:
-    top_m = int(ctx.options.get("top_m", 64))
-    temperature = float(ctx.options.get("temperature", 0.1))
+    top_m, temperature = ctx.options["top_m"], ctx.options["temperature"]
     return donor_plan(ctx, "focus", in_batches(lambda t, d: focus_weights(t, d, top_m, temperature), desc="focus"),
                       notes={"top_m": top_m, "temperature": temperature})

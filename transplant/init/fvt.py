@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import torch
 
-from transplant.init.base import InitContext, InitPlan, copy_shared, normal_base_ids, sparse_rows
-from transplant.init.mean import mean_rows
+from transplant.init.base import InitContext, InitPlan, copy_shared, mean_rows, normal_base_ids, sparse_rows
 from transplant.init.registry import register
-from transplant.init.segment import segment_with_base
+from transplant.tokenizers.segment import segment_with_base
 
 
 @register("fvt")
 def fvt_init(ctx: InitContext) -> InitPlan:
     rows, cols, vals = copy_shared(ctx.alignment, len(ctx.base_vocab))
-    new_ids = ctx.alignment.new_ids.tolist()
+    new_ids = ctx.alignment.unshared_new_ids.tolist()
     pieces = segment_with_base(ctx.base_vocab, [ctx.new_vocab.token_bytes[i] for i in new_ids])
     unfilled: list[int] = []
     examples: dict[int, list[int]] = {}

@@ -15,8 +15,8 @@ import re
 import torch
 
 from transplant.init.base import InitContext, InitPlan
-from transplant.init.segment import segment_with_base
-from transplant.vocab import TokenKind, Vocab
+from transplant.tokenizers.segment import segment_with_base
+from transplant.tokenizers.vocab import TokenKind, Vocab
 
 NUMBER = re.compile(rb"^ ?[0-9]+$")
 
@@ -38,7 +38,7 @@ def digit_report(base: Vocab, new: Vocab) -> dict[str, object]:
 
 def number_token_ids(ctx: InitContext) -> list[int]:
     kinds, pieces = ctx.new_vocab.kinds, ctx.new_vocab.token_bytes
-    return [i for i in ctx.alignment.new_ids.tolist() if kinds[i] is not TokenKind.SPECIAL and NUMBER.match(pieces[i])]
+    return [i for i in ctx.alignment.unshared_new_ids.tolist() if kinds[i] is not TokenKind.SPECIAL and NUMBER.match(pieces[i])]
 
 
 def _replace_rows(weights: torch.Tensor, row_ids: list[int], rows: list[int], cols: list[int],

@@ -17,16 +17,33 @@ from __future__ import annotations
 from transplant.errors import TransplantError
 from transplant.init.base import InitContext, InitPlan
 from transplant.init.donor import donor_plan
-from transplant.init.registry import register
+from transplant.init.registry import Option, register
 
 
-@register("omp", needs_donor=True)
+def parse_prefilter(value: object) -> str | int:
+    """`auto`, or a candidate count (0 / exact / none: exact pursuit)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("", "none", "exact", "false"):
+        return 0
+    if not text.isdigit():
+        raise ValueError("prefilter must be auto, 0 (exact) or a positive candidate count")
+    return int(text)
+
+
+OPTIONS = (
+    Option("k", int, 64, "anchors per new token (sparsity of each row)", min=1, max=4096),
+    Option("prefilter", str, "auto", "auto, 0 (exact pursuit) or a candidate count M per target", parse=parse_prefilter),
+)
+
+
+@register("omp", needs_donor=True, options=OPTIONS)
 def omp_init(ctx: InitContext) -> InitPlan:
     from transplant.solvers.omp import omp
 
-    k = int(ctx.options.get("k", 64))
-    option = ctx.options.get("prefilter", "auto")
-    resolve_prefilter(option, k, 0, "cpu")  # a bad value fails before any solving
+    k = ctx.options["k"]
+    option = ctx.options["prefilter"]
     used: list[int | None] = []  # per solver call (input, output)
 
     def combine(targets, dictionary):
@@ -47,16 +64,12 @@ AUTO_CANDIDATES = 1024
 
 
 def resolve_prefilter(option: object, k: int, n_anchors: int, device: str) -> int | None:
-    """The candidate count M for the solver (None: exact), from the user's `prefilter` option."""
-    if option in (None, "", 0, "0", "none", "exact", False):
-        return None
+    """The candidate count M for the solver (None: exact), from the `prefilter` option."""
+    try:
+        option = parse_prefilter(option)
+    except ValueError as err:
+        raise TransplantError(f"{err}; got {option!r}") from None
     if option == "auto":
         wide = n_anchors > 4 * AUTO_CANDIDATES
         return AUTO_CANDIDATES if device.startswith("cpu") and k > 16 and wide else None
-    try:
-        value = int(option)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise TransplantError(f"prefilter must be auto, 0 (exact) or a candidate count; got {option!r}") from None
-    if value < 0:
-        raise TransplantError(f"prefilter must be auto, 0 (exact) or a positive candidate count; got {value}")
-    return value or None
+    return int(option) or None

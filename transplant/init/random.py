@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from transplant.init.base import InitContext, InitPlan, copy_shared, normal_base_ids, sparse_rows
-from transplant.init.registry import register
+from transplant.init.registry import Option, register
 
 
 def gaussian_like(base_rows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -25,13 +25,13 @@ def gaussian_like(base_rows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return (mean + noise @ chol.T).float()
 
 
-@register("random")
+@register("random", options=(Option("seed", int, 0, "random seed of the draws"),))
 def random_init(ctx: InitContext) -> InitPlan:
     rows, cols, vals = copy_shared(ctx.alignment, len(ctx.base_vocab))
     weights = sparse_rows(rows, cols, vals, (len(ctx.new_vocab), len(ctx.base_vocab)))
-    new_ids = ctx.alignment.new_ids
+    new_ids = ctx.alignment.unshared_new_ids
     population = normal_base_ids(ctx.base_vocab)
-    seed = int(ctx.options.get("seed", 0))
+    seed = ctx.options["seed"]
 
     def dense(role: str, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         offset = 0 if role == "input" else 1  # input and output draws are independent

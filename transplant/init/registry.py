@@ -1,45 +1,211 @@
-"""One registry of initializers by name; each method lives in its own module and registers itself."""
+"""One registry of initializers by name; each method lives in its own module, registers itself and declares its
+options, so `--set` is checked against a schema before anything is solved.
+
+Built-in methods are the modules listed in `transplant.init.methods`. Methods from other packages (the
+hypernetwork in `hypernet/`, a user's own) register through the `tokentransplant.initializers` entry point:
+the registry imports each entry point's module once, on first use, and the module's `@register` does the rest.
+Importing one method never registers another.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from importlib.metadata import entry_points
+from typing import Any
 
 from transplant.errors import TransplantError
 from transplant.init.base import InitContext, InitPlan
 
+log = logging.getLogger(__name__)
+
 Initializer = Callable[[InitContext], InitPlan]
-INITIALIZERS: dict[str, Initializer] = {}
-NEEDS_DONOR: set[str] = set()
+ENTRY_POINT_GROUP = "tokentransplant.initializers"
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 
 
-def register(name: str, *, needs_donor: bool = False) -> Callable[[Initializer], Initializer]:
+def parse_bool(value: Any) -> bool:
+    """A flag from a bool or a truthy/falsy word (`--set cache=off`); anything else is a ValueError."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise ValueError(f"expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `--set name=value` a method accepts: its type, default, bounds and one line of help.
+
+    `parse` replaces the type's own parser for options with a richer syntax (e.g. omp's `prefilter=auto|M`).
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[Any, ...] | None = None
+    parse: Callable[[Any], Any] | None = None
+
+    def coerce(self, value: Any, method: str) -> Any:
+        """The typed value, or a one-line error naming the option, what it got and what it takes."""
+        if value is None and self.default is None:
+            return None
+        try:
+            if self.parse is not None:
+                parsed = self.parse(value)
+            elif self.type is bool:
+                parsed = parse_bool(value)
+            elif self.type is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected an integer")
+            else:
+                parsed = self.type(value)
+        except (TypeError, ValueError) as err:
+            raise TransplantError(
+                f"--set {self.name}={value}: {err or 'bad value'} for method {method!r}; {self.describe()}"
+            ) from None
+        if self.choices is not None and parsed not in self.choices:
+            raise TransplantError(f"--set {self.name}={value}: not one of {', '.join(map(str, self.choices))}")
+        low_ok = self.min is None or not isinstance(parsed, int | float) or parsed >= self.min
+        high_ok = self.max is None or not isinstance(parsed, int | float) or parsed <= self.max
+        if not (low_ok and high_ok):
+            raise TransplantError(f"--set {self.name}={value}: out of range for method {method!r}; {self.describe()}")
+        return parsed
+
+    def describe(self) -> str:
+        bounds = ""
+        if self.choices is not None:
+            bounds = f" in {{{', '.join(map(str, self.choices))}}}"
+        elif self.min is not None or self.max is not None:
+            bounds = f" in [{'' if self.min is None else self.min}, {'' if self.max is None else self.max}]"
+        kind = "auto|int" if self.parse is not None else self.type.__name__
+        return f"{self.name} ({kind}{bounds}, default {self.default}): {self.help}"
+
+
+# Options every method accepts: the pipeline applies them after the method's rows are built.
+PIPELINE_OPTIONS = (
+    Option("numbers", bool, True, "compose new number tokens from the base's digit pieces"),
+)
+
+# Options of every method that reads the donor's embeddings (anchor selection in `init/donor.py`).
+DONOR_OPTIONS = (
+    Option("min_norm_ratio", float, 0.25, "drop anchors whose donor row norm is below this × the median", min=0.0),
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    initializer: Initializer
+    needs_donor: bool
+    options: tuple[Option, ...] = field(default_factory=tuple)
+
+    @property
+    def summary(self) -> str:
+        """The first line of the method module's docstring."""
+        doc = (sys.modules[self.initializer.__module__].__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def all_options(self) -> tuple[Option, ...]:
+        return self.options + (DONOR_OPTIONS if self.needs_donor else ()) + PIPELINE_OPTIONS
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(
+    name: str, *, needs_donor: bool = False, options: tuple[Option, ...] = ()
+) -> Callable[[Initializer], Initializer]:
+    """Register `fn(ctx) -> InitPlan` as method `name` with its `--set` options; a second method of the same
+    name is an error (two modules would silently fight over it)."""
+
     def decorator(fn: Initializer) -> Initializer:
-        INITIALIZERS[name] = fn
-        if needs_donor:
-            NEEDS_DONOR.add(name)
+        existing = METHODS.get(name)
+        if existing is not None and existing.initializer is not fn:
+            if _same_function(existing.initializer, fn):  # the module was imported twice (reload, __main__)
+                log.debug("method %r re-registered by a reloaded module", name)
+            else:
+                raise TransplantError(
+                    f"method {name!r} is registered twice ({existing.initializer.__module__} and "
+                    f"{fn.__module__}); rename one of them"
+                )
+        METHODS[name] = Method(name, fn, needs_donor, tuple(options))
         return fn
 
     return decorator
 
 
-def get_initializer(name: str) -> Initializer:
-    _load_builtin_methods()
+def _same_function(a: Callable, b: Callable) -> bool:
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+_discovered = False
+
+
+def _discover() -> None:
+    """Import the built-in methods and every `tokentransplant.initializers` entry point (once)."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    import transplant.init.methods  # noqa: F401  (registers the built-in methods)
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as err:  # a broken plug-in must not take the built-in methods down with it
+            log.warning("initializer plug-in %s (%s) failed to load: %s", entry.name, entry.value, err)
+
+
+def get_method(name: str) -> Method:
+    _discover()
     try:
-        return INITIALIZERS[name]
-    except KeyError as err:
-        raise TransplantError(f"unknown method {name!r}; choose one of: {', '.join(sorted(INITIALIZERS))}") from err
+        return METHODS[name]
+    except KeyError:
+        raise TransplantError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}") from None
+
+
+def get_initializer(name: str) -> Initializer:
+    """The method as `fn(ctx) -> InitPlan`, with `ctx.options` validated and defaults filled in first."""
+    method = get_method(name)
+
+    def run(ctx: InitContext) -> InitPlan:
+        return method.initializer(replace(ctx, options=parse_options(name, ctx.options)))
+
+    return run
 
 
 def needs_donor(name: str) -> bool:
     """Whether the method reads the donor's embeddings (so a hub donor must be fetched with its weights)."""
-    get_initializer(name)
-    return name in NEEDS_DONOR
+    return get_method(name).needs_donor
 
 
 def available_methods() -> list[str]:
-    _load_builtin_methods()
-    return sorted(INITIALIZERS)
+    _discover()
+    return sorted(METHODS)
 
 
-def _load_builtin_methods() -> None:
-    import transplant.init.methods  # noqa: F401  (registers the built-in methods)
+def parse_options(name: str, raw: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`--set` values for method `name`, typed and validated, with every default filled in.
+
+    Strings (from the CLI) and typed values (from the Python API) are accepted alike. An unknown key is a
+    one-line error listing the method's options, so a typo (`kk=3`) never silently falls back to a default.
+    """
+    method = get_method(name)
+    schema = {opt.name: opt for opt in method.all_options()}
+    raw = dict(raw or {})
+    unknown = sorted(set(raw) - set(schema))
+    if unknown:
+        raise TransplantError(
+            f"unknown option {', '.join(unknown)} for method {name!r}; valid options: {', '.join(schema)} "
+            "(`transplant methods` describes them)"
+        )
+    return {key: (opt.coerce(raw[key], name) if key in raw else opt.default) for key, opt in schema.items()}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from transplant.init.base import InitPlan
-from transplant.vocab import TokenKind, Vocab
+from transplant.tokenizers.vocab import TokenKind, Vocab
 
 
 def show_token(piece: bytes) -> str:

@@ -9,7 +9,7 @@ all 256 single bytes (byte-level BPE or byte fallback).
 
 from __future__ import annotations
 
-from transplant.vocab import Vocab
+from transplant.tokenizers.vocab import Vocab
 
 
 def greedy_segment(piece: bytes, bytes_to_id: dict[bytes, int], max_len: int) -> list[int]:

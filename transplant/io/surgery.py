@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from transplant import safetensors_stream as sst
 from transplant.errors import TransplantError
+from transplant.io import safetensors
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,6 @@ OUTPUT_SUFFIXES = (".lm_head.weight", ".embed_out.weight")
 STALE_GENERATION_KEYS = ("forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens",
                          "bad_words_ids", "force_words_ids", "sequence_bias", "decoder_start_token_id")
 SPECIAL_ROLE_KEYS = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "pad_token_id"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
-                   "chat_template.json", "tekken.json", "tokenizer.tiktoken")
 
 
 @dataclass
@@ -102,7 +99,7 @@ def _config_says_tied(config: dict) -> bool | None:
     return None
 
 
-def _find(entries: dict[str, sst.TensorEntry], exact: tuple[str, ...], suffixes: tuple[str, ...],
+def _find(entries: dict[str, safetensors.TensorEntry], exact: tuple[str, ...], suffixes: tuple[str, ...],
           vocab: int | None, what: str) -> str | None:
     for name in exact:
         if name in entries and len(entries[name].shape) == 2:
@@ -116,7 +113,7 @@ def _find(entries: dict[str, sst.TensorEntry], exact: tuple[str, ...], suffixes:
     return hits[0] if hits else None
 
 
-def locate_embeddings(entries: dict[str, sst.TensorEntry], config: dict, model_dir: Path):
+def locate_embeddings(entries: dict[str, safetensors.TensorEntry], config: dict, model_dir: Path):
     """Names of the input and output embedding (output None when absent) by convention, else by vocab rows."""
     vocab = config_vocab_size(config)
     input_name = _find(entries, INPUT_NAMES, INPUT_SUFFIXES, vocab, "input embedding")
@@ -144,12 +141,12 @@ def read_embeddings(model_dir: Path) -> BaseEmbeddings:
     """Load only the base's embedding matrices (memory-mapped reads of two tensors, whatever the model size)."""
     model_dir = Path(model_dir)
     config = load_config(model_dir)
-    entries, _ = sst.weight_entries(model_dir)
+    entries, _ = safetensors.weight_entries(model_dir)
     input_name, output_name = locate_embeddings(entries, config, model_dir)
     tied = output_name is None or _config_says_tied(config) is True
     try:
-        embeddings = sst.load_tensor(entries[input_name])
-        output = None if tied else sst.load_tensor(entries[output_name])
+        embeddings = safetensors.load_tensor(entries[input_name])
+        output = None if tied else safetensors.load_tensor(entries[output_name])
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise TransplantError(f"cannot read the embeddings of {model_dir} ({exc}); re-download the base model") from exc
     log.info("base embeddings: %s %s%s", input_name, tuple(embeddings.shape),
@@ -283,15 +280,15 @@ def _plan_weights(entries, input_name, base_output, new_input, new_output, dtype
     planned = []
     for name, entry in entries.items():
         if name == input_name:
-            planned.append(sst.plan_tensor(name, lambda: new_input, new_input.dtype, tuple(new_input.shape)))
+            planned.append(safetensors.plan_tensor(name, lambda: new_input, new_input.dtype, tuple(new_input.shape)))
             if new_output is not None and base_output is None:
-                planned.append(sst.plan_tensor(output_name, lambda: new_output, new_output.dtype,
+                planned.append(safetensors.plan_tensor(output_name, lambda: new_output, new_output.dtype,
                                                tuple(new_output.shape)))
         elif name == base_output:
             if new_output is not None:
-                planned.append(sst.plan_tensor(name, lambda: new_output, new_output.dtype, tuple(new_output.shape)))
+                planned.append(safetensors.plan_tensor(name, lambda: new_output, new_output.dtype, tuple(new_output.shape)))
         else:
-            planned.append(sst.plan_copy(entry, dtype))
+            planned.append(safetensors.plan_copy(entry, dtype))
     return planned
 
 
@@ -365,7 +362,7 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir).absolute()
     config = load_config(base_dir)
-    entries, shard_sizes = sst.weight_entries(base_dir)
+    entries, shard_sizes = safetensors.weight_entries(base_dir)
     input_name, output_name = locate_embeddings(entries, config, base_dir)
     hidden = entries[input_name].shape[1]
     _check_shape(new_input, hidden, "new_input")
@@ -386,13 +383,13 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
         _check_finite(new_output, "new_output")
     planned = _plan_weights(entries, input_name, output_name, new_input, new_output, dtype)
     max_shard = max(shard_sizes) if len(shard_sizes) > 1 else None
-    shards = sst.split_into_shards(planned, max_shard)
+    shards = safetensors.split_into_shards(planned, max_shard)
     needed = sum(t.nbytes for t in planned) + 16 * 2**20
 
     tmp = _prepare_destination(base_dir, out_dir, overwrite, needed)
     try:
         save_tokenizer(tmp)  # user code and cheap: fail before minutes of weight writing
-        names = sst.write_shards(tmp, shards, {"format": "pt"})
+        names = safetensors.write_shards(tmp, shards, {"format": "pt"})
         new_config = updated_config(config, vocab_size=rows, ids=ids, tied=new_output is None, dtype=dtype)
         files: dict[str, str | bytes] = {
             "config.json": json.dumps(new_config, indent=2, sort_keys=True) + "\n",

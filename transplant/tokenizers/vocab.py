@@ -32,8 +32,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from transplant import tokenizer_formats as tf
 from transplant.errors import TransplantError
+from transplant.tokenizers import formats
+from transplant.tokenizers.files import OTHER_FILES
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class Vocab:
             "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
             "special_tokens_map.json": json.dumps(special, indent=2, ensure_ascii=False),
         }
-        for stale in sorted(STALE_TOKENIZER_FILES):
+        for stale in OTHER_FILES:
             for path in directory.glob(stale):
                 log.warning("removing stale tokenizer file %s (it would disagree with tokenizer.json)", path)
                 path.unlink()
@@ -136,20 +137,6 @@ class Vocab:
         idx = self.roles.get(role)
         return None if idx is None else self.special_texts.get(idx)
 
-
-STALE_TOKENIZER_FILES = {
-    "tokenizer.model",
-    "tokenizer.model.v*",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "tekken.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-}
 
 # Literal special-token names -> role, for tokenizers whose config does not name them (raw files, GGUF).
 ROLE_NAMES: dict[str, str] = {
@@ -266,7 +253,7 @@ def describe_tokens(backend: Any) -> tuple[list[bytes], list[TokenKind], dict[in
             token_bytes[idx] = (piece.replace(marker, " ") if family == "sentencepiece" else piece).encode()
         elif family == "byte_level":
             try:
-                token_bytes[idx] = piece.translate(tf.BYTE_LEVEL_TO_LATIN1).encode("latin-1")
+                token_bytes[idx] = piece.translate(formats.BYTE_LEVEL_TO_LATIN1).encode("latin-1")
             except UnicodeEncodeError:  # not byte-level text after all: a literal
                 token_bytes[idx] = piece.encode()
         elif family == "sentencepiece":
@@ -307,7 +294,7 @@ def _adds_prefix_space(backend: Any, token_bytes: list[bytes]) -> bool:
     return False
 
 
-def vocab_from_converted(conv: tf.Converted, name: str) -> Vocab:
+def vocab_from_converted(conv: formats.Converted, name: str) -> Vocab:
     """Wrap a converted tokenizer as a `Vocab` (PreTrainedTokenizerFast + bytes, kinds, roles)."""
     from transformers import PreTrainedTokenizerFast
 
@@ -333,21 +320,3 @@ def vocab_from_converted(conv: tf.Converted, name: str) -> Vocab:
         adds_prefix_space=_adds_prefix_space(backend, token_bytes),
         special_texts=special_texts,
     )
-
-
-# ---------------------------------------------------------------------------------------------------- loading
-
-
-def load_vocab(
-    spec: str | os.PathLike, *, trust_remote_code: bool = False, options: dict | None = None
-) -> Vocab:
-    """Load a tokenizer from an alias, HF dir/hub id, tokenizer.json, SentencePiece .model, tiktoken, tekken,
-    GGUF.
-
-    `options` only matters for bare tiktoken files: {"pattern": name in PATTERNS or a regex, "specials": name
-    in SPECIALS or a list of literals appended after the ranks}. Without it such a file gets the
-    Llama-3/cl100k split pattern and no special tokens.
-    """
-    from transplant.vocab_sources import load
-
-    return load(spec, trust_remote_code=trust_remote_code, options=options)

@@ -1,7 +1,7 @@
-"""Where tokenizers come from: aliases, local dirs and files (sniffed by content), GGUF files, hub ids.
+"""Reading tokenizer files: local dirs and files (sniffed by content), GGUF files, transformers dirs/hub ids.
 
-Split out of `transplant.vocab` (the contract) to keep both files short; `transplant.vocab.load_vocab` is the
-public entry point.
+This layer reads only what it is given. Turning an alias into a file (fetching a wheel) is the assets layer's
+job: `transplant.assets.load_vocab` accepts aliases and calls `load_file` with the asset's format options.
 """
 
 from __future__ import annotations
@@ -15,34 +15,37 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from transplant import tokenizer_formats as tf
+from transplant.cache import cache_dir
 from transplant.errors import TransplantError
-from transplant.vocab import Vocab, vocab_from_converted
+from transplant.tokenizers import formats
+from transplant.tokenizers.vocab import Vocab, vocab_from_converted
 
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = 4  # bump when a converter changes, so cached tokenizer.json files are rebuilt
+MAX_TOKENIZER_FILE_BYTES = 512 << 20  # the sniffer reads a file whole only below this (a GGUF may be many GB)
 
 
-def load(spec: str | os.PathLike, *, trust_remote_code: bool = False, options: dict | None = None) -> Vocab:
-    """See `transplant.vocab.load_vocab`."""
-    from transplant import assets
+def load_vocab(
+    spec: str | os.PathLike, *, trust_remote_code: bool = False, options: dict | None = None
+) -> Vocab:
+    """Load a tokenizer from a local HF dir, tokenizer.json, SentencePiece .model, tiktoken, tekken or GGUF
+    file, or a transformers hub id (read through `AutoTokenizer`).
 
+    `options` only matters for bare tiktoken files: {"pattern": name in PATTERNS or a regex, "specials": name
+    in SPECIALS or a list of literals appended after the ranks}. Without it such a file gets the
+    Llama-3/cl100k split pattern and no special tokens. Aliases (`llama3`, ...) are resolved one layer up, by
+    `transplant.assets.load_vocab`.
+    """
     text = os.fspath(spec)
-    if text in assets.TOKENIZERS:
-        return _load_alias(text)
     path = Path(text).expanduser()
     if path.exists():
-        return _load_path(path, trust_remote_code, options or {})
+        if path.is_dir():
+            return _load_dir(path, trust_remote_code)
+        return load_file(path, options=options)
     if text.startswith(("/", "./", "../", "~")) or path.suffix in {".json", ".model", ".gguf", ".tiktoken"}:
         raise TransplantError(f"tokenizer path {text} does not exist; check the path")
-    resolve = getattr(assets, "resolve_model", None)
-    if resolve is not None:
-        resolved = resolve(text)
-        if isinstance(resolved, Path) or Path(os.fspath(resolved)).exists():
-            return _load_path(Path(resolved), trust_remote_code, options or {})
-        text = os.fspath(resolved)
-    return _load_hub(text, trust_remote_code)
+    return load_pretrained(text, trust_remote_code)
 
 
 def _sha256(path: Path) -> str:
@@ -53,14 +56,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cached_conversion(key: str, source: Path, build) -> tf.Converted:
+def _cached_conversion(key: str, source: Path, build) -> formats.Converted:
     """Converted tokenizers are cached as tokenizer.json (building a 128k-token BPE takes seconds).
 
     The entry is trusted only when the source file and the tokenizer.json both hash as recorded; the returned
     `Converted` points at the cached file, so transformers loads it once instead of deep-copying an object.
     """
-    from transplant._wheels import cache_dir
-
     folder = cache_dir() / "tokenizers" / key
     digest = _sha256(source)
     meta_path, json_path = folder / "meta.json", folder / "tokenizer.json"
@@ -72,7 +73,7 @@ def _cached_conversion(key: str, source: Path, build) -> tf.Converted:
                 and meta["source_sha256"] == digest
                 and meta["tokenizer_sha256"] == _sha256(json_path)
             ):
-                return tf.Converted(
+                return formats.Converted(
                     None,
                     meta["special_tokens"],
                     meta["source_format"],
@@ -104,7 +105,7 @@ def _cached_conversion(key: str, source: Path, build) -> tf.Converted:
     except OSError:  # another process won the race; its copy is as good
         shutil.rmtree(tmp, ignore_errors=True)
         return conv
-    return tf.Converted(
+    return formats.Converted(
         None,
         conv.special_tokens,
         conv.source_format,
@@ -114,43 +115,28 @@ def _cached_conversion(key: str, source: Path, build) -> tf.Converted:
     )
 
 
-def _convert_file(fmt: str, path: Path, options: dict) -> tf.Converted:
+def _convert_file(fmt: str, path: Path, options: dict) -> formats.Converted:
     if fmt == "sentencepiece":
-        return tf.convert_sentencepiece(tf.read_sentencepiece(path))
+        return formats.convert_sentencepiece(formats.read_sentencepiece(path))
     if fmt == "tiktoken":
-        return tf.convert_tiktoken(path, options.get("pattern"), options.get("specials"))
+        return formats.convert_tiktoken(path, options.get("pattern"), options.get("specials"))
     if fmt == "tekken":
-        return tf.convert_tekken(path)
+        return formats.convert_tekken(path)
     raise TransplantError(f"unknown tokenizer format {fmt!r}; use sentencepiece, tiktoken or tekken")
-
-
-def _load_alias(name: str) -> Vocab:
-    from transplant.assets import TOKENIZERS, fetch_tokenizer_file
-
-    asset = TOKENIZERS[name]
-    path = fetch_tokenizer_file(name)
-    conv = _cached_conversion(name, path, lambda: _convert_file(asset.format, path, asset.options))
-    return vocab_from_converted(conv, name)
-
-
-def _alias_for_file(path: Path) -> str | None:
-    """A registered tokenizer whose cached raw file is `path` (so its pattern and specials apply)."""
-    from transplant._wheels import cache_dir
-    from transplant.assets import TOKENIZERS
-
-    for name, asset in TOKENIZERS.items():
-        if (
-            cache_dir() / "files" / f"{asset.package}-{asset.version}" / asset.member
-        ).resolve() == path.resolve():
-            return name
-    return None
 
 
 def sniff_format(path: Path) -> str:
     """ "gguf" | "tokenizer.json" | "tekken" | "tiktoken" | "sentencepiece", from the file's content."""
-    data = path.read_bytes()
-    if data[:4] == b"GGUF":
-        return "gguf"
+    with open(path, "rb") as handle:
+        if handle.read(4) == b"GGUF":
+            return "gguf"
+        if path.stat().st_size > MAX_TOKENIZER_FILE_BYTES:
+            raise TransplantError(
+                f"{path} is {path.stat().st_size >> 20} MiB and not a GGUF file: too large for a tokenizer "
+                "file; pass a tokenizer.json, .model, tiktoken, tekken or GGUF file"
+            )
+        handle.seek(0)
+        data = handle.read()
     if data.lstrip()[:1] == b"{":
         try:
             keys = set(json.loads(data))
@@ -163,9 +149,9 @@ def sniff_format(path: Path) -> str:
         raise TransplantError(
             f"{path} is JSON but neither a tokenizer.json nor a tekken file; pass one of those"
         )
-    if tf.looks_like_tiktoken(data[:65536]):
+    if formats.looks_like_tiktoken(data[:65536]):
         return "tiktoken"
-    if tf.try_read_sentencepiece(data) is not None:
+    if formats.try_read_sentencepiece(data) is not None:
         return "sentencepiece"
     raise TransplantError(
         f"{path}: unknown tokenizer format; pass a tokenizer.json, SentencePiece .model, "
@@ -173,23 +159,26 @@ def sniff_format(path: Path) -> str:
     )
 
 
-def _load_path(path: Path, trust_remote_code: bool, options: dict) -> Vocab:
-    if path.is_dir():
-        return _load_dir(path, trust_remote_code)
-    alias = _alias_for_file(path)
-    if alias is not None:
-        return _load_alias(alias)
-    fmt = sniff_format(path)
+def load_file(
+    path: Path, *, fmt: str | None = None, options: dict | None = None, cache_key: str | None = None,
+    name: str | None = None,
+) -> Vocab:
+    """Load one tokenizer file; `fmt` (else sniffed from the content) and `options` as in `load_vocab`.
+
+    Converted formats are cached under `cache_key` (default: file name, format and content hash).
+    """
+    fmt = fmt or sniff_format(path)
+    options = options or {}
     if fmt == "gguf":
         return _load_gguf(path)
     if fmt == "tokenizer.json":
         names, template = _read_config(path.parent)
         return _from_tokenizer_json(path, names, template, "tokenizer.json")
-    key = f"{path.name}-{fmt}-{_sha256(path)[:16]}"
-    if options:
+    key = cache_key or f"{path.name}-{fmt}-{_sha256(path)[:16]}"
+    if options and cache_key is None:
         key += "-" + hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
     return vocab_from_converted(
-        _cached_conversion(key, path, lambda: _convert_file(fmt, path, options)), path.name
+        _cached_conversion(key, path, lambda: _convert_file(fmt, path, options)), name or path.name
     )
 
 
@@ -235,7 +224,7 @@ def _from_tokenizer_json(path: Path, names: dict[str, str], template: str | None
         raise TransplantError(
             f"{path} is not a valid tokenizer.json ({reason}); pass an intact file"
         ) from err
-    return vocab_from_converted(tf.Converted(backend, names, fmt, template), path.parent.name or path.name)
+    return vocab_from_converted(formats.Converted(backend, names, fmt, template), path.parent.name or path.name)
 
 
 def _load_dir(directory: Path, trust_remote_code: bool) -> Vocab:
@@ -265,14 +254,14 @@ def _load_dir(directory: Path, trust_remote_code: bool) -> Vocab:
     if len(ggufs) == 1:
         return _load_gguf(ggufs[0])
     if (directory / "tokenizer_config.json").exists() or (directory / "vocab.json").exists():
-        return _load_hub(str(directory), trust_remote_code)
+        return load_pretrained(str(directory), trust_remote_code)
     raise TransplantError(
         f"{directory} holds no tokenizer files (tokenizer.json, tokenizer.model, tekken.json, "
         "one .gguf); pass a tokenizer dir or file"
     )
 
 
-def _converted_from_transformers(tok: Any, fmt: str, name: str) -> tf.Converted:
+def _converted_from_transformers(tok: Any, fmt: str, name: str) -> formats.Converted:
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise TransplantError(
@@ -283,10 +272,10 @@ def _converted_from_transformers(tok: Any, fmt: str, name: str) -> tf.Converted:
         for key in ("bos_token", "eos_token", "unk_token", "pad_token")
         if getattr(tok, key, None)
     }
-    return tf.Converted(backend, names, fmt, getattr(tok, "chat_template", None))
+    return formats.Converted(backend, names, fmt, getattr(tok, "chat_template", None))
 
 
-def _read_gguf_tokenizer(path: Path) -> tuple[str, tf.SentencePieceSpec | None, str | None]:
+def _read_gguf_tokenizer(path: Path) -> tuple[str, formats.SentencePieceSpec | None, str | None]:
     """(tokenizer model name, SentencePiece spec when it is llama.cpp's "llama" (SPM) vocab, chat template).
 
     transformers' GGUF path rebuilds SPM vocabularies with the same faulty SentencePiece conversion, so
@@ -327,22 +316,22 @@ def _read_gguf_tokenizer(path: Path) -> tuple[str, tf.SentencePieceSpec | None, 
         idx = get(f"tokenizer.ggml.{key}")
         if idx is not None and 0 <= int(idx) < len(tokens):
             special_ids[name] = int(idx)
-    spec = tf.SentencePieceSpec(
+    spec = formats.SentencePieceSpec(
         pieces=list(zip(tokens, [float(s) for s in scores], [int(t) for t in types])),
         add_dummy_prefix=bool(get("tokenizer.ggml.add_space_prefix", True)),
-        byte_fallback=tf.SP_BYTE in set(types),
+        byte_fallback=formats.SP_BYTE in set(types),
         add_bos=bool(get("tokenizer.ggml.add_bos_token", True)),
         special_ids=special_ids,
     )
     return model, spec, template
 
 
-def _convert_gguf(path: Path) -> tf.Converted:
+def _convert_gguf(path: Path) -> formats.Converted:
     """llama.cpp "llama" (SPM) vocabularies are rebuilt here; other GGUF vocabularies go through
     transformers."""
     model, spec, template = _read_gguf_tokenizer(path)
     if spec is not None:
-        conv = tf.convert_sentencepiece(spec, "gguf")
+        conv = formats.convert_sentencepiece(spec, "gguf")
         conv.chat_template = template
         return conv
     from transformers import AutoTokenizer
@@ -364,10 +353,9 @@ def _load_gguf(path: Path) -> Vocab:
     return vocab_from_converted(_cached_conversion(key, path, lambda: _convert_gguf(path)), path.stem)
 
 
-def _load_hub(spec: str, trust_remote_code: bool) -> Vocab:
+def load_pretrained(spec: str, trust_remote_code: bool = False) -> Vocab:
+    """A tokenizer through transformers' `AutoTokenizer` (a hub id, or a dir only transformers can read)."""
     from transformers import AutoTokenizer
-
-    from transplant.assets import TOKENIZERS
 
     try:
         tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
@@ -375,6 +363,6 @@ def _load_hub(spec: str, trust_remote_code: bool) -> Vocab:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise TransplantError(
             f"cannot load tokenizer {spec!r} ({reason}); pass a local tokenizer dir or file, "
-            f"a hub id reachable from here, or an alias: {', '.join(sorted(TOKENIZERS))}"
+            "a hub id reachable from here, or an alias (`transplant assets list`)"
         ) from err
     return vocab_from_converted(_converted_from_transformers(tok, "hf", spec), spec)

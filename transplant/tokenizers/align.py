@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from transplant.vocab import TokenKind, Vocab
+from transplant.tokenizers.vocab import TokenKind, Vocab
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Alignment:
         return torch.nonzero(self.shared_mask, as_tuple=True)[0]
 
     @property
-    def new_ids(self) -> torch.Tensor:
+    def unshared_new_ids(self) -> torch.Tensor:
         """New-vocabulary ids that need an initialisation (not shared)."""
         return torch.nonzero(~self.shared_mask, as_tuple=True)[0]
 

@@ -1,18 +1,18 @@
 """Validation with stock lm-eval: local offline tasks (bits per byte, a small multiple-choice set) and, when the
 hub is reachable, any lm-eval task by name.
 
-Why stock lm-eval and not only `transplant.evaluate`: users compare transplanted models with numbers from the
+Why stock lm-eval and not only `transplant.eval.bpb`: users compare transplanted models with numbers from the
 harness everyone uses. Offline there are no hub data sets, so the project ships task templates and data; lm-eval
 wants absolute `data_files` paths, so concrete YAMLs are written into the cache at run time.
 
 Local tasks:
-  tt_bpb_<slice>  loglikelihood_rolling over a held-out slice of `transplant.texts` (english, code, german,
+  tt_bpb_<slice>  loglikelihood_rolling over a held-out slice of `transplant.assets.texts` (english, code, german,
                   numbers, spanish, python-docs) or over caller text (`texts=`), cut into documents of about
                   `doc_bytes` bytes at line breaks; metrics word_perplexity, byte_perplexity, bits_per_byte.
                   `tt_bpb` expands to every slice.
   tt_mc_small     80 original 4-way multiple-choice items scored by log-likelihood (acc, acc_norm; chance 0.25).
 
-Bits per byte, lm-eval vs `transplant.evaluate.bits_per_byte`: on the same documents they agree when each
+Bits per byte, lm-eval vs `transplant.eval.bpb.bits_per_byte`: on the same documents they agree when each
 document fits in one context window (both prepend BOS, EOS when there is none, and score every text token).
 They differ on longer text: `evaluate` cuts windows of max_length-1 tokens that each restart from BOS; lm-eval
 predicts max_length tokens per window and conditions each later window on one token of the previous one only.
@@ -52,9 +52,9 @@ _HIDDEN_BY_DEFAULT = ("byte_perplexity",)  # 2 ** bits_per_byte: redundant in a 
 
 
 def bpb_slices() -> list[str]:
-    """Names of the built-in held-out text slices (`transplant.texts`), each a task tt_bpb_<name>."""
+    """Names of the built-in held-out text slices (`transplant.assets.texts`), each a task tt_bpb_<name>."""
     try:
-        from transplant.texts import TEXTS
+        from transplant.assets.texts import TEXTS
     except ImportError:  # texts not installed: the documented core slices
         return list(BPB_SLICES)
     return list(TEXTS)
@@ -106,7 +106,7 @@ def heldout_documents(name: str, *, n_bytes: int = DEFAULT_BPB_BYTES, doc_bytes:
     if texts and name in texts:
         text = texts[name]
     else:
-        from transplant import texts as heldout_texts
+        from transplant.assets import texts as heldout_texts
 
         text = heldout_texts.heldout(name, n_bytes=n_bytes)
     docs = split_documents(text, doc_bytes)
@@ -135,7 +135,7 @@ def _hub_reachable() -> bool:
     """Whether lm-eval could fetch hub data sets (offline env vars say no without trying)."""
     if os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
         return False
-    from transplant.assets import is_hub_offline
+    from transplant.assets.catalog import is_hub_offline
 
     return not is_hub_offline()
 
@@ -172,7 +172,7 @@ def prepare_local_tasks(tasks: Sequence[str], *, bpb_bytes: int = DEFAULT_BPB_BY
     The dir is named by a hash of everything in it, so a rerun on the same text reuses it (and the datasets
     cache inside it) and different texts never mix.
     """
-    from transplant._wheels import cache_dir
+    from transplant.cache import cache_dir
 
     files: dict[str, str] = {}
     for task in tasks:
@@ -247,11 +247,10 @@ def hub_offline() -> Iterator[None]:
 def _resolve_model_dir(spec: str | Path) -> Path:
     path = Path(spec).expanduser()
     if not path.exists() and isinstance(spec, str):
-        from transplant import assets
+        from transplant.assets import catalog
 
-        resolver = getattr(assets, "resolve_model", None)
         try:
-            resolved = resolver(spec) if resolver else None
+            resolved = catalog.resolve_model(spec)
         except TransplantError:
             resolved = None
         if resolved is not None and not isinstance(resolved, str):

@@ -1,5 +1,8 @@
 """`hypernet`: rows of new tokens predicted by a trained ZeTT-style hypernetwork (`--set hypernet=PATH`).
 
+Registered through the `tokentransplant.initializers` entry point (pyproject.toml), so `transplant/` never
+imports `hypernet/`.
+
 Shared tokens are copied by the sparse part of the plan; the hypernetwork's predictions arrive through the plan's
 dense-row hook. `--set predict_shared=true` predicts the shared tokens too (ZeTT's original setting). Tokens with
 no bytes (new specials) get the mean base row.
@@ -11,30 +14,31 @@ import torch
 
 from transplant.errors import TransplantError
 from transplant.init.base import InitContext, InitPlan, copy_shared, normal_base_ids, sparse_rows
-from transplant.init.registry import register
+from transplant.init.registry import Option, register
+
+OPTIONS = (
+    Option("hypernet", str, None, "dir of a trained hypernetwork (`hypernet train`)"),
+    Option("predict_shared", bool, False, "predict shared tokens too instead of copying them (ZeTT's setting)"),
+)
 
 
-def _flag(value) -> bool:
-    return str(value).lower() in ("1", "true", "yes", "on")
-
-
-@register("hypernet")
+@register("hypernet", options=OPTIONS)
 def hypernet_init(ctx: InitContext) -> InitPlan:
     from hypernet.apply import load_for_base, predict_rows
 
-    path = ctx.options.get("hypernet")
+    path = ctx.options["hypernet"]
     if not path:
         raise TransplantError("method 'hypernet' needs a trained hypernetwork: pass --set hypernet=PATH "
                               "(train one with `hypernet train recipes/hypernet_smollm2_cpu.yaml`)")
     net = load_for_base(path, ctx.base_input, ctx.base_output)
-    predict_shared = _flag(ctx.options.get("predict_shared", False))
+    predict_shared = ctx.options["predict_shared"]
     rows, cols, vals = copy_shared(ctx.alignment, len(ctx.base_vocab))
     weights = sparse_rows(rows, cols, vals, (len(ctx.new_vocab), len(ctx.base_vocab)))
     if predict_shared:
         target = torch.tensor([i for i, b in enumerate(ctx.new_vocab.token_bytes) if b], dtype=torch.long)
-        target = torch.unique(torch.cat([target, ctx.alignment.new_ids]))
+        target = torch.unique(torch.cat([target, ctx.alignment.unshared_new_ids]))
     else:
-        target = ctx.alignment.new_ids
+        target = ctx.alignment.unshared_new_ids
     where, rows_in, rows_out = predict_rows(net, ctx.base_vocab, [ctx.new_vocab.token_bytes[i] for i in target.tolist()],
                                             ctx.base_input, ctx.base_output)
     predicted = target[where]

