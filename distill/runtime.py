@@ -19,13 +19,12 @@ from typing import Any
 import torch
 
 from distill.config import Recipe, recipe_relative
+from transplant.dtypes import parse_dtype
 from transplant.errors import TransplantError
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS_DIR = Path("~/.cache/tokentransplant/torch_extensions").expanduser()
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 def free_port() -> int:
@@ -73,10 +72,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16_ok else torch.float32
-    try:
-        return DTYPES[name]
-    except KeyError as err:
-        raise TransplantError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from err
+    return parse_dtype(name)
 
 
 def init_runtime(recipe: Recipe) -> Runtime:

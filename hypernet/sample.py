@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from transplant.tokenizers.formats import byte_level_string
 from transplant.tokenizers.vocab import TokenKind, Vocab
 
 WORD = re.compile(r" ?[^\W\d_]+| ?\d{1,3}| ?[^\s\w]+|\s+(?!\S)|\s+| ?_+")
@@ -34,27 +35,6 @@ class TrainTokenizer:
 
     def __len__(self) -> int:
         return len(self.token_bytes)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for each byte (what the ByteLevel pre-tokenizer emits)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars)}
-
-
-BYTE_CHAR = _bytes_to_unicode()
-
-
-def byte_level(data: bytes) -> str:
-    return "".join(BYTE_CHAR[b] for b in data)
 
 
 def substring_counts(corpus: str, max_len: int = 16) -> Counter:
@@ -108,7 +88,7 @@ def build_unigram(pieces: list[bytes], scores: list[float], name: str = "unigram
     """An in-memory byte-level Unigram tokenizer; id 0 is `<unk>` (never produced: all bytes are pieces)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = [("<unk>", -100.0)] + [(byte_level(p), s) for p, s in zip(pieces, scores)]
+    vocab = [("<unk>", -100.0)] + [(byte_level_string(p), s) for p, s in zip(pieces, scores)]
     tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     token_bytes = [b""] + list(pieces)

@@ -4,7 +4,7 @@ Public API: `transplant.transplant(base, donor, ...)`, `transplant.extend_vocab(
 `transplant.eval.bpb.bits_per_byte(...)`. Imported lazily so `import transplant.tokenizers.vocab` stays light.
 """
 
-__version__ = "0.1.0"
+from transplant.version import __version__
 
 __all__ = ["transplant", "extend_vocab", "TransplantResult", "__version__"]
 

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from transplant.assets import load_vocab
 from transplant.assets.sources import resolve_source
+from transplant.dtypes import parse_dtype
 from transplant.errors import TransplantError
 from transplant.eval.report import build_report, render_plot, write_report
 from transplant.init.base import InitContext, build_embedding
@@ -28,7 +27,6 @@ from transplant.tokenizers.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -51,7 +49,7 @@ def _special_ids(vocab: Vocab) -> dict[str, int | None]:
 
 
 def model_card(base: str, donor: str, method: str, stats: dict[str, Any], options: dict[str, Any]) -> str:
-    from transplant import __version__
+    from transplant.version import __version__
 
     lines = [
         "---",
@@ -78,8 +76,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
                options: dict[str, Any] | None = None) -> TransplantResult:
     """Give `base` the tokenizer of `donor`; returns where the new model is and how well it survived."""
     started = time.perf_counter()
-    if dtype is not None and dtype not in DTYPES:
-        raise TransplantError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    torch_dtype = parse_dtype(dtype) if dtype is not None else None
     base_src = resolve_source(base, need_model=True)
     # a hub donor is fetched with its weights unless the chosen method only needs its tokenizer
     donor_src = resolve_source(donor, need_model=False, tokenizer_only_ok=method is not None and not needs_donor(method))
@@ -156,7 +153,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     surgery.write_transplanted(
         base_src.model_dir, output, new_input=new_input.cpu(), new_output=None if new_output is None else new_output.cpu(),
         save_tokenizer=new_vocab.save, special_ids=_special_ids(new_vocab), model_card=card,
-        dtype=DTYPES.get(dtype) if dtype else None, pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite,
+        dtype=torch_dtype, pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite,
         before_commit=evaluate_and_report,
     )
     return result

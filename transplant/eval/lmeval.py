@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 TEMPLATE_DIR = Path(__file__).parent / "lm_eval_tasks"
 BPB_PREFIX = "tt_bpb_"
 BPB_ALL = "tt_bpb"
-BPB_SLICES = ("english", "code", "german", "numbers")
 MC_TASKS = {"tt_mc_small": ("tt_mc_small.yaml", "tt_mc_small.json")}
 DEFAULT_BPB_BYTES = 16384  # what `transplant eval` scores per slice
 DEFAULT_DOC_BYTES = 2048
@@ -53,10 +52,8 @@ _HIDDEN_BY_DEFAULT = ("byte_perplexity",)  # 2 ** bits_per_byte: redundant in a 
 
 def bpb_slices() -> list[str]:
     """Names of the built-in held-out text slices (`transplant.assets.texts`), each a task tt_bpb_<name>."""
-    try:
-        from transplant.assets.texts import TEXTS
-    except ImportError:  # texts not installed: the documented core slices
-        return list(BPB_SLICES)
+    from transplant.assets.texts import TEXTS
+
     return list(TEXTS)
 
 

@@ -53,7 +53,7 @@ def example_ids(new_ids: list[int], new_vocab: Vocab, n: int = 12) -> list[int]:
 def build_report(*, base: str, donor: str, method: str, stats: dict[str, Any], plan: InitPlan, base_vocab: Vocab,
                  new_vocab: Vocab, new_ids: list[int], seconds: float, bpb: dict[str, dict[str, float]] | None,
                  options: dict[str, Any]) -> dict[str, Any]:
-    from transplant import __version__
+    from transplant.version import __version__
 
     notes = {k: v for k, v in plan.notes.items() if not isinstance(v, torch.Tensor)}
     report: dict[str, Any] = {

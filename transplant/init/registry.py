@@ -1,10 +1,11 @@
 """One registry of initializers by name; each method lives in its own module, registers itself and declares its
 options, so `--set` is checked against a schema before anything is solved.
 
-Built-in methods are the modules listed in `transplant.init.methods`. Methods from other packages (the
-hypernetwork in `hypernet/`, a user's own) register through the `tokentransplant.initializers` entry point:
-the registry imports each entry point's module once, on first use, and the module's `@register` does the rest.
-Importing one method never registers another.
+Every method, built-in or not, is an entry point of the group `tokentransplant.initializers` (pyproject.toml:
+`fvt = "transplant.init.fvt"`; the hypernetwork in `hypernet/` and a user's own package the same way). On
+first lookup the registry imports each entry point's module once and the module's `@register` does the rest,
+so the registry imports no method (no import loop), importing one method never registers another, and adding
+a method is one new file plus one line in pyproject.toml (or a `@register` call in code that is imported).
 """
 
 from __future__ import annotations
@@ -151,17 +152,23 @@ _discovered = False
 
 
 def _discover() -> None:
-    """Import the built-in methods and every `tokentransplant.initializers` entry point (once)."""
+    """Import every `tokentransplant.initializers` entry point's module (once)."""
     global _discovered
     if _discovered:
         return
+    found = entry_points(group=ENTRY_POINT_GROUP)
+    if not any(entry.value.startswith("transplant.init.") for entry in found):
+        raise TransplantError(
+            "tokentransplant's built-in methods are not registered (package metadata missing); install it with "
+            "`pip install -e .` from the repository root"
+        )
     _discovered = True
-    import transplant.init.methods  # noqa: F401  (registers the built-in methods)
-
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
+    for entry in found:
         try:
             entry.load()
         except Exception as err:  # a broken plug-in must not take the built-in methods down with it
+            if entry.value.startswith("transplant."):
+                raise
             log.warning("initializer plug-in %s (%s) failed to load: %s", entry.name, entry.value, err)
 
 

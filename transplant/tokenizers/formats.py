@@ -112,12 +112,12 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 _BYTE_TO_CHAR = bytes_to_unicode()
-UNICODE_TO_BYTE: dict[str, int] = {c: b for b, c in _BYTE_TO_CHAR.items()}
 # str.translate table taking byte-level characters to the latin-1 character of their byte
 BYTE_LEVEL_TO_LATIN1 = {ord(c): b for b, c in _BYTE_TO_CHAR.items()}
 
 
 def byte_level_string(data: bytes) -> str:
+    """`data` as a byte-level BPE vocabulary spells it (`b" hi"` -> `"Ġhi"`)."""
     return "".join(_BYTE_TO_CHAR[b] for b in data)
 
 

@@ -1,0 +1,179 @@
+"""The architecture, checked: every module imports only its own layer or the layers below, and nothing loops.
+
+Imports are read from the source (module level and inside functions alike: a lazy import is still a
+dependency), so the test needs no optional package installed. docs/architecture.md draws the same layers.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("transplant", "distill", "hypernet")
+
+# Lowest first. A module belongs to the longest prefix listed here.
+LAYERS: list[tuple[str, ...]] = [
+    ("transplant.errors", "transplant.cache", "transplant.dtypes", "transplant.version", "transplant.recipes"),
+    ("transplant.solvers",),
+    ("transplant.tokenizers",),
+    ("transplant.assets",),
+    ("transplant.io",),
+    ("transplant.init",),
+    ("transplant.eval",),
+    ("transplant.pipeline", "transplant.extend", "transplant"),
+    ("distill", "hypernet"),
+    ("cli",),
+]
+# Siblings on one layer that must not import each other.
+SEPARATE = [("distill", "hypernet")]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _sources() -> dict[str, Path]:
+    files = {"cli": ROOT / "cli.py"}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            files[_module_name(path)] = path
+    return files
+
+
+MODULES = _sources()
+
+
+def _resolve(name: str) -> str | None:
+    """The project module `name` refers to (a submodule if it is one, else its package), or None."""
+    while name:
+        if name in MODULES:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def _imports(module: str, path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            names = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        else:
+            continue
+        for name in names:
+            target = _resolve(name)
+            if target is not None and target != module:
+                found.add(target)
+    return found
+
+
+GRAPH = {module: _imports(module, path) for module, path in MODULES.items()}
+
+
+def _layer(module: str) -> int:
+    best, best_len = None, -1
+    for index, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
+                best, best_len = index, len(prefix)
+    if best is None:
+        raise AssertionError(f"{module} is on no layer: add it to LAYERS here and to docs/architecture.md")
+    return best
+
+
+def _top(module: str) -> str:
+    return module.split(".")[0]
+
+
+def test_every_module_is_on_a_layer():
+    for module in MODULES:
+        _layer(module)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_point_down_or_sideways(module):
+    own = _layer(module)
+    upward = sorted(target for target in GRAPH[module] if _layer(target) > own)
+    assert not upward, f"{module} (layer {own}) imports a higher layer: {upward}"
+    for a, b in SEPARATE:
+        if _top(module) == a:
+            assert not [t for t in GRAPH[module] if _top(t) == b], f"{module} imports {b}"
+        if _top(module) == b:
+            assert not [t for t in GRAPH[module] if _top(t) == a], f"{module} imports {a}"
+
+
+def test_transplant_never_imports_distill_or_hypernet():
+    offenders = {m: sorted(t for t in GRAPH[m] if _top(t) in ("distill", "hypernet"))
+                 for m in MODULES if _top(m) == "transplant"}
+    assert not {m: t for m, t in offenders.items() if t}
+
+
+def test_no_import_cycles():
+    """Tarjan's strongly connected components over the module graph; a package importing its own submodules
+    (its `__init__` re-exporting them) is not a loop, so edges from a package into itself are left out."""
+    graph = {m: {t for t in targets if not t.startswith(m + ".")} for m, targets in GRAPH.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    counter = [0]
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = counter[0]
+        counter[0] += 1
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_checker_sees_lazy_imports(tmp_path):
+    """The walker must count an import inside a function, or a lazy loop would pass unnoticed."""
+    source = tmp_path / "mod.py"
+    source.write_text("def f():\n    from transplant.pipeline import transplant\n")
+    assert _imports("transplant.tokenizers.mod", source) == {"transplant.pipeline"}
+
+
+def test_importing_one_method_registers_only_that_method():
+    import subprocess
+    import sys
+
+    code = ("import transplant.init.fvt, transplant.init.registry as r; "
+            "print(sorted(r.METHODS))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "['fvt']"
