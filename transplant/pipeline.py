@@ -1,6 +1,7 @@
 """`transplant()`: base model + donor tokenizer (+ donor model) -> a new model dir, with a summary.
 
-The steps are the modules: sources (resolve), vocab (load), align (join), init (plan), surgery (stream), evaluate.
+The steps are the layers: assets (resolve names, load tokenizers), tokenizers (align), init (plan),
+io (stream the surgery), eval (bits per byte, report). See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from transplant.assets import load_vocab
 from transplant.assets.sources import resolve_source
 from transplant.dtypes import parse_dtype
 from transplant.errors import TransplantError
 from transplant.eval.report import build_report, render_plot, write_report
-from transplant.init.base import InitContext, build_embedding
+from transplant.init.base import InitContext, InitPlan, build_embedding
 from transplant.init.numbers import compose_number_rows, digit_report
 from transplant.init.registry import available_methods, get_initializer, needs_donor, parse_options
 from transplant.io import surgery
@@ -26,7 +29,6 @@ from transplant.tokenizers.align import align, shared_token_fraction
 from transplant.tokenizers.vocab import Vocab
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -70,6 +72,23 @@ def model_card(base: str, donor: str, method: str, stats: dict[str, Any], option
     return "\n".join(lines) + "\n"
 
 
+def new_embeddings(ctx: InitContext, method: str) -> tuple[torch.Tensor, torch.Tensor | None, InitPlan]:
+    """The new input and output matrices (float32; output None when the result stays tied) and the plan.
+
+    The method builds its plan; the pipeline's own steps then refine it for every method alike. Benches call
+    this too (bench/bench_default.py), so what they measure is what `transplant()` writes.
+    """
+    plan = get_initializer(method)(ctx)
+    if ctx.options["numbers"]:
+        plan = compose_number_rows(plan, ctx)
+    new_input = build_embedding(plan, "input", ctx.base_input)
+    new_output = None
+    if ctx.base_output is not None or plan.output_weights is not None:
+        base_out = ctx.base_output if ctx.base_output is not None else ctx.base_input
+        new_output = build_embedding(plan, "output", base_out)
+    return new_input, new_output, plan
+
+
 def transplant(base: str | Path, donor: str | Path, *, method: str | None = None, output: str | Path | None = None,
                device: str = "cpu", dtype: str | None = None, pad_to_multiple_of: int | None = None,
                overwrite: bool = False, eval_texts: dict[str, str] | Callable[[], dict[str, str]] | None = None,
@@ -81,8 +100,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     # a hub donor is fetched with its weights unless the chosen method only needs its tokenizer
     donor_src = resolve_source(donor, need_model=False, tokenizer_only_ok=method is not None and not needs_donor(method))
     method = method or default_method(donor_src.is_model)
-    initializer = get_initializer(method)
-    options = parse_options(method, options)  # typos and bad values fail before anything is loaded
+    options = parse_options(method, options)  # unknown methods, typos and bad values fail before any loading
     if needs_donor(method) and not donor_src.is_model:
         raise TransplantError(
             f"method {method!r} needs donor embeddings but {donor!s} is only a tokenizer; "
@@ -111,15 +129,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         donor_input=None if donor_input is None else donor_input.to(device),
         donor_output=None if donor_output is None else donor_output.to(device), options=options, device=device,
     )
-    plan = initializer(ctx)
-    if options["numbers"]:
-        plan = compose_number_rows(plan, ctx)
-    new_input = build_embedding(plan, "input", ctx.base_input)
-    separate_output = base_emb.output is not None or plan.output_weights is not None
-    new_output = None
-    if separate_output:
-        base_out = ctx.base_output if ctx.base_output is not None else ctx.base_input
-        new_output = build_embedding(plan, "output", base_out)
+    new_input, new_output, plan = new_embeddings(ctx, method)
 
     stats = {**alignment.stats(len(base_vocab)), **digit_report(base_vocab, new_vocab)}
     if callable(eval_texts):  # fetched only once the inputs are known to be good
