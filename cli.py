@@ -1,47 +1,32 @@
 """Command-line entry points: `transplant`, `distill`, `hypernet`. Thin: parse, call the API, print a summary.
 
-User errors (`TransplantError`) print one line and exit with code 2; anything else is a bug and keeps its
-traceback.
+All three are click commands built on `transplant.commandline`: one `--set KEY=VALUE` syntax, one `--device`
+check, and one user-error handler (a `TransplantError` prints `error: <one line>` and exits with code 2;
+anything else is a bug and keeps its traceback). `distill` and `hypernet` live in their packages
+(`distill.main`, `hypernet.main`) so that `python -m distill.main` runs under torchrun and DeepSpeed too.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import sys
 from pathlib import Path
 
 import click
 
+from distill.main import distill_main
+from hypernet.main import hypernet_main
+from transplant.commandline import (
+    CONTEXT_SETTINGS,
+    DEVICE,
+    Group,
+    parse_settings,
+    read_text_file,
+    set_option,
+    setup_logging,
+)
 from transplant.errors import TransplantError
 
-log = logging.getLogger("tokentransplant")
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "datasets", "urllib3", "filelock", "huggingface_hub", "DeepSpeed"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:  # transformers' per-tensor "Loading weights" bars drown the summary
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
-def user_errors(fn):
-    """Turn a TransplantError into `error: <message>` and exit code 2, with no traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except TransplantError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(TransplantError.exit_code)
-
-    return wrapper
+__all__ = ["transplant_main", "distill_main", "hypernet_main"]
 
 
 def _default_eval_texts(n_bytes: int) -> dict[str, str]:
@@ -50,32 +35,32 @@ def _default_eval_texts(n_bytes: int) -> dict[str, str]:
     return {name: texts.heldout(name, n_bytes=n_bytes) for name in ("english", "code")}
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("transplant", cls=Group, invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
 @click.option("--base", help="Model to transplant: a model dir, a hub id, or an offline alias (smollm2-135m, gemma3-270m).")
 @click.option("--donor", help="Tokenizer to give it: a tokenizer/model dir or file, hub id, or alias (mistral-v3, llama3, ...).")
 @click.option("--method", default=None, help="Initializer (default: omp with a donor model, else fvt). See `transplant methods`.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model dir (default out/<base>--<donor>-<method>).")
-@click.option("--device", default="cpu", show_default=True, help="Where the solvers run: cpu, cuda, cuda:1 ...")
+@click.option("--device", default="cpu", show_default=True, type=DEVICE,
+              help="Where the solvers run: cpu, cuda, cuda:N, mps, or auto (CUDA when torch sees one, else CPU).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Store weights in this dtype.")
 @click.option("--pad-to-multiple-of", type=click.IntRange(min=1), help="Pad the vocabulary to a multiple (e.g. 64).")
 @click.option("--overwrite", is_flag=True, help="Replace the output dir if it exists.")
 @click.option("--eval-bytes", default=4096, show_default=True, type=click.IntRange(min=0),
               help="Bytes per held-out slice (english, code) for BPB before/after; 0 skips it.")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Method option, e.g. --set k=64.")
+@set_option("k=64 (the method's options: `transplant methods`)")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 @click.pass_context
-@user_errors
 def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_multiple_of, overwrite, eval_bytes,
                     settings, verbose):
     """Give a pretrained model a new tokenizer: transplant --base smollm2-135m --donor mistral-v3."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     if ctx.invoked_subcommand is not None:
         return
     if not base or not donor:
         raise TransplantError("both --base and --donor are needed; e.g. transplant --base smollm2-135m --donor mistral-v3")
     from transplant.pipeline import transplant
 
-    options = dict(_parse_setting(s) for s in settings)
+    options = parse_settings(settings)
     eval_texts = functools.partial(_default_eval_texts, eval_bytes) if eval_bytes else None
     result = transplant(base, donor, method=method, output=output, device=device, dtype=dtype,
                         pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite, eval_texts=eval_texts,
@@ -92,28 +77,20 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
     click.echo(f"  output: {result.output}")
 
 
-def _parse_setting(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise TransplantError(f"--set expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    import yaml
-
-    return key.strip(), yaml.safe_load(value)
-
-
 @transplant_main.command("eval")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--text", "text_files", multiple=True, type=click.Path(path_type=Path),
-              help="Text file(s) to score; default: the built-in held-out slices.")
-@click.option("--max-length", default=1024, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--text", "text_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="UTF-8 text file(s) to score (repeatable); default: the built-in held-out slices.")
+@click.option("--max-length", default=1024, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per scored window; longer texts are scored in windows of this length.")
+@click.option("--device", default="cpu", show_default=True, type=DEVICE,
+              help="Where the models run: cpu, cuda, cuda:N, mps, or auto.")
 @click.option("--tasks", help="Run stock lm-eval instead, e.g. tt_bpb,tt_mc_small (local, offline) or any "
               "lm-eval task name when the hub is reachable.")
-@click.option("--limit", type=float, help="lm-eval: at most this many examples per task (or a fraction).")
-@user_errors
+@click.option("--limit", type=click.FloatRange(min=0, min_open=True),
+              help="lm-eval: at most this many examples per task (or a fraction below 1).")
 def eval_cmd(models, text_files, max_length, device, tasks, limit):
-    """Compare model dirs (or aliases) side by side: bits per byte, or lm-eval tasks with --tasks."""
-    _setup_logging(False)
+    """Compare MODELS (model dirs or aliases) side by side: bits per byte, or lm-eval tasks with --tasks."""
     from transplant.assets.sources import resolve_source
     from transplant.eval.bpb import model_bits_per_byte
 
@@ -134,22 +111,29 @@ def eval_cmd(models, text_files, max_length, device, tasks, limit):
 
 
 def _read_texts(paths) -> dict[str, str]:
-    out = {}
-    for path in paths:
-        try:
-            out[path.name] = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise TransplantError(f"cannot read text file {path}: {err.strerror or err}; pass a readable UTF-8 file") from err
-    return out
+    return {path.name: read_text_file(path) for path in paths}
+
+
+def _method_headline(name: str, summary: str) -> str:
+    """`omp: Orthogonal ...` from a summary that may already open with the name in backticks."""
+    quoted = f"`{name}`"
+    return name + summary[len(quoted):] if summary.startswith(quoted) else f"{name}: {summary}"
 
 
 @transplant_main.command("methods")
-def methods_cmd():
-    """List the registered initializers."""
-    from transplant.init.registry import NEEDS_DONOR, available_methods
+@click.argument("names", nargs=-1)
+def methods_cmd(names):
+    """Describe the registered initializers (or only NAMES): what each does, whether it needs a donor model,
+    and the options it takes with `--set`."""
+    from transplant.init.registry import available_methods, get_method
 
-    for name in available_methods():
-        click.echo(f"{name}{'  (needs a donor model)' if name in NEEDS_DONOR else ''}")
+    for position, name in enumerate(names or available_methods()):
+        method = get_method(name)
+        donor = "needs a donor model (tokenizer + embeddings)" if method.needs_donor else "needs only the donor's tokenizer"
+        click.echo(("\n" if position else "") + _method_headline(method.name, method.summary))
+        click.echo(f"  {donor}")
+        for option in method.all_options():
+            click.echo(f"  --set {option.describe()}")
 
 
 @transplant_main.group("assets")
@@ -158,7 +142,6 @@ def assets_group():
 
 
 @assets_group.command("list")
-@user_errors
 def assets_list():
     """List the offline assets and whether each is cached."""
     from transplant.assets import catalog
@@ -169,9 +152,8 @@ def assets_list():
 
 @assets_group.command("fetch")
 @click.argument("names", nargs=-1, required=True)
-@user_errors
 def assets_fetch(names):
-    """Fetch assets into the cache (`all` for everything)."""
+    """Fetch the assets NAMES into the cache (`all` for everything; `transplant assets list` names them)."""
     from transplant.assets import catalog
 
     if names == ("all",):
@@ -183,15 +165,15 @@ def assets_fetch(names):
 @transplant_main.command("extend")
 @click.argument("model")
 @click.option("--token", "tokens", multiple=True, help="A token to add (repeatable), e.g. --token ' tokentransplant'.")
-@click.option("--corpus", "corpus_files", multiple=True, type=click.Path(path_type=Path),
-              help="Domain text file(s) to learn the most useful new tokens from.")
+@click.option("--corpus", "corpus_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Domain UTF-8 text file(s) to learn the most useful new tokens from.")
 @click.option("-n", "--num-tokens", type=click.IntRange(min=1), help="How many tokens to learn from --corpus.")
-@click.option("--method", default="fvt", show_default=True, help="Initializer for the new rows.")
+@click.option("--method", default="fvt", show_default=True, help="Initializer for the new rows (`transplant methods`).")
+@set_option("numbers=false (the method's options: `transplant methods`)")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model dir.")
-@click.option("--overwrite", is_flag=True)
-@user_errors
-def extend_cmd(model, tokens, corpus_files, num_tokens, method, output, overwrite):
-    """Add tokens to MODEL's tokenizer (ids kept) and initialise their rows."""
+@click.option("--overwrite", is_flag=True, help="Replace the output dir if it exists.")
+def extend_cmd(model, tokens, corpus_files, num_tokens, method, settings, output, overwrite):
+    """Add tokens to MODEL's tokenizer (a model dir or alias; ids kept) and initialise their rows."""
     from transplant.extend import extend_vocab
 
     if bool(tokens) == bool(corpus_files):
@@ -199,33 +181,14 @@ def extend_cmd(model, tokens, corpus_files, num_tokens, method, output, overwrit
     corpus = list(_read_texts(corpus_files).values()) if corpus_files else None
     held_out = {"domain": "\n".join(corpus)[-16384:]} if corpus else None
     result = extend_vocab(model, new_tokens=list(tokens) or None, corpus=corpus, n=num_tokens, method=method,
-                          output=output, overwrite=overwrite, eval_texts=held_out)
+                          output=output, overwrite=overwrite, eval_texts=held_out,
+                          options=parse_settings(settings))
     added = result.extra["added_tokens"]
     click.echo(f"added {len(added)} tokens to {model} ({result.method}) in {result.seconds:.1f}s: "
                + ", ".join(added[:8]) + (" ..." if len(added) > 8 else ""))
     if result.bpb_before is not None:
         click.echo(f"  bits/byte on the corpus tail: {result.bpb_before:.3f} before, {result.bpb_after:.3f} after")
     click.echo(f"  output: {result.output}")
-
-
-@click.command(context_settings={"help_option_names": [], "ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@user_errors
-def distill_main(args):
-    """Heal a transplanted model by cross-tokenizer distillation: distill RECIPE.yaml [--set key=value ...]."""
-    from distill.main import main
-
-    sys.exit(main(list(args)))
-
-
-@click.command(context_settings={"help_option_names": [], "ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@user_errors
-def hypernet_main(args):
-    """Train and apply a ZeTT-style hypernetwork: hypernet train RECIPE.yaml [key=value ...]."""
-    from hypernet.main import main
-
-    sys.exit(main(list(args)))
 
 
 if __name__ == "__main__":

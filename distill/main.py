@@ -7,36 +7,33 @@ Works under any launcher: plain python (a world of one, or a torchrun relaunch w
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from distill.config import load_recipe
-from transplant.errors import TransplantError
+import click
+
+from transplant.commandline import CONTEXT_SETTINGS, Command, set_option, setup_logging
 
 log = logging.getLogger("distill")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill", description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set train.steps=10 (repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser
+class DistillCommand(Command):
+    """`distill --help` ends with the registered losses (read at help time, so a new loss shows up by itself)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from distill.losses import LOSSES
+
+        with formatter.section("Losses (--set loss.name=NAME)"):
+            formatter.write_text(", ".join(sorted(LOSSES)))
+        super().format_epilog(ctx, formatter)
 
 
 def _configure_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Rank 0 logs progress; the other ranks only warnings (N copies of every line help nobody)."""
+    setup_logging(int(os.environ.get("RANK", "0")) == 0, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _relaunch(argv: list[str], nproc: int, port: int) -> int:
@@ -50,38 +47,47 @@ def _relaunch(argv: list[str], nproc: int, port: int) -> int:
     return subprocess.call(command)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+@click.command("distill", cls=DistillCommand, context_settings=CONTEXT_SETTINGS)
+@click.argument("recipe", type=click.Path(path_type=str))
+@set_option("train.steps=10 (any recipe key, dotted)")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint (same as --set train.resume=true).")
+@click.option("--print-recipe", is_flag=True, help="Print the resolved recipe (defaults, overrides, ${...}) and exit.")
+@click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
+              help="Set by the deepspeed launcher; read from LOCAL_RANK otherwise.")
+def distill_main(recipe: str, settings: tuple[str, ...], resume: bool, print_recipe: bool,
+                 local_rank: int | None) -> None:
+    """Heal a transplanted model by cross-tokenizer distillation, as RECIPE (a YAML file, see recipes/) says.
+
+    Keys of the recipe are documented in distill/config.py; unknown keys and wrong types fail before any model
+    loads. Runs under plain python (torchrun is started when launch.nproc_per_node > 1), torchrun and deepspeed.
+    """
+    from distill.config import load_recipe
+
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
     _configure_logging()
-    try:
-        overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
-        recipe = load_recipe(args.recipe, overrides)
-        if args.print_recipe:
-            import yaml
+    overrides = list(settings) + (["train.resume=true"] if resume else [])
+    loaded = load_recipe(recipe, overrides)
+    if print_recipe:
+        import yaml
 
-            sys.stdout.write(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-            return 0
-        if "WORLD_SIZE" not in os.environ and recipe.launch.nproc_per_node > 1:
-            if not Path(recipe.student.path).exists():
-                from distill.trainer import prepare_student
+        click.echo(yaml.safe_dump(loaded.to_dict(), sort_keys=False), nl=False)
+        return
+    if "WORLD_SIZE" not in os.environ and loaded.launch.nproc_per_node > 1:
+        if not Path(loaded.student.path).exists():
+            from distill.trainer import prepare_student
 
-                prepare_student(recipe, is_main=True)  # once, before the workers start
-            return _relaunch(argv, recipe.launch.nproc_per_node, recipe.launch.master_port)
-        from distill.trainer import run
+            prepare_student(loaded, is_main=True)  # once, before the workers start
+        argv = [recipe, *(arg for text in settings for arg in ("--set", text))] + (["--resume"] if resume else [])
+        click.get_current_context().exit(_relaunch(argv, loaded.launch.nproc_per_node, loaded.launch.master_port))
+    from distill.trainer import run
 
-        result = run(recipe)
-    except TransplantError as err:
-        sys.stderr.write(f"error: {err}\n")
-        return err.exit_code
+    result = run(loaded)
     if int(os.environ.get("RANK", "0")) == 0:
         last = result["history"][-1] if result["history"] else {}
         summary = {k: round(v, 4) for k, v in last.items() if k.startswith(("loss", "eval_bpb_all"))}
-        sys.stdout.write(f"distill: {result['steps']} steps {summary} -> {result['export']}\n")
-    return 0
+        click.echo(f"distill: {result['steps']} steps {summary} -> {result['export']}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distill_main()

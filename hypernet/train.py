@@ -28,7 +28,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from hypernet.config import HypernetRecipe
 from hypernet.model import (
     Hypernet,
     HypernetConfig,
@@ -50,16 +51,6 @@ from transplant.assets import load_vocab
 from transplant.tokenizers.vocab import TokenKind, Vocab
 
 log = logging.getLogger(__name__)
-
-DEFAULTS: dict[str, Any] = {
-    "base": "smollm2-135m", "output_dir": "out/hypernet", "seed": 0, "threads": None,
-    "steps": 200, "max_minutes": None, "batch_size": 4, "seq_len": 64, "lr": 3e-4, "weight_decay": 0.01,
-    "warmup": 20, "grad_clip": 1.0, "resample_every": 10, "negatives": 512, "lm_weight": 1.0,
-    "aux_weight": 1.0, "aux_tokens": 256, "lm_every": 1, "predict_shared": False, "save_every": 50, "log_every": 10,
-    "resume": False, "corpus": {"english": 200000, "code": 100000}, "vocab_size": [4000, 32000], "noise": 1.0,
-    "real_tokenizers": [], "real_prob": 0.0, "model": {},
-}
-
 
 class TokenizerPieces:
     """A sampled tokenizer with its ids decomposed into base pieces once (the per-step work is then indexing)."""
@@ -196,85 +187,83 @@ def _load_state(out: Path, net: Hypernet, opt: torch.optim.Optimizer, rng: rando
     return payload
 
 
-def train(recipe: dict[str, Any]) -> Path:
-    """Run a recipe (see recipes/hypernet_smollm2_cpu.yaml); returns the output dir holding the hypernetwork."""
+def train(recipe: HypernetRecipe) -> Path:
+    """Run a recipe (hypernet.config; e.g. recipes/hypernet_smollm2_cpu.yaml); returns the output dir holding
+    the hypernetwork."""
     from transformers import AutoModelForCausalLM
 
     from transplant.assets.catalog import resolve_model
 
-    cfg = {**DEFAULTS, **recipe}
-    if cfg["threads"]:
-        torch.set_num_threads(int(cfg["threads"]))
-    out = Path(cfg["output_dir"])
-    torch.manual_seed(cfg["seed"])
-    rng = random.Random(cfg["seed"])
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    base_dir = resolve_model(cfg["base"])
+    if recipe.threads:
+        torch.set_num_threads(int(recipe.threads))
+    out = Path(recipe.output_dir)
+    torch.manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    base_dir = resolve_model(recipe.base)
     base = load_vocab(base_dir)
     lm = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     lm.requires_grad_(False)
     base_in = lm.get_input_embeddings().weight.detach()
     tied = lm.config.tie_word_embeddings or lm.get_output_embeddings() is None
     base_out = None if tied else lm.get_output_embeddings().weight.detach()
-    known = {f.name for f in fields(HypernetConfig)}
-    model_cfg = {k: v for k, v in cfg["model"].items() if k in known}
     hcfg = HypernetConfig(base_dim=base_in.shape[1], base_vocab_size=base_in.shape[0], untied=not tied,
-                          base_name=str(cfg["base"]), **model_cfg)
+                          base_name=str(recipe.base), **asdict(recipe.model))
     net = Hypernet(hcfg, *base_stats(base_in, base_out))
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     state: dict[str, Any] = {"step": 0, "history": []}
-    if cfg["resume"] and (out / "checkpoint" / "state.json").exists():
+    if recipe.resume and (out / "checkpoint" / "state.json").exists():
         state = _load_state(out, net, opt, rng, gen)
         log.info("resumed at step %d", state["step"])
-    corpus = _corpus(cfg["corpus"])
-    real = [load_vocab(spec) for spec in cfg["real_tokenizers"]]
-    sampler = TokenizerSampler(corpus, size_range=tuple(cfg["vocab_size"]), noise=cfg["noise"], real=real,
-                               real_prob=cfg["real_prob"], seed=cfg["seed"] + state["step"])
+    corpus = _corpus(recipe.corpus)
+    real = [load_vocab(spec) for spec in recipe.real_tokenizers]
+    sampler = TokenizerSampler(corpus, size_range=tuple(recipe.vocab_size), noise=recipe.noise, real=real,
+                               real_prob=recipe.real_prob, seed=recipe.seed + state["step"])
     population = torch.tensor(_aux_population(base), dtype=torch.long)
     bos = base.roles.get("bos", base.roles.get("eos"))
     bos_row = base_in[bos] if bos is not None else None
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, cfg["warmup"])), last_epoch=state["step"] - 1)
+        opt, lambda s: min(1.0, (s + 1) / max(1, recipe.warmup)), last_epoch=state["step"] - 1)
     started = time.perf_counter()
     pieces = None
     running: dict[str, float] = {}
     net.train()
-    while state["step"] < cfg["steps"]:
+    while state["step"] < recipe.steps:
         step = state["step"]
-        if pieces is None or step % cfg["resample_every"] == 0:
+        if pieces is None or step % recipe.resample_every == 0:
             pieces = TokenizerPieces(sampler.sample(), base, hcfg.max_pieces)
         loss = torch.zeros(())
         parts = {}
-        if cfg["lm_weight"] > 0 and step % cfg["lm_every"] == 0:
-            texts = _windows(corpus, cfg["batch_size"], cfg["seq_len"] * 6, rng)
-            lm_part = lm_loss(lm, net, pieces, texts, seq_len=cfg["seq_len"], negatives=cfg["negatives"],
+        if recipe.lm_weight > 0 and step % recipe.lm_every == 0:
+            texts = _windows(corpus, recipe.batch_size, recipe.seq_len * 6, rng)
+            lm_part = lm_loss(lm, net, pieces, texts, seq_len=recipe.seq_len, negatives=recipe.negatives,
                               bos_row=bos_row, base_in=base_in, base_out=base_out,
-                              predict_shared=cfg["predict_shared"], gen=gen)
-            loss = loss + cfg["lm_weight"] * lm_part
+                              predict_shared=recipe.predict_shared, gen=gen)
+            loss = loss + recipe.lm_weight * lm_part
             parts["lm"] = lm_part.item()
-        if cfg["aux_weight"] > 0 and population.numel():
-            pick = population[torch.randint(0, population.numel(), (cfg["aux_tokens"],), generator=gen)]
+        if recipe.aux_weight > 0 and population.numel():
+            pick = population[torch.randint(0, population.numel(), (recipe.aux_tokens,), generator=gen)]
             ids, mask = decompose_without_self(base, pick.tolist(), hcfg.max_pieces)
             aux_part = aux_loss(net, pick, ids, mask, base_in, base_out)
-            loss = loss + cfg["aux_weight"] * aux_part
+            loss = loss + recipe.aux_weight * aux_part
             parts["aux"] = aux_part.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
         opt.step()
         sched.step()
         state["step"] = step + 1
         for key, value in parts.items():
             running[key] = value if key not in running else 0.9 * running[key] + 0.1 * value
-        if state["step"] % cfg["log_every"] == 0 or state["step"] == 1:
+        if state["step"] % recipe.log_every == 0 or state["step"] == 1:
             entry = {"step": state["step"], "seconds": round(time.perf_counter() - started, 1), "vocab": len(pieces.tok),
                      **{k: round(v, 4) for k, v in parts.items()}, **{f"ema_{k}": round(v, 4) for k, v in running.items()}}
             state["history"].append(entry)
             log.info("hypernet %s", entry)
-        if state["step"] % cfg["save_every"] == 0:
+        if state["step"] % recipe.save_every == 0:
             _save_state(out, net, opt, state, rng, gen)
-        if cfg["max_minutes"] and time.perf_counter() - started > 60 * float(cfg["max_minutes"]):
-            log.info("time budget of %s min reached at step %d", cfg["max_minutes"], state["step"])
+        if recipe.max_minutes and time.perf_counter() - started > 60 * float(recipe.max_minutes):
+            log.info("time budget of %s min reached at step %d", recipe.max_minutes, state["step"])
             break
     _save_state(out, net, opt, state, rng, gen)
     save_hypernet(net.eval(), out)

@@ -10,7 +10,7 @@ import torch
 import hypernet.initializer  # noqa: F401  (registers `hypernet`)
 import transplant
 import transplant.init.byte_pool_learned as bpl
-from hypernet.main import load_recipe, main
+from hypernet.config import HypernetRecipe, load_recipe
 from hypernet.model import (
     Hypernet,
     HypernetConfig,
@@ -29,14 +29,15 @@ from transplant.io.surgery import read_embeddings
 TEXT = "The catalogue of cats: for i in range(10): print(i) 12345 café"
 
 
-def _recipe(tiny_pair, tmp_path, **extra):
+def _recipe(tiny_pair, tmp_path, **extra) -> HypernetRecipe:
     tmp_path.mkdir(parents=True, exist_ok=True)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(BASE_CORPUS + DONOR_CORPUS)
-    return {"base": str(tiny_pair["base_untied"]), "output_dir": str(tmp_path / "hn"), "corpus": str(corpus),
-            "steps": 40, "vocab_size": [300, 600], "negatives": 32, "aux_tokens": 64, "seq_len": 32,
-            "resample_every": 5, "save_every": 10, "log_every": 1, "lr": 1e-2, "warmup": 1,
-            "model": {"d_model": 32, "layers": 1, "heads": 2}, **extra}
+    return load_recipe(data={
+        "base": str(tiny_pair["base_untied"]), "output_dir": str(tmp_path / "hn"), "corpus": str(corpus),
+        "steps": 40, "vocab_size": [300, 600], "negatives": 32, "aux_tokens": 64, "seq_len": 32,
+        "resample_every": 5, "save_every": 10, "log_every": 1, "lr": 1e-2, "warmup": 1,
+        "model": {"d_model": 32, "layers": 1, "heads": 2}, **extra})
 
 
 def test_decompose_uses_base_pieces_and_excludes_self(tiny_pair):
@@ -153,12 +154,14 @@ def test_hypernet_errors_are_actionable(tiny_pair, tmp_path):
                               output=tmp_path / "b", options={"hypernet": str(tmp_path)})
 
 
-def test_cli_overrides(tmp_path):
+def test_recipe_overrides(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("steps: 10\nmodel:\n  layers: 2\n")
+    recipe.write_text("steps: 10\nlr: 1e-4\nmodel:\n  layers: 2\n")
     loaded = load_recipe(recipe, ["steps=3", "model.layers=1", "vocab_size=[10, 20]"])
-    assert loaded["steps"] == 3 and loaded["model"]["layers"] == 1 and loaded["vocab_size"] == [10, 20]
-    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert loaded.steps == 3 and loaded.model.layers == 1 and loaded.vocab_size == [10, 20]
+    assert loaded.lr == 1e-4 and loaded.model.heads == HypernetRecipe().model.heads
+    with pytest.raises(TransplantError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
 
 
 def test_byte_pool_learned_fit_and_apply(tiny_pair, tmp_path, monkeypatch):

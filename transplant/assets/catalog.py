@@ -23,6 +23,7 @@ from pathlib import Path
 from transplant.assets.wheels import cached_file_path, concatenate_members, read_wheel_text, wheel_file
 from transplant.cache import cache_dir
 from transplant.errors import TransplantError
+from transplant.recipes import env_flag
 
 log = logging.getLogger(__name__)
 
@@ -295,8 +296,7 @@ def is_hub_offline(timeout: float = 2.0) -> bool:
 
 
 def _offline_by_environment() -> bool:
-    return any(os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}
-               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(env_flag(var) for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 # ----------------------------------------------------------------------------------------- fetch and list

@@ -1,0 +1,139 @@
+"""What the three command lines (`transplant`, `distill`, `hypernet`) share: one user-error handler, the
+`--set KEY=VALUE` option, `--device`, UTF-8 text files and logging.
+
+The handler lives in the command classes (`Command`, `Group`): a `TransplantError` raised anywhere below them,
+while parsing options or while running, becomes `error: <one line>` on stderr and exit code 2. Putting it in
+the classes rather than a decorator means a new subcommand cannot forget it. Anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from transplant.errors import TransplantError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+NOISY_LOGGERS = ("transformers", "datasets", "urllib3", "filelock", "huggingface_hub", "DeepSpeed", "deepspeed",
+                 "torch.distributed")
+
+
+def one_line(message: object) -> str:
+    """The message on one line: a user error is one line even when a library's text inside it is not."""
+    text = re.sub(r"\s*\n\s*", " ", str(message)).strip()
+    return text or "unknown problem (no message); rerun with -v and report it"
+
+
+class UserError(click.ClickException):
+    """A TransplantError as click reports errors: `error: <line>` on stderr, exit code 2."""
+
+    exit_code = TransplantError.exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class _UserErrors:
+    """Mixin: a TransplantError from parsing (`make_context`) or running (`invoke`) becomes a UserError.
+
+    Groups run their subcommands inside `invoke`, so one handler at the top covers the whole tree."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)  # type: ignore[misc]
+        except TransplantError as err:
+            raise UserError(one_line(err)) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)  # type: ignore[misc]
+        except TransplantError as err:
+            raise UserError(one_line(err)) from None
+
+
+class Command(_UserErrors, click.Command):
+    """A click command with the user-error handler."""
+
+
+class Group(_UserErrors, click.Group):
+    """A click group with the user-error handler; its subcommands default to `Command`."""
+
+    command_class = Command
+
+
+Group.group_class = Group
+
+
+def set_option(example: str) -> Callable[[Callable], Callable]:
+    """The repeatable `--set KEY=VALUE` option every command takes (parsed by `transplant.recipes.parse_assignment`
+    where it is used, so the three commands read it one way)."""
+    return click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+                        help=f"Override a setting (repeatable), e.g. --set {example}.")
+
+
+def parse_settings(settings: Iterable[str]) -> dict[str, Any]:
+    """`--set` values as {key: YAML-typed value}; a later `--set` of the same key wins."""
+    from transplant.recipes import parse_assignment
+
+    return dict(parse_assignment(text) for text in settings)
+
+
+class DeviceType(click.ParamType):
+    """`cpu`, `cuda`, `cuda:N`, `mps` or `auto` (CUDA when torch sees a GPU, else CPU), checked against what
+    this torch build can use, so `--device cuda` on a CPU-only install fails before any model loads."""
+
+    name = "device"
+    PATTERN = re.compile(r"^(cpu|mps|auto|cuda(:\d+)?)$")
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip().lower()
+        if not self.PATTERN.match(text):
+            raise TransplantError(f"--device {value}: not a device; use cpu, cuda, cuda:N, mps or auto")
+        if text == "cpu":
+            return text
+        import torch
+
+        if text == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if text == "mps":
+            if not torch.backends.mps.is_available():
+                raise TransplantError("--device mps: this torch build sees no Apple GPU; use --device cpu or auto")
+            return text
+        if not torch.cuda.is_available():
+            raise TransplantError(f"--device {text}: this torch build sees no CUDA GPU "
+                                  f"(torch {torch.__version__}); use --device cpu or auto")
+        index = int(text.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise TransplantError(f"--device {text}: torch sees {torch.cuda.device_count()} CUDA device(s); "
+                                  f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return text
+
+
+DEVICE = DeviceType()
+
+
+def read_text_file(path: Path, what: str = "text file") -> str:
+    """A UTF-8 file's text, or a one-line error: a binary or unreadable file is the user's to fix."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TransplantError(f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                              f"{err.start}); pass a UTF-8 text file") from None
+    except OSError as err:
+        raise TransplantError(f"cannot read {what} {path}: {err.strerror or err}; pass a readable file") from None
+
+
+def setup_logging(verbose: bool, fmt: str = "%(levelname)s %(name)s: %(message)s") -> None:
+    """INFO with `verbose`, else WARNING; the libraries' chatter (and transformers' progress bars) stays quiet."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=fmt, datefmt="%H:%M:%S")
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
