@@ -1,0 +1,72 @@
+"""`fvt-ls`: FVT's pieces with weights fitted in the donor space, shrunk towards FVT's equal weights."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.test_align_init import make_vocab
+from transplant.init.base import InitContext, build_embedding
+from transplant.init.fvt_ls import ridge_weights
+from transplant.init.registry import get_initializer
+from transplant.tokenizers.align import align
+from transplant.tokenizers.vocab import TokenKind
+
+N, S = TokenKind.NORMAL, TokenKind.SPECIAL
+
+
+def _pair():
+    # base pieces: " cat" (1), "alog" (2), "do" (3), "g" (4), "zz"(5); new adds " catalog" (5) and "dog" (6)
+    base = make_vocab([b"", b" cat", b"alog", b"do", b"g", b"zz"], [S, N, N, N, N, N], {"bos": 0}, {0: "<s>"})
+    new = make_vocab([b"", b" cat", b"alog", b"do", b"g", b" catalog", b"dog"], [S, N, N, N, N, N, N],
+                     {"bos": 0}, {0: "<s>"})
+    g = torch.Generator().manual_seed(0)
+    base_rows = torch.randn(6, 8, generator=g)
+    donor = torch.randn(7, 12, generator=g)
+    donor[5] = 0.8 * donor[1] + 0.3 * donor[2]  # " catalog" composes exactly in the donor space
+    donor[6] = 0.5 * donor[3] + 0.5 * donor[4]  # "dog" is exactly FVT's mean there
+    return base, new, base_rows, donor
+
+
+def _run(ridge: float, neighbours: int = 0) -> torch.Tensor:
+    base, new, base_rows, donor = _pair()
+    ctx = InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=base_rows,
+                      base_output=None, donor_input=donor, options={"ridge": ridge, "neighbours": neighbours,
+                                                                   "numbers": False})
+    return build_embedding(get_initializer("fvt-ls")(ctx), "input", base_rows), base_rows
+
+
+def test_least_squares_recovers_the_donor_composition():
+    out, e = _run(ridge=0.0)
+    assert torch.allclose(out[5], 0.8 * e[1] + 0.3 * e[2], atol=1e-4)
+    assert torch.allclose(out[6], 0.5 * e[3] + 0.5 * e[4], atol=1e-4)
+    assert torch.equal(out[1], e[1])  # shared tokens are exact copies
+
+
+def test_large_ridge_is_fvt():
+    out, e = _run(ridge=1e6)
+    assert torch.allclose(out[5], (e[1] + e[2]) / 2, atol=1e-4)
+
+
+def test_ridge_weights_padding_and_shrinkage():
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(3, 4, 6, generator=g)
+    valid = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    rows = rows * valid[..., None]
+    prior = valid / valid.sum(1, keepdim=True)
+    target = torch.randn(3, 6, generator=g)
+    w = ridge_weights(target, rows, prior, valid, ridge=0.5)
+    assert torch.all(w[~valid] == 0)
+    # each row is the closed-form ridge solution on its own valid slots
+    for b in range(3):
+        a = rows[b, valid[b]]
+        s2 = (a * a).sum(1).mean()
+        m = a.shape[0]
+        expected = torch.linalg.solve(a @ a.T + 0.5 * s2 * torch.eye(m), a @ target[b] + 0.5 * s2 * prior[b, valid[b]])
+        assert torch.allclose(w[b, valid[b]], expected, atol=1e-5)
+
+
+def test_neighbours_widen_the_support():
+    out0, _ = _run(ridge=0.0)
+    out2, _ = _run(ridge=0.0, neighbours=2)
+    assert torch.isfinite(out2).all()
+    assert torch.allclose(out2[5], out0[5], atol=1e-3)  # an exact composition stays exact with more atoms
