@@ -90,7 +90,10 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
 @click.option("--limit", type=click.FloatRange(min=0, min_open=True),
               help="lm-eval: at most this many examples per task (or a fraction below 1).")
 def eval_cmd(models, text_files, max_length, device, tasks, limit):
-    """Compare MODELS (model dirs or aliases) side by side: bits per byte, or lm-eval tasks with --tasks."""
+    """Compare MODELS (model dirs or aliases) side by side.
+
+    Bits per byte on held-out text by default; lm-eval tasks with --tasks.
+    """
     from transplant.assets.sources import resolve_source
     from transplant.eval.bpb import model_bits_per_byte
 
@@ -123,8 +126,10 @@ def _method_headline(name: str, summary: str) -> str:
 @transplant_main.command("methods")
 @click.argument("names", nargs=-1)
 def methods_cmd(names):
-    """Describe the registered initializers (or only NAMES): what each does, whether it needs a donor model,
-    and the options it takes with `--set`."""
+    """Describe the initializers (all, or only NAMES).
+
+    For each: what it does, whether it needs a donor model, and the options it takes with --set.
+    """
     from transplant.init.registry import available_methods, get_method
 
     for position, name in enumerate(names or available_methods()):
@@ -173,7 +178,10 @@ def assets_fetch(names):
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model dir.")
 @click.option("--overwrite", is_flag=True, help="Replace the output dir if it exists.")
 def extend_cmd(model, tokens, corpus_files, num_tokens, method, settings, output, overwrite):
-    """Add tokens to MODEL's tokenizer (a model dir or alias; ids kept) and initialise their rows."""
+    """Add tokens to MODEL's tokenizer and initialise their rows.
+
+    MODEL is a model dir or alias; its existing token ids are kept.
+    """
     from transplant.extend import extend_vocab
 
     if bool(tokens) == bool(corpus_files):

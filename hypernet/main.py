@@ -23,8 +23,11 @@ def hypernet_main() -> None:
 @set_option("max_minutes=12 (any recipe key, dotted: model.layers=3)")
 @click.option("--print-recipe", is_flag=True, help="Print the resolved recipe (defaults and overrides) and exit.")
 def train_cmd(recipe: str, settings: tuple[str, ...], print_recipe: bool) -> None:
-    """Train a hypernetwork as RECIPE (a YAML file; keys in hypernet/config.py, e.g.
-    recipes/hypernet_smollm2_cpu.yaml) says; unknown keys and wrong types fail before the base model loads."""
+    """Train a hypernetwork from RECIPE, a YAML file.
+
+    Its keys are in hypernet/config.py (example: recipes/hypernet_smollm2_cpu.yaml); unknown keys and wrong
+    types fail before the base model loads.
+    """
     from hypernet.config import load_recipe
 
     loaded = load_recipe(recipe, settings)

@@ -310,11 +310,12 @@ def load_recipe(cls: type[T], path: str | Path | None = None, overrides: Iterabl
     raw: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     if data:
         raw = _overlay(cls, raw, copy.deepcopy(dict(data)))
+    merged = _overlay(cls, dataclasses.asdict(cls()), raw)
+    # a `--set` changes one leaf of the merged recipe: `corpus.english=10` keeps the default's other entries
     for text in overrides:
         key, value = parse_assignment(text)
         _check_key(cls, key)
-        _set_dotted(raw, key, value)
-    merged = _overlay(cls, dataclasses.asdict(cls()), raw)
+        _set_dotted(merged, key, value)
     return _build(cls, _interpolate(merged, merged))
 
 
