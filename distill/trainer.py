@@ -10,11 +10,12 @@ Design points:
 - "Embeddings only for the first N steps" is a per-group learning-rate factor of 0 for everything else: ZeRO
   flattens parameter groups at start-up, so toggling `requires_grad` later would silently do nothing.
 - Every rank evaluates the same held-out text (ZeRO-3 forwards are collectives anyway).
+- The trainer names no loss: whether one needs the teacher, which metrics are sums, its options, hidden states
+  and per-pair tables are declared where it registers (`distill.losses.registry.LossSpec`).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -31,13 +32,13 @@ from distill.config import Recipe
 from distill.data import DistillLoader, Packer, read_documents
 from distill.export import gather_state_dict, write_hf_dir
 from distill.lora import apply_lora
-from distill.losses import get_loss
+from distill.losses import ANCHOR_LOSS, PairContext, get_loss, loss_options
 from distill.runtime import Runtime, init_runtime, load_deepspeed_config, resolve_dtype, zero_stage
 from transplant.errors import TransplantError
 
 log = logging.getLogger(__name__)
 
-SUMMED_METRICS = {"loss", "alm", "ce", "uld", "mined", "hidden_mse", "num_items_local", "num_units", "ce_anchor"}
+ANCHOR_METRIC = "ce_anchor"  # the `loss.ce_weight` term, a sum over items like the loss itself
 
 
 def lr_factor(step: int, optim: Any, total: int) -> float:
@@ -52,26 +53,6 @@ def lr_factor(step: int, optim: Any, total: int) -> float:
     if optim.schedule == "cosine":
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     raise TransplantError(f"optim.schedule={optim.schedule!r} is unknown; use cosine, linear or constant")
-
-
-def loss_options(name: str, per_loss: dict[str, Any], loss_fn: Any) -> dict[str, Any]:
-    """The chosen loss's block of `loss.options` (keyed by loss name, so that switching `loss.name` never feeds
-    one loss another's options, e.g. ALM's temperature 100 to ULD), checked against the loss's signature."""
-    from distill.losses import LOSSES
-
-    strays = sorted(set(per_loss) - set(LOSSES))
-    if strays:
-        raise TransplantError(f"loss.options.{strays[0]}: options are keyed by loss name ({', '.join(sorted(LOSSES))})"
-                              f", e.g. loss.options.alm.temperature=100")
-    options = dict(per_loss.get(name) or {})
-    params = inspect.signature(loss_fn).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        allowed = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "num_items"]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise TransplantError(f"loss.options.{name}.{unknown[0]} is not an option of loss {name!r}; "
-                                  f"it takes: {', '.join(allowed)}")
-    return options
 
 
 def embedding_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -128,15 +109,14 @@ class Trainer:
         self.teacher_dir, self.student_dir = resolve_model_dir(r.teacher.path), resolve_model_dir(r.student.path)
         self.teacher_vocab = load_vocab(self.teacher_dir, trust_remote_code=r.teacher.trust_remote_code)
         self.student_vocab = load_vocab(self.student_dir, trust_remote_code=r.student.trust_remote_code)
-        self.loss_fn, self.ce_fn = get_loss(r.loss.name), get_loss("ce")
-        self.loss_options = loss_options(r.loss.name, r.loss.options, self.loss_fn)
-        self.needs_teacher = r.loss.name != "ce"
+        self.anchor = get_loss(ANCHOR_LOSS)
+        self.use_loss(r.loss.name)
         self.ds_config = load_deepspeed_config(r, rt)
         self.stage = zero_stage(self.ds_config)
         torch.manual_seed(r.train.seed)
 
         self.teacher = None
-        if self.needs_teacher or r.eval.teacher:
+        if self.loss.needs_teacher or r.eval.teacher:
             teacher_dtype = resolve_dtype(r.teacher.dtype, rt.device)
             self.teacher = AutoModelForCausalLM.from_pretrained(
                 self.teacher_dir, dtype=teacher_dtype, trust_remote_code=r.teacher.trust_remote_code).to(rt.device)
@@ -161,7 +141,6 @@ class Trainer:
         optimizer, scheduler = self._optimizer(student)
         self.engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self.ds_config)
-        self.loss_extras = self._loss_extras()
 
         docs = read_documents(r.data.train, corpus_bytes=r.data.train_bytes)
         packer = Packer(docs, self.teacher_vocab, self.student_vocab, max_length=r.data.max_length,
@@ -196,19 +175,13 @@ class Trainer:
                                       weight_decay=r.optim.weight_decay)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
-    def _loss_extras(self) -> dict[str, Any]:
-        options, extras = self.loss_options, {}
-        device = self.rt.device
-        if options.get("debias"):
-            from distill.chunks import word_start_mask
-
-            extras["teacher_word_start_mask"] = word_start_mask(self.teacher_vocab).to(device)
-            extras["student_word_start_mask"] = word_start_mask(self.student_vocab).to(device)
-        if self.recipe.loss.name == "mined":
-            from distill.losses.mined import mined_mapping
-
-            extras["mined_mapping"] = mined_mapping(self.student_vocab, self.teacher_vocab).to(device)
-        return extras
+    def use_loss(self, name: str) -> None:
+        """Train with registered loss `name` from the next step on: its checked options and its per-pair extras
+        (`LossSpec.prepare`, built here once). Setup calls it; a bench may switch losses between steps."""
+        self.loss = get_loss(name)
+        self.loss_options = loss_options(name, self.recipe.loss.options)
+        extras = self.loss.prepare(PairContext(self.student_vocab, self.teacher_vocab, self.loss_options))
+        self.loss_extras = {k: v.to(self.rt.device) if isinstance(v, torch.Tensor) else v for k, v in extras.items()}
 
     def _heldout_texts(self) -> dict[str, str]:
         texts = {}
@@ -227,10 +200,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ steps
     def _counts(self, batches: list) -> torch.Tensor:
-        """Global item counts [main loss, ce anchor] over all micro-batches of all ranks."""
-        ce_fn = self.ce_fn.count_items
-        local = [sum(self.loss_fn.count_items({"alignment": b}) for b in batches),
-                 sum(ce_fn({"alignment": b}) for b in batches) if self.recipe.loss.ce_weight else 0]
+        """Global item counts [main loss, anchor] over all micro-batches of all ranks."""
+        local = [sum(self.loss.count_items({"alignment": b}) for b in batches),
+                 sum(self.anchor.count_items({"alignment": b}) for b in batches) if self.recipe.loss.ce_weight else 0]
         counts = torch.tensor(local, dtype=torch.float64, device=self.rt.device)  # NCCL reduces device tensors
         if self.rt.world_size > 1:
             torch.distributed.all_reduce(counts)
@@ -238,9 +210,9 @@ class Trainer:
 
     def _micro_step(self, alignment, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         r, a = self.recipe, alignment.to(self.rt.device)
-        need_hidden = bool(self.loss_options.get("hidden_weight"))
+        need_hidden = self.loss.needs_hidden(self.loss_options)
         batch: dict[str, Any] = {"alignment": a, **self.loss_extras}
-        if self.needs_teacher:
+        if self.loss.needs_teacher:
             with torch.no_grad():
                 t_out = self.teacher(input_ids=a.teacher_input_ids, attention_mask=a.teacher_attention_mask,
                                      output_hidden_states=need_hidden)
@@ -252,11 +224,11 @@ class Trainer:
         batch["student_logits"] = s_out.logits
         if need_hidden:
             batch["student_hidden_states"] = s_out.hidden_states[-1]
-        loss, metrics = self.loss_fn(batch, num_items=float(counts[0]), **self.loss_options)
+        loss, metrics = self.loss(batch, num_items=float(counts[0]), **self.loss_options)
         if r.loss.ce_weight:
-            anchor, _ = self.ce_fn(batch, num_items=float(counts[1]))
+            anchor, _ = self.anchor(batch, num_items=float(counts[1]))
             loss = loss + r.loss.ce_weight * anchor
-            metrics = {**metrics, "ce_anchor": anchor.detach(), "loss": loss.detach()}
+            metrics = {**metrics, ANCHOR_METRIC: anchor.detach(), "loss": loss.detach()}
         self.engine.backward(loss * self.rt.world_size, scale_wrt_gas=False)
         self.engine.step()
         return {k: v.detach().float() for k, v in metrics.items()}  # stays on the device: one sync per step
@@ -267,8 +239,8 @@ class Trainer:
         batches = self.loader.step_batches()
         counts = self._counts(batches)
         per_micro = [self._micro_step(b, counts) for b in batches]
-        keys = sorted(per_micro[0])
-        local = torch.stack([torch.stack([m[k] for m in per_micro]).sum() if k in SUMMED_METRICS
+        keys, summed = sorted(per_micro[0]), self.loss.sum_metrics | {ANCHOR_METRIC}
+        local = torch.stack([torch.stack([m[k] for m in per_micro]).sum() if k in summed
                              else torch.stack([m[k] for m in per_micro]).mean() for k in keys])
         tokens = torch.tensor([float(sum(int(b.student_attention_mask.sum()) for b in batches))], device=local.device)
         packed = torch.cat([local, tokens])
@@ -276,7 +248,7 @@ class Trainer:
             torch.distributed.all_reduce(packed)
         values = dict(zip(keys, packed[:-1].tolist()))
         for key in keys:
-            if key not in SUMMED_METRICS:
+            if key not in summed:
                 values[key] /= self.rt.world_size
         self.step += 1
         seconds = time.perf_counter() - started

@@ -10,44 +10,35 @@ Every loss is a pure function over tensors with one signature:
     "student_input_ids", "teacher_input_ids", "student_attention_mask", "teacher_attention_mask"
                       optional: default to the alignment's padded ids and masks
     "student_hidden_states", "teacher_hidden_states"  [B, T, D], last layer (ALM hidden-state term)
-    "student_word_start_mask", "teacher_word_start_mask"  bool [V] (ALM debiasing; `chunks.word_start_mask`)
-    "mined_mapping"   long [Vs] student id -> teacher id (`losses.mined.mined_mapping`)
+    per-pair extras   what the loss's `prepare` hook returns, built once per run and merged into every batch:
+                      ALM with debias: "student_word_start_mask", "teacher_word_start_mask"  bool [V]
+                      MinED: "mined_mapping"  long [Vs], student id -> teacher id (-1: none)
 
 Normalisation: a loss returns sum(per-item losses) / num_items, where an item is the unit the loss counts
 (valid chunks for ALM, predicted tokens for CE, aligned positions for ULD/MinED). With gradient accumulation or
 data parallelism, pass the global count (summed over micro-batches and ranks) as `num_items`, so every item
 weighs the same whatever micro-batch it lands in; `get_loss(name).count_items(batch)` computes a batch's count
 without logits, so the data loader can total it ahead of the step. `num_items=None` uses the local count.
-Metrics are detached 0-dim tensors (no host sync); "num_items_local" is always present.
+Metrics are detached 0-dim tensors (no host sync); "loss" and "num_items_local" are always present.
+
+What the trainer must know about a loss (teacher needed, summed metrics, options, hidden states, per-pair
+extras) is declared with it at registration: see `distill.losses.registry`. Adding a loss is one new module
+here with one `@register(...)`, plus its name in the import line below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from distill.losses.registry import (
+    ALWAYS_SUMMED,
+    ANCHOR_LOSS,
+    LOSSES,
+    LossSpec,
+    PairContext,
+    get_loss,
+    loss_options,
+    register,
+)
 
-from transplant.errors import TransplantError
-
-LOSSES: dict[str, Callable] = {}
-
-
-def register(name: str, *, count_items: Callable | None = None) -> Callable[[Callable], Callable]:
-    """Register a loss under `name`; `count_items(batch) -> int` gives its normaliser for a batch."""
-
-    def wrap(fn: Callable) -> Callable:
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} is registered twice")
-        fn.count_items = count_items
-        LOSSES[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_loss(name: str) -> Callable:
-    try:
-        return LOSSES[name]
-    except KeyError as err:
-        raise TransplantError(f"unknown distillation loss {name!r}; choose one of: {', '.join(sorted(LOSSES))}") from err
-
+__all__ = ["ALWAYS_SUMMED", "ANCHOR_LOSS", "LOSSES", "LossSpec", "PairContext", "get_loss", "loss_options", "register"]
 
 from distill.losses import alm, ce, mined, uld  # noqa: E402,F401  (registers the built-in losses)

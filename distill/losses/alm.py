@@ -38,8 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.chunks import ChunkAlignment
-from distill.losses import register
+from distill.chunks import ChunkAlignment, word_start_mask
 from distill.losses.common import (
     alm_valid_chunks,
     chunk_sums,
@@ -51,6 +50,7 @@ from distill.losses.common import (
     side,
     token_logprobs,
 )
+from distill.losses.registry import PairContext, keyword_options, register
 from transplant.errors import TransplantError
 
 DIFFERENCES = ("binary_ce", "binary_kl", "l1")
@@ -117,7 +117,23 @@ def count_alm_items(batch: Mapping[str, Any]) -> int:
     return int(alm_valid_chunks(batch["alignment"]).sum())
 
 
-@register("alm", count_items=count_alm_items)
+def prepare_alm(ctx: PairContext) -> dict[str, torch.Tensor]:
+    """Both vocabularies' word-start masks when `debias` is on (vocab-sized: built once, not per batch)."""
+    if not ctx.options.get("debias"):
+        return {}
+    return {"teacher_word_start_mask": word_start_mask(ctx.teacher_vocab),
+            "student_word_start_mask": word_start_mask(ctx.student_vocab)}
+
+
+def alm_reads_hidden_states(options: Mapping[str, Any]) -> bool:
+    return bool(options.get("hidden_weight"))
+
+
+ALM_SUMMED = ("alm", "hidden_mse", "num_units")  # chunk_logl_gap and teacher_chunk_logl are per-unit averages
+
+
+@register("alm", count_items=count_alm_items, sum_metrics=ALM_SUMMED, prepare=prepare_alm,
+          needs_hidden=alm_reads_hidden_states)
 def alm_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
              temperature: float = 100.0, diff: str = "binary_ce", debias: bool = False,
              merge_threshold: float | None = None, hidden_weight: float = 0.0,
@@ -167,7 +183,8 @@ def alm_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None
     return loss, metrics
 
 
-@register("alm-l1", count_items=count_alm_items)
+@register("alm-l1", count_items=count_alm_items, sum_metrics=ALM_SUMMED, prepare=prepare_alm,
+          needs_hidden=alm_reads_hidden_states, options=[o for o in keyword_options(alm_loss) if o != "diff"])
 def alm_l1_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
                 **options: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ALM with |log L_t - log L_s| / tau: no saturation for very likely or very unlikely chunks."""

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from distill.losses import register
 from distill.losses.common import normalise, side, token_logprobs
+from distill.losses.registry import register
 
 
 def _predicted_tokens(batch: Mapping[str, Any]) -> torch.Tensor:
@@ -20,7 +20,7 @@ def count_ce_items(batch: Mapping[str, Any]) -> int:
     return int(_predicted_tokens(batch).sum())
 
 
-@register("ce", count_items=count_ce_items)
+@register("ce", count_items=count_ce_items, needs_teacher=False, sum_metrics=("ce",))
 def ce_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
             upcast: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean negative log-likelihood of the student's own next tokens.

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from distill.losses import register
 from distill.losses.common import fp32, normalise, rows_at
+from distill.losses.registry import register
 
 
 def sorted_probs(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
@@ -32,7 +32,7 @@ def count_chunk_items(batch: Mapping[str, Any]) -> int:
     return int(batch["alignment"].chunk_mask.sum())
 
 
-@register("uld", count_items=count_chunk_items)
+@register("uld", count_items=count_chunk_items, sum_metrics=("uld",))
 def uld_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
              temperature: float = 1.0, top_k: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L1 between sorted probability vectors at chunk ends. `top_k` keeps the k largest probabilities per side

@@ -1,0 +1,145 @@
+"""The loss registry: each loss registers its function with everything the trainer must know about it.
+
+The trainer names no loss. Whether a loss needs the teacher's forward, which of its metrics add up across
+micro-batches and ranks, which options it takes, whether it reads hidden states and which per-pair tables it
+needs (MinED's vocabulary map, ALM's debias masks) are all declared here, next to the loss, by `register`.
+A new loss is therefore one new module with one `@register(...)` (plus its import in `distill/losses/__init__`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from transplant.errors import TransplantError
+from transplant.tokenizers.vocab import Vocab
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+# Every loss returns sum(per-item losses) / global item count, and "num_items_local" counts its local items:
+# the values of the micro-batches and ranks of one step add up to the step's value.
+ALWAYS_SUMMED = frozenset({"loss", "num_items_local"})
+
+# The loss that `loss.ce_weight` adds to a distillation loss as an anchor: the student's own next-token CE.
+ANCHOR_LOSS = "ce"
+
+
+@dataclass(frozen=True)
+class PairContext:
+    """What a loss may precompute once per (student, teacher) pair, before the first step."""
+
+    student_vocab: Vocab
+    teacher_vocab: Vocab
+    options: Mapping[str, Any]  # the loss's own block of `loss.options`, already checked
+
+
+def _no_extras(ctx: PairContext) -> dict[str, Any]:
+    return {}
+
+
+def _no_hidden_states(options: Mapping[str, Any]) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss. Calling it calls `fn`, so `get_loss(name)(batch, num_items=..., **options)` works.
+
+    - `count_items(batch) -> int`: the loss's normaliser for a batch, from the alignment alone (no logits), so
+      the trainer can total the global count before the step.
+    - `needs_teacher`: False skips loading and running the teacher (plain CE).
+    - `sum_metrics`: metric names that are sums over items divided by the global count (or plain counts); the
+      trainer adds them over micro-batches and ranks. Every other metric (a local average) is averaged.
+      Always holds `ALWAYS_SUMMED`.
+    - `prepare(ctx) -> dict`: per-pair extras merged into every batch (vocabulary-sized tables: built once, not
+      per step); tensors are moved to the training device by the trainer.
+    - `needs_hidden(options) -> bool`: whether, with these options, the loss reads "student_hidden_states" and
+      "teacher_hidden_states" (the forwards then return them).
+    - `options`: names of the options the loss takes (`loss.options.<name>.<option>`); None: not checked.
+    """
+
+    name: str
+    fn: LossFn
+    count_items: Callable[[Mapping[str, Any]], int]
+    needs_teacher: bool = True
+    sum_metrics: frozenset[str] = ALWAYS_SUMMED
+    prepare: Callable[[PairContext], dict[str, Any]] = _no_extras
+    needs_hidden: Callable[[Mapping[str, Any]], bool] = _no_hidden_states
+    options: tuple[str, ...] | None = None
+
+    def __call__(self, batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
+                 **options: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.fn(batch, num_items=num_items, **options)
+
+    @property
+    def summary(self) -> str:
+        """The first line of the loss module's docstring (for `--help` listings)."""
+        doc = (sys.modules[self.fn.__module__].__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def keyword_options(fn: Callable) -> tuple[str, ...] | None:
+    """The keyword-only parameters of `fn` but `num_items`: the options a loss takes; None when it takes
+    `**options` (then nothing can be checked before the first call)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return tuple(k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "num_items")
+
+
+def register(name: str, *, count_items: Callable[[Mapping[str, Any]], int], needs_teacher: bool = True,
+             sum_metrics: Iterable[str] = (), prepare: Callable[[PairContext], dict[str, Any]] | None = None,
+             needs_hidden: Callable[[Mapping[str, Any]], bool] | None = None,
+             options: Iterable[str] | None = None) -> Callable[[LossFn], LossFn]:
+    """Register `fn(batch, *, num_items=None, **options) -> (loss, metrics)` as loss `name` (fields: `LossSpec`).
+
+    `options` defaults to `fn`'s keyword-only parameters. A second loss of the same name is an error: two
+    modules would otherwise silently fight over which one a recipe trains with. Returns `fn` unchanged."""
+
+    def wrap(fn: LossFn) -> LossFn:
+        existing = LOSSES.get(name)
+        if existing is not None:
+            raise TransplantError(f"loss {name!r} is registered twice ({existing.fn.__module__}.{existing.fn.__name__}"
+                                  f" and {fn.__module__}.{fn.__name__}); rename one of them")
+        LOSSES[name] = LossSpec(
+            name=name, fn=fn, count_items=count_items, needs_teacher=needs_teacher,
+            sum_metrics=ALWAYS_SUMMED | frozenset(sum_metrics), prepare=prepare or _no_extras,
+            needs_hidden=needs_hidden or _no_hidden_states,
+            options=keyword_options(fn) if options is None else tuple(options))
+        return fn
+
+    return wrap
+
+
+def get_loss(name: str) -> LossSpec:
+    try:
+        return LOSSES[name]
+    except KeyError as err:
+        raise TransplantError(f"unknown distillation loss {name!r}; choose one of: {', '.join(sorted(LOSSES))}") from err
+
+
+def loss_options(name: str, per_loss: Mapping[str, Any]) -> dict[str, Any]:
+    """Loss `name`'s block of the recipe's `loss.options`, checked against the options it takes.
+
+    Options are keyed by loss name, so that switching `loss.name` never feeds one loss another's options (e.g.
+    ALM's temperature 100 to ULD); a key that is no loss name is a misplaced option."""
+    strays = sorted(set(per_loss) - set(LOSSES))
+    if strays:
+        raise TransplantError(f"loss.options.{strays[0]}: options are keyed by loss name ({', '.join(sorted(LOSSES))})"
+                              f", e.g. loss.options.alm.temperature=100")
+    spec = get_loss(name)
+    options = dict(per_loss.get(name) or {})
+    if spec.options is not None:
+        unknown = sorted(set(options) - set(spec.options))
+        if unknown:
+            raise TransplantError(f"loss.options.{name}.{unknown[0]} is not an option of loss {name!r}; "
+                                  f"it takes: {', '.join(spec.options) or 'none'}")
+    return options
