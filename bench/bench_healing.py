@@ -66,8 +66,7 @@ def interleaved_timing(args: argparse.Namespace, work: Path) -> dict[str, float]
     """Median step time per loss, the losses taking turns step by step on ONE trainer, so that every loss sees
     the same machine load (on a shared machine a run-by-run comparison mostly measures the neighbours)."""
     from distill.config import load_recipe
-    from distill.losses import get_loss
-    from distill.trainer import Trainer, loss_options
+    from distill.trainer import Trainer
 
     out = work / "timing"
     if out.exists():
@@ -86,9 +85,7 @@ def interleaved_timing(args: argparse.Namespace, work: Path) -> dict[str, float]
     times: dict[str, list[float]] = {loss: [] for loss in args.losses}
     for round_ in range(args.ab_steps + 1):
         for loss in args.losses:
-            trainer.loss_fn = get_loss(loss)
-            trainer.loss_options = loss_options(loss, recipe.loss.options, trainer.loss_fn)
-            trainer.needs_teacher = loss != "ce"
+            trainer.use_loss(loss)
             record = trainer.train_step()
             if round_:  # the first round warms up allocators and caches
                 times[loss].append(record["step_time"])

@@ -68,7 +68,8 @@ def alm_valid_chunks(alignment: ChunkAlignment) -> torch.Tensor:
 
 
 def pad_vocab(mask: torch.Tensor, size: int, fill: Any) -> torch.Tensor:
-    """Extend a per-vocab tensor to the logits' (possibly padded) vocab size."""
+    """A per-vocab tensor cut or extended (with `fill`) to the logits' vocab size, which may be padded
+    beyond the tokenizer's (`pad_to_multiple_of`): the one vocab-padding helper of the losses."""
     if mask.shape[0] >= size:
         return mask[:size]
     return torch.cat([mask, mask.new_full((size - mask.shape[0],), fill)])

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.losses.common import fp32, normalise, rows_at
+from distill.losses.common import fp32, normalise, pad_vocab, rows_at
 from distill.losses.registry import PairContext, register
 from distill.losses.uld import count_chunk_items
 from transplant.tokenizers.vocab import TokenKind, Vocab
@@ -167,9 +167,7 @@ def mined_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | No
     teacher = fp32(rows_at(batch["teacher_logits"].detach(), alignment.teacher_chunk_last, valid))
     student = fp32(rows_at(batch["student_logits"], alignment.student_chunk_last, valid))
     mapping = batch["mined_mapping"].to(student.device)
-    if mapping.shape[0] < student.shape[-1]:  # logits padded beyond the vocabulary
-        mapping = torch.cat([mapping, mapping.new_full((student.shape[-1] - mapping.shape[0],), -1)])
-    mapping = mapping[: student.shape[-1]]
+    mapping = pad_vocab(mapping, student.shape[-1], -1)  # logits may be padded beyond the vocabulary
     teacher_logp = torch.log_softmax(teacher / temperature, dim=-1)
     projected = teacher_logp[:, mapping.clamp(min=0)].masked_fill(mapping < 0, float("-inf"))
     projected = projected - torch.logsumexp(projected, dim=-1, keepdim=True)
