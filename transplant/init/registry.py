@@ -19,25 +19,12 @@ from typing import Any
 
 from transplant.errors import TransplantError
 from transplant.init.base import InitContext, InitPlan
+from transplant.recipes import parse_bool
 
 log = logging.getLogger(__name__)
 
 Initializer = Callable[[InitContext], InitPlan]
 ENTRY_POINT_GROUP = "tokentransplant.initializers"
-TRUE_WORDS = ("1", "true", "yes", "on")
-FALSE_WORDS = ("0", "false", "no", "off")
-
-
-def parse_bool(value: Any) -> bool:
-    """A flag from a bool or a truthy/falsy word (`--set cache=off`); anything else is a ValueError."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in TRUE_WORDS:
-        return True
-    if text in FALSE_WORDS:
-        return False
-    raise ValueError(f"expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
 
 
 @dataclass(frozen=True)
