@@ -115,7 +115,16 @@ def test_hypernet_help_lists_train_and_apply_is_gone():
     result = run(hypernet_main, "--help")
     assert result.exit_code == 0 and "train" in result.output.split("Commands:")[1]
     assert "--method hypernet --set hypernet=DIR" in " ".join(result.output.split())
-    assert run(hypernet_main, "apply", "a", "b", "c").exit_code == 2
+    assert_user_error(run(hypernet_main, "apply", "a", "b", "c"), "No such command 'apply'; see hypernet --help")
+
+
+def test_click_usage_errors_and_old_bare_overrides_are_one_line(distill_recipe, hypernet_recipe):
+    assert_user_error(run(hypernet_main, "train", hypernet_recipe, "steps=3"),
+                      "unexpected argument 'steps=3'; write it as --set steps=3")
+    assert_user_error(run(distill_main, distill_recipe, "extra.yaml"), "unexpected argument 'extra.yaml'")
+    assert_user_error(run(distill_main), "Missing argument 'RECIPE'; see distill --help")
+    assert_user_error(run(transplant_main, "methods", "--fast"), "No such option '--fast'; see transplant methods --help")
+    assert_user_error(run(transplant_main, "--dtype", "f8"), "Invalid value for '--dtype'")
 
 
 def test_transplant_methods_shows_summaries_donor_needs_and_options():

@@ -39,26 +39,47 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
-class _UserErrors:
-    """Mixin: a TransplantError from parsing (`make_context`) or running (`invoke`) becomes a UserError.
+_NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2; 8.1 exits with the help
 
-    Groups run their subcommands inside `invoke`, so one handler at the top covers the whole tree."""
+
+def _as_user_error(err: Exception) -> click.ClickException:
+    if isinstance(err, _NO_ARGS_HELP):  # `hypernet` alone: the help, as click shows it
+        return err
+    if isinstance(err, click.UsageError):  # click's own (unknown option, missing argument): one line as well
+        where = err.ctx.command_path if err.ctx is not None else "the command"
+        return UserError(f"{one_line(err.format_message()).rstrip('.')}; see {where} --help")
+    return UserError(one_line(err))
+
+
+class _UserErrors:
+    """Mixin: a TransplantError or click usage error from parsing (`make_context`) or running (`invoke`) becomes
+    a one-line UserError. Groups run their subcommands inside `invoke`, so the top command covers the tree."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:
             return super().make_context(*args, **kwargs)  # type: ignore[misc]
-        except TransplantError as err:
-            raise UserError(one_line(err)) from None
+        except (TransplantError, click.UsageError) as err:
+            raise _as_user_error(err) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)  # type: ignore[misc]
-        except TransplantError as err:
-            raise UserError(one_line(err)) from None
+        except (TransplantError, click.UsageError) as err:
+            raise _as_user_error(err) from None
 
 
 class Command(_UserErrors, click.Command):
-    """A click command with the user-error handler."""
+    """A click command with the user-error handler. A stray positional argument is a one-line error too, and
+    `key=value` without `--set` (the old override syntax) is told how to write it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.allow_extra_args = True  # collected into ctx.args and reported below, instead of click's usage text
+        rest = super().parse_args(ctx, args)
+        if ctx.args:
+            extra = ctx.args[0]
+            fix = f"write it as --set {extra}" if "=" in extra else f"see {ctx.command_path} --help"
+            raise TransplantError(f"unexpected argument {extra!r}; {fix}")
+        return rest
 
 
 class Group(_UserErrors, click.Group):
