@@ -24,15 +24,16 @@ SLICES = ("english", "code", "german", "numbers")
 
 
 def parse_config(text: str) -> tuple[str, dict]:
-    """`omp:k=8,prefilter=0` -> ("omp", {"k": "8", "prefilter": "0"}) (typed later by the method's schema)."""
+    """`omp:k=8,prefilter=0` -> ("omp", {"k": 8, "prefilter": 0}) (checked later by the method's schema)."""
+    from transplant.recipes import parse_assignment
+
     method, _, rest = text.partition(":")
-    options = dict(item.split("=", 1) for item in rest.split(",") if item)
-    return method, options
+    return method, dict(parse_assignment(item) for item in rest.split(",") if item)
 
 
 def swap_embeddings(model, new_input: torch.Tensor, new_output: torch.Tensor | None) -> None:
     """Put new matrices into a loaded HF model in place (tied models keep one matrix)."""
-    model.resize_token_embeddings(new_input.shape[0])
+    model.resize_token_embeddings(new_input.shape[0], mean_resizing=False)
     with torch.no_grad():
         model.get_input_embeddings().weight.copy_(new_input.to(model.dtype))
         out = model.get_output_embeddings()

@@ -65,7 +65,9 @@ class TokenizerPieces:
 
 def _corpus(spec: dict[str, int] | str) -> str:
     if isinstance(spec, str):
-        return Path(spec).read_text(encoding="utf-8")
+        from transplant.commandline import read_text_file
+
+        return read_text_file(Path(spec), "corpus")
     from transplant.assets.texts import train_text
 
     return "".join(train_text(name, int(n)) for name, n in spec.items())

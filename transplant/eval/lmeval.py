@@ -38,6 +38,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from transplant.errors import TransplantError
+from transplant.recipes import env_flag
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def _is_local(task: str) -> bool:
 
 def _hub_reachable() -> bool:
     """Whether lm-eval could fetch hub data sets (offline env vars say no without trying)."""
-    if os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+    if env_flag("HF_DATASETS_OFFLINE"):
         return False
     from transplant.assets.catalog import is_hub_offline
 
