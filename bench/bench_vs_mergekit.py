@@ -1,11 +1,17 @@
-"""Side by side with mergekit-tokensurgeon 0.1.5 on the same model pairs, same k, same device (CPU).
+"""Side by side with mergekit-tokensurgeon 0.1.5 on the same model pairs, same k, same device (CPU), fairly.
 
     python bench/bench_vs_mergekit.py --pairs gemma3-270m:smollm2-135m --k 8 64
-    python bench/bench_vs_mergekit.py --pairs smollm2-135m:gemma3-270m --k 8 --ours-only
+    python bench/bench_vs_mergekit.py --pairs smollm2-135m:gemma3-270m --k 8 --mergekit-methods omp subword
 
-mergekit is installed from PyPI into its own venv (under the cache dir) the first time. Every tool runs as a
-whole command in a fresh process under /usr/bin/time: wall seconds and peak RSS are the command's own, loading
-included. Quality is held-out bits/byte of each output model on the fixed slices (english, code, german, numbers).
+mergekit is installed from PyPI into its own venv (under the cache dir) the first time. It gets its best input:
+the model dirs as the hub ships them, i.e. with the family's tokenizer class in tokenizer_config.json
+(`GPT2Tokenizer` for SmolLM2, `GemmaTokenizer` for Gemma-3; mergekit picks its word-start marker from that
+class and, given a generic class, matches a third of the shared tokens). Its own view of the problem (tokens it
+matches, counted with its own `normalized_vocabulary`) is printed beside ours, and a pair where the two differ
+by more than 3% is refused: then the tools would solve different problems.
+
+Every tool runs as a whole command in a fresh process under /usr/bin/time: wall seconds and peak RSS are the
+command's own, loading included. Quality is held-out bits/byte of each output model on the fixed slices.
 """
 
 from __future__ import annotations
@@ -21,6 +27,45 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_transplant import SLICES, WORK, bpb_row  # noqa: E402
 
 MERGEKIT = "mergekit==0.1.5"
+# The tokenizer class each reference model's hub checkpoint names in tokenizer_config.json.
+HUB_TOKENIZER_CLASS = {"smollm2-135m": "GPT2Tokenizer", "gemma3-270m": "GemmaTokenizer"}
+MAX_ANCHOR_GAP = 0.03
+MERGEKIT_COUNT = """
+import sys, transformers
+from mergekit.tokenizer.normalization import normalized_vocabulary
+a, b = (normalized_vocabulary(transformers.AutoTokenizer.from_pretrained(p)) for p in sys.argv[1:3])
+print(len(set(a) & set(b)), type(transformers.AutoTokenizer.from_pretrained(sys.argv[1])).__name__)
+"""
+
+
+def hub_like_dir(alias: str, model_dir: Path) -> Path:
+    """`model_dir` as the hub ships it: every file linked, tokenizer_config.json naming the family's class."""
+    cls = HUB_TOKENIZER_CLASS.get(alias)
+    if cls is None:
+        return model_dir
+    out = WORK / f"hub-{alias}"
+    out.mkdir(parents=True, exist_ok=True)
+    for path in model_dir.iterdir():
+        target = out / path.name
+        if path.name != "tokenizer_config.json" and not target.exists():
+            target.symlink_to(path.resolve())
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = cls
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def anchor_counts(base: str, donor: str, base_dir: Path, donor_dir: Path) -> tuple[int, int, str]:
+    """(tokens we share by bytes, tokens mergekit matches by its normalised strings, its tokenizer class)."""
+    from transplant.assets import load_vocab
+    from transplant.tokenizers.align import align
+
+    ours = int(align(load_vocab(base), load_vocab(donor)).shared_mask.sum())
+    python = mergekit_venv().parent / "python"
+    proc = subprocess.run([str(python), "-c", MERGEKIT_COUNT, str(base_dir), str(donor_dir)], capture_output=True,
+                          text=True, check=True)
+    count, cls = proc.stdout.split()
+    return ours, int(count), cls
 
 
 def mergekit_venv() -> Path:
@@ -54,6 +99,8 @@ def main() -> None:
     parser.add_argument("--extra", nargs="+", default=["fvt", "focus", "byte-pool"], help="k-independent methods")
     parser.add_argument("--prefilter", type=int, default=1024)
     parser.add_argument("--ours-only", action="store_true")
+    parser.add_argument("--mergekit-methods", nargs="+", default=["omp", "subword", "common_interpolation"])
+    parser.add_argument("--mergekit-k", nargs="+", type=int, default=None, help="k for mergekit omp (default --k)")
     parser.add_argument("--bytes", type=int, default=16384)
     args = parser.parse_args()
     from transplant.assets import texts
@@ -74,12 +121,22 @@ def main() -> None:
         base, donor = pair.split(":")
         base_dir = resolve_source(base, need_model=True).model_dir
         donor_dir = resolve_source(donor, need_model=True).model_dir
-        row(pair, "original", "—", "—", "—", "—", base_dir)
         runs: list[tuple[str, str, int | str, list[str]]] = []
+        if not args.ours_only:
+            hub_base, hub_donor = hub_like_dir(base, base_dir), hub_like_dir(donor, donor_dir)
+            ours, theirs, cls = anchor_counts(base, donor, hub_base, hub_donor)
+            gap = abs(ours - theirs) / max(ours, 1)
+            print(f"<!-- {pair}: shared tokens ours {ours}, mergekit {theirs} ({cls}), gap {gap:.1%} -->", flush=True)
+            if gap > MAX_ANCHOR_GAP:
+                raise SystemExit(f"{pair}: mergekit matches {theirs} tokens, we match {ours} ({gap:.1%} apart): "
+                                 "the tools would solve different problems; fix its input before comparing")
+            mergekit = [str(mergekit_venv()), str(hub_base), str(hub_donor), "{out}"]
+            for method in args.mergekit_methods:
+                for k in (args.mergekit_k or args.k) if method == "omp" else ["—"]:
+                    options = ["--k", str(k)] if method == "omp" else []
+                    runs.append(("mergekit", method, k, mergekit + options + ["--approximation-method", method]))
+        row(pair, "original", "—", "—", "—", "—", base_dir)
         for k in args.k:
-            if not args.ours_only:
-                runs.append(("mergekit", "omp", k, [str(mergekit_venv()), str(base_dir), str(donor_dir), "{out}",
-                                                    "--k", str(k), "--approximation-method", "omp"]))
             for variant in args.ours:
                 cmd = [transplant_exe, "--base", str(base_dir), "--donor", str(donor_dir), "--method", "omp",
                        "--set", f"k={k}", "-o", "{out}", "--eval-bytes", "0"]
