@@ -10,10 +10,15 @@ boundary predict the same next bytes on both sides (ULD, MinED, hidden-state los
 Details that matter:
 - SentencePiece's dummy prefix (`Vocab.adds_prefix_space`): the first text token's leading space is not in the
   text, so one byte is removed from it. Assumes every sequence is the tokenization of a text *from its start*
-  (after any leading specials); a dummy prefix re-inserted after a mid-sequence special is not handled.
+  (after any leading specials). Callers that know better (a chat turn cut out of one tokenized conversation,
+  `distill.tokenize.map_to_text`) say per sequence whether the first text token carries a phantom space
+  (`align_batch(..., phantom=...)`).
 - Specials have zero length. A special on one side is paired with a special on the other side with the same role
   (or, without a role, the same literal text) at the same byte offset; each pair is its own chunk, placed after the
   text chunk that ends at that offset. Specials without a counterpart belong to no chunk (masked out).
+- BOS is never paired (the role "bos" is no pairing key): packing puts one before every document, mid-sequence,
+  where the model never sees one at use, and its likelihood says nothing about the text. An id holding several
+  roles (GPT-2's <|endoftext|> is bos, eos and unk) still pairs through its other roles.
 - Truncation and padding: boundaries are only taken up to the bytes *both* sides cover, so a chunk is complete on
   both sides or absent. With `check_bytes` (default) the two byte strings are also compared and boundaries stop at
   the first byte where they differ (e.g. a normalizer rewrote the text on one side).
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -40,10 +46,13 @@ from transplant.tokenizers.vocab import TokenKind, Vocab
 
 WHITESPACE_BYTES = b" \t\n\r\x0b\x0c"
 _WHITESPACE_CODES = np.frombuffer(WHITESPACE_BYTES, dtype=np.uint8)
+BOUNDARY_BYTES = b" \t\n"  # the reference ALM's "space+tab+newline(+special)" unit ends
+_BOUNDARY_CODES = np.frombuffer(BOUNDARY_BYTES, dtype=np.uint8)
+UNPAIRED_ROLES = frozenset({"bos"})  # roles that never make two specials a chunk (see the module docstring)
 
 
 @dataclass
-class _VocabTables:
+class VocabTables:
     """Per-vocabulary numpy lookups, built once (the per-sequence work is then pure fancy indexing)."""
 
     lengths: np.ndarray  # int64 [V]: bytes per token (0 for specials)
@@ -55,10 +64,10 @@ class _VocabTables:
     pad_id: int
 
 
-_TABLES: dict[int, tuple[weakref.ref, int, _VocabTables]] = {}
+_TABLES: dict[int, tuple[weakref.ref, int, VocabTables]] = {}
 
 
-def _tables(vocab: Vocab) -> _VocabTables:
+def vocab_tables(vocab: Vocab) -> VocabTables:
     cached = _TABLES.get(id(vocab))
     if cached is not None and cached[0]() is vocab and cached[1] == len(vocab):
         return cached[2]
@@ -71,13 +80,27 @@ def _tables(vocab: Vocab) -> _VocabTables:
         keys[int(idx)].add(f"text:{text}")
     for role, idx in vocab.roles.items():  # one id may hold several roles (GPT-2: bos = eos = unk)
         keys[int(idx)].add(f"role:{role}")
-    keys = {i: frozenset(k) for i, k in keys.items() if 0 <= i < len(vocab) and is_special[i]}
+    bos = vocab.roles.get("bos")
+    if bos is not None:  # BOS pairs with nothing: drop its role key and, unless another role names it, its text
+        keys[int(bos)] = {k for k in keys[int(bos)] if k.startswith("role:") and k[5:] not in UNPAIRED_ROLES}
+    keys = {i: frozenset(k) for i, k in keys.items() if 0 <= i < len(vocab) and is_special[i] and k}
     pad_id = vocab.roles.get("pad", vocab.roles.get("eos", 0))
     text_bytes = [b"" if special else piece for piece, special in zip(vocab.token_bytes, is_special.tolist())]
-    tables = _VocabTables(lengths, is_special, starts_with_space & ~is_special, keys, text_bytes,
+    tables = VocabTables(lengths, is_special, starts_with_space & ~is_special, keys, text_bytes,
                           bool(vocab.adds_prefix_space), int(pad_id))
     _TABLES[id(vocab)] = (weakref.ref(vocab), len(vocab), tables)
     return tables
+
+
+def boundary_mask(vocab: Vocab) -> torch.Tensor:
+    """Bool [V]: tokens that can only follow a finished unit: first byte space, tab or newline, or a special.
+
+    The reference ALM's debiasing event ("space+tab+newline+special"): P(next token in this set) is what both
+    models append to a unit's likelihood, so that "Hell" + "o" and "Hello" both mean "the word Hello, ended".
+    Unlike `word_start_mask`, specials count (end of text ends the unit) and \\r, \\v, \\f do not.
+    """
+    first = np.fromiter((b[0] if b else 256 for b in vocab.token_bytes), dtype=np.int64, count=len(vocab))
+    return torch.from_numpy(np.isin(first, _BOUNDARY_CODES) | vocab_tables(vocab).is_special)
 
 
 def word_start_mask(vocab: Vocab) -> torch.Tensor:
@@ -88,28 +111,30 @@ def word_start_mask(vocab: Vocab) -> torch.Tensor:
     segmentation of the following word. Specials are never in it.
     """
     first = np.fromiter((b[0] if b else 256 for b in vocab.token_bytes), dtype=np.int64, count=len(vocab))
-    mask = np.isin(first, _WHITESPACE_CODES) & ~_tables(vocab).is_special
+    mask = np.isin(first, _WHITESPACE_CODES) & ~vocab_tables(vocab).is_special
     return torch.from_numpy(mask)
 
 
-class _Offsets(NamedTuple):
+class Offsets(NamedTuple):
     starts: np.ndarray  # int64 [T]: text byte offset where each token starts
     ends: np.ndarray  # int64 [T]
     special: np.ndarray  # bool [T]
     text: bytes  # the bytes the sequence spells (dummy prefix removed)
 
 
-def _offsets(ids: np.ndarray, tables: _VocabTables) -> _Offsets:
+def text_offsets(ids: np.ndarray, tables: VocabTables, phantom: bool | None = None) -> Offsets:
+    """Byte spans of `ids` read as a text from its start. `phantom`: whether the first text token's leading
+    space is not text (None: the vocabulary's dummy prefix rule)."""
     lengths = tables.lengths[ids]
     special = tables.is_special[ids]
     text = b"".join(map(tables.token_bytes.__getitem__, ids.tolist()))
-    if tables.adds_prefix_space:
+    if phantom if phantom is not None else tables.adds_prefix_space:
         first_text = np.flatnonzero(~special)
         if first_text.size and tables.starts_with_space[ids[first_text[0]]]:
             lengths[first_text[0]] -= 1
             text = text[1:]
     ends = np.cumsum(lengths)
-    return _Offsets(ends - lengths, ends, special, text)
+    return Offsets(ends - lengths, ends, special, text)
 
 
 def _common_prefix(a: bytes, b: bytes, limit: int) -> int:
@@ -119,12 +144,12 @@ def _common_prefix(a: bytes, b: bytes, limit: int) -> int:
     return int(np.argmax(diff))
 
 
-def _shared_limit(t: _Offsets, s: _Offsets, check_bytes: bool) -> int:
+def shared_limit(t: Offsets, s: Offsets, check_bytes: bool) -> int:
     limit = min(int(t.ends[-1]) if t.ends.size else 0, int(s.ends[-1]) if s.ends.size else 0)
     return _common_prefix(t.text, s.text, limit) if check_bytes else limit
 
 
-def _boundaries(t: _Offsets, s: _Offsets, limit: int) -> np.ndarray:
+def shared_boundaries(t: Offsets, s: Offsets, limit: int) -> np.ndarray:
     """Sorted byte offsets (> 0, <= limit) where both sides end a non-empty token."""
     t_ends = t.ends[t.ends > t.starts]  # strictly increasing, hence unique
     s_ends = s.ends[s.ends > s.starts]
@@ -132,7 +157,7 @@ def _boundaries(t: _Offsets, s: _Offsets, limit: int) -> np.ndarray:
     return shared[shared <= limit]
 
 
-def _pair_specials(t_ids, s_ids, t: _Offsets, s: _Offsets, tt: _VocabTables, st: _VocabTables, limit: int):
+def _pair_specials(t_ids, s_ids, t: Offsets, s: Offsets, tt: VocabTables, st: VocabTables, limit: int):
     """(offset, teacher pos, student pos) for specials sharing a key at the same byte offset, in order."""
     t_pos, s_pos = np.flatnonzero(t.special), np.flatnonzero(s.special)
     if not t_pos.size or not s_pos.size:
@@ -179,11 +204,11 @@ def _next_bytes(text_a: bytes, text_b: bytes, offsets: np.ndarray) -> np.ndarray
     return np.where(a == -1, b, np.where((b == -1) | (b == a), a, -1))
 
 
-def _align_one(t_ids: np.ndarray, s_ids: np.ndarray, tt: _VocabTables, st: _VocabTables,
-               check_bytes: bool) -> _OneAlignment:
-    t, s = _offsets(t_ids, tt), _offsets(s_ids, st)
-    limit = _shared_limit(t, s, check_bytes)
-    bounds = _boundaries(t, s, limit)
+def _align_one(t_ids: np.ndarray, s_ids: np.ndarray, tt: VocabTables, st: VocabTables,
+               check_bytes: bool, phantom: tuple[bool | None, bool | None] = (None, None)) -> _OneAlignment:
+    t, s = text_offsets(t_ids, tt, phantom[0]), text_offsets(s_ids, st, phantom[1])
+    limit = shared_limit(t, s, check_bytes)
+    bounds = shared_boundaries(t, s, limit)
     n_text = bounds.size
     pairs = _pair_specials(t_ids, s_ids, t, s, tt, st, limit)
     special_offsets = np.array([p[0] for p in pairs], dtype=np.int64)
@@ -193,7 +218,7 @@ def _align_one(t_ids: np.ndarray, s_ids: np.ndarray, tt: _VocabTables, st: _Voca
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
 
-    def token_chunks(off: _Offsets, special_positions: list[int]) -> np.ndarray:
+    def token_chunks(off: Offsets, special_positions: list[int]) -> np.ndarray:
         # A non-special token starting at `start` is in the text chunk (bounds[k-1], bounds[k]] with
         # k = #bounds <= start (no shared boundary can fall strictly inside a token).
         k = np.searchsorted(bounds, off.starts, side="right")
@@ -272,18 +297,22 @@ def chunk_spans(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def align_batch(teacher_ids: list[list[int]], student_ids: list[list[int]], teacher_vocab: Vocab,
-                student_vocab: Vocab, max_chunks: int | None = None, *, check_bytes: bool = True) -> ChunkAlignment:
+                student_vocab: Vocab, max_chunks: int | None = None, *, check_bytes: bool = True,
+                phantom: Sequence[tuple[bool | None, bool | None]] | None = None) -> ChunkAlignment:
     """Pad a batch of paired tokenizations and compute their chunk alignment.
 
-    Each `teacher_ids[i]` / `student_ids[i]` must tokenize the same text from its start (as `tokenize_pair`
-    produces; truncation at different lengths is fine). `max_chunks` fixes C (extra chunks are dropped, fewer are
-    padded) for static shapes. The work is one vectorised numpy pass per sequence (no per-token Python).
+    Each `teacher_ids[i]` / `student_ids[i]` must tokenize the same text from its start (as
+    `distill.tokenize.tokenize_pair` produces; truncation at different lengths is fine). `max_chunks` fixes C
+    (extra chunks are dropped, fewer are padded) for static shapes. `phantom[i]` = (teacher, student): whether
+    that sequence's first text token carries a leading space that is not text (None: the vocabulary's dummy
+    prefix rule). The work is one vectorised numpy pass per sequence (no per-token Python).
     """
     if len(teacher_ids) != len(student_ids):
         raise ValueError(f"batch sizes differ: {len(teacher_ids)} teacher vs {len(student_ids)} student sequences")
-    tt, st = _tables(teacher_vocab), _tables(student_vocab)
-    ones = [_align_one(np.asarray(t, dtype=np.int64), np.asarray(s, dtype=np.int64), tt, st, check_bytes)
-            for t, s in zip(teacher_ids, student_ids)]
+    tt, st = vocab_tables(teacher_vocab), vocab_tables(student_vocab)
+    flags = list(phantom) if phantom is not None else [(None, None)] * len(teacher_ids)
+    ones = [_align_one(np.asarray(t, dtype=np.int64), np.asarray(s, dtype=np.int64), tt, st, check_bytes, flag)
+            for t, s, flag in zip(teacher_ids, student_ids, flags)]
     batch = len(ones)
     t_len = max((len(t) for t in teacher_ids), default=0)
     s_len = max((len(s) for s in student_ids), default=0)
@@ -330,13 +359,26 @@ class TokenizedPair(NamedTuple):
     num_bytes: int  # text bytes both sequences cover
 
 
-def _cut(ids: list[int], off: _Offsets, cut: int) -> list[int]:
+def _cut(ids: list[int], off: Offsets, cut: int) -> list[int]:
     """Keep the prefix up to the last non-empty token ending at or before `cut` (leading specials kept)."""
     nonempty = np.flatnonzero((off.ends > off.starts) & (off.ends <= cut))
     if nonempty.size:
         return ids[: int(nonempty[-1]) + 1]
     first_text = np.flatnonzero(off.ends > off.starts)
     return ids[: int(first_text[0])] if first_text.size else ids
+
+
+def cut_pair(teacher_ids: list[int], student_ids: list[int], teacher_vocab: Vocab, student_vocab: Vocab,
+             max_length: tuple[int, int], phantom: tuple[bool | None, bool | None] = (None, None)) -> TokenizedPair:
+    """Truncate two tokenizations of the same text (from its start) to their lengths, then back to the last byte
+    offset where both end a token, so that no chunk is left half-covered."""
+    tt, st = vocab_tables(teacher_vocab), vocab_tables(student_vocab)
+    t_ids, s_ids = list(teacher_ids[: max_length[0]]), list(student_ids[: max_length[1]])
+    t = text_offsets(np.asarray(t_ids, np.int64), tt, phantom[0])
+    s = text_offsets(np.asarray(s_ids, np.int64), st, phantom[1])
+    bounds = shared_boundaries(t, s, shared_limit(t, s, check_bytes=True))
+    limit = int(bounds[-1]) if bounds.size else 0
+    return TokenizedPair(_cut(t_ids, t, limit), _cut(s_ids, s, limit), limit)
 
 
 def tokenize_pair(text: str, teacher_vocab: Vocab, student_vocab: Vocab, max_length: int | tuple[int, int], *,
@@ -348,25 +390,22 @@ def tokenize_pair(text: str, teacher_vocab: Vocab, student_vocab: Vocab, max_len
     appended (when `add_eos`, room permits and the whole text fits on both sides).
     """
     t_max, s_max = (max_length, max_length) if isinstance(max_length, int) else max_length
-    tt, st = _tables(teacher_vocab), _tables(student_vocab)
+    tt, st = vocab_tables(teacher_vocab), vocab_tables(student_vocab)
     # No token spans more than max(lengths) bytes, so characters beyond this bound cannot be reached.
     reach = max(t_max * int(tt.lengths.max(initial=1)), s_max * int(st.lengths.max(initial=1))) + 1024
     clipped = text[:reach]
     sides = []
-    for vocab, tables, limit in ((teacher_vocab, tt, t_max), (student_vocab, st, s_max)):
+    for vocab, limit in ((teacher_vocab, t_max), (student_vocab, s_max)):
         bos = vocab.roles.get("bos") if add_bos else None
         ids = ([bos] if bos is not None else []) + vocab.encode(clipped, add_special_tokens=False)
-        sides.append((vocab, tables, ids[:limit], len(ids) <= limit))
-    (_, tt, t_ids, t_whole), (_, st, s_ids, s_whole) = sides
-    t, s = _offsets(np.asarray(t_ids, np.int64), tt), _offsets(np.asarray(s_ids, np.int64), st)
-    limit = _shared_limit(t, s, check_bytes=True)
-    complete = t_whole and s_whole and len(clipped) == len(text) and t.text == s.text
-    if not complete:
-        bounds = _boundaries(t, s, limit)
-        limit = int(bounds[-1]) if bounds.size else 0
-        t_ids, s_ids = _cut(t_ids, t, limit), _cut(s_ids, s, limit)
-    elif add_eos:
-        t_eos, s_eos = teacher_vocab.roles.get("eos"), student_vocab.roles.get("eos")
-        if t_eos is not None and s_eos is not None and len(t_ids) < t_max and len(s_ids) < s_max:
-            t_ids, s_ids = t_ids + [t_eos], s_ids + [s_eos]
-    return TokenizedPair(list(t_ids), list(s_ids), limit)
+        sides.append((ids, len(ids) <= limit))
+    (t_ids, t_whole), (s_ids, s_whole) = sides
+    if t_whole and s_whole and len(clipped) == len(text):
+        t, s = text_offsets(np.asarray(t_ids, np.int64), tt), text_offsets(np.asarray(s_ids, np.int64), st)
+        if t.text == s.text:
+            if add_eos:
+                t_eos, s_eos = teacher_vocab.roles.get("eos"), student_vocab.roles.get("eos")
+                if t_eos is not None and s_eos is not None and len(t_ids) < t_max and len(s_ids) < s_max:
+                    t_ids, s_ids = t_ids + [t_eos], s_ids + [s_eos]
+            return TokenizedPair(t_ids, s_ids, len(t.text))
+    return cut_pair(t_ids, s_ids, teacher_vocab, student_vocab, (t_max, s_max))

@@ -3,117 +3,55 @@
 Why it is shaped this way:
 - Teacher and student must read the same bytes, so a window is cut by `chunks.tokenize_pair` at a byte offset
   where both tokenizations end a token, and each side is at most `max_length` tokens.
-- `chunks.align_batch` assumes every sequence is the tokenization of a text from its start (a SentencePiece
-  dummy prefix is only handled on the first text token). A packed window holds several pieces (documents,
-  document continuations, chat turns), so each piece is tokenized and aligned on its own and the alignments are
-  stitched together (`stitch`): token positions and chunk ids are offset, first/last chunk positions recomputed
-  with one scatter over the whole batch.
-- Chat turns are rendered with each side's own template (markup differs between tokenizers, content does not):
-  markup is tokenized per side and belongs to no chunk; the content is a shared, aligned piece.
+- `chunks.align_batch` assumes every sequence is the tokenization of a text from its start. A packed window holds
+  several pieces (documents, document continuations, chat turns), so each piece is aligned on its own and the
+  alignments are stitched together (`stitch`): token positions and chunk ids are offset, first/last chunk
+  positions recomputed with one scatter over the whole batch. Each document starts with BOS, which is in no
+  chunk (`distill.chunks`): it is an artefact of packing, not text.
+- Chat conversations are rendered with each side's own template and tokenized once per side; message contents
+  are found by byte offsets and become the shared pieces (`distill.chat.conversation_pieces`).
+- Documents come from a lazy `distill.corpus.Corpus` (files are scanned once, read block by block).
 - Iteration is a pure function of (seed, epoch, position): the loader's state is four integers, saved with each
-  checkpoint, so a resumed run sees exactly the windows the uninterrupted run would have seen. Every rank runs
-  the same packer and keeps its own share of each global batch (tokenization is cheap next to the forward).
-Attention is not masked between packed documents (standard packing); each piece starts with BOS.
+  checkpoint, so a resumed run sees exactly the windows the uninterrupted run would have seen. With several
+  ranks, a one-off pass on rank 0 records where every window of the run starts (`WindowIndex`, shared through a
+  file); each rank then packs, tokenizes and aligns only its own windows, starting each from its recorded state.
+Attention is not masked between packed documents (standard packing).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
-from distill.chat import CHAT_MODES, chat_markups
+from distill.chat import CHAT_MODES, Piece, conversation_pieces
 from distill.chunks import ChunkAlignment, align_batch, chunk_spans, tokenize_pair
+from distill.corpus import DOC_BYTES, Corpus, open_corpus, split_text
 from transplant.errors import TransplantError
 from transplant.tokenizers.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
-DOC_BYTES = 4096  # long texts are split into ~4 KB documents at paragraph/line breaks (the unit of shuffling)
 MIN_ROOM = 8  # a window with fewer free tokens than this on either side is closed
-
-
-# ----------------------------------------------------------------------------------------------------- reading
-def split_text(text: str, doc_bytes: int = DOC_BYTES) -> list[str]:
-    """Cut a long text into documents of about `doc_bytes` at blank lines, else line ends (shuffle units)."""
-    if len(text.encode("utf-8")) <= doc_bytes:
-        return [text] if text else []
-    pieces = re.split(r"(?<=\n\n)", text) if "\n\n" in text else text.splitlines(keepends=True)
-    docs, current, size = [], [], 0
-    for piece in pieces:
-        current.append(piece)
-        size += len(piece.encode("utf-8"))
-        if size >= doc_bytes:
-            docs.append("".join(current))
-            current, size = [], 0
-    if current:
-        docs.append("".join(current))
-    return docs
-
-
-def _read_jsonl(path: Path) -> list[Any]:
-    docs: list[Any] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TransplantError(f"{path}:{number} is not valid JSON ({err.msg}); fix or remove the line") from err
-            if isinstance(record, dict) and isinstance(record.get("messages"), list):
-                docs.append([{"role": str(m["role"]), "content": str(m["content"])} for m in record["messages"]])
-            elif isinstance(record, dict) and isinstance(record.get("text"), str):
-                docs.extend(split_text(record["text"]))
-            else:
-                raise TransplantError(f"{path}:{number} has neither a `text` string nor a `messages` list; "
-                                      "give each line one of them")
-    return docs
+__all__ = ["DOC_BYTES", "DistillLoader", "MIN_ROOM", "Packer", "PackerState", "Piece", "WindowIndex",
+           "read_documents", "split_text", "stitch"]
 
 
 def read_documents(sources: list[str], *, corpus_bytes: int = 2_000_000) -> list[Any]:
-    """Documents (str, or a list of chat messages) from files, folders and `texts:NAME` corpora, in order."""
-    docs: list[Any] = []
-    for source in sources:
-        source = str(source)
-        if source.startswith("texts:"):
-            from transplant.assets import texts
-
-            docs.extend(split_text(texts.train_text(source[len("texts:"):], corpus_bytes)))
-            continue
-        path = Path(source).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
-        elif path.is_file():
-            files = [path]
-        else:
-            raise TransplantError(f"training data {source} does not exist; give .txt/.jsonl files, a folder "
-                                  "of them, or texts:NAME")
-        for file in files:
-            if file.suffix == ".jsonl":
-                docs.extend(_read_jsonl(file))
-            else:
-                docs.extend(split_text(file.read_text(encoding="utf-8")))
-    if not docs:
-        raise TransplantError(f"no training text found in {sources}; check data.train")
-    return docs
+    """Every document (str, or a list of chat messages) of `sources`, in order, as a list (small corpora, tests;
+    training reads them lazily through `distill.corpus.open_corpus`)."""
+    return list(open_corpus(sources, corpus_bytes=corpus_bytes))
 
 
 # ----------------------------------------------------------------------------------------------------- packing
-class Piece(NamedTuple):
-    teacher_ids: list[int]
-    student_ids: list[int]
-    aligned: bool  # both sides spell the same bytes from a text start (else: side-specific markup, no chunks)
-
-
 Window = list[Piece]
 
 
@@ -126,36 +64,27 @@ class PackerState:
 
 
 class Packer:
-    """Deterministic stream of windows over shuffled documents; `state` fully describes its position."""
+    """Deterministic stream of windows over shuffled documents; `state` fully describes its position, and
+    `next_window` is a pure function of it."""
 
-    def __init__(self, documents: list[Any], teacher: Vocab, student: Vocab, *, max_length: int, seed: int = 0,
-                 shuffle: bool = True, pack: bool = True, chat_template: str = "auto"):
+    def __init__(self, documents: Corpus | list[Any], teacher: Vocab, student: Vocab, *, max_length: int,
+                 seed: int = 0, shuffle: bool = True, pack: bool = True, chat_template: str = "auto"):
         if chat_template not in CHAT_MODES:
             raise TransplantError(f"data.chat_template={chat_template!r} is unknown; choose one of {CHAT_MODES}")
         if max_length < 2 * MIN_ROOM:
             raise TransplantError(f"data.max_length={max_length} is too short; use at least {2 * MIN_ROOM}")
-        self.documents, self.teacher, self.student = documents, teacher, student
+        self.corpus = documents if isinstance(documents, Corpus) else Corpus.from_documents(documents)
+        self.teacher, self.student = teacher, student
         self.max_length, self.seed, self.shuffle, self.pack = max_length, seed, shuffle, pack
         self.chat_template = chat_template
         self.state = PackerState()
-        self._order_epoch, self._order = -1, np.arange(0)
-
-    def order(self, epoch: int) -> np.ndarray:
-        if self._order_epoch != epoch:
-            n = len(self.documents)
-            rng = np.random.default_rng([self.seed, epoch])
-            self._order = rng.permutation(n) if self.shuffle else np.arange(n)
-            self._order_epoch = epoch
-        return self._order
 
     def _current(self) -> Any:
-        order = self.order(self.state.epoch)
-        if self.state.doc_pos >= len(order):
+        if self.state.doc_pos >= len(self.corpus):
             self.state.epoch += 1
             self.state.doc_pos, self.state.char_offset = 0, 0
-            order = self.order(self.state.epoch)
             log.info("data: starting epoch %d", self.state.epoch)
-        return self.documents[int(order[self.state.doc_pos])]
+        return self.corpus.document(self.seed, self.state.epoch, self.state.doc_pos, self.shuffle)
 
     def _next_doc(self) -> None:
         self.state.doc_pos += 1
@@ -173,39 +102,6 @@ class Packer:
             self.state.char_offset += len(rest_bytes[: pair.num_bytes].decode("utf-8", errors="ignore"))
         return Piece(pair.teacher_ids, pair.student_ids, True)
 
-    def _chat_pieces(self, messages: list[dict], room: tuple[int, int]) -> tuple[list[Piece], bool]:
-        """A conversation cut to `room`: per-side markup pieces around shared content pieces; and whether it
-        fitted whole."""
-        t_markup, s_markup = chat_markups(messages, self.teacher, self.student, self.chat_template)
-        pieces, t_left, s_left = [], room[0], room[1]
-        for i in range(len(messages) + 1):
-            t_ids = self.teacher.encode(t_markup[i], add_special_tokens=False) if t_markup[i] else []
-            s_ids = self.student.encode(s_markup[i], add_special_tokens=False) if s_markup[i] else []
-            if i == 0:
-                t_bos, s_bos = self.teacher.roles.get("bos"), self.student.roles.get("bos")
-                t_ids = ([t_bos] if t_bos is not None and t_ids[:1] != [t_bos] else []) + t_ids
-                s_ids = ([s_bos] if s_bos is not None and s_ids[:1] != [s_bos] else []) + s_ids
-            if len(t_ids) > t_left or len(s_ids) > s_left:
-                return pieces, False
-            if t_ids or s_ids:
-                pieces.append(Piece(t_ids, s_ids, False))
-                t_left, s_left = t_left - len(t_ids), s_left - len(s_ids)
-            if i == len(messages):
-                return pieces, True
-            content = messages[i]["content"]
-            if not content:
-                continue
-            if min(t_left, s_left) < MIN_ROOM:
-                return pieces, False
-            pair = tokenize_pair(content, self.teacher, self.student, (t_left, s_left), add_bos=False,
-                                 add_eos=False)
-            if pair.teacher_ids or pair.student_ids:
-                pieces.append(Piece(pair.teacher_ids, pair.student_ids, True))
-                t_left, s_left = t_left - len(pair.teacher_ids), s_left - len(pair.student_ids)
-            if pair.num_bytes < len(content.encode("utf-8")):
-                return pieces, False
-        return pieces, True
-
     def next_window(self) -> Window:
         window: Window = []
         used_t = used_s = 0
@@ -219,7 +115,8 @@ class Packer:
                                       "share a byte boundary, or the documents are empty; check data.train")
             doc = self._current()
             if isinstance(doc, list):
-                pieces, whole = self._chat_pieces(doc, room)
+                pieces, whole = conversation_pieces(doc, self.teacher, self.student, self.chat_template, room,
+                                                    MIN_ROOM)
                 if window and not whole:
                     break  # conversations are kept whole when they fit: this one starts the next window
                 self._next_doc()
@@ -264,8 +161,9 @@ def stitch(windows: list[Window], teacher: Vocab, student: Vocab) -> ChunkAlignm
     """One `ChunkAlignment` for a batch of windows: aligned pieces go through a single `align_batch` call;
     their rows are laid end to end per window (markup pieces get chunk index -1)."""
     aligned = [p for w in windows for p in w if p.aligned]
-    pieces_alignment = align_batch([p.teacher_ids for p in aligned], [p.student_ids for p in aligned],
-                                   teacher, student) if aligned else None
+    pieces_alignment = align_batch([p.teacher_ids for p in aligned], [p.student_ids for p in aligned], teacher,
+                                   student, phantom=[(p.teacher_phantom, p.student_phantom) for p in aligned]
+                                   ) if aligned else None
     n_chunks_of = pieces_alignment.chunk_mask.sum(1).tolist() if aligned else []
     t_len = max((sum(len(p.teacher_ids) for p in w) for w in windows), default=0)
     s_len = max((sum(len(p.student_ids) for p in w) for w in windows), default=0)
@@ -321,31 +219,105 @@ def _aligned_rows(windows: list[Window], k: int) -> range:
     return range(start, start + sum(p.aligned for p in windows[k]))
 
 
+class WindowIndex:
+    """Where windows 0..n start: the packer state before each (int64 [n + 1, 4]: epoch, doc_pos, char_offset,
+    windows), recorded by one dry run of the packer (which tokenizes but does not align).
+
+    With it, a rank packs window k by setting the packer to `state(k)`: since `next_window` is a pure function
+    of the state, that is exactly the window a sequential pass would produce, so N ranks see what one rank with
+    N times the accumulation sees while each tokenizes only its own windows."""
+
+    def __init__(self, states: np.ndarray, fingerprint: str = ""):
+        self.states, self.fingerprint = np.asarray(states, dtype=np.int64).reshape(-1, 4), fingerprint
+
+    def __len__(self) -> int:
+        return max(self.states.shape[0] - 1, 0)  # windows covered
+
+    def state(self, k: int) -> PackerState:
+        if k >= self.states.shape[0]:
+            raise TransplantError(f"the window index covers {len(self)} windows but window {k} was asked for; "
+                                  "delete the index file so that it is rebuilt for this run")
+        return PackerState(*map(int, self.states[k]))
+
+    def extend(self, packer: Packer, n: int) -> WindowIndex:
+        """This index grown to at least `n` windows by dry-running `packer` from the last recorded state."""
+        rows = [self.states] if self.states.size else [np.asarray([astuple(PackerState())], np.int64)]
+        packer.state = PackerState(*map(int, rows[0][-1]))
+        extra = []
+        for _ in range(n - (rows[0].shape[0] - 1)):
+            packer.next_window()
+            extra.append(astuple(packer.state))
+        if extra:
+            rows.append(np.asarray(extra, np.int64))
+        return WindowIndex(np.concatenate(rows), self.fingerprint)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "states": self.states.tolist()}))
+        os.replace(tmp, path)  # readers see the old index or the new one, never half of one
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: str) -> WindowIndex:
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if data.get("fingerprint") == fingerprint:
+                return cls(np.asarray(data["states"], np.int64), fingerprint)
+        return cls(np.zeros((0, 4), np.int64), fingerprint)
+
+
+def shared_window_index(packer: Packer, n: int, path: Path, fingerprint: str, is_main: bool,
+                        barrier: Callable[[], None]) -> WindowIndex:
+    """The index of the run's first `n` windows: rank 0 builds (or extends, or reuses) it and writes it to
+    `path`; the other ranks wait at `barrier` and read it. The packer is left at window 0."""
+    if is_main:
+        index = WindowIndex.load(path, fingerprint)
+        if len(index) < n:
+            log.info("data: recording the start of %d windows (one-off pass)", n)
+            index = index.extend(packer, n)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            index.save(path)
+    barrier()
+    if not is_main:
+        index = WindowIndex.load(path, fingerprint)
+    packer.state = PackerState()
+    return index
+
+
 class DistillLoader:
     """Micro-batches for one rank: global step s uses windows [s*G, (s+1)*G) of the packer's stream
     (G = micro_batch * grad_accum * world); micro-batch j of rank r takes the (j*world + r)-th slice of size
-    micro_batch, so a run on N ranks sees exactly what one rank with N times the accumulation would.
+    micro_batch, so a run on N ranks sees exactly what one rank with N times the accumulation would. With a
+    `WindowIndex` a rank packs only its own windows; without one it packs all G and keeps its share.
 
     With `prefetch`, the next step's batches are built in a background thread while the current step computes
     (tokenizers and numpy release the GIL); `state_dict` always describes the batches already handed out.
     """
 
     def __init__(self, packer: Packer, *, micro_batch_size: int, grad_accum: int = 1, rank: int = 0,
-                 world_size: int = 1, prefetch: bool = False):
+                 world_size: int = 1, prefetch: bool = False, index: WindowIndex | None = None):
         self.packer, self.micro_batch_size, self.grad_accum = packer, micro_batch_size, grad_accum
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.index = rank, world_size, index
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="distill-data") if prefetch else None
         self._pending: Future | None = None
         self._consumed = dict(vars(packer.state))
 
     def _produce(self) -> tuple[list[ChunkAlignment], dict[str, int]]:
-        size = self.micro_batch_size
-        windows = [self.packer.next_window() for _ in range(size * self.grad_accum * self.world_size)]
-        mine = []
-        for j in range(self.grad_accum):
-            start = (j * self.world_size + self.rank) * size
-            mine.append(stitch(windows[start:start + size], self.packer.teacher, self.packer.student))
-        return mine, dict(vars(self.packer.state))
+        size, total = self.micro_batch_size, self.micro_batch_size * self.grad_accum * self.world_size
+        starts = [(j * self.world_size + self.rank) * size for j in range(self.grad_accum)]
+        if self.index is None:
+            windows = [self.packer.next_window() for _ in range(total)]
+            mine = [windows[start:start + size] for start in starts]
+        else:
+            first = self.packer.state.windows
+            mine = []
+            for start in starts:
+                mine.append([])
+                for k in range(first + start, first + start + size):
+                    self.packer.state = self.index.state(k)
+                    mine[-1].append(self.packer.next_window())
+            self.packer.state = self.index.state(first + total)
+        batches = [stitch(windows, self.packer.teacher, self.packer.student) for windows in mine]
+        return batches, dict(vars(self.packer.state))
 
     def step_batches(self) -> list[ChunkAlignment]:
         """The `grad_accum` micro-batches of this rank for the next optimizer step."""

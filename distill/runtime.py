@@ -75,16 +75,37 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return parse_dtype(name)
 
 
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(recipe: Recipe) -> torch.dtype | None:
+    if recipe.train.autocast not in AUTOCAST:
+        raise TransplantError(f"train.autocast={recipe.train.autocast!r} is unknown; use one of {', '.join(AUTOCAST)}")
+    return AUTOCAST[recipe.train.autocast]
+
+
 def init_runtime(recipe: Recipe) -> Runtime:
+    """Launcher defaults, the device (CUDA: one per local rank, TF32 matmuls), the process group (NCCL on CUDA,
+    gloo on CPU) and the student's weight dtype (fp32 under `train.autocast`: the forward casts, the weights
+    and their optimizer state stay fp32)."""
     prepare_environment()
     import deepspeed
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = _device(local_rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
-    return Runtime(rank, world, local_rank, device, resolve_dtype(recipe.student.dtype, device))
+    dtype = resolve_dtype(recipe.student.dtype, device)
+    if autocast_dtype(recipe) is not None:
+        if recipe.student.dtype not in ("auto", "float32", "fp32"):
+            raise TransplantError(f"train.autocast={recipe.train.autocast} keeps fp32 weights; set student.dtype=auto "
+                                  f"or float32 (not {recipe.student.dtype})")
+        dtype = torch.float32
+    return Runtime(rank, world, local_rank, device, dtype)
 
 
 def load_deepspeed_config(recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
@@ -117,6 +138,10 @@ def load_deepspeed_config(recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
     fp16 = runtime.dtype == torch.float16
     config["bf16"] = {**config.get("bf16", {}), "enabled": bf16}
     config["fp16"] = {**config.get("fp16", {}), "enabled": fp16}
+    autocast = autocast_dtype(recipe)
+    if autocast is not None:  # DeepSpeed runs the forward under torch.autocast; reductions in the low dtype
+        config["torch_autocast"] = {**config.get("torch_autocast", {}), "enabled": True,
+                                    "dtype": str(autocast).removeprefix("torch.")}
     zero = config.setdefault("zero_optimization", {"stage": 0})
     if int(zero.get("stage", 0)) == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -125,3 +150,18 @@ def load_deepspeed_config(recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
 
 def zero_stage(config: dict[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak host RSS (and GPU memory) of this process so far, for the per-step record."""
+    import resource
+
+    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    if torch.cuda.is_available():
+        peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """A metrics record as one log line."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "step")

@@ -2,13 +2,19 @@
 
 One loop serves a 2-core CPU smoke run and an 8-GPU ZeRO-3 run; the recipe and its DeepSpeed JSON decide.
 Design points:
-- The optimizer is a torch object handed to `deepspeed.initialize` (a DS-named optimizer JIT-builds kernels).
+- The optimizer is built by `distill.optim` and handed to `deepspeed.initialize` (torch AdamW, fused on CUDA;
+  DeepSpeed's CPU Adam when the config offloads the optimizer); a DeepSpeed `optimizer` section is refused.
 - Losses are normalised over the GLOBAL batch: every rank counts its items for all its micro-batches before the
   step, one all-reduce gives the total, and each micro-batch loss is sum(items) / total. DeepSpeed would divide
   by the accumulation steps (disabled: `scale_wrt_gas=False`) and average gradients over ranks (undone by
   multiplying the loss by the world size), so the step equals one big batch on one device.
-- "Embeddings only for the first N steps" is a per-group learning-rate factor of 0 for everything else: ZeRO
-  flattens parameter groups at start-up, so toggling `requires_grad` later would silently do nothing.
+- "Embeddings only for the first N steps" is a per-group learning-rate factor of 0 for everything else, then
+  the body warms up again (`distill.optim`).
+- The teacher is replicated or sharded with ZeRO-3 (`distill.teacher`, recipe `teacher.shard`). Trainable modules
+  a loss declares (ALM's hidden-state projection) are attached to the student under `LOSS_MODULES`, so ZeRO
+  trains, shards and checkpoints them; the export drops them.
+- Under `train.autocast` the forwards run in bf16/fp16 on fp32 weights (DeepSpeed torch_autocast for the
+  student, torch.autocast for the teacher); the losses upcast logits to fp32 either way.
 - Every rank evaluates the same held-out text (ZeRO-3 forwards are collectives anyway).
 - The trainer names no loss: whether one needs the teacher, which metrics are sums, its options, hidden states
   and per-pair tables are declared where it registers (`distill.losses.registry.LossSpec`).
@@ -16,9 +22,10 @@ Design points:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -29,30 +36,30 @@ from tqdm.auto import tqdm
 
 from distill import checkpoint
 from distill.config import Recipe
-from distill.data import DistillLoader, Packer, read_documents
+from distill.corpus import open_corpus
+from distill.data import DistillLoader, Packer, shared_window_index
 from distill.export import gather_state_dict, write_hf_dir
 from distill.lora import apply_lora
 from distill.losses import ANCHOR_LOSS, PairContext, get_loss, loss_options
-from distill.runtime import Runtime, init_runtime, load_deepspeed_config, resolve_dtype, zero_stage
+from distill.optim import build_optimizer, lr_factor, param_groups
+from distill.runtime import (
+    Runtime,
+    autocast_dtype,
+    format_record,
+    init_runtime,
+    load_deepspeed_config,
+    peak_memory,
+    resolve_dtype,
+    zero_stage,
+)
+from distill.teacher import load_teacher
 from transplant.errors import TransplantError
 
 log = logging.getLogger(__name__)
 
 ANCHOR_METRIC = "ce_anchor"  # the `loss.ce_weight` term, a sum over items like the loss itself
-
-
-def lr_factor(step: int, optim: Any, total: int) -> float:
-    if step < optim.warmup_steps:
-        return (step + 1) / optim.warmup_steps
-    if optim.schedule == "constant":
-        return 1.0
-    progress = min((step - optim.warmup_steps) / max(total - optim.warmup_steps, 1), 1.0)
-    floor = optim.min_lr_ratio
-    if optim.schedule == "linear":
-        return floor + (1 - floor) * (1 - progress)
-    if optim.schedule == "cosine":
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    raise TransplantError(f"optim.schedule={optim.schedule!r} is unknown; use cosine, linear or constant")
+LOSS_MODULES = "distill_loss_modules"  # where a loss's trainable modules hang on the student (not exported)
+__all__ = ["LOSS_MODULES", "Trainer", "lr_factor", "prepare_student", "run"]
 
 
 def embedding_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -115,12 +122,14 @@ class Trainer:
         self.stage = zero_stage(self.ds_config)
         torch.manual_seed(r.train.seed)
 
-        self.teacher = None
+        self.teacher, self.teacher_engine = None, None
+        if r.student.shard != "none":
+            raise TransplantError("student.shard is for the teacher; the student is sharded by its DeepSpeed config")
         if self.loss.needs_teacher or r.eval.teacher:
-            teacher_dtype = resolve_dtype(r.teacher.dtype, rt.device)
-            self.teacher = AutoModelForCausalLM.from_pretrained(
-                self.teacher_dir, dtype=teacher_dtype, trust_remote_code=r.teacher.trust_remote_code).to(rt.device)
-            self.teacher.eval().requires_grad_(False)
+            self.teacher, self.teacher_engine = load_teacher(
+                self.teacher_dir, r.teacher.shard, resolve_dtype(r.teacher.dtype, rt.device), rt.device,
+                trust_remote_code=r.teacher.trust_remote_code, micro_batch_size=r.train.micro_batch_size,
+                world_size=rt.world_size)
         if self.stage == 3:  # from here on from_pretrained partitions weights as it loads (zero.Init)
             from transformers.integrations import HfDeepSpeedConfig
 
@@ -138,48 +147,67 @@ class Trainer:
             if r.lora.train_embeddings:
                 for param in embedding_params(student):
                     param.requires_grad_(True)
+        self._attach_loss_modules(student)
         optimizer, scheduler = self._optimizer(student)
         self.engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self.ds_config)
 
-        docs = read_documents(r.data.train, corpus_bytes=r.data.train_bytes)
-        packer = Packer(docs, self.teacher_vocab, self.student_vocab, max_length=r.data.max_length,
+        corpus = open_corpus(r.data.train, corpus_bytes=r.data.train_bytes)
+        packer = Packer(corpus, self.teacher_vocab, self.student_vocab, max_length=r.data.max_length,
                         seed=r.train.seed, shuffle=r.data.shuffle, pack=r.data.pack, chat_template=r.data.chat_template)
         self.loader = DistillLoader(packer, micro_batch_size=r.train.micro_batch_size, grad_accum=r.train.grad_accum,
-                                    rank=rt.rank, world_size=rt.world_size, prefetch=r.data.prefetch)
+                                    rank=rt.rank, world_size=rt.world_size, prefetch=r.data.prefetch,
+                                    index=self._window_index(packer))
         self.heldout = self._heldout_texts()
-        log.info("teacher %s, student %s (%s, ZeRO-%d, %d rank(s)), loss %s, %d documents",
-                 self.teacher_dir, self.student_dir, rt.dtype, self.stage, rt.world_size, r.loss.name, len(docs))
+        log.info("teacher %s (%s), student %s (%s, ZeRO-%d, %d rank(s)), loss %s, %d documents", self.teacher_dir,
+                 r.teacher.shard, self.student_dir, rt.dtype, self.stage, rt.world_size, r.loss.name, len(corpus))
         return self
 
+    def _attach_loss_modules(self, student: torch.nn.Module) -> None:
+        """The loss's trainable modules (`LossSpec.modules`), as a submodule of the student."""
+        text = student.config.get_text_config()
+        teacher_size = self.teacher.config.get_text_config().hidden_size if self.teacher is not None else None
+        ctx = PairContext(self.student_vocab, self.teacher_vocab, self.loss_options,
+                          getattr(text, "hidden_size", None), teacher_size)
+        modules = self.loss.modules(ctx)
+        if modules:
+            student.add_module(LOSS_MODULES, torch.nn.ModuleDict(modules).to(self.rt.dtype))
+
     def _optimizer(self, model: torch.nn.Module):
-        r = self.recipe
         embeddings = [p for p in embedding_params(model) if p.requires_grad]
-        emb_ids = {id(p) for p in embeddings}
-        body = [p for p in model.parameters() if p.requires_grad and id(p) not in emb_ids]
-        groups, lambdas = [], []
-        total, warm_emb = r.train.steps, r.train.embeddings_only_steps
-        if warm_emb and not embeddings:
-            raise TransplantError("train.embeddings_only_steps > 0 but no embedding is trainable; "
-                                  "set lora.train_embeddings=true or embeddings_only_steps=0")
-        if embeddings:
-            groups.append({"params": embeddings, "lr": r.optim.embedding_lr or r.optim.lr, "name": "embeddings"})
-            lambdas.append(lambda s: lr_factor(s, r.optim, total))
-        if body:
-            groups.append({"params": body, "lr": r.optim.lr, "name": "body"})
-            lambdas.append(lambda s: 0.0 if s < warm_emb else lr_factor(s, r.optim, total))
-        if not groups:
-            raise TransplantError("nothing to train: every parameter is frozen; check the lora settings")
+        owned = getattr(model, LOSS_MODULES, None)
+        loss_params = [p for p in owned.parameters() if p.requires_grad] if owned is not None else []
+        skip = {id(p) for p in embeddings + loss_params}
+        body = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
+        groups, lambdas = param_groups(embeddings, body, loss_params, self.recipe)
         self.group_names = [g["name"] for g in groups]
-        optimizer = torch.optim.AdamW(groups, lr=r.optim.lr, betas=tuple(r.optim.betas), eps=r.optim.eps,
-                                      weight_decay=r.optim.weight_decay)
+        optimizer = build_optimizer(groups, self.recipe, self.ds_config, self.rt.device)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+    def _window_index(self, packer: Packer):
+        """With several ranks (or `data.window_index: always`), the one-off record of where each window of the
+        run starts (`distill.data.WindowIndex`), so each rank tokenizes only its own windows."""
+        r, rt = self.recipe, self.rt
+        mode = r.data.window_index
+        if mode not in ("auto", "always", "never"):
+            raise TransplantError(f"data.window_index={mode!r} is unknown; use auto, always or never")
+        if mode == "never" or (mode == "auto" and rt.world_size == 1):
+            return None
+        key = json.dumps({"data": vars(r.data), "seed": r.train.seed, "teacher": str(self.teacher_dir),
+                          "student": str(self.student_dir), "sizes": [len(self.teacher_vocab), len(self.student_vocab)]},
+                         sort_keys=True, default=str)
+        windows = r.train.steps * r.train.micro_batch_size * r.train.grad_accum * rt.world_size
+        barrier = torch.distributed.barrier if rt.world_size > 1 else (lambda: None)
+        return shared_window_index(packer, windows, self.out / "window_index.json",
+                                   hashlib.sha256(key.encode()).hexdigest(), rt.is_main, barrier)
 
     def use_loss(self, name: str) -> None:
         """Train with registered loss `name` from the next step on: its checked options and its per-pair extras
         (`LossSpec.prepare`, built here once). Setup calls it; a bench may switch losses between steps."""
         self.loss = get_loss(name)
         self.loss_options = loss_options(name, self.recipe.loss.options)
+        weight = self.recipe.loss.ce_weight
+        self.ce_weight = self.loss.ce_weight if weight is None else float(weight)  # the published weight by default
         extras = self.loss.prepare(PairContext(self.student_vocab, self.teacher_vocab, self.loss_options))
         self.loss_extras = {k: v.to(self.rt.device) if isinstance(v, torch.Tensor) else v for k, v in extras.items()}
 
@@ -202,18 +230,21 @@ class Trainer:
     def _counts(self, batches: list) -> torch.Tensor:
         """Global item counts [main loss, anchor] over all micro-batches of all ranks."""
         local = [sum(self.loss.count_items({"alignment": b}) for b in batches),
-                 sum(self.anchor.count_items({"alignment": b}) for b in batches) if self.recipe.loss.ce_weight else 0]
+                 sum(self.anchor.count_items({"alignment": b}) for b in batches) if self.ce_weight else 0]
         counts = torch.tensor(local, dtype=torch.float64, device=self.rt.device)  # NCCL reduces device tensors
         if self.rt.world_size > 1:
             torch.distributed.all_reduce(counts)
         return counts.cpu().clamp(min=1)
 
     def _micro_step(self, alignment, counts: torch.Tensor) -> dict[str, torch.Tensor]:
-        r, a = self.recipe, alignment.to(self.rt.device)
+        a = alignment.to(self.rt.device)
         need_hidden = self.loss.needs_hidden(self.loss_options)
         batch: dict[str, Any] = {"alignment": a, **self.loss_extras}
+        owned = getattr(self.engine.module, LOSS_MODULES, None)
+        if owned is not None:
+            batch.update(owned.items())
         if self.loss.needs_teacher:
-            with torch.no_grad():
+            with torch.no_grad(), self._teacher_autocast():
                 t_out = self.teacher(input_ids=a.teacher_input_ids, attention_mask=a.teacher_attention_mask,
                                      output_hidden_states=need_hidden)
             batch["teacher_logits"] = t_out.logits
@@ -225,9 +256,9 @@ class Trainer:
         if need_hidden:
             batch["student_hidden_states"] = s_out.hidden_states[-1]
         loss, metrics = self.loss(batch, num_items=float(counts[0]), **self.loss_options)
-        if r.loss.ce_weight:
+        if self.ce_weight:
             anchor, _ = self.anchor(batch, num_items=float(counts[1]))
-            loss = loss + r.loss.ce_weight * anchor
+            loss = loss + self.ce_weight * anchor
             metrics = {**metrics, ANCHOR_METRIC: anchor.detach(), "loss": loss.detach()}
         self.engine.backward(loss * self.rt.world_size, scale_wrt_gas=False)
         self.engine.step()
@@ -253,9 +284,13 @@ class Trainer:
         self.step += 1
         seconds = time.perf_counter() - started
         record = {"step": self.step, **values, "num_items": float(counts[0]), "step_time": seconds,
-                  "student_tokens_per_s": float(packed[-1]) / seconds, **_peak_memory(),
+                  "student_tokens_per_s": float(packed[-1]) / seconds, **peak_memory(),
                   **{f"lr_{name}": lr for name, lr in zip(self.group_names, lrs)}}
         return record
+
+    def _teacher_autocast(self):
+        dtype = autocast_dtype(self.recipe)
+        return torch.autocast(self.rt.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -308,7 +343,7 @@ class Trainer:
                 teacher_bpb = self.evaluate(self.teacher, self.teacher_vocab.tokenizer)
                 record.update({f"teacher_bpb_{k}": v for k, v in teacher_bpb.items()})
             self._log(record)
-            log.info("step 0: held-out BPB %s", _fmt(record))
+            log.info("step 0: held-out BPB %s", format_record(record))
 
     def train(self) -> dict[str, Any]:
         r = self.recipe
@@ -325,7 +360,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", s=f"{record['step_time']:.2f}")
             if self.step % max(r.train.log_every, 1) == 0:
-                log.info("step %d: %s", self.step, _fmt(record))
+                log.info("step %d: %s", self.step, format_record(record))
             if r.checkpoint.every and self.step % r.checkpoint.every == 0:
                 self.save_checkpoint()
             if r.train.stop_after and self.step >= r.train.stop_after and self.step < total:
@@ -345,6 +380,8 @@ class Trainer:
 
     def export(self) -> Path | None:
         state = gather_state_dict(self.engine, self.stage, self.rt.is_main)
+        if state is not None:  # a loss's own modules (ALM's projection) are training machinery, not the model
+            state = {k: v for k, v in state.items() if not k.startswith(f"{LOSS_MODULES}.")}
         out = None
         if self.rt.is_main:
             dtype = resolve_dtype(self.recipe.export.dtype, self.rt.device) if self.recipe.export.dtype != "auto" \
@@ -361,19 +398,6 @@ def _check_vocab(vocab: Any, config: Any, role: str, directory: Path) -> None:
     if rows is not None and len(vocab) > rows:
         raise TransplantError(f"{role} {directory}: its tokenizer has {len(vocab)} ids but the model only "
                               f"{rows} embedding rows; use the tokenizer saved with that model")
-
-
-def _peak_memory() -> dict[str, float]:
-    import resource
-
-    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
-    if torch.cuda.is_available():
-        peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return peak
-
-
-def _fmt(record: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "step")
 
 
 def run(recipe: Recipe) -> dict[str, Any]:

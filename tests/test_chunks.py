@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.chunks import align_batch, tokenize_pair, word_start_mask
+from distill.chunks import align_batch, boundary_mask, tokenize_pair, word_start_mask
 from transplant.tokenizers.vocab import TokenKind, Vocab
 
 
@@ -65,19 +65,19 @@ def test_basic_chunks_token_index_and_positions():
     t = ids_of(teacher, "bos", b"Hello", b" world", b"!")
     s = ids_of(student, "bos", b"Hell", b"o", b" w", b"orld", b"!")
     a = align_batch([t], [s], teacher, student)
-    assert a.chunk_mask.tolist() == [[True] * 4]
-    assert a.chunk_is_special.tolist() == [[True, False, False, False]]
-    assert chunk_texts(a, 0, b"Hello world!") == [b"", b"Hello", b" world", b"!"]
-    assert a.teacher_chunk_index.tolist() == [[0, 1, 2, 3]]
-    assert a.student_chunk_index.tolist() == [[0, 1, 1, 2, 2, 3]]
-    assert a.student_chunk_first.tolist() == [[0, 1, 3, 5]]
-    assert a.student_chunk_last.tolist() == [[0, 2, 4, 5]]
-    assert a.teacher_chunk_last.tolist() == [[0, 1, 2, 3]]
-    assert a.chunk_followed_by_whitespace.tolist() == [[False, True, False, False]]
+    assert a.chunk_mask.tolist() == [[True] * 3]  # bos is in no chunk (never paired)
+    assert a.chunk_is_special.tolist() == [[False, False, False]]
+    assert chunk_texts(a, 0, b"Hello world!") == [b"Hello", b" world", b"!"]
+    assert a.teacher_chunk_index.tolist() == [[-1, 0, 1, 2]]
+    assert a.student_chunk_index.tolist() == [[-1, 0, 0, 1, 1, 2]]
+    assert a.student_chunk_first.tolist() == [[1, 3, 5]]
+    assert a.student_chunk_last.tolist() == [[2, 4, 5]]
+    assert a.teacher_chunk_last.tolist() == [[1, 2, 3]]
+    assert a.chunk_followed_by_whitespace.tolist() == [[True, False, False]]
     dense = a.student_token_to_chunk
-    assert dense.shape == (1, 6, 4) and dense.dtype == torch.bool
+    assert dense.shape == (1, 6, 3) and dense.dtype == torch.bool
     assert torch.equal(dense.long().argmax(-1), a.student_chunk_index[0].clamp(min=0).unsqueeze(0))
-    assert dense.sum().item() == 6
+    assert dense.sum().item() == 5
 
 
 def test_sentencepiece_dummy_prefix_is_removed():
@@ -111,9 +111,10 @@ def test_special_with_several_roles_pairs_by_any_role():
     t = ids_of(teacher, "bos", b"ab", b"c", "bos")
     s = ids_of(student, "bos", b"a", b"b", b"c", "eos")
     a = align_batch([t], [s], teacher, student)
-    assert a.chunk_is_special.tolist() == [[True, False, False, True]]
-    assert a.teacher_chunk_index.tolist() == [[0, 1, 2, 3]]
-    assert a.student_chunk_index.tolist() == [[0, 1, 1, 2, 3]]
+    # the leading one is read as bos (unpaired); the trailing one pairs with eos through its eos role
+    assert a.chunk_is_special.tolist() == [[False, False, True]]
+    assert a.teacher_chunk_index.tolist() == [[-1, 0, 1, 2]]
+    assert a.student_chunk_index.tolist() == [[-1, 0, 0, 1, 2]]
 
 
 def test_byte_fallback_shares_no_boundary_inside_a_character():
@@ -221,12 +222,32 @@ def test_tokenize_pair_truncates_to_a_common_boundary():
     assert whole.num_bytes == 13
     assert whole.teacher_ids[-1] == teacher.roles["eos"] and whole.student_ids[-1] == student.roles["eos"]
     a = align_batch([whole.teacher_ids], [whole.student_ids], teacher, student)
-    assert chunk_texts(a, 0, b"one two three") == [b"", b"one", b" two", b" three", b""]
+    assert chunk_texts(a, 0, b"one two three") == [b"one", b" two", b" three", b""]  # eos pairs, bos does not
 
 
 def test_word_start_mask():
     vocab = make_vocab([b" a", b"a", b"\nb", b"\xc3", b"\t"])
     assert word_start_mask(vocab).tolist() == [True, False, True, False, True, False, False]
+
+
+def test_boundary_mask_is_space_tab_newline_or_special():
+    vocab = make_vocab([b" a", b"a", b"\nb", b"\xc3", b"\t", b"\rx", b"\x0c"])
+    # the reference's "space+tab+newline+special": \r and form feed are not unit ends, bos and eos are
+    assert boundary_mask(vocab).tolist() == [True, False, True, False, True, False, False, True, True]
+
+
+def test_phantom_flag_overrides_the_dummy_prefix_rule():
+    teacher = make_vocab([b"Hi", b" there"])
+    student = make_vocab([b" Hi", b" there", b"Hi"], prefix=True)
+    t, s = ids_of(teacher, b"Hi", b" there"), ids_of(student, b" Hi", b" there")
+    # " Hi there" cut out of a longer text: the student's first space is real, the teacher's side starts with it
+    real = align_batch([ids_of(teacher, b" there")], [ids_of(student, b" there")], teacher, student,
+                       phantom=[(None, False)])
+    assert chunk_texts(real, 0, b" there") == [b" there"]
+    guessed = align_batch([ids_of(teacher, b" there")], [ids_of(student, b" there")], teacher, student)
+    assert guessed.chunk_mask.sum().item() == 0  # the dummy-prefix rule strips the real space: no shared bytes
+    assert chunk_texts(align_batch([t], [s], teacher, student, phantom=[(False, True)]), 0, b"Hi there") == \
+        [b"Hi", b" there"]
 
 
 # ----------------------------------------------------------------------------------------------- real tokenizers
@@ -275,9 +296,9 @@ def test_real_tokenizer_pairs_chunk_bytes_match(teacher_name, student_name):
             assert got == [data[s:e] for s, e in spans], (vocab.name, text)
         byte_tokens += sum(student.kinds[i] is TokenKind.BYTE for i in pair.student_ids)
         byte_tokens += sum(teacher.kinds[i] is TokenKind.BYTE for i in pair.teacher_ids)
-        # bos pairs with bos when both have one
+        # bos never pairs: the first token of both sides is in no chunk when both have one
         if "bos" in teacher.roles and "bos" in student.roles:
-            assert a.chunk_is_special[0, 0] and a.teacher_chunk_index[0, 0] == 0 == a.student_chunk_index[0, 0]
+            assert a.teacher_chunk_index[0, 0] == -1 == a.student_chunk_index[0, 0]
     if any(TokenKind.BYTE in v.kinds for v in (teacher, student)):
         assert byte_tokens > 0  # the texts exercise byte fallback (rare CJK, emoji) where a side has it
 

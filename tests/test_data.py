@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from distill.chat import plain_markup, template_markup
+from distill.chat import plain_markup, template_markup, token_spans
 from distill.chunks import align_batch
-from distill.data import DistillLoader, Packer, read_documents, split_text, stitch
+from distill.corpus import open_corpus
+from distill.data import (
+    DistillLoader,
+    Packer,
+    WindowIndex,
+    read_documents,
+    shared_window_index,
+    split_text,
+    stitch,
+)
 from tests.conftest import BASE_CORPUS, DONOR_CORPUS
 from transplant.assets import load_vocab
 from transplant.errors import TransplantError
@@ -57,7 +68,7 @@ def test_read_documents_txt_jsonl_dirs_and_errors(tmp_path):
     docs = read_documents([str(tmp_path)])
     assert docs == ["plain text file", "a json text", CHAT]
     (tmp_path / "bad.jsonl").write_text('{"neither": 1}\n')
-    with pytest.raises(TransplantError, match="bad.jsonl:1"):
+    with pytest.raises(TransplantError, match="bad.jsonl .line at byte 0. has neither"):
         read_documents([str(tmp_path / "bad.jsonl")])
     with pytest.raises(TransplantError, match="does not exist"):
         read_documents([str(tmp_path / "missing.txt")])
@@ -149,8 +160,11 @@ def test_chat_markup_is_unaligned_and_content_is_aligned(vocabs):
         for mode in ("auto", "plain", "student"):
             window = Packer([CHAT], teacher, student, max_length=128, chat_template=mode, pack=False).next_window()
             alignment = stitch([window], teacher, student)
-            content = b"".join(teacher.token_bytes[i] for p in window if p.aligned for i in p.teacher_ids)
-            assert content == b"Is the cat on the mat?Yes: the cat sat on the mat. 12345"
+            shared = [b"".join(teacher.token_bytes[i] for i in p.teacher_ids) for p in window if p.aligned]
+            # one shared piece per message, inside its content (a token straddling markup and content, like
+            # " Is" after "user:", is markup: the piece starts at the first offset both sides start a token)
+            assert len(shared) == 2 and all(piece in m["content"].encode() for piece, m in zip(shared, CHAT))
+            assert shared[1].endswith(b"12345") and sum(map(len, shared)) > 40
             assert _check_chunks(alignment, teacher, student) >= 10
             markup_positions = torch.cat([torch.full((len(p.student_ids),), not p.aligned) for p in window])
             assert (alignment.student_chunk_index[0][markup_positions] == -1).all()
@@ -161,9 +175,149 @@ def test_chat_markup_is_unaligned_and_content_is_aligned(vocabs):
         student.tokenizer.chat_template = None
 
 
+@pytest.fixture(scope="module")
+def sp_vocab(tmp_path_factory):
+    """A SentencePiece BPE (dummy prefix, byte fallback, [INST]/[/INST] control symbols) trained in the test."""
+    from tests.test_vocab import train_sentencepiece
+
+    return load_vocab(train_sentencepiece(tmp_path_factory.mktemp("sp"), "chat"))
+
+
+MISTRAL_LIKE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST]{{ m['content'] }}[/INST]"
+                "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("sp_side", ["student", "teacher"])
+def test_chat_is_tokenized_once_per_side_as_at_use(vocabs, sp_vocab, sp_side):
+    """A conversation is rendered and tokenized once per side: the window holds exactly the ids the model gets
+    at use (SentencePiece: no dummy prefix before every turn, only where the tokenizer itself puts one), and the
+    contents found by byte offsets are aligned chunks that spell the same bytes on both sides."""
+    byte_level = vocabs[0]
+    teacher, student = (byte_level, sp_vocab) if sp_side == "student" else (sp_vocab, byte_level)
+    sp_vocab.tokenizer.chat_template = MISTRAL_LIKE
+    try:
+        chat = CHAT + [{"role": "user", "content": "And the dog?"}, {"role": "assistant", "content": "Asleep."}]
+        window = Packer([chat], teacher, student, max_length=256, pack=False).next_window()
+        rendered = sp_vocab.tokenizer.apply_chat_template(chat, tokenize=False)
+        sp_ids = [i for p in window for i in (p.student_ids if sp_side == "student" else p.teacher_ids)]
+        assert sp_ids == sp_vocab.encode(rendered)  # starts with <s>: the template renders it
+        plain = "\n\n".join(f"{m['role']}: {m['content']}" for m in chat)
+        bl_ids = [i for p in window for i in (p.teacher_ids if sp_side == "student" else p.student_ids)]
+        assert bl_ids == [byte_level.roles["bos"]] + byte_level.encode(plain)  # no template: plain, bos added
+        # "[INST]Is": the SentencePiece side's first content token carries a phantom space ("▁I" spells "I")
+        aligned = [p for p in window if p.aligned]
+        phantoms = [p.student_phantom if sp_side == "student" else p.teacher_phantom for p in aligned]
+        assert len(aligned) == 4 and phantoms[0] is True
+        alignment = stitch([window], teacher, student)
+        text_bytes = {"teacher": [], "student": []}
+        for p in aligned:
+            for name, ids, phantom, vocab in (("teacher", p.teacher_ids, p.teacher_phantom, teacher),
+                                              ("student", p.student_ids, p.student_phantom, student)):
+                spelled = b"".join(vocab.token_bytes[i] for i in ids)
+                text_bytes[name].append(spelled[1:] if phantom else spelled)
+        assert text_bytes["teacher"] == text_bytes["student"]
+        assert all(piece in m["content"].encode() for piece, m in zip(text_bytes["teacher"], chat))
+        assert text_bytes["teacher"][0] == b"Is the cat on the mat?"
+        assert alignment.chunk_mask.sum() >= 10
+    finally:
+        sp_vocab.tokenizer.chat_template = None
+
+
+def test_token_spans_map_specials_phantoms_and_stop_at_a_mismatch(sp_vocab):
+    text = "<s>[INST]Is it?[/INST] Yes"
+    ids = sp_vocab.encode(text)
+    spans = token_spans(ids, sp_vocab, text.encode())
+    assert spans.mapped == len(ids)
+    pieces = [text.encode()[a:b] for a, b in zip(spans.starts.tolist(), spans.ends.tolist())]
+    assert pieces[:2] == [b"<s>", b"[INST]"] and b"".join(pieces) == text.encode()
+    assert spans.phantom.tolist().count(True) >= 1 and spans.phantom[2]  # after [INST]: "▁I" spells "I"
+    with_bos = [sp_vocab.roles["bos"]] + sp_vocab.encode("Is it?")
+    spans = token_spans(with_bos, sp_vocab, b"Is it?")  # a prepended bos spans nothing
+    assert spans.ends[0] == 0 and spans.mapped == len(with_bos) and spans.phantom[1]
+    assert token_spans(sp_vocab.encode("Is it?"), sp_vocab, b"Was it?").mapped == 0
+
+
+def test_packed_documents_start_with_bos_in_no_chunk(vocabs):
+    teacher, student = vocabs
+    docs = split_text(BASE_CORPUS + DONOR_CORPUS, 60)
+    window = Packer(docs, teacher, student, max_length=200, shuffle=False).next_window()
+    assert len(window) >= 2  # several documents in one sequence
+    alignment = stitch([window], teacher, student)
+    for prefix, vocab in (("teacher", teacher), ("student", student)):
+        ids, index = getattr(alignment, f"{prefix}_input_ids")[0], getattr(alignment, f"{prefix}_chunk_index")[0]
+        bos = ids == vocab.roles["bos"]
+        assert bos.sum() >= 2 and (index[bos] == -1).all()
+
+
 def test_long_conversation_is_truncated_not_dropped(vocabs):
     teacher, student = vocabs
     long_chat = [{"role": "user", "content": BASE_CORPUS[:2000]}, {"role": "assistant", "content": "ok"}]
     window = Packer([long_chat, CHAT], teacher, student, max_length=64, shuffle=False).next_window()
     assert sum(len(p.teacher_ids) for p in window) <= 64
     assert any(p.aligned for p in window)
+
+
+# ------------------------------------------------------------------------------------------- streaming corpora
+def test_corpus_streams_txt_jsonl_and_gz_in_blocks(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    text = ("para one line\n" * 30 + "\n") * 12
+    (folder / "a.txt").write_text(text)
+    records = [{"text": f"record {i} " * 40} for i in range(7)] + [{"messages": CHAT}]
+    lines = "\n".join(json.dumps(r) for r in records)
+    (folder / "b.jsonl").write_text(lines)
+    with gzip.open(folder / "sub" / "c.jsonl.gz", "wt") as handle:
+        handle.write(lines)
+    (folder / "ignored.md").write_text("not a corpus file")
+    expected = split_text(text, 500) + [r["text"] for r in records[:-1]] + [CHAT]
+    expected += expected[len(split_text(text, 500)):]
+    corpus = open_corpus([str(folder)], doc_bytes=500, block_docs=3)
+    assert len(corpus) == len(expected) and list(corpus) == expected
+    assert all(source.docs is None for source in corpus.sources)  # nothing of the files is held but blocks
+    assert len(corpus._blocks) <= 4
+    in_order = [corpus.document(0, 0, k, shuffle=False) for k in range(len(corpus))]
+    assert in_order == expected
+    for epoch in (0, 1):
+        shuffled = [corpus.document(5, epoch, k) for k in range(len(corpus))]
+        assert sorted(map(str, shuffled)) == sorted(map(str, expected)) and shuffled != expected
+        gz_docs = [d for d in shuffled if d in expected[-8:] and isinstance(d, str) and (folder / "sub").exists()]
+        assert gz_docs  # the gz file's documents are there
+    blocks, _ = corpus._order(5, 0, True)
+    gz = corpus.sources.index(next(s for s in corpus.sources if s.compressed))
+    gz_blocks = blocks[corpus.block_source[blocks] == gz]
+    assert (np.diff(gz_blocks) > 0).all()  # a compressed file is read forwards within an epoch
+
+
+# ------------------------------------------------------------------------------------------------ window index
+def test_window_index_lets_each_rank_pack_only_its_windows(vocabs, tmp_path):
+    teacher, student = vocabs
+    docs = split_text(BASE_CORPUS + DONOR_CORPUS, 300)
+    single = DistillLoader(Packer(docs, teacher, student, max_length=32, seed=4), micro_batch_size=2, grad_accum=2)
+    expected = [single.step_batches() for _ in range(3)]
+    path = tmp_path / "index.json"
+    index = shared_window_index(Packer(docs, teacher, student, max_length=32, seed=4), 12, path, "fp", True,
+                                lambda: None)
+    assert len(index) == 12 and index.state(12).windows == 12
+    assert len(WindowIndex.load(path, "other")) == 0  # another recipe's index is not reused
+    for rank in range(2):
+        packer = Packer(docs, teacher, student, max_length=32, seed=4)
+        calls: list[int] = []
+
+        def counted(original=packer.next_window, calls=calls):
+            calls.append(1)
+            return original()
+
+        packer.next_window = counted
+        loader = DistillLoader(packer, micro_batch_size=2, rank=rank, world_size=2,
+                               index=WindowIndex.load(path, "fp"), prefetch=rank == 1)
+        for step in range(3):
+            got = loader.step_batches()[0]
+            for field in dataclasses.fields(got):
+                assert torch.equal(getattr(got, field.name), getattr(expected[step][rank], field.name)), field.name
+        assert len(calls) == 3 * 2  # its own 2 windows per step, not the global 4
+        state = loader.state_dict()
+        assert state["windows"] == 12 and state == dataclasses.asdict(index.state(12))
+    with pytest.raises(TransplantError, match="window index covers 12 windows"):
+        index.state(13)
+    longer = WindowIndex.load(path, "fp").extend(Packer(docs, teacher, student, max_length=32, seed=4), 16)
+    assert len(longer) == 16 and np.array_equal(longer.states[:13], index.states)

@@ -8,11 +8,12 @@ import random
 import pytest
 import torch
 
-from distill.chunks import align_batch, word_start_mask
-from distill.losses import LOSSES, get_loss
-from distill.losses.alm import merge_chunks
+from distill.chunks import align_batch, boundary_mask, word_start_mask
+from distill.losses import LOSSES, PairContext, get_loss
 from distill.losses.common import chunk_sums
+from distill.losses.hidden import channel_normalised_mse, projection_modules
 from distill.losses.mined import levenshtein_pairs, mined_mapping
+from distill.losses.units import boundary_units, debias_mode, likelihood_units
 from tests.test_chunks import ids_of, make_vocab
 from transplant.errors import TransplantError
 
@@ -32,9 +33,16 @@ def binary_entropy(p: float) -> float:
     return -(p * math.log(p) + (1 - p) * math.log(1 - p))
 
 
+def probs_to_logits(rows: list[list[float]]) -> torch.Tensor:
+    """[1, T, V] logits from full probability rows (each row sums to 1)."""
+    probs = torch.tensor([rows], dtype=torch.float64)
+    assert torch.allclose(probs.sum(-1), torch.ones(1, len(rows), dtype=torch.float64))
+    return probs.log()
+
+
 @pytest.fixture
 def abc_case():
-    """Text "abc": teacher [bos, "ab", "c"], student [bos, "a", "b", "c"]; chunks bos | ab | c.
+    """Text "abc": teacher [bos, "ab", "c"], student [bos, "a", "b", "c"]; chunks ab | c (bos is in none).
 
     Teacher: p("ab") = 0.5, p("c" | ab) = 0.8. Student: p("a") = 0.5, p("b" | a) = 0.5, p("c" | ab) = 0.8.
     """
@@ -45,7 +53,8 @@ def abc_case():
     alignment = align_batch([t], [s], teacher, student)
     teacher_logits = logits_for(len(teacher), [{t[1]: 0.5}, {t[2]: 0.8}, {}])
     student_logits = logits_for(len(student), [{s[1]: 0.5}, {s[2]: 0.5}, {s[3]: 0.8}, {}])
-    return {"alignment": alignment, "teacher_logits": teacher_logits, "student_logits": student_logits.requires_grad_()}
+    return {"alignment": alignment, "teacher_logits": teacher_logits, "student_logits": student_logits.requires_grad_(),
+            "teacher_boundary_mask": boundary_mask(teacher), "student_boundary_mask": boundary_mask(student)}
 
 
 def test_registry():
@@ -69,7 +78,7 @@ def test_ce_by_hand():
 
 
 def test_alm_binary_ce_by_hand(abc_case):
-    loss, metrics = get_loss("alm")(abc_case, temperature=1.0)
+    loss, metrics = get_loss("alm")(abc_case, temperature=1.0, debias="none")
     # chunk "ab": p_t = 0.5, p_s = 0.25 -> -(0.5 ln 0.25 + 0.5 ln 0.75) = 0.5 ln(16/3)
     # chunk "c":  p_t = p_s = 0.8 -> binary entropy H(0.8); the bos chunk sits at position 0 and is skipped
     expected = (0.5 * math.log(16 / 3) + binary_entropy(0.8)) / 2
@@ -78,15 +87,18 @@ def test_alm_binary_ce_by_hand(abc_case):
 
 
 def test_alm_l1_and_binary_kl_by_hand(abc_case):
-    loss, _ = get_loss("alm-l1")(abc_case, temperature=2.0)
+    loss, _ = get_loss("alm-l1")(abc_case, temperature=2.0, debias="none")
     assert loss.item() == pytest.approx((math.log(0.5) - math.log(0.25)) / 2 / 2)  # |ln .5 - ln .25| / tau / 2
-    loss, _ = get_loss("alm")(abc_case, temperature=1.0, diff="binary_kl")
+    loss, _ = get_loss("alm")(abc_case, temperature=1.0, diff="binary_kl", debias="none")
     kl_ab = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert loss.item() == pytest.approx(kl_ab / 2, rel=1e-9)
 
 
 def test_alm_gradient_reaches_student_only(abc_case):
     abc_case["teacher_logits"] = abc_case["teacher_logits"].clone().requires_grad_()
+    # sorted rows that differ in shape at every chunk end (equal shapes give ULD no gradient)
+    abc_case["student_logits"] = torch.tensor([[[.5, .2, .2, .1], [.2, .5, .2, .1], [.1, .1, .7, .1],
+                                                [.6, .2, .1, .1]]], dtype=torch.float64).log().requires_grad_()
     for name in ("alm", "alm-l1", "uld"):
         abc_case["student_logits"].grad = None
         loss, _ = get_loss(name)(abc_case)
@@ -102,7 +114,8 @@ def test_alm_identical_models_are_at_the_minimum():
     torch.manual_seed(0)
     logits = torch.randn(1, len(ids), len(vocab), dtype=torch.float64)
     student = logits.clone().requires_grad_()
-    batch = {"alignment": alignment, "teacher_logits": logits, "student_logits": student}
+    batch = {"alignment": alignment, "teacher_logits": logits, "student_logits": student,
+             **get_loss("alm").prepare(PairContext(vocab, vocab, {}))}  # default debias: merge
     for temperature in (1.0, 100.0):
         loss, _ = get_loss("alm")(batch, temperature=temperature)
         (grad,) = torch.autograd.grad(loss, student)
@@ -113,8 +126,9 @@ def test_alm_identical_models_are_at_the_minimum():
         assert get_loss("alm")(batch, temperature=temperature, diff="binary_kl")[0].item() == pytest.approx(0, abs=1e-12)
 
 
-def test_alm_debias_by_hand():
-    """Text "ab c": teacher [ab, " c"], student [a, b, " c"]; chunk "ab" is followed by whitespace.
+def test_alm_whitespace_debias_by_hand():
+    """Legacy `debias: whitespace`. Text "ab c": teacher [ab, " c"], student [a, b, " c"]; chunk "ab" is
+    followed by whitespace.
 
     Teacher: p(ab) = .5, p(" c" | ab) = .5. Student: p(a) = p(b | a) = .5, p(" c" | ab) = .25.
     Debiased chunk "ab": teacher .5 * .5, student .25 * .25 -> |ln .25 - ln .0625| = ln 4;
@@ -130,27 +144,91 @@ def test_alm_debias_by_hand():
         "teacher_word_start_mask": word_start_mask(teacher),
         "student_word_start_mask": word_start_mask(student),
     }
-    plain, _ = get_loss("alm-l1")(batch, temperature=1.0)
+    plain, _ = get_loss("alm-l1")(batch, temperature=1.0, debias="none")
     assert plain.item() == pytest.approx(math.log(2))
-    debiased, _ = get_loss("alm-l1")(batch, temperature=1.0, debias=True)
+    debiased, _ = get_loss("alm-l1")(batch, temperature=1.0, debias="whitespace")
     assert debiased.item() == pytest.approx(1.5 * math.log(2))
 
 
-def test_merge_chunks_by_teacher_likelihood():
+@pytest.fixture
+def boundary_case():
+    """Text "ab c": teacher [bos, "ab", " c"], student [bos, "a", "b", " c"]; chunks "ab" | " c".
+
+    Vocabularies (ids): teacher a ab " c" bos eos, student a b " c" bos eos; boundary tokens: " c", bos, eos.
+    Teacher rows:  after bos   .2 .5 .1 .1 .1   P(ab) = .5
+                   after ab    .1 .1 .6 .1 .1   P(" c") = .6, P(boundary) = .6 + .1 + .1 = .8
+                   after " c"  .25 .25 .1 .2 .2  P(boundary) = .5
+    Student rows:  after bos   .5 .2 .1 .1 .1   P(a) = .5
+                   after a     .2 .5 .1 .1 .1   P(b) = .5
+                   after b     .3 .2 .3 .1 .1   P(" c") = .3, P(boundary) = .5
+                   after " c"  .2 .2 .2 .2 .2   P(boundary) = .6
+    """
+    teacher = make_vocab([b"a", b"ab", b" c"], specials=("bos", "eos"))
+    student = make_vocab([b"a", b"b", b" c"], specials=("bos", "eos"))
+    t, s = ids_of(teacher, "bos", b"ab", b" c"), ids_of(student, "bos", b"a", b"b", b" c")
+    return {
+        "alignment": align_batch([t], [s], teacher, student),
+        "teacher_logits": probs_to_logits([[.2, .5, .1, .1, .1], [.1, .1, .6, .1, .1], [.25, .25, .1, .2, .2]]),
+        "student_logits": probs_to_logits([[.5, .2, .1, .1, .1], [.2, .5, .1, .1, .1], [.3, .2, .3, .1, .1],
+                                           [.2, .2, .2, .2, .2]]).requires_grad_(),
+        **get_loss("alm").prepare(PairContext(student, teacher, {"debias": "merge"})),
+    }
+
+
+def test_alm_merge_debias_by_hand(boundary_case):
+    # threshold .1: the teacher's P(boundary) after "ab" is .8 > .1, so each chunk is its own unit, and each
+    # unit gets its side's log P(boundary) appended:
+    #   "ab":  teacher .5 * .8 = .4,  student .25 * .5 = .125;   " c": teacher .6 * .5 = .3,  student .3 * .6 = .18
+    l1 = (math.log(.4 / .125) + math.log(.3 / .18)) / 2
+    loss, metrics = get_loss("alm-l1")(boundary_case, temperature=1.0)  # debias=merge is the default
+    assert loss.item() == pytest.approx(l1, rel=1e-9) and metrics["num_units"].item() == 2
+    assert get_loss("alm-l1")(boundary_case, temperature=1.0, debias="append")[0].item() == pytest.approx(l1)
+    # threshold .85: .8 does not close the unit, "ab" + " c" merge; only the unit end gets P(boundary):
+    #   teacher .5 * .6 * .5 = .15, student .25 * .3 * .6 = .045; still 2 items (chunks before merging)
+    loss, metrics = get_loss("alm-l1")(boundary_case, temperature=1.0, boundary_threshold=0.85)
+    assert loss.item() == pytest.approx(math.log(.15 / .045) / 2, rel=1e-9) and metrics["num_units"].item() == 1
+    # none: raw chunks |ln .5 - ln .25| + |ln .6 - ln .3|
+    assert get_loss("alm-l1")(boundary_case, temperature=1.0, debias="none")[0].item() == pytest.approx(math.log(2))
+    # binary CE on the merged units at tau 1 (the default difference)
+    loss, _ = get_loss("alm")(boundary_case, temperature=1.0)
+    expected = sum(-(pt * math.log(ps) + (1 - pt) * math.log(1 - ps)) for pt, ps in ((.4, .125), (.3, .18))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    loss.backward()  # the student's P(boundary) is trained too: its last row gets a gradient
+    assert boundary_case["student_logits"].grad[0, 3].abs().sum() > 0
+
+
+def test_alm_debias_options_are_checked(boundary_case):
+    assert debias_mode(True) == "merge" and debias_mode(False) == "none" and debias_mode("append") == "append"
+    with pytest.raises(TransplantError, match="debias='spaces' is unknown"):
+        debias_mode("spaces")
+    with pytest.raises(TransplantError, match="merge_threshold"):
+        get_loss("alm")(boundary_case, merge_threshold=0.5)
+
+
+def test_boundary_units_close_at_threshold_gaps_and_invalid_chunks():
+    valid = torch.tensor([[False, True, True, True, True, True, True]])
+    logb = torch.tensor([[0.0, -3.0, -0.5, -3.0, -3.0, -3.0, -3.0]])  # P(boundary) e^-3 ~ .05, e^-.5 ~ .61
+    adjacent = torch.tensor([[True, True, True, True, False, True, False]])
+    units = boundary_units(valid, logb, adjacent, threshold=0.1)
+    # chunk 0 invalid; 1 + 2 merge (2 crosses .1); 3 + 4 merge until the gap after 4; 5 + 6 to the row end
+    assert units.tolist() == [[-1, 1, 1, 2, 2, 3, 3]]
+
+
+def test_likelihood_units_merge_by_teacher_likelihood():
     probs = torch.tensor([[0.9, 0.8, 0.5, 0.9, 0.3, 0.95, 0.99]], dtype=torch.float64)
     valid = torch.tensor([[True, True, True, True, False, True, True]])
-    group = merge_chunks(probs.log(), valid, math.log(0.6))
+    group = likelihood_units(probs.log(), valid, math.log(0.6))
     # .9 * .8 = .72 > .6 keeps going, * .5 = .36 closes; .9 alone is cut by the invalid chunk; .95 * .99 open at end
     assert group.tolist() == [[0, 0, 0, 1, -1, 2, 2]]
 
 
-def test_alm_with_merging_sums_groups(abc_case):
-    loss, metrics = get_loss("alm-l1")(abc_case, temperature=1.0, merge_threshold=0.9)
+def test_alm_with_likelihood_merging_sums_groups(abc_case):
+    loss, metrics = get_loss("alm-l1")(abc_case, temperature=1.0, merge_threshold=0.9, debias="none")
     # threshold .9: "ab" alone (.5 <= .9), "c" alone -> same as unmerged
     assert loss.item() == pytest.approx(math.log(2) / 2)
     assert metrics["num_units"].item() == 2
     # with threshold .4 both chunks merge: teacher .5 * .8, student .25 * .8 -> |ln .4 - ln .2| = ln 2 over 2 items
-    loss, metrics = get_loss("alm-l1")(abc_case, temperature=1.0, merge_threshold=0.4)
+    loss, metrics = get_loss("alm-l1")(abc_case, temperature=1.0, merge_threshold=0.4, debias="none")
     assert metrics["num_units"].item() == 1
     assert loss.item() == pytest.approx(math.log(2) / 2)
 
@@ -160,18 +238,38 @@ def test_alm_hidden_state_term_by_hand(abc_case):
     student_hidden = torch.ones(b, 4, 2, dtype=torch.float64)  # projected to 0 by the zero projection
     teacher_hidden = torch.zeros(b, tt, 3, dtype=torch.float64)
     teacher_hidden[0, 1] = torch.tensor([1.0, 2.0, 2.0])  # end of chunk "ab" on the teacher side
+    teacher_hidden[0, 2] = torch.tensor([1.0, 0.0, 2.0])  # end of chunk "c"
     batch = {**abc_case, "student_hidden_states": student_hidden, "teacher_hidden_states": teacher_hidden}
     with pytest.raises(TransplantError, match="hidden_projection"):
-        get_loss("alm")(batch, hidden_weight=1.0)
-    projection = torch.nn.Linear(2, 3, bias=False).double()
+        get_loss("alm")(batch, hidden_weight=1.0, debias="none")
+    projection = torch.nn.Linear(2, 3).double()
     torch.nn.init.zeros_(projection.weight)
-    base, _ = get_loss("alm")(abc_case, temperature=1.0)
-    loss, metrics = get_loss("alm")(batch, temperature=1.0, hidden_weight=0.5, hidden_projection=projection)
-    # chunk "ab": mean((0 - [1, 2, 2])^2) = 3; chunk "c": 0; over 2 items -> 1.5, weighted 0.5
-    assert metrics["hidden_mse"].item() == pytest.approx(1.5)
-    assert loss.item() == pytest.approx(base.item() + 0.75)
+    torch.nn.init.zeros_(projection.bias)
+    base, _ = get_loss("alm")(abc_case, temperature=1.0, debias="none")
+    loss, metrics = get_loss("alm")({**batch, "hidden_projection": projection}, temperature=1.0, hidden_weight=0.5,
+                                    debias="none")
+    # teacher second moment per channel over the two chunk ends: [1, 2, 4]; errors (0 - t)^2 / m2:
+    # "ab" [1, 2, 1] -> mean 4/3, "c" [1, 0, 1] -> 2/3; sum 2 over 2 items = 1, weighted .5
+    assert metrics["hidden_mse"].item() == pytest.approx(1.0)
+    assert loss.item() == pytest.approx(base.item() + 0.5)
     loss.backward()
-    assert projection.weight.grad.abs().sum() > 0
+    assert projection.weight.grad.abs().sum() > 0 and projection.bias.grad.abs().sum() > 0
+
+
+def test_channel_normalisation_and_projection_modules():
+    teacher = torch.tensor([[100.0, 1.0], [-100.0, 1.0]])
+    # a channel 100x larger weighs the same: halving both channels' error gives the same normalised loss
+    assert channel_normalised_mse(teacher * 0.5, teacher).item() == pytest.approx(2 * 0.25)
+    vocab = make_vocab([b"a"])
+    made = projection_modules(PairContext(vocab, vocab, {"hidden_weight": 1.0}, 32, 48))
+    assert isinstance(made["hidden_projection"], torch.nn.Linear)
+    assert made["hidden_projection"].weight.shape == (48, 32)
+    assert projection_modules(PairContext(vocab, vocab, {"hidden_weight": 1.0}, 32, 32)) == {}
+    assert "hidden_projection" in projection_modules(
+        PairContext(vocab, vocab, {"hidden_weight": 1.0, "hidden_projection": "always"}, 32, 32))
+    assert projection_modules(PairContext(vocab, vocab, {"hidden_weight": 0.0}, 32, 48)) == {}
+    with pytest.raises(TransplantError, match="hidden_projection='maybe'"):
+        projection_modules(PairContext(vocab, vocab, {"hidden_weight": 1.0, "hidden_projection": "maybe"}, 3, 4))
 
 
 def test_uld_by_hand():
@@ -185,9 +283,16 @@ def test_uld_by_hand():
     loss, metrics = get_loss("uld")(batch)
     # chunk "a": sorted [.5 .3 .2 0] vs [.6 .2 .1 .1] -> .1 + .1 + .1 + .1 = .4
     # chunk "b": [1/3 1/3 1/3 0] vs [.25 .25 .25 .25] -> 3 * (1/12) + .25 = .5
-    assert loss.item() == pytest.approx((0.4 + 0.5) / 2, rel=1e-6)
+    assert metrics["uld"].item() == pytest.approx((0.4 + 0.5) / 2, rel=1e-6)
+    assert loss.item() == pytest.approx(1.5 * (0.4 + 0.5) / 2, rel=1e-6)  # the paper's lambda = 1.5
     assert metrics["num_items_local"].item() == 2
-    assert get_loss("uld")(batch, top_k=1)[0].item() == pytest.approx((0.1 + 1 / 12) / 2, rel=1e-6)
+    assert get_loss("uld")(batch, top_k=1, weight=1.0)[0].item() == pytest.approx((0.1 + 1 / 12) / 2, rel=1e-6)
+
+
+def test_baselines_carry_their_papers_ce_weights():
+    # ULD: 1.0 * CE + 1.5 * ULD (Boizard et al.); MinED: 0.9 * CE + 0.1 * fusion (FuseLLM); CE and ALM: none
+    assert (get_loss("uld").ce_weight, get_loss("mined").ce_weight) == (1.0, 0.9)
+    assert get_loss("ce").ce_weight == 0.0 == get_loss("alm").ce_weight
 
 
 def test_mined_mapping_and_loss_by_hand():
@@ -206,13 +311,14 @@ def test_mined_mapping_and_loss_by_hand():
         "teacher_logits": logits_for(len(teacher), [{}, {1: 0.5, 5: 0.3}]),
         "student_logits": torch.zeros(1, 2, len(student), dtype=torch.float64, requires_grad=True),
     }
-    loss, _ = get_loss("mined")(batch)
+    loss, metrics = get_loss("mined")(batch)
+    assert loss.item() == pytest.approx(0.1 * metrics["mined"].item())  # FuseLLM: (1 - lambda) = .1
     # q over student ids: cat .05, cats .05, " dog" .5, zzzzzz .05, eos .3, bos .05, pad 0 -> sum 1.0;
     # student uniform over 7: KL = sum q ln(q * 7)
     q = [0.05, 0.05, 0.5, 0.05, 0.3, 0.05]
     expected = sum(p * math.log(p * 7) for p in q)
-    # the alignment also has the bos chunk (ending at position 0); keep only the "cat" chunk for the hand value
-    loss_cat_only = get_loss("mined")({**batch, "alignment": _only_chunk(batch["alignment"], 1)})[0]
+    # bos is in no chunk, so chunk 0 is "cat"
+    loss_cat_only = get_loss("mined")({**batch, "alignment": _only_chunk(batch["alignment"], 0)}, weight=1.0)[0]
     assert loss_cat_only.item() == pytest.approx(expected, rel=1e-9)
     assert loss.item() > 0
     loss.backward()
@@ -286,11 +392,11 @@ def test_all_losses_on_a_real_pair():
         "alignment": alignment,
         "teacher_logits": torch.randn(2, t_len, len(teacher)),
         "student_logits": torch.randn(2, s_len, len(student) + 64, requires_grad=True),  # padded vocab
-        "teacher_word_start_mask": word_start_mask(teacher),
-        "student_word_start_mask": word_start_mask(student),
+        "teacher_boundary_mask": boundary_mask(teacher),
+        "student_boundary_mask": boundary_mask(student),
         "mined_mapping": mapping,
     }
-    options = {"alm": {"debias": True, "merge_threshold": 0.5}, "uld": {"top_k": 256}}
+    options = {"alm": {"debias": "merge"}, "uld": {"top_k": 256}}
     for name in LOSSES:
         batch["student_logits"].grad = None
         loss, metrics = get_loss(name)(batch, **options.get(name, {}))

@@ -1,5 +1,6 @@
-"""The distillation trainer on tiny models: learning, exact resume (also after SIGKILL), several processes,
-ZeRO-3, export, LoRA and embeddings-only phases, recipes."""
+"""The distillation trainer on tiny models: learning, exact resume (also after SIGKILL, with one and two
+processes), several processes (each tokenizing only its own windows), ZeRO-3 for the student and the teacher,
+a loss's trainable projection, optimizer offload, autocast, export, LoRA and embeddings-only phases, recipes."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from transplant.errors import TransplantError
 REPO = Path(__file__).resolve().parents[1]
 ZERO0 = str(REPO / "recipes/deepspeed/zero0_cpu.json")
 ZERO3 = str(REPO / "recipes/deepspeed/zero3_cpu_test.json")
+OFFLOAD = str(REPO / "recipes/deepspeed/zero2_offload_cpu_test.json")
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
@@ -163,14 +165,94 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, tiny_pair):
 
 @pytest.mark.parametrize("deepspeed_json", [ZERO0, ZERO3], ids=["zero0", "zero3"])
 def test_two_gloo_processes_equal_one_with_accumulation(tmp_path, tiny_pair, deepspeed_json):
-    one = make_recipe(tmp_path, tiny_pair, "one", train={"steps": 4, "grad_accum": 2})
-    run_in_process(one)
-    two = make_recipe(tmp_path, tiny_pair, "two", train={"steps": 4, "grad_accum": 1},
-                      launch={"nproc_per_node": 2}, deepspeed=deepspeed_json)
+    """Each of the 2 ranks packs only its own windows (window index); under ZeRO-3 the teacher is sharded too
+    and ALM's hidden-state term trains a projection (teacher 32 wide, student 48), sharded with the student."""
+    sharded = deepspeed_json == ZERO3
+    loss = {"name": "alm", "options": {"alm": {"hidden_weight": 0.5}}} if sharded else {"name": "alm"}
+    one = make_recipe(tmp_path, tiny_pair, "one", train={"steps": 4, "grad_accum": 2}, loss=loss)
+    trainer, _ = run_in_process(one)
+    assert trainer.loader.index is None  # one rank: no index pass
+    two = make_recipe(tmp_path, tiny_pair, "two", train={"steps": 4, "grad_accum": 1}, loss=loss,
+                      launch={"nproc_per_node": 2}, deepspeed=deepspeed_json,
+                      teacher={"path": str(tiny_pair["base_untied"]), "shard": "zero3" if sharded else "none"})
     run_cli(two, tmp_path)  # relaunches itself under torchrun with 2 gloo processes
+    assert (Path(two["output_dir"]) / "window_index.json").is_file()
     for (s1, l1), (s2, l2) in zip(losses(one["output_dir"]), losses(two["output_dir"]), strict=True):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
     assert_same_weights(weights(two["output_dir"]), weights(one["output_dir"]), atol=1e-5)
+    if sharded:  # the projection trained but is not part of the exported model
+        records = [json.loads(line) for line in (Path(one["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["hidden_mse"] > 0 for r in records if "loss" in r)
+        assert not any("distill_loss_modules" in name for name in weights(two["output_dir"]))
+        projection = trainer.engine.module.distill_loss_modules["hidden_projection"]
+        assert projection.weight.shape == (32, 48)
+
+
+def _launch_killable(recipe: dict, tmp_path: Path, *args: str) -> subprocess.Popen:
+    """`distill` in its own session, so that SIGKILL reaches torchrun and both workers."""
+    path = tmp_path / f"{Path(recipe['output_dir']).name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "distill.main", str(path), *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def test_two_processes_killed_and_resumed_equal_uninterrupted(tmp_path, tiny_pair):
+    recipe = make_recipe(tmp_path, tiny_pair, "killed2", train={"steps": 30, "grad_accum": 1},
+                         checkpoint={"every": 2, "keep": 2}, launch={"nproc_per_node": 2})
+    process = _launch_killable(recipe, tmp_path)
+    latest = Path(recipe["output_dir"]) / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not (latest.exists() and latest.read_text().strip() >= "step_00000004"):
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (Path(recipe["output_dir"]) / "final").exists()
+    run_cli(recipe, tmp_path, "--resume")
+    reference = {**recipe, "output_dir": str(tmp_path / "reference2")}
+    run_cli(reference, tmp_path)
+    assert losses(recipe["output_dir"]) == losses(reference["output_dir"])
+    assert_same_weights(weights(recipe["output_dir"]), weights(reference["output_dir"]))
+
+
+def test_baselines_add_their_published_ce_term(tmp_path, tiny_pair):
+    recipe = make_recipe(tmp_path, tiny_pair, "uld", train={"steps": 2, "grad_accum": 1}, loss={"name": "uld"})
+    trainer, result = run_in_process(recipe)
+    assert trainer.ce_weight == 1.0  # ULD's paper: CE + 1.5 * ULD
+    for record in (r for r in result["history"] if "loss" in r):
+        assert record["loss"] == pytest.approx(1.5 * record["uld"] + record["ce_anchor"], rel=1e-5)
+    trainer.use_loss("mined")
+    assert trainer.ce_weight == 0.9 and "mined_mapping" in trainer.loss_extras
+    trainer.use_loss("ce")
+    assert trainer.ce_weight == 0.0  # plain SFT: no second CE term
+    override = make_recipe(tmp_path, tiny_pair, "uld_no_ce", train={"steps": 1, "grad_accum": 1},
+                           loss={"name": "uld", "ce_weight": 0.0})
+    _, result = run_in_process(override)
+    assert "ce_anchor" not in result["history"][-1]
+
+
+def test_optimizer_offload_config_trains_with_deepspeed_cpu_adam(tmp_path, tiny_pair):
+    recipe = make_recipe(tmp_path, tiny_pair, "offload", train={"steps": 3, "grad_accum": 1}, deepspeed=OFFLOAD)
+    trainer, result = run_in_process(recipe)
+    assert type(trainer.engine.optimizer.optimizer).__name__ == "DeepSpeedCPUAdam"
+    history = [r["loss"] for r in result["history"] if "loss" in r]
+    assert len(history) == 3 and all(0 < v < 100 for v in history)
+    before, after = load_file(tiny_pair["donor_model"] / "model.safetensors"), weights(recipe["output_dir"])
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_bf16_autocast_keeps_fp32_weights(tmp_path, tiny_pair):
+    recipe = make_recipe(tmp_path, tiny_pair, "autocast", train={"steps": 3, "grad_accum": 1, "autocast": "bf16"})
+    trainer, result = run_in_process(recipe)
+    assert trainer.ds_config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert all(p.dtype == torch.float32 for p in trainer.engine.module.parameters())
+    assert all(0 < r["loss"] < 100 for r in result["history"] if "loss" in r)
+    assert weights(recipe["output_dir"])["lm_head.weight"].dtype == torch.float32
+    with pytest.raises(TransplantError, match="keeps fp32 weights"):
+        Trainer(load_recipe(data=recipe, overrides=["student.dtype=bfloat16", "output_dir=" + str(tmp_path / "x")]))
 
 
 def test_lora_changes_only_adapted_layers_and_embeddings(tmp_path, tiny_pair):
@@ -190,9 +272,12 @@ def test_embeddings_only_phase_freezes_the_body(tmp_path, tiny_pair):
     before, after = load_file(tiny_pair["donor_model"] / "model.safetensors"), weights(recipe["output_dir"])
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed == {"model.embed_tokens.weight", "lm_head.weight"}
-    recipe = make_recipe(tmp_path, tiny_pair, "emb_then_all", train={"steps": 3, "embeddings_only_steps": 2})
+    recipe = make_recipe(tmp_path, tiny_pair, "emb_then_all", train={"steps": 4, "embeddings_only_steps": 2},
+                         optim={"lr": 3e-3, "warmup_steps": 2, "schedule": "constant"})
     _, result = run_in_process(recipe)
-    assert result["history"][1]["lr_body"] == 0.0 and result["history"][2]["lr_body"] > 0.0
+    # the body warms up again when it starts (no jump to the full rate); the embeddings keep their schedule
+    assert [r["lr_body"] for r in result["history"]] == pytest.approx([0.0, 0.0, 1.5e-3, 3e-3])
+    assert [r["lr_embeddings"] for r in result["history"]] == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-3])
     after = weights(recipe["output_dir"])
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
 

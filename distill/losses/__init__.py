@@ -10,8 +10,10 @@ Every loss is a pure function over tensors with one signature:
     "student_input_ids", "teacher_input_ids", "student_attention_mask", "teacher_attention_mask"
                       optional: default to the alignment's padded ids and masks
     "student_hidden_states", "teacher_hidden_states"  [B, T, D], last layer (ALM hidden-state term)
+    trainable modules what the loss's `modules` hook builds, attached to the student: ALM "hidden_projection"
     per-pair extras   what the loss's `prepare` hook returns, built once per run and merged into every batch:
-                      ALM with debias: "student_word_start_mask", "teacher_word_start_mask"  bool [V]
+                      ALM: "student_boundary_mask", "teacher_boundary_mask"  bool [V] (debias merge/append),
+                      or "student_word_start_mask", "teacher_word_start_mask" (debias whitespace)
                       MinED: "mined_mapping"  long [Vs], student id -> teacher id (-1: none)
 
 Normalisation: a loss returns sum(per-item losses) / num_items, where an item is the unit the loss counts

@@ -6,51 +6,54 @@ models assign a likelihood to the same event: "the text continues with these byt
 chunk likelihoods match the teacher's, which is pure distillation with no next-token target.
 
 Per chunk and side, log L = sum of the log-probs of the chunk's tokens (a scatter-add over the token -> chunk
-index, i.e. the matmul with the one-hot token x chunk matrix). With a = log L_t / tau and b = log L_s / tau, the
-default difference is the binarised cross-entropy between Bernoulli(p_t = e^a) and Bernoulli(p_s = e^b):
+index, i.e. the matmul with the one-hot token x chunk matrix). Chunks become compared *units* by merging and
+debiasing (`distill.losses.units`; default `debias: merge`, the reference's
+"merge_by_space_prob+append_space" with threshold 0.1). With a = log L_t / tau and b = log L_s / tau per unit,
+the default difference is the binarised cross-entropy between Bernoulli(p_t = e^a) and Bernoulli(p_s = e^b):
     -(p_t * b + (1 - p_t) * log(1 - e^b)),
 computed in log space (log1mexp). It is minimal (= the teacher's binary entropy) exactly when the likelihoods
 match; "binary_kl" subtracts that entropy so the minimum is 0; "l1" (registered as `alm-l1`) is |a - b|.
-tau (default 100, the value public ALM configs use) spreads the informative range over low-likelihood chunks:
-at tau = 1 a chunk with likelihood e^-10 would contribute almost nothing.
+tau (default 100, the reference's `binarization_temp`) spreads the informative range over low-likelihood units:
+at tau = 1 a unit with likelihood e^-10 would contribute almost nothing.
 
 Options:
-- `debias`: a chunk's likelihood under a subword model includes every way its last word might continue ("Hell"
-  + "o" vs "Hello"); the two tokenizers spread that mass differently. For chunks that the text follows with
-  whitespace, both sides' likelihoods are multiplied by P(next token starts with a whitespace byte) at the chunk's
-  last position (masks from `distill.chunks.word_start_mask`), turning each into the likelihood of the chunk *as
-  a finished word*. Chunks followed by anything else are left as they are (the event did not happen).
-- `merge_threshold`: greedily merge consecutive valid chunks until the teacher's merged likelihood drops to or
-  below the threshold (chunks of near-certain bytes carry little signal alone); the last group of a row may stay
-  above it. Merging stops at invalid chunks. Computed on CPU from the detached teacher likelihoods (one numpy
-  step per chunk column, vectorised over the batch); debiasing then applies at each group's end.
-- `hidden_weight` > 0 adds MSE between the student's (projected, `hidden_projection`) and the teacher's last
-  hidden states at chunk ends, where both have read exactly the same bytes.
-Items (normaliser) are valid chunks before merging: complete on both sides, with no token at position 0.
+- `debias`: merge (default) | append | whitespace (this project's first version) | none; see `units`.
+  `boundary_threshold` (0.1) is the teacher P(boundary) that closes a merged unit.
+- `merge_threshold`: the older likelihood-based merging (`units.likelihood_units`), only without `merge`.
+- `hidden_weight` > 0 adds the channel-normalised hidden-state term (`distill.losses.hidden`) at chunk ends;
+  `hidden_projection`: auto (a trainable projection when hidden sizes differ) | always | never.
+Items (the normaliser) are valid chunks before merging: complete on both sides, no token at position 0. (The
+reference averages over merged units; the ratio units/chunks is a batch-level constant of the data, so this only
+rescales the loss, and it keeps the count known before the forward, as global normalisation needs.)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
-from distill.chunks import ChunkAlignment, word_start_mask
+from distill.chunks import ChunkAlignment, boundary_mask, word_start_mask
 from distill.losses.common import (
     alm_valid_chunks,
     chunk_sums,
-    fp32,
     log1mexp,
     normalise,
-    pad_vocab,
-    rows_at,
     side,
     token_logprobs,
 )
+from distill.losses.hidden import PROJECTION, hidden_state_term, projection_modules
 from distill.losses.registry import PairContext, keyword_options, register
+from distill.losses.units import (
+    adjacent_to_next,
+    boundary_units,
+    debias_mode,
+    likelihood_units,
+    next_logprob,
+    unit_last_chunk,
+)
 from transplant.errors import TransplantError
 
 DIFFERENCES = ("binary_ce", "binary_kl", "l1")
@@ -58,14 +61,14 @@ DIFFERENCES = ("binary_ce", "binary_kl", "l1")
 
 def chunk_difference(teacher_logl: torch.Tensor, student_logl: torch.Tensor, diff: str = "binary_ce",
                      temperature: float = 100.0, eps: float = 1e-6) -> torch.Tensor:
-    """Elementwise ALM difference between chunk log-likelihoods (see module docstring)."""
+    """Elementwise ALM difference between unit log-likelihoods (see module docstring)."""
     a = (teacher_logl / temperature).clamp(max=0.0)
     b = student_logl / temperature
     if diff == "l1":
         return (a - b).abs()
     if diff not in DIFFERENCES:
         raise TransplantError(f"unknown ALM difference {diff!r}; choose one of: {', '.join(DIFFERENCES)}")
-    # A chunk of probability ~1 has log(1 - p) = -inf; clamping keeps the loss finite (its gradient is then 0).
+    # A unit of probability ~1 has log(1 - p) = -inf; clamping keeps the loss finite (its gradient is then 0).
     b = b.clamp(max=-eps)
     p_t = torch.exp(a)
     cross = -(p_t * b + (1.0 - p_t) * log1mexp(b))
@@ -75,117 +78,110 @@ def chunk_difference(teacher_logl: torch.Tensor, student_logl: torch.Tensor, dif
     return cross + (p_t * a + (1.0 - p_t) * log1mexp(a))
 
 
-def merge_chunks(teacher_logl: torch.Tensor, valid: torch.Tensor, log_threshold: float) -> torch.Tensor:
-    """Long [B, C]: merged-group id of each chunk (-1 for invalid ones); ids are 0.. per row in order."""
-    logl = teacher_logl.detach().float().cpu().numpy()
-    ok = valid.cpu().numpy()
-    batch, n = ok.shape
-    group = np.full((batch, n), -1, dtype=np.int64)
-    acc, is_open, current = np.zeros(batch), np.zeros(batch, bool), np.full(batch, -1, dtype=np.int64)
-    for col in range(n):
-        here = ok[:, col]
-        current += here & ~is_open
-        group[:, col] = np.where(here, current, -1)
-        acc = np.where(is_open, acc, 0.0) + np.where(here, logl[:, col], 0.0)
-        is_open = here & (acc > log_threshold)
-    return torch.from_numpy(group).to(teacher_logl.device)
-
-
-def _word_start_logprob(logits: torch.Tensor, positions: torch.Tensor, needed: torch.Tensor,
-                        word_start: torch.Tensor) -> torch.Tensor:
-    """[B, U]: log P(next token in word_start) from the logits at `positions`, 0 where not `needed`."""
-    rows = fp32(rows_at(logits, positions, needed))
-    mask = pad_vocab(word_start.to(rows.device, torch.bool), rows.shape[-1], False)
-    logp = torch.logsumexp(rows.masked_fill(~mask, float("-inf")), -1) - torch.logsumexp(rows, -1)
-    out = torch.zeros(needed.shape, dtype=logp.dtype, device=logp.device)
-    return out.index_put(torch.nonzero(needed, as_tuple=True), logp)
-
-
-def _hidden_mse(batch: Mapping[str, Any], alignment: ChunkAlignment, valid: torch.Tensor,
-                projection: Callable | None) -> torch.Tensor:
-    student = rows_at(batch["student_hidden_states"], alignment.student_chunk_last, valid)
-    teacher = rows_at(batch["teacher_hidden_states"].detach(), alignment.teacher_chunk_last, valid)
-    if projection is not None:
-        student = projection(student)
-    if student.shape[-1] != teacher.shape[-1]:
-        raise TransplantError(f"hidden sizes differ (student {student.shape[-1]}, teacher {teacher.shape[-1]}); "
-                              "pass hidden_projection=torch.nn.Linear(student_dim, teacher_dim)")
-    return ((fp32(student) - fp32(teacher)) ** 2).mean(-1).sum()
-
-
 def count_alm_items(batch: Mapping[str, Any]) -> int:
     return int(alm_valid_chunks(batch["alignment"]).sum())
 
 
 def prepare_alm(ctx: PairContext) -> dict[str, torch.Tensor]:
-    """Both vocabularies' word-start masks when `debias` is on (vocab-sized: built once, not per batch)."""
-    if not ctx.options.get("debias"):
-        return {}
-    return {"teacher_word_start_mask": word_start_mask(ctx.teacher_vocab),
-            "student_word_start_mask": word_start_mask(ctx.student_vocab)}
+    """Both vocabularies' event masks for the debias mode (vocab-sized: built once, not per batch)."""
+    mode = debias_mode(ctx.options.get("debias", "merge"))
+    if mode in ("merge", "append"):
+        return {"teacher_boundary_mask": boundary_mask(ctx.teacher_vocab),
+                "student_boundary_mask": boundary_mask(ctx.student_vocab)}
+    if mode == "whitespace":
+        return {"teacher_word_start_mask": word_start_mask(ctx.teacher_vocab),
+                "student_word_start_mask": word_start_mask(ctx.student_vocab)}
+    return {}
 
 
 def alm_reads_hidden_states(options: Mapping[str, Any]) -> bool:
     return bool(options.get("hidden_weight"))
 
 
-ALM_SUMMED = ("alm", "hidden_mse", "num_units")  # chunk_logl_gap and teacher_chunk_logl are per-unit averages
+def _units(mode: str, batch: Mapping[str, Any], alignment: ChunkAlignment, valid: torch.Tensor,
+           t_logl: torch.Tensor, boundary_threshold: float,
+           merge_threshold: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(unit id per chunk [B, C], teacher and student log P(event) to append per unit [B, C])."""
+    n = valid.shape[1]
+    teacher_logits = batch["teacher_logits"].detach()
+    if mode in ("merge", "append"):
+        t_event, s_event = batch["teacher_boundary_mask"], batch["student_boundary_mask"]
+        if mode == "merge":
+            t_chunk_logb = next_logprob(teacher_logits, alignment.teacher_chunk_last, valid, t_event)
+            units = boundary_units(valid, t_chunk_logb, adjacent_to_next(alignment), boundary_threshold)
+        else:
+            units = torch.where(valid, torch.arange(n, device=valid.device).expand_as(valid), -1)
+        needed = chunk_sums(valid.to(t_logl.dtype), units, n) > 0
+    else:
+        units = torch.where(valid, torch.arange(n, device=valid.device).expand_as(valid), -1)
+        if merge_threshold is not None:
+            units = likelihood_units(t_logl, valid, math.log(merge_threshold))
+        unit_valid = chunk_sums(valid.to(t_logl.dtype), units, n) > 0
+        if mode == "none":
+            zero = torch.zeros_like(t_logl)
+            return units, zero, zero
+        t_event, s_event = batch["teacher_word_start_mask"], batch["student_word_start_mask"]
+        needed = unit_valid & alignment.chunk_followed_by_whitespace.gather(1, unit_last_chunk(units))
+    last = unit_last_chunk(units)
+    if mode == "merge":  # the teacher's side was computed for every chunk to merge: read it at unit ends
+        t_append = torch.where(needed, t_chunk_logb.gather(1, last), 0.0)
+    else:
+        t_append = next_logprob(teacher_logits, alignment.teacher_chunk_last.gather(1, last), needed, t_event)
+    s_append = next_logprob(batch["student_logits"], alignment.student_chunk_last.gather(1, last), needed, s_event)
+    return units, t_append, s_append
 
 
-@register("alm", count_items=count_alm_items, sum_metrics=ALM_SUMMED, prepare=prepare_alm,
-          needs_hidden=alm_reads_hidden_states)
+@register("alm", count_items=count_alm_items, sum_metrics=("alm", "hidden_mse", "num_units"), prepare=prepare_alm,
+          needs_hidden=alm_reads_hidden_states, modules=projection_modules)
 def alm_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
-             temperature: float = 100.0, diff: str = "binary_ce", debias: bool = False,
-             merge_threshold: float | None = None, hidden_weight: float = 0.0,
-             hidden_projection: Callable | None = None, eps: float = 1e-6,
+             temperature: float = 100.0, diff: str = "binary_ce", debias: str | bool = "merge",
+             boundary_threshold: float = 0.1, merge_threshold: float | None = None, hidden_weight: float = 0.0,
+             hidden_projection: str = "auto", eps: float = 1e-6,
              upcast: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """ALM over aligned chunks (module docstring). Reads logits, ids, `alignment`; optional word-start masks
-    (debias) and hidden states (hidden_weight > 0)."""
+    """ALM over aligned units (module docstring). Reads logits, ids, `alignment`; the event masks of the debias
+    mode (from `prepare_alm`); hidden states and the `hidden_projection` module when hidden_weight > 0."""
+    mode = debias_mode(debias)
+    if merge_threshold is not None and mode == "merge":
+        raise TransplantError("loss.options.alm.merge_threshold (likelihood merging) does not combine with "
+                              "debias=merge (boundary merging); drop one of them")
     alignment: ChunkAlignment = batch["alignment"]
     n = alignment.num_chunks
-    teacher_logits = batch["teacher_logits"].detach()
-    t_logp = token_logprobs(teacher_logits, side(batch, "teacher", "input_ids"), upcast)
+    t_logp = token_logprobs(batch["teacher_logits"].detach(), side(batch, "teacher", "input_ids"), upcast)
     s_logp = token_logprobs(batch["student_logits"], side(batch, "student", "input_ids"), upcast)
     t_logl = chunk_sums(t_logp, alignment.teacher_chunk_index, n)
     s_logl = chunk_sums(s_logp, alignment.student_chunk_index, n)
     valid = alm_valid_chunks(alignment)
     count = valid.sum()
 
-    unit_valid, unit_last = valid, torch.arange(n, device=valid.device).expand_as(valid).contiguous()
-    if merge_threshold is not None:
-        group = merge_chunks(t_logl, valid, math.log(merge_threshold))
-        t_logl, s_logl = chunk_sums(t_logl, group, n), chunk_sums(s_logl, group, n)
-        unit_valid = chunk_sums(valid.float(), group, n) > 0
-        slot = torch.where(group < 0, n, group)
-        unit_last = torch.zeros(valid.shape[0], n + 1, dtype=torch.long, device=valid.device).scatter_reduce(
-            1, slot, unit_last, "amax")[:, :n]
-    if debias:
-        needed = unit_valid & alignment.chunk_followed_by_whitespace.gather(1, unit_last)
-        t_logl = t_logl + _word_start_logprob(teacher_logits, alignment.teacher_chunk_last.gather(1, unit_last),
-                                              needed, batch["teacher_word_start_mask"])
-        s_logl = s_logl + _word_start_logprob(batch["student_logits"],
-                                              alignment.student_chunk_last.gather(1, unit_last), needed,
-                                              batch["student_word_start_mask"])
+    units, t_append, s_append = _units(mode, batch, alignment, valid, t_logl, boundary_threshold, merge_threshold)
+    unit_valid = chunk_sums(valid.to(t_logl.dtype), units, n) > 0
+    t_unit = chunk_sums(t_logl, units, n) + t_append
+    s_unit = chunk_sums(s_logl, units, n) + s_append
 
-    per_unit = chunk_difference(t_logl, s_logl, diff, temperature, eps)
+    per_unit = chunk_difference(t_unit, s_unit, diff, temperature, eps)
     alm_term = normalise((per_unit * unit_valid).sum(), count, num_items)
     loss = alm_term
     with torch.no_grad():
-        units = unit_valid.sum().clamp(min=1)
-        metrics = {"alm": alm_term.detach(), "num_items_local": count.detach(), "num_units": unit_valid.sum(),
-                   "chunk_logl_gap": ((t_logl - s_logl).abs() * unit_valid).sum() / units,
-                   "teacher_chunk_logl": (t_logl * unit_valid).sum() / units}
+        n_units = unit_valid.sum()
+        metrics = {"alm": alm_term.detach(), "num_items_local": count.detach(), "num_units": n_units,
+                   "chunk_logl_gap": ((t_unit - s_unit).abs() * unit_valid).sum() / n_units.clamp(min=1),
+                   "teacher_chunk_logl": (t_unit * unit_valid).sum() / n_units.clamp(min=1)}
     if hidden_weight:
-        hidden = normalise(_hidden_mse(batch, alignment, valid, hidden_projection), count, num_items)
+        hidden = normalise(hidden_state_term(batch, alignment, valid), count, num_items)
         loss = loss + hidden_weight * hidden
         metrics["hidden_mse"] = hidden.detach()
     metrics["loss"] = loss.detach()
     return loss, metrics
 
 
-@register("alm-l1", count_items=count_alm_items, sum_metrics=ALM_SUMMED, prepare=prepare_alm,
-          needs_hidden=alm_reads_hidden_states, options=[o for o in keyword_options(alm_loss) if o != "diff"])
+@register("alm-l1", count_items=count_alm_items, sum_metrics=("alm", "hidden_mse", "num_units"),
+          prepare=prepare_alm, needs_hidden=alm_reads_hidden_states, modules=projection_modules,
+          options=[o for o in keyword_options(alm_loss) if o != "diff"])
 def alm_l1_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
                 **options: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """ALM with |log L_t - log L_s| / tau: no saturation for very likely or very unlikely chunks."""
+    """ALM with |log L_t - log L_s| / tau: no saturation for very likely or very unlikely units."""
     return alm_loss(batch, num_items=num_items, diff="l1", **options)
+
+
+__all__ = ["DIFFERENCES", "PROJECTION", "alm_l1_loss", "alm_loss", "chunk_difference", "count_alm_items",
+           "prepare_alm"]

@@ -6,6 +6,12 @@ student tokens without a partner get 0) and the student is trained with KL(q || 
 (chunk ends, where both have read the same bytes). Unlike ULD it says *which* token to predict, at the price of a
 heuristic token correspondence.
 
+Settings as published (FuseLLM, Wan et al. 2024, section 4.1): L = lambda * L_CLM + (1 - lambda) * L_Fusion with
+lambda = 0.9, temperature 1: the student's own next-token CE weighted 0.9 (this loss's registered `ce_weight`,
+added by the trainer unless the recipe sets `loss.ce_weight`) and this term weighted `weight` = 0.1. L_Fusion
+there is the cross-entropy to the projected teacher distribution, i.e. this KL plus the teacher's entropy (a
+constant: same gradients).
+
 The mapping (`mined_mapping`): exact byte matches first (a dictionary join; specials join on role or literal
 text), then, for the remaining student tokens, an exact Levenshtein distance over a candidate set instead of the
 whole teacher vocabulary (49k x 262k pairs would be ~10^10 DP tables):
@@ -158,10 +164,16 @@ def prepare_mined(ctx: PairContext) -> dict[str, torch.Tensor]:
     return {"mined_mapping": mined_mapping(ctx.student_vocab, ctx.teacher_vocab)}
 
 
-@register("mined", count_items=count_chunk_items, sum_metrics=("mined",), prepare=prepare_mined)
+MINED_WEIGHT = 0.1  # 1 - lambda of FuseLLM
+MINED_CE_WEIGHT = 0.9  # lambda
+
+
+@register("mined", count_items=count_chunk_items, sum_metrics=("mined",), prepare=prepare_mined,
+          ce_weight=MINED_CE_WEIGHT)
 def mined_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
-               temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """KL(teacher projected onto the student vocab || student) at chunk ends; needs batch["mined_mapping"]."""
+               temperature: float = 1.0, weight: float = MINED_WEIGHT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`weight` x KL(teacher projected onto the student vocab || student) at chunk ends (metric "mined": the
+    unweighted term); needs batch["mined_mapping"]."""
     alignment = batch["alignment"]
     valid = alignment.chunk_mask
     teacher = fp32(rows_at(batch["teacher_logits"].detach(), alignment.teacher_chunk_last, valid))
@@ -175,5 +187,6 @@ def mined_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | No
     q = projected.exp()
     kl = torch.where(q > 0, q * (projected - student_logp), torch.zeros_like(q)).sum()
     count = valid.sum()
-    loss = normalise(kl, count, num_items)
-    return loss, {"loss": loss.detach(), "mined": loss.detach(), "num_items_local": count.detach()}
+    term = normalise(kl, count, num_items)
+    loss = weight * term
+    return loss, {"loss": loss.detach(), "mined": term.detach(), "num_items_local": count.detach()}

@@ -1,8 +1,10 @@
 """The loss registry: each loss registers its function with everything the trainer must know about it.
 
 The trainer names no loss. Whether a loss needs the teacher's forward, which of its metrics add up across
-micro-batches and ranks, which options it takes, whether it reads hidden states and which per-pair tables it
-needs (MinED's vocabulary map, ALM's debias masks) are all declared here, next to the loss, by `register`.
+micro-batches and ranks, which options it takes, whether it reads hidden states, which per-pair tables it
+needs (MinED's vocabulary map, ALM's boundary masks), which trainable modules it adds (ALM's hidden-state
+projection) and with what weight its published recipe adds the student's own CE (ULD, MinED) are all
+declared here, next to the loss, by `register`.
 A new loss is therefore one new module with one `@register(...)` (plus its import in `distill/losses/__init__`).
 """
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from transplant.errors import TransplantError
 from transplant.tokenizers.vocab import Vocab
@@ -36,6 +39,8 @@ class PairContext:
     student_vocab: Vocab
     teacher_vocab: Vocab
     options: Mapping[str, Any]  # the loss's own block of `loss.options`, already checked
+    student_hidden_size: int | None = None  # known once the models are loaded (for `modules`)
+    teacher_hidden_size: int | None = None
 
 
 def _no_extras(ctx: PairContext) -> dict[str, Any]:
@@ -44,6 +49,10 @@ def _no_extras(ctx: PairContext) -> dict[str, Any]:
 
 def _no_hidden_states(options: Mapping[str, Any]) -> bool:
     return False
+
+
+def _no_modules(ctx: PairContext) -> dict[str, nn.Module]:
+    return {}
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,11 @@ class LossSpec:
     - `needs_hidden(options) -> bool`: whether, with these options, the loss reads "student_hidden_states" and
       "teacher_hidden_states" (the forwards then return them).
     - `options`: names of the options the loss takes (`loss.options.<name>.<option>`); None: not checked.
+    - `modules(ctx) -> dict[str, nn.Module]`: trainable modules the loss owns (a projection head). The trainer
+      attaches them to the student (so the optimizer, ZeRO and checkpoints see them; the export drops them)
+      and hands each to the loss as `batch[name]`.
+    - `ce_weight`: the weight of the student's own next-token CE (the `ANCHOR_LOSS`) that the loss's published
+      recipe adds; `loss.ce_weight` in a recipe overrides it.
     """
 
     name: str
@@ -71,6 +85,8 @@ class LossSpec:
     prepare: Callable[[PairContext], dict[str, Any]] = _no_extras
     needs_hidden: Callable[[Mapping[str, Any]], bool] = _no_hidden_states
     options: tuple[str, ...] | None = None
+    modules: Callable[[PairContext], dict[str, nn.Module]] = _no_modules
+    ce_weight: float = 0.0
 
     def __call__(self, batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
                  **options: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -98,7 +114,9 @@ def keyword_options(fn: Callable) -> tuple[str, ...] | None:
 def register(name: str, *, count_items: Callable[[Mapping[str, Any]], int], needs_teacher: bool = True,
              sum_metrics: Iterable[str] = (), prepare: Callable[[PairContext], dict[str, Any]] | None = None,
              needs_hidden: Callable[[Mapping[str, Any]], bool] | None = None,
-             options: Iterable[str] | None = None) -> Callable[[LossFn], LossFn]:
+             options: Iterable[str] | None = None,
+             modules: Callable[[PairContext], dict[str, nn.Module]] | None = None,
+             ce_weight: float = 0.0) -> Callable[[LossFn], LossFn]:
     """Register `fn(batch, *, num_items=None, **options) -> (loss, metrics)` as loss `name` (fields: `LossSpec`).
 
     `options` defaults to `fn`'s keyword-only parameters. A second loss of the same name is an error: two
@@ -113,7 +131,8 @@ def register(name: str, *, count_items: Callable[[Mapping[str, Any]], int], need
             name=name, fn=fn, count_items=count_items, needs_teacher=needs_teacher,
             sum_metrics=ALWAYS_SUMMED | frozenset(sum_metrics), prepare=prepare or _no_extras,
             needs_hidden=needs_hidden or _no_hidden_states,
-            options=keyword_options(fn) if options is None else tuple(options))
+            options=keyword_options(fn) if options is None else tuple(options),
+            modules=modules or _no_modules, ce_weight=float(ce_weight))
         return fn
 
     return wrap

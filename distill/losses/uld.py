@@ -7,7 +7,13 @@ distributions under the rank-matching the original paper uses. It matches confid
 token is predicted, so it is a weak but tokenizer-agnostic baseline.
 
 Positions: the last token of every chunk on each side. There both models have read exactly the same bytes and
-predict what follows, so the two distributions are about the same event. Items are valid chunks.
+predict what follows, so the two distributions are about the same event. Items are valid chunks. (The paper
+pairs positions by index within the answer, truncating the longer side; byte-aligned chunk ends are the same
+idea without the drift that index pairing accumulates when the tokenizers split differently.)
+
+Settings as published (Boizard et al., the `llm-recipes` distillation config): L = 1.0 * CE + 1.5 * ULD, both
+temperatures 1. The CE term is the student's own next-token loss, which the trainer adds with this loss's
+registered `ce_weight` (1.0) unless the recipe sets `loss.ce_weight`; `weight` (1.5) scales the ULD term.
 """
 
 from __future__ import annotations
@@ -32,11 +38,17 @@ def count_chunk_items(batch: Mapping[str, Any]) -> int:
     return int(batch["alignment"].chunk_mask.sum())
 
 
-@register("uld", count_items=count_chunk_items, sum_metrics=("uld",))
+ULD_WEIGHT = 1.5  # the paper's lambda (distil_factor); CE weight 1.0 (cross_entropy_factor)
+ULD_CE_WEIGHT = 1.0
+
+
+@register("uld", count_items=count_chunk_items, sum_metrics=("uld",), ce_weight=ULD_CE_WEIGHT)
 def uld_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
-             temperature: float = 1.0, top_k: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L1 between sorted probability vectors at chunk ends. `top_k` keeps the k largest probabilities per side
-    (sorting a 262k vocab per position is the cost; the tail carries little mass)."""
+             temperature: float = 1.0, top_k: int | None = None,
+             weight: float = ULD_WEIGHT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`weight` x L1 between sorted probability vectors at chunk ends (metric "uld": the unweighted term).
+    `top_k` keeps the k largest probabilities per side (sorting a 262k vocab per position is the cost; the tail
+    carries little mass)."""
     alignment = batch["alignment"]
     valid = alignment.chunk_mask
     teacher = sorted_probs(rows_at(batch["teacher_logits"].detach(), alignment.teacher_chunk_last, valid),
@@ -46,5 +58,6 @@ def uld_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None
     teacher = torch.nn.functional.pad(teacher, (0, width - teacher.shape[-1]))
     student = torch.nn.functional.pad(student, (0, width - student.shape[-1]))
     count = valid.sum()
-    loss = normalise((teacher - student).abs().sum(), count, num_items)
-    return loss, {"loss": loss.detach(), "uld": loss.detach(), "num_items_local": count.detach()}
+    term = normalise((teacher - student).abs().sum(), count, num_items)
+    loss = weight * term
+    return loss, {"loss": loss.detach(), "uld": term.detach(), "num_items_local": count.detach()}
