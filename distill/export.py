@@ -3,6 +3,7 @@
 Under ZeRO-3 every rank holds a slice of each weight, so the full 16-bit state dict is gathered onto rank 0
 (a collective: every rank must call `gather_state_dict`). LoRA adapters are merged into their weights and tied
 output embeddings are written once, so `AutoModelForCausalLM.from_pretrained(dir)` loads it with no extras.
+Weights go through the project's streaming safetensors writer (one tensor at a time, OS errors as one line).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from distill.lora import lora_scales, merge_lora_state_dict
+from transplant.io import safetensors
+from transplant.io.atomic import atomic_output, check_output
 from transplant.tokenizers.files import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
@@ -43,47 +45,28 @@ def _output_key(model: torch.nn.Module) -> str | None:
     return None
 
 
-def _shards(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    shards, current, size = [], {}, 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor.contiguous()
-        size += nbytes
-    return shards + [current] if current else shards
+def _planned(state: dict[str, torch.Tensor]) -> list[safetensors.PlannedTensor]:
+    return [safetensors.plan_tensor(name, lambda t=tensor: t, tensor.dtype, tuple(tensor.shape))
+            for name, tensor in state.items()]
 
 
 def write_hf_dir(model: torch.nn.Module, state: dict[str, torch.Tensor], tokenizer_dir: Path, out_dir: Path,
                  dtype: torch.dtype) -> Path:
-    """Write `state` (+ config, generation config, tokenizer files) to `out_dir`, atomically."""
+    """Write `state` (+ config, generation config, tokenizer files) to `out_dir`, atomically.
+
+    Through `transplant.io.atomic`: an existing `out_dir` is replaced only if it is an earlier export (or
+    empty), never the student's own folder; a full disk or SIGTERM leaves nothing behind. Call
+    `check_export_dir` at start-up so a bad `export.dir` fails before training, not after it."""
     state = merge_lora_state_dict(state, lora_scales(model))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     output_key = _output_key(model)
     if tied and output_key in state:
         del state[output_key]
     state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        shards = _shards(state)
-        metadata = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata=metadata)
-        else:
-            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-            weight_map = {}
-            for name, shard in zip(names, shards):
-                save_file(shard, tmp / name, metadata=metadata)
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    planned = _planned(state)
+    with atomic_output(out_dir, overwrite=True, protected=[tokenizer_dir], kind="distill-export",
+                       estimate_bytes=sum(t.nbytes for t in planned)) as tmp:
+        safetensors.write_shards(tmp, safetensors.split_into_shards(planned, SHARD_BYTES), {"format": "pt"})
         config = model.config.to_dict()
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
@@ -93,17 +76,10 @@ def write_hf_dir(model: torch.nn.Module, state: dict[str, torch.Tensor], tokeniz
             for path in Path(tokenizer_dir).glob(pattern):
                 if path.is_file():
                     shutil.copy2(path, tmp / path.name)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s (%d tensors, %s)", out_dir, len(state), dtype)
-    return out_dir
+    return Path(out_dir)
+
+
+def check_export_dir(out_dir: Path, protected: list[Path], estimate_bytes: int = 0) -> Path:
+    """Fail at start-up, with one line, if the export could not be written at the end of training."""
+    return check_output(out_dir, overwrite=True, protected=protected, estimate_bytes=estimate_bytes)

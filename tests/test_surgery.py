@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from transplant.errors import TransplantError
-from transplant.io import safetensors, surgery
+from transplant.io import atomic, safetensors
 from transplant.io.surgery import read_embeddings, write_transplanted
 
 HIDDEN, BASE_VOCAB, NEW_VOCAB = 32, 100, 137
@@ -199,21 +199,33 @@ def test_fallback_finds_embedding_by_vocab_rows(tmp_path):
     assert emb.input_name == "my_token_table.weight" and emb.tied
 
 
-def test_existing_output_needs_overwrite(bases, tmp_path):
+def test_existing_output_needs_overwrite_and_only_replaces_our_own(bases, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
     with pytest.raises(TransplantError, match="--overwrite"):
         transplant(bases["tied"], out)
-    assert (out / "keep.txt").exists() and no_leftovers(tmp_path)
+    with pytest.raises(TransplantError, match="not written by tokentransplant"):
+        transplant(bases["tied"], out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "old" and no_leftovers(tmp_path)
+    (out / "keep.txt").unlink()  # an empty folder may be replaced, and so may an earlier output
     transplant(bases["tied"], out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists() and no_leftovers(tmp_path)
+    first = json.loads((out / atomic.MARKER).read_text())
+    assert "model.safetensors" in first["files"] and "config.json" in first["files"]
+    transplant(bases["tied"], out, overwrite=True, seed=2)
+    assert (out / "config.json").exists() and no_leftovers(tmp_path)
+    (out / "notes.md").write_text("mine")  # the user added a file: the output is no longer only ours
+    with pytest.raises(TransplantError, match=r"did not write \(notes.md\)"):
+        transplant(bases["tied"], out, overwrite=True)
+    assert (out / "notes.md").exists()
 
 
 def test_output_may_not_replace_base(bases, tmp_path):
     base = shutil.copytree(bases["tied"], tmp_path / "base")
-    with pytest.raises(TransplantError, match="base model"):
+    with pytest.raises(TransplantError, match="is an input of this run"):
         transplant(base, base, overwrite=True)
+    with pytest.raises(TransplantError, match="contains an input of this run"):
+        transplant(base, tmp_path, overwrite=True)
     assert (base / "model.safetensors").exists()
 
 
@@ -240,7 +252,7 @@ def test_permission_denied_on_parent(bases, tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(surgery.tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(atomic.os, "mkdir", denied)
     with pytest.raises(TransplantError, match="cannot write into .*Permission denied.*--output"):
         transplant(bases["tied"], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

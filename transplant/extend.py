@@ -21,6 +21,8 @@ from typing import Any
 
 from transplant.assets import load_vocab
 from transplant.errors import TransplantError
+from transplant.io.atomic import check_output
+from transplant.io.surgery import estimate_output_bytes
 from transplant.tokenizers.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -162,11 +164,17 @@ def extend_vocab(model: str | Path, tokenizer: str | Path | None = None, *, new_
                  corpus: str | list[str] | None = None, n: int | None = None, method: str = "fvt",
                  output: str | Path | None = None, overwrite: bool = False,
                  eval_texts: dict[str, str] | None = None, options: dict[str, Any] | None = None):
-    """Add tokens (given, or the n most useful ones learned from `corpus`) and save a loadable model dir."""
+    """Add tokens (given, or the n most useful ones learned from `corpus`) and save a loadable model dir.
+
+    The output is checked (writable, free space, `overwrite` only over an earlier output, never the model
+    itself) before any merge is learned, and written atomically by the surgery."""
     from transplant.assets.sources import resolve_source
     from transplant.pipeline import transplant
 
     source = resolve_source(model, need_model=True)
+    inputs = [source.model_dir, *([Path(tokenizer)] if tokenizer and Path(tokenizer).exists() else [])]
+    if output:  # before learning merges from a large corpus; the default name needs the count learned
+        check_output(output, overwrite=overwrite, protected=inputs)
     base_vocab = load_vocab(tokenizer or source.tokenizer_spec)
     texts = [corpus] if isinstance(corpus, str) else corpus
     extended, added = extend_tokenizer(base_vocab, new_tokens=new_tokens, corpus=texts, n=n)
@@ -174,6 +182,8 @@ def extend_vocab(model: str | Path, tokenizer: str | Path | None = None, *, new_
         raise TransplantError("no tokens to add: every requested token already exists (or the corpus repeats nothing)")
     log.info("adding %d tokens", len(added))
     output = Path(output) if output else Path("out") / f"{Path(str(model)).name}-extended-{len(added)}"
+    check_output(output, overwrite=overwrite, protected=inputs,
+                 estimate_bytes=estimate_output_bytes(source.model_dir, len(extended)))
     with tempfile.TemporaryDirectory() as tmp:
         extended.save(tmp)
         result = transplant(source.model_dir, tmp, method=method, output=output, overwrite=overwrite,

@@ -20,11 +20,13 @@ from transplant.assets import load_vocab
 from transplant.assets.sources import resolve_source
 from transplant.dtypes import parse_dtype
 from transplant.errors import TransplantError
+from transplant.eval.bpb import heldout_fidelity
 from transplant.eval.report import build_report, render_plot, write_report
 from transplant.init.base import InitContext, InitPlan, build_embedding
 from transplant.init.numbers import compose_number_rows, digit_report
 from transplant.init.registry import available_methods, get_initializer, needs_donor, parse_options
 from transplant.io import surgery
+from transplant.io.atomic import check_output
 from transplant.tokenizers.align import align, shared_token_fraction
 from transplant.tokenizers.vocab import Vocab
 
@@ -107,11 +109,16 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
             "pass a donor model or use --method fvt"
         )
     output = Path(output) if output else Path("out") / f"{Path(str(base)).name}--{Path(str(donor)).name}-{method}"
-    if output.exists() and not overwrite:
-        raise TransplantError(f"output {output} already exists; pass --overwrite or choose another --output")
+    inputs = [p for p in (base_src.model_dir, donor_src.model_dir, Path(str(donor_src.tokenizer_spec)))
+              if p and p.exists()]  # never overwritten, nor any folder holding them
+    check_output(output, overwrite=overwrite, protected=inputs)  # fail before loading or solving anything
 
     base_vocab = load_vocab(base_src.tokenizer_spec)
     new_vocab = load_vocab(donor_src.tokenizer_spec)
+    if len(new_vocab) == 0:
+        raise TransplantError(f"donor tokenizer {donor} has an empty vocabulary; pass a tokenizer that has tokens")
+    check_output(output, overwrite=overwrite, protected=inputs,
+                 estimate_bytes=surgery.estimate_output_bytes(base_src.model_dir, len(new_vocab), dtype=torch_dtype))
     alignment = align(base_vocab, new_vocab)
     base_emb = surgery.read_embeddings(base_src.model_dir)
     if base_emb.input.shape[0] < len(base_vocab):
@@ -137,6 +144,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     sample = next(iter((eval_texts or {}).values()), None)
     if sample:
         stats["shared_token_fraction_on_sample"] = round(shared_token_fraction(alignment, new_vocab, sample), 4)
+    comparable = heldout_fidelity(stats, eval_texts or {}, base_vocab.tokenizer, new_vocab.tokenizer)
     card = model_card(str(base), str(donor), method, stats, options)
     result = TransplantResult(output, method, stats, 0.0, extra={"notes": plan.notes})
 
@@ -147,13 +155,14 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         if eval_texts:
             from transplant.eval.bpb import model_bits_per_byte
 
-            for name, text in eval_texts.items():
+            measured = {n: t for n, t in eval_texts.items() if n in comparable}  # a lossy tokenizer is not scored
+            for name, text in measured.items():
                 bpb[name] = {"before": model_bits_per_byte(base_src.model_dir, text, device=device),
                              "after": model_bits_per_byte(model_dir, text, device=device)}
-            total_bytes = sum(len(t.encode()) for t in eval_texts.values())
+            total_bytes = sum(len(t.encode()) for t in measured.values())
             for key, attr in (("before", "bpb_before"), ("after", "bpb_after")):
-                weighted = sum(bpb[n][key] * len(t.encode()) for n, t in eval_texts.items()) / total_bytes
-                setattr(result, attr, weighted)
+                if total_bytes:
+                    setattr(result, attr, sum(bpb[n][key] * len(t.encode()) for n, t in measured.items()) / total_bytes)
         report = build_report(base=str(base), donor=str(donor), method=method, stats=stats, plan=plan,
                               base_vocab=base_vocab, new_vocab=new_vocab, new_ids=alignment.unshared_new_ids.tolist(),
                               seconds=result.seconds, bpb=bpb, options=options)
@@ -164,6 +173,6 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         base_src.model_dir, output, new_input=new_input.cpu(), new_output=None if new_output is None else new_output.cpu(),
         save_tokenizer=new_vocab.save, special_ids=_special_ids(new_vocab), model_card=card,
         dtype=torch_dtype, pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite,
-        before_commit=evaluate_and_report,
+        before_commit=evaluate_and_report, protected=inputs,
     )
     return result

@@ -145,6 +145,9 @@ def convert_gguf(gguf_path: Path, dest: Path, *, tokenizer_fixes: tuple[str, ...
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from transplant.tokenizers.gguf_header import check_gguf
+
+    check_gguf(gguf_path)  # every length in the header fits the file, before transformers' reader trusts one
     start = time.perf_counter()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))

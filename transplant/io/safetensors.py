@@ -74,8 +74,79 @@ def _corrupt(path: Path, reason: str) -> TransplantError:
     )
 
 
+# Bits per element of every dtype in the format's spec (torch lacks some; they are copied through as raw bytes).
+CODE_BITS: dict[str, int] = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64,
+    "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def _parse_header_json(path: Path, raw: bytes) -> dict:
+    """JSON with the failure modes of a hostile header turned into one-line errors (deep nesting included)."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except RecursionError as exc:
+        raise _corrupt(path, "header JSON is nested too deeply") from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _corrupt(path, f"header is not valid JSON: {str(exc).splitlines()[0][:120]}") from exc
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    return header
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_fields(path: Path, name: str, info: object) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype code, shape, begin, end) of one header entry, every field type- and size-checked."""
+    if not isinstance(info, dict) or set(info) != ENTRY_KEYS:
+        raise _corrupt(path, f"entry {name!r} must have exactly dtype, shape and data_offsets")
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(code, str) or code not in CODE_BITS:
+        raise _corrupt(path, f"tensor {name!r} has unknown dtype {str(code)[:20]!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise _corrupt(path, f"tensor {name!r} has a bad shape")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets):
+        raise _corrupt(path, f"tensor {name!r} has bad data_offsets")
+    begin, end = offsets
+    bits = math.prod(shape) * CODE_BITS[code]
+    if begin > end or bits % 8 or bits // 8 != end - begin:
+        raise _corrupt(path, f"tensor {name!r} has {end - begin} bytes for shape {shape} {code}")
+    return code, tuple(shape), begin, end
+
+
+def _check_layout(path: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """Tensors must tile the data section exactly: no overlap (two tensors sharing bytes), no gap, no tail."""
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            raise _corrupt(path, f"tensor {name!r} overlaps the bytes of another tensor")
+        if begin > position:
+            raise _corrupt(path, f"bytes {position}..{begin} of the data belong to no tensor")
+        position = end
+    if position != data_size:
+        reason = "truncated?" if position > data_size else "trailing bytes belong to no tensor"
+        raise _corrupt(path, f"tensors cover {position} of {data_size} data bytes ({reason})")
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Parse and validate one file's header; every range is checked against the file size (truncation)."""
+    """Parse and validate one file's header before a byte of it is used.
+
+    Checked, as the reference implementation does, plus what a hand-made file can get wrong: the header fits
+    the file, is JSON without duplicate keys or runaway nesting, every entry has a known dtype, a shape of
+    counts and offsets whose size equals dtype x shape, and the tensors tile the data section exactly (an
+    overlap would silently give two weights the same bytes; a gap or tail means a damaged or hand-edited file).
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -88,27 +159,16 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             raw = fh.read(header_len)
     except OSError as exc:
         raise TransplantError(f"cannot read {path} ({exc.strerror or exc}); check the path and permissions") from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(path, f"header is not JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise _corrupt(path, "header is not a JSON object")
+    header = _parse_header_json(path, raw)
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(path, "__metadata__ must map strings to strings")
     data_start = 8 + header_len
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
-        try:
-            code = str(info["dtype"])
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _corrupt(path, f"bad header entry for {name!r}") from exc
-        if not 0 <= begin <= end or data_start + end > size:
-            raise _corrupt(path, f"tensor {name!r} lies outside the file (truncated?)")
-        if code in CODE_ITEMSIZE and math.prod(shape) * CODE_ITEMSIZE[code] != end - begin:
-            raise _corrupt(path, f"tensor {name!r} has {end - begin} bytes for shape {list(shape)} {code}")
+        code, shape, begin, end = _entry_fields(path, name, info)
         entries[name] = TensorEntry(name, code, shape, path, data_start + begin, data_start + end)
+    _check_layout(path, [(e.start - data_start, e.end - data_start, n) for n, e in entries.items()], size - data_start)
     return entries, metadata
 
 
@@ -149,7 +209,10 @@ def weight_entries(model_dir: Path) -> tuple[dict[str, TensorEntry], list[int]]:
     for path in model_weight_files(Path(model_dir)):
         header, _ = read_header(path)
         for entry in sorted(header.values(), key=lambda e: e.start):
-            entries.setdefault(entry.name, entry)
+            if entry.name in entries:
+                raise TransplantError(f"tensor {entry.name!r} is stored twice ({entries[entry.name].file.name} and "
+                                      f"{path.name}); re-download the model")
+            entries[entry.name] = entry
         shard_sizes.append(sum(e.nbytes for e in header.values()))
     return entries, shard_sizes
 

@@ -6,18 +6,18 @@ model directory with new embedding matrices: every other tensor is copied byte-f
 is asked for) into shards laid out like the base's, and config.json, generation_config.json, the tokenizer and
 the model card are rewritten. Peak memory is the embedding matrices plus one tensor, so a 70B model is
 transplanted on a workstation. The output is built in a temporary directory beside the destination and renamed
-into place, so an error (including a full disk) leaves nothing half-written.
+into place (`transplant.io.atomic`), so an error (including a full disk) leaves nothing half-written. Every
+input header and the config fields the surgery relies on are validated before anything is written.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
+import math
+import os
 import shutil
-import tempfile
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,17 @@ import torch
 
 from transplant.errors import TransplantError
 from transplant.io import safetensors
+from transplant.io.atomic import atomic_output
+from transplant.io.model_config import (
+    check_ids,
+    config_hidden_size,
+    config_says_tied,
+    config_vocab_size,
+    load_config,
+    normalise_special_ids,
+    updated_config,
+    updated_generation_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +52,6 @@ INPUT_SUFFIXES = (".embed_tokens.weight", ".wte.weight", ".word_embeddings.weigh
 OUTPUT_NAMES = ("lm_head.weight", "embed_out.weight", "language_model.lm_head.weight", "output.weight",
                 "transformer.output_layer.weight")
 OUTPUT_SUFFIXES = (".lm_head.weight", ".embed_out.weight")
-# generation_config keys that hold base-vocabulary ids and would misfire (or crash) with a new tokenizer
-STALE_GENERATION_KEYS = ("forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens",
-                         "bad_words_ids", "force_words_ids", "sequence_bias", "decoder_start_token_id")
-SPECIAL_ROLE_KEYS = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "pad_token_id"}
 
 
 @dataclass
@@ -61,42 +68,6 @@ class BaseEmbeddings:
 
 
 # ---------------------------------------------------------------- reading
-
-
-def load_config(model_dir: Path) -> dict:
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise TransplantError(f"base model directory {model_dir} does not exist; pass a Hugging Face model folder")
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise TransplantError(f"{model_dir} has no config.json; pass a Hugging Face model folder "
-                              "(config.json + *.safetensors), e.g. one written by save_pretrained")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TransplantError(f"{path} is not valid JSON ({exc}); re-download or re-save the base model") from exc
-    if not isinstance(config, dict):
-        raise TransplantError(f"{path} is not a JSON object; re-download or re-save the base model")
-    return config
-
-
-def _text_config(config: dict) -> dict | None:
-    nested = config.get("text_config")
-    return nested if isinstance(nested, dict) else None
-
-
-def config_vocab_size(config: dict) -> int | None:
-    for scope in (config, _text_config(config) or {}):
-        if isinstance(scope.get("vocab_size"), int):
-            return scope["vocab_size"]
-    return None
-
-
-def _config_says_tied(config: dict) -> bool | None:
-    for scope in (_text_config(config) or {}, config):
-        if isinstance(scope.get("tie_word_embeddings"), bool):
-            return scope["tie_word_embeddings"]
-    return None
 
 
 def _find(entries: dict[str, safetensors.TensorEntry], exact: tuple[str, ...], suffixes: tuple[str, ...],
@@ -137,13 +108,21 @@ def locate_embeddings(entries: dict[str, safetensors.TensorEntry], config: dict,
     return input_name, output_name
 
 
+def _check_width(entry: safetensors.TensorEntry, config: dict, model_dir: Path) -> None:
+    hidden = config_hidden_size(config)
+    if hidden is not None and entry.shape[1] != hidden:
+        raise TransplantError(f"{model_dir}/config.json says hidden size {hidden} but the embedding {entry.name} is "
+                              f"{entry.shape[1]} wide; fix config.json or re-download the model")
+
+
 def read_embeddings(model_dir: Path) -> BaseEmbeddings:
     """Load only the base's embedding matrices (memory-mapped reads of two tensors, whatever the model size)."""
     model_dir = Path(model_dir)
     config = load_config(model_dir)
     entries, _ = safetensors.weight_entries(model_dir)
     input_name, output_name = locate_embeddings(entries, config, model_dir)
-    tied = output_name is None or _config_says_tied(config) is True
+    _check_width(entries[input_name], config, model_dir)
+    tied = output_name is None or config_says_tied(config) is True
     try:
         embeddings = safetensors.load_tensor(entries[input_name])
         output = None if tied else safetensors.load_tensor(entries[output_name])
@@ -182,7 +161,7 @@ def pad_embeddings(matrix: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _check_shape(matrix: torch.Tensor, hidden: int, what: str) -> None:
-    if matrix.ndim != 2 or matrix.shape[1] != hidden or not matrix.is_floating_point():
+    if matrix.ndim != 2 or matrix.shape[1] != hidden or not matrix.is_floating_point() or not matrix.shape[0]:
         raise ValueError(f"{what} must be a floating [V, {hidden}] matrix, got {tuple(matrix.shape)} {matrix.dtype}")
 
 
@@ -191,76 +170,6 @@ def _check_finite(matrix: torch.Tensor, what: str) -> None:
     low, high = torch.aminmax(matrix)
     if not (torch.isfinite(low) and torch.isfinite(high)):
         raise ValueError(f"{what} contains NaN or inf (in {matrix.dtype})")
-
-
-# ---------------------------------------------------------------- config files
-
-
-def _normalise_special_ids(special_ids: dict[str, int | None]) -> dict[str, int | list[int] | None]:
-    """Role names (bos/eos/pad) or config keys -> config keys; bos, eos and pad are always set.
-
-    An id the caller does not give is set to null rather than left alone: the base's value refers to the
-    old vocabulary, and removing the key would let a config class default (Llama: bos=1, eos=2) creep back.
-    """
-    out: dict[str, int | list[int] | None] = dict.fromkeys(SPECIAL_ROLE_KEYS.values())
-    for key, value in special_ids.items():
-        out[SPECIAL_ROLE_KEYS.get(key, key)] = value
-    return out
-
-
-def _check_ids(ids: dict, vocab_size: int) -> None:
-    for key, value in ids.items():
-        for idx in value if isinstance(value, list) else [value]:
-            if idx is not None and not (isinstance(idx, int) and 0 <= idx < vocab_size):
-                raise ValueError(f"special id {key}={idx} is outside the new vocabulary of {vocab_size}")
-
-
-def updated_config(config: dict, *, vocab_size: int, ids: dict, tied: bool, dtype: torch.dtype | None) -> dict:
-    config = json.loads(json.dumps(config))
-    nested = _text_config(config)
-    scopes = [config] + ([nested] if nested is not None else [])
-    config["tie_word_embeddings"] = tied
-    if nested is not None and "tie_word_embeddings" in nested:
-        nested["tie_word_embeddings"] = tied
-    if nested is not None and "vocab_size" in nested:
-        nested["vocab_size"] = vocab_size
-    if "vocab_size" in config or nested is None or "vocab_size" not in nested:
-        config["vocab_size"] = vocab_size
-    for key, value in ids.items():
-        config[key] = value
-        if nested is not None and key in nested:
-            nested[key] = value
-    if dtype is not None:
-        name = str(dtype).removeprefix("torch.")
-        for scope in scopes:
-            for key in ("dtype", "torch_dtype"):
-                if key in scope:
-                    scope[key] = name
-        if "dtype" not in config and "torch_dtype" not in config:
-            config["torch_dtype"] = name
-    stale = sorted({k for scope in scopes for k in scope if k.endswith(("_token_id", "_token_index"))} - set(ids))
-    if stale:
-        log.warning("config keys %s still hold base-vocabulary ids; pass them in special_ids to map them", stale)
-    return config
-
-
-def updated_generation_config(base_dir: Path, ids: dict) -> dict:
-    path = base_dir / "generation_config.json"
-    generation: dict = {}
-    if path.is_file():
-        try:
-            generation = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            log.warning("ignoring unreadable %s", path)
-    dropped = [k for k in STALE_GENERATION_KEYS if k in generation and k not in ids]
-    for key in dropped:
-        del generation[key]
-    if dropped:
-        log.warning("dropped generation_config keys %s: they hold base-vocabulary ids", dropped)
-    for key, value in ids.items():
-        if key in SPECIAL_ROLE_KEYS.values() or key in generation:
-            generation[key] = value
-    return generation
 
 
 # ---------------------------------------------------------------- writing
@@ -308,54 +217,38 @@ def _write_files(tmp: Path, base_dir: Path, files: dict[str, str | bytes]) -> No
                 shutil.copy2(path, tmp / path.name)
 
 
-def _prepare_destination(base_dir: Path, out_dir: Path, overwrite: bool, needed_bytes: int) -> Path:
-    """Check the destination and create the temp dir beside it (same filesystem, so the final rename is atomic)."""
-    if out_dir.exists() or out_dir.is_symlink():
-        if not overwrite:
-            raise TransplantError(f"output {out_dir} already exists; pass --overwrite to replace it or choose "
-                                  "another --output")
-        if not out_dir.is_dir():
-            raise TransplantError(f"output {out_dir} exists and is not a directory; choose another --output")
-    base_real, out_real = base_dir.resolve(), out_dir.resolve()
-    if base_real == out_real or out_real in base_real.parents:
-        raise TransplantError(f"output {out_dir} would replace the base model; choose another --output")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    except OSError as exc:
-        raise TransplantError(f"cannot write into {out_dir.parent} ({exc.strerror or exc}); choose another "
-                              "--output") from exc
-    free = shutil.disk_usage(tmp).free
-    if free < needed_bytes:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise TransplantError(f"disk full: writing {out_dir} needs {needed_bytes / 2**30:.2f} GiB but only "
-                              f"{free / 2**30:.2f} GiB are free; free space or choose another --output")
-    return tmp
+def estimate_output_bytes(model_dir: Path, new_rows: int, *, dtype: torch.dtype | None = None,
+                          untie: bool = False) -> int:
+    """Bytes the output will take: the base's tensors (cast to `dtype`) with embeddings of `new_rows` rows.
 
+    Read from the headers only, so `check_output` can test free space before any solving."""
+    config = load_config(model_dir)
+    entries, _ = safetensors.weight_entries(model_dir)
+    input_name, output_name = locate_embeddings(entries, config, model_dir)
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        tmp.rename(out_dir)
-        return
-    old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-    out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)
-    except OSError:
-        old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    def size(entry: safetensors.TensorEntry, rows: int | None = None) -> int:
+        numel = math.prod(entry.shape) if rows is None else rows * math.prod(entry.shape[1:])
+        cast = dtype is not None and entry.dtype is not None and entry.dtype.is_floating_point
+        return numel * safetensors.CODE_BITS[safetensors.DTYPE_TO_CODE[dtype] if cast else entry.code] // 8
+
+    total = sum(size(e, new_rows if n in (input_name, output_name) else None) for n, e in entries.items())
+    if untie and output_name is None:
+        total += size(entries[input_name], new_rows)
+    return total + 16 * 2**20
 
 
 def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor, new_output: torch.Tensor | None,
                        save_tokenizer: Callable[[Path], None], special_ids: dict[str, int | None],
                        model_card: str, dtype: torch.dtype | None = None, pad_to_multiple_of: int | None = None,
                        overwrite: bool = False, extra_files: dict[str, str | bytes] | None = None,
-                       before_commit: Callable[[Path], None] | None = None) -> Path:
+                       before_commit: Callable[[Path], None] | None = None,
+                       protected: Iterable[str | os.PathLike] = ()) -> Path:
     """Write the base model with new embeddings as a complete HF model folder at `out_dir`; return it.
 
     `before_commit(tmp_dir)` runs on the complete folder before it is renamed into place (evaluation, reports),
-    so a failure there leaves no output behind, like any other failure.
+    so a failure there leaves no output behind, like any other failure. The folder is written through
+    `atomic_output`: `overwrite` replaces only an earlier tokentransplant output, never the base or the paths in
+    `protected` (the donor), and the folder carries the `tokentransplant.json` marker.
 
     `new_output` None ties the output to the input embedding; a matrix unties it. `dtype` casts every
     floating tensor. Embedding rows are padded to `pad_to_multiple_of` (see `pad_embeddings`).
@@ -371,8 +264,8 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
         if new_output.shape[0] != new_input.shape[0]:
             raise ValueError(f"new_output has {new_output.shape[0]} rows, new_input {new_input.shape[0]}")
     rows = padded_rows(new_input.shape[0], pad_to_multiple_of)
-    ids = _normalise_special_ids(special_ids)
-    _check_ids(ids, rows)
+    ids = normalise_special_ids(special_ids)
+    check_ids(ids, rows)
 
     input_dtype = dtype or entries[input_name].dtype
     output_dtype = dtype or (entries[output_name].dtype if output_name else input_dtype)
@@ -386,8 +279,8 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
     shards = safetensors.split_into_shards(planned, max_shard)
     needed = sum(t.nbytes for t in planned) + 16 * 2**20
 
-    tmp = _prepare_destination(base_dir, out_dir, overwrite, needed)
-    try:
+    with atomic_output(out_dir, overwrite=overwrite, protected=[base_dir, *protected], estimate_bytes=needed,
+                       kind="transplant") as tmp:
         save_tokenizer(tmp)  # user code and cheap: fail before minutes of weight writing
         names = safetensors.write_shards(tmp, shards, {"format": "pt"})
         new_config = updated_config(config, vocab_size=rows, ids=ids, tied=new_output is None, dtype=dtype)
@@ -400,13 +293,5 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
         _write_files(tmp, base_dir, files)
         if before_commit is not None:
             before_commit(tmp)
-        _move_into_place(tmp, out_dir)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise TransplantError(f"disk full while writing {out_dir}; free space or choose another --output") from exc
-        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise TransplantError(f"cannot write {out_dir} ({exc.strerror}); choose another --output") from exc
-        raise
     log.info("wrote %s: %d shard(s), vocab %d, %s", out_dir, len(names), rows, "tied" if new_output is None else "untied")
     return out_dir

@@ -18,12 +18,14 @@ from typing import Any
 from transplant.cache import cache_dir
 from transplant.errors import TransplantError
 from transplant.tokenizers import formats
+from transplant.tokenizers.gguf_header import check_gguf
 from transplant.tokenizers.vocab import Vocab, vocab_from_converted
 
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = 4  # bump when a converter changes, so cached tokenizer.json files are rebuilt
 MAX_TOKENIZER_FILE_BYTES = 512 << 20  # the sniffer reads a file whole only below this (a GGUF may be many GB)
+SNIFF_BYTES = 64 << 10  # what the sniffer reads to recognise GGUF and tiktoken files
 
 
 def load_vocab(
@@ -126,22 +128,32 @@ def _convert_file(fmt: str, path: Path, options: dict) -> formats.Converted:
 
 
 def sniff_format(path: Path) -> str:
-    """ "gguf" | "tokenizer.json" | "tekken" | "tiktoken" | "sentencepiece", from the file's content."""
-    with open(path, "rb") as handle:
-        if handle.read(4) == b"GGUF":
-            return "gguf"
-        if path.stat().st_size > MAX_TOKENIZER_FILE_BYTES:
-            raise TransplantError(
-                f"{path} is {path.stat().st_size >> 20} MiB and not a GGUF file: too large for a tokenizer "
-                "file; pass a tokenizer.json, .model, tiktoken, tekken or GGUF file"
-            )
-        handle.seek(0)
-        data = handle.read()
+    """ "gguf" | "tokenizer.json" | "tekken" | "tiktoken" | "sentencepiece", from the file's content.
+
+    Only a bounded prefix decides: a GGUF (which may be many GB) is recognised by its first 4 bytes, and other
+    formats are read whole only below MAX_TOKENIZER_FILE_BYTES (JSON and protobuf need the whole file)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(SNIFF_BYTES)
+            if head[:4] == b"GGUF":
+                return "gguf"
+            if size > MAX_TOKENIZER_FILE_BYTES:
+                raise TransplantError(
+                    f"{path} is {size >> 20} MiB and not a GGUF file: too large for a tokenizer "
+                    "file; pass a tokenizer.json, .model, tiktoken, tekken or GGUF file"
+                )
+            if head.lstrip()[:1] != b"{" and formats.looks_like_tiktoken(head):
+                return "tiktoken"
+            data = head + handle.read()
+    except OSError as err:
+        raise TransplantError(f"cannot read {path} ({err.strerror or err}); check the path and permissions") from err
     if data.lstrip()[:1] == b"{":
         try:
             keys = set(json.loads(data))
-        except ValueError as err:
-            raise TransplantError(f"{path} is not valid JSON ({err}); pass an intact tokenizer file") from err
+        except (ValueError, RecursionError) as err:
+            reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+            raise TransplantError(f"{path} is not valid JSON ({reason}); pass an intact tokenizer file") from err
         if "model" in keys:
             return "tokenizer.json"
         if {"config", "vocab"} <= keys:
@@ -149,8 +161,6 @@ def sniff_format(path: Path) -> str:
         raise TransplantError(
             f"{path} is JSON but neither a tokenizer.json nor a tekken file; pass one of those"
         )
-    if formats.looks_like_tiktoken(data[:65536]):
-        return "tiktoken"
     if formats.try_read_sentencepiece(data) is not None:
         return "sentencepiece"
     raise TransplantError(
@@ -348,6 +358,7 @@ def _convert_gguf(path: Path) -> formats.Converted:
 
 
 def _load_gguf(path: Path) -> Vocab:
+    check_gguf(path)  # every length in the header fits the file, before any reader trusts one
     # transformers' GGUF tokenizer conversion takes up to a minute for 150k-token vocabularies: cache it
     key = f"{path.stem}-gguf-{_sha256(path)[:16]}"
     return vocab_from_converted(_cached_conversion(key, path, lambda: _convert_gguf(path)), path.stem)
