@@ -1,7 +1,8 @@
 """`hypernet`: rows of new tokens predicted by a trained ZeTT-style hypernetwork (`--set hypernet=PATH`).
 
-Registered through the `tokentransplant.initializers` entry point (pyproject.toml), so `transplant/` never
-imports `hypernet/`.
+The one way to apply a hypernetwork is `transplant --base B --donor TOKENIZER --method hypernet --set
+hypernet=DIR` (`hypernet train` only trains). Registered through the `tokentransplant.initializers` entry point
+(pyproject.toml), so `transplant/` never imports `hypernet/`.
 
 Shared tokens are copied by the sparse part of the plan; the hypernetwork's predictions arrive through the plan's
 dense-row hook. `--set predict_shared=true` predicts the shared tokens too (ZeTT's original setting). Tokens with
@@ -10,11 +11,15 @@ no bytes (new specials) get the mean base row.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from hypernet.model import Hypernet, decompose, load_hypernet
 from transplant.errors import TransplantError
 from transplant.init.base import InitContext, InitPlan, copy_shared, normal_base_ids, sparse_rows
 from transplant.init.registry import Option, register
+from transplant.tokenizers.vocab import Vocab
 
 OPTIONS = (
     Option("hypernet", str, None, "dir of a trained hypernetwork (`hypernet train`)"),
@@ -22,10 +27,46 @@ OPTIONS = (
 )
 
 
+def check_fits(net: Hypernet, base_input: torch.Tensor, base_output: torch.Tensor | None, where: str) -> None:
+    """A hypernetwork reads the base's own rows, so it only fits the base (dimension, vocab, tie) it was trained on."""
+    cfg = net.config
+    if base_input.shape[1] != cfg.base_dim or base_input.shape[0] < cfg.base_vocab_size:
+        raise TransplantError(
+            f"hypernetwork {where} was trained for a base with {cfg.base_vocab_size}x{cfg.base_dim} embeddings "
+            f"({cfg.base_name or 'unknown base'}), this base has {tuple(base_input.shape)}; "
+            "train a hypernetwork for this base with `hypernet train RECIPE.yaml`"
+        )
+    if cfg.untied and base_output is None:
+        raise TransplantError(f"hypernetwork {where} expects an untied base (separate lm_head) but this base is tied; "
+                              "train one for this base")
+
+
+def load_for_base(path: str | Path, base_input: torch.Tensor, base_output: torch.Tensor | None) -> Hypernet:
+    net = load_hypernet(path)
+    check_fits(net, base_input, base_output, str(path))
+    return net
+
+
+@torch.no_grad()
+def predict_rows(net: Hypernet, base: Vocab, token_bytes: list[bytes], base_input: torch.Tensor,
+                 base_output: torch.Tensor | None, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions with pieces, input rows, output rows) for the given byte strings; empty ones are left out."""
+    ids, mask = decompose(base, token_bytes, net.config.max_pieces)
+    where = torch.nonzero(mask.any(1)).flatten()
+    device = base_input.device
+    net = net.to(device).eval()
+    rows_in, rows_out = [], []
+    for start in range(0, where.numel(), batch_size):
+        sel = where[start : start + batch_size]
+        r_in, r_out = net(ids[sel].to(device), mask[sel].to(device), base_input, base_output)
+        rows_in.append(r_in.float())
+        rows_out.append(r_out.float())
+    empty = torch.zeros(0, base_input.shape[1])
+    return (where, torch.cat(rows_in) if rows_in else empty, torch.cat(rows_out) if rows_out else empty)
+
+
 @register("hypernet", options=OPTIONS)
 def hypernet_init(ctx: InitContext) -> InitPlan:
-    from hypernet.apply import load_for_base, predict_rows
-
     path = ctx.options["hypernet"]
     if not path:
         raise TransplantError("method 'hypernet' needs a trained hypernetwork: pass --set hypernet=PATH "

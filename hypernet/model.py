@@ -71,10 +71,11 @@ class Hypernet(nn.Module):
         """Rows [N, D] for the input and output embedding of N tokens given as padded base-piece ids [N, P].
 
         Every row of `mask` must have at least one True (tokens without pieces are the caller's business)."""
-        in_pieces = base_input[piece_ids].float()  # [N, P, D]
-        out_pieces = base_output[piece_ids].float() if base_output is not None else in_pieces
+        dtype = self.in_proj.weight.dtype  # fp32, or bf16 when DeepSpeed trains in bf16
+        in_pieces = base_input[piece_ids].to(dtype)  # [N, P, D]
+        out_pieces = base_output[piece_ids].to(dtype) if base_output is not None else in_pieces
         feats = torch.cat([in_pieces, out_pieces], -1) if self.config.untied else in_pieces
-        maskf = mask.float()[..., None]
+        maskf = mask.to(dtype)[..., None]
         count = maskf.sum(1).clamp_min(1.0)
         fvt_in = (in_pieces * maskf).sum(1) / count
         fvt_out = (out_pieces * maskf).sum(1) / count
@@ -84,7 +85,7 @@ class Hypernet(nn.Module):
         keep = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=mask.device), mask.bool()], 1)
         h = self.norm(self.encoder(x, src_key_padding_mask=~keep))
         if self.config.pooling == "mean":
-            pooled = (h * keep.float()[..., None]).sum(1) / keep.float().sum(1, keepdim=True)
+            pooled = (h * keep.to(dtype)[..., None]).sum(1) / keep.to(dtype).sum(1, keepdim=True)
         else:
             pooled = h[:, 0]
         rows_in = fvt_in + self.input_std * self.input_head(pooled)
@@ -136,7 +137,9 @@ def save_hypernet(model: Hypernet, directory: str | Path) -> Path:
     """Weights (safetensors) and config (json) into `directory`, written to a temp name and renamed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # fp32 whatever it trained in (bf16 under DeepSpeed on GPUs): applying it is cheap, precision is not
+    tensors = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(tmp))
     tmp.replace(directory / WEIGHTS_FILE)

@@ -1,11 +1,15 @@
 """Diverse training tokenizers for the hypernetwork.
 
-ZeTT's point is that a hypernetwork trained on one tokenizer only learns that tokenizer; it must see many. We count
-word frequencies once, then the frequency of every substring of every word (weighted by the word's count). A
-sampled tokenizer is a noisy top-k of those substrings (log count + Gumbel noise · `noise`), of a random size, plus
-all 256 single bytes so every text is encodable, turned into an in-memory `tokenizers` Unigram model over a
-byte-level pre-tokenizer (scores = log relative frequency). Sampling one takes well under a second.
-Real tokenizers (`Vocab`s) can be mixed in.
+ZeTT's point is that a hypernetwork trained on one tokenizer only learns that tokenizer; it must see many, and
+ZeTT draws each one from the statistics of the very text it is then trained on. We count the words of a text
+block, then every substring of every word (weighted by the word's count). A sampled tokenizer is a noisy top-k
+of those substrings (log count + Gumbel noise · `noise`), of a random size, plus all 256 single bytes so every
+text is encodable, turned into an in-memory `tokenizers` Unigram model over a byte-level pre-tokenizer
+(scores = log relative frequency). Sampling one takes well under a second.
+
+Memory is bounded by the block, not the corpus: counts are only ever taken over a bounded text (one training
+block, `block_bytes`, or one bounded sample of the stream for `sampler: corpus`), ~60k distinct substrings per
+MB of English. Real tokenizers (`Vocab`s) can be mixed in.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from transplant.tokenizers.formats import byte_level_string
 from transplant.tokenizers.vocab import TokenKind, Vocab
 
 WORD = re.compile(r" ?[^\W\d_]+| ?\d{1,3}| ?[^\s\w]+|\s+(?!\S)|\s+| ?_+")
+MAX_WORD_BYTES = 64  # longer "words" (base64, URLs, long runs of symbols) contribute only their first bytes
 
 
 @dataclass
@@ -37,12 +42,14 @@ class TrainTokenizer:
         return len(self.token_bytes)
 
 
-def substring_counts(corpus: str, max_len: int = 16) -> Counter:
-    """Counts of every substring (up to max_len bytes) of every pre-tokenized word, as UTF-8 bytes."""
-    words = Counter(WORD.findall(corpus))
+def substring_counts(text: str, max_len: int = 16) -> Counter:
+    """Counts of every substring (2..max_len bytes) of every pre-tokenized word of `text`, as UTF-8 bytes.
+
+    Call it on bounded text (a training block): its size is O(distinct words · MAX_WORD_BYTES · max_len)."""
+    words = Counter(WORD.findall(text))
     counts: Counter = Counter()
     for word, freq in words.items():
-        data = word.encode("utf-8")
+        data = word.encode("utf-8")[:MAX_WORD_BYTES]
         for start in range(len(data)):
             for end in range(start + 2, min(len(data), start + max_len) + 1):
                 counts[data[start:end]] += freq
@@ -50,17 +57,18 @@ def substring_counts(corpus: str, max_len: int = 16) -> Counter:
 
 
 class TokenizerSampler:
-    """Draws random Unigram tokenizers from one corpus' substring statistics, and real tokenizers if given."""
+    """Draws random Unigram tokenizers from the substring statistics of one (bounded) text, and real tokenizers
+    if given. Training builds one per text block (`sampler: batch`) or one for the run (`sampler: corpus`)."""
 
-    def __init__(self, corpus: str, *, size_range: tuple[int, int] = (4000, 32000), noise: float = 1.0,
-                 min_count: int = 2, max_len: int = 16, real: list[Vocab] | None = None, real_prob: float = 0.0,
-                 seed: int = 0):
-        counts = substring_counts(corpus, max_len)
+    def __init__(self, text: str | Counter, *, size_range: tuple[int, int] = (4000, 32000), noise: float = 1.0,
+                 min_count: int = 2, max_len: int = 16, real: list[Vocab | TrainTokenizer] | None = None,
+                 real_prob: float = 0.0, seed: int = 0):
+        counts = substring_counts(text, max_len) if isinstance(text, str) else text
         self.candidates = [(piece, count) for piece, count in counts.most_common() if count >= min_count]
         self.log_counts = torch.tensor([math.log(count) for _, count in self.candidates], dtype=torch.float64)
         self.size_range = size_range
         self.noise = noise
-        self.real = [real_tokenizer(v) for v in (real or [])]
+        self.real = [r if isinstance(r, TrainTokenizer) else real_tokenizer(r) for r in (real or [])]
         self.real_prob = real_prob
         self.rng = random.Random(seed)
 

@@ -1,273 +1,321 @@
-"""Train a hypernetwork for a frozen base LM on randomly sampled tokenizers (ZeTT's recipe, scaled down).
+"""Train a hypernetwork for a frozen base LM on randomly sampled tokenizers (ZeTT's recipe), on one CPU process or
+many GPUs: the same loop, the recipe decides.
 
-Per step: (every `resample_every` steps) draw a tokenizer; cut random text windows and tokenize them with it;
-predict input/output rows for the tokens of the batch only; run the frozen base LM on the predicted input
-embeddings and score the next token against the output rows of a *vocabulary subset*: the batch's tokens plus
-`negatives` random ids of the sampled vocabulary.
+Per tokenizer round (`resample_every` optimizer steps): read the next text block of the streamed corpus
+(`hypernet.data`), draw a tokenizer from that block's substring counts (`sampler: batch`, ZeTT) or from one
+bounded corpus sample (`sampler: corpus`), and decompose its tokens into base pieces once. Per micro-batch: cut
+random windows of the block, tokenize them, predict rows for the batch's tokens (plus negatives) and for some
+base tokens (the auxiliary loss) in ONE hypernetwork call, and score them (`hypernet.losses`).
 
-Approximation (documented on purpose): the softmax runs over that subset, not the full sampled vocabulary; the
-random negatives' logits are raised by log((V - b) / m) (m negatives standing for the V - b tokens outside the
-batch) so the subset's partition function is an estimate of the full one (sampled softmax, Jean et al. 2015).
-This is what makes a step cost O(batch vocabulary) instead of O(vocabulary).
-
-Tokens whose bytes exist in the base vocabulary are copied (as at apply time) unless `predict_shared` is set.
-`lm_every: N` runs the (expensive) LM loss only every N-th step; on a CPU the LM forward+backward of a 135M model
-costs tens of seconds per step, the auxiliary loss milliseconds.
-An auxiliary loss regresses predictions for base tokens (decomposed into strictly shorter base pieces, see
-`decompose_without_self`) onto their original rows: cheap, dense supervision that dominates early training on CPU.
-
-Checkpoints: `<output>/checkpoint/` holds hypernet.safetensors + config.json (a usable hypernetwork),
-optimizer.safetensors and state.json (step, RNG states, losses); `resume: true` continues from it. The final
-hypernetwork is written to `<output>/` itself. DeepSpeed is not used (the trainable part is ~2M parameters).
+Scale:
+- DeepSpeed (the engine the distillation trainer uses) wraps the hypernetwork: ZeRO 0-2 (`zero_stage`), bf16
+  on GPUs (`dtype: auto`), gradient accumulation and clipping. The frozen base LM is replicated on every
+  process (in the compute dtype) and only read; it is not part of the engine.
+- Data parallel: every process reads the same block and samples the same tokenizer (both are pure functions of
+  the seed and the round), then takes its own micro-batches: global micro-batch `a * world + rank` at
+  accumulation index `a`, drawn from an RNG keyed by (seed, step, that index). So N processes with
+  accumulation k equal one process with accumulation N·k (tests/test_hypernet_scale.py), and resume is exact.
+- `max_minutes` is decided by rank 0 and shared, so all processes stop at the same step.
+`lm_every: N` runs the (expensive) LM loss only every N-th step; on a CPU the LM forward+backward of a 135M
+model costs seconds per step, the auxiliary loss milliseconds.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
+import os
 import random
+import resource
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
+from hypernet import checkpoint
 from hypernet.config import HypernetRecipe
-from hypernet.model import (
-    Hypernet,
-    HypernetConfig,
-    base_stats,
-    decompose,
-    decompose_without_self,
-    load_hypernet,
-    save_hypernet,
-)
-from hypernet.sample import TokenizerSampler, TrainTokenizer
+from hypernet.data import CorpusStream, corpus_sources, cut_windows, mix_seed
+from hypernet.lm import lm_parts
+from hypernet.losses import TokenizerPieces, aux_loss, lm_loss, make_lm_batch
+from hypernet.model import Hypernet, HypernetConfig, base_stats, decompose_without_self, save_hypernet
+from hypernet.sample import TokenizerSampler, real_tokenizer, substring_counts
 from transplant.assets import load_vocab
 from transplant.tokenizers.vocab import TokenKind, Vocab
 
 log = logging.getLogger(__name__)
 
-class TokenizerPieces:
-    """A sampled tokenizer with its ids decomposed into base pieces once (the per-step work is then indexing)."""
 
-    def __init__(self, tok: TrainTokenizer, base: Vocab, max_pieces: int):
-        self.tok = tok
-        self.ids, self.mask = decompose(base, tok.token_bytes, max_pieces)
-        base_ids = [base.bytes_to_id.get(b, -1) if b else -1 for b in tok.token_bytes]
-        self.base_id = torch.tensor(base_ids, dtype=torch.long)  # -1: not in the base vocabulary
-        self.has_pieces = self.mask.any(1)
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
 
-
-def _corpus(spec: dict[str, int] | str) -> str:
-    if isinstance(spec, str):
-        from transplant.commandline import read_text_file
-
-        return read_text_file(Path(spec), "corpus")
-    from transplant.assets.texts import train_text
-
-    return "".join(train_text(name, int(n)) for name, n in spec.items())
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
-def _windows(corpus: str, count: int, chars: int, rng: random.Random) -> list[str]:
-    out = []
-    for _ in range(count):
-        start = rng.randrange(0, max(1, len(corpus) - chars))
-        out.append(corpus[start : start + chars])
-    return out
+def start_runtime(recipe: HypernetRecipe) -> Runtime:
+    """Process group (gloo on CPU, NCCL on GPUs; a world of one without a launcher), device and dtype."""
+    from distill.runtime import prepare_environment, resolve_dtype
+
+    cuda = recipe.device != "cpu" and torch.cuda.is_available()
+    if recipe.device == "cuda" and not cuda:
+        from transplant.errors import TransplantError
+
+        raise TransplantError("recipe key device=cuda but torch sees no CUDA GPU; use device=auto or cpu")
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick the GPU on its own
+    prepare_environment()
+    import deepspeed
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cpu")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    return Runtime(rank, world, device, resolve_dtype(recipe.dtype, device))
 
 
-def lm_loss(lm, net: Hypernet, pieces: TokenizerPieces, texts: list[str], *, seq_len: int, negatives: int,
-            bos_row: torch.Tensor | None, base_in: torch.Tensor, base_out: torch.Tensor | None,
-            predict_shared: bool, gen: torch.Generator) -> torch.Tensor:
-    """Next-token cross-entropy of the frozen LM over the batch-vocabulary subset (see module docstring)."""
-    seqs = [ids[:seq_len] for ids in pieces.tok.encode_batch(texts)]
-    seqs = [s for s in seqs if len(s) >= 2]
-    width = max(len(s) for s in seqs)
-    batch = torch.zeros(len(seqs), width, dtype=torch.long)
-    valid = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for row, s in enumerate(seqs):
-        batch[row, : len(s)] = torch.tensor(s)
-        valid[row, : len(s)] = True
-    vocab_size = len(pieces.tok)
-    extra = torch.randint(0, vocab_size, (negatives,), generator=gen)
-    subset = torch.unique(torch.cat([batch[valid], extra]))
-    subset = subset[pieces.has_pieces[subset]]
-    keep = valid & pieces.has_pieces[batch]
-    local = torch.full((vocab_size,), 0, dtype=torch.long)
-    local[subset] = torch.arange(subset.numel())
-    rows_in, rows_out = net(pieces.ids[subset], pieces.mask[subset], base_in, base_out)
-    if not predict_shared:  # copy shared tokens, exactly as the `hypernet` init method does
-        base_ids = pieces.base_id[subset]
-        shared = base_ids >= 0
-        rows_in = torch.where(shared[:, None], base_in[base_ids.clamp_min(0)].float(), rows_in)
-        out_src = base_out if base_out is not None else base_in
-        rows_out = torch.where(shared[:, None], out_src[base_ids.clamp_min(0)].float(), rows_out)
-    embeds = rows_in[local[batch]]
-    if bos_row is not None:
-        embeds = torch.cat([bos_row.float().expand(len(seqs), 1, -1), embeds], 1)
-        targets, tmask = local[batch], keep
-        attn = torch.cat([torch.ones(len(seqs), 1, dtype=torch.bool), valid], 1)
-        hidden = lm.model(inputs_embeds=embeds, attention_mask=attn.long()).last_hidden_state[:, :-1]
-    else:
-        targets, tmask = local[batch][:, 1:], keep[:, 1:]
-        hidden = lm.model(inputs_embeds=embeds, attention_mask=valid.long()).last_hidden_state[:, :-1]
-    logits = hidden[tmask] @ rows_out.T
-    # Sampled-softmax correction: each random negative stands for (V - b) / m tokens of the vocabulary outside
-    # the batch, so the subset's partition function estimates the full one. Without it the loss rewards pushing
-    # every predicted output row up against a tiny field of negatives, which at apply time (full softmax)
-    # over-predicts new tokens: a 1000-step run got worse than FVT on code (bench/RESULTS.md, Hypernetwork).
-    in_batch = torch.zeros(vocab_size, dtype=torch.bool)
-    in_batch[batch[valid]] = True
-    outside = ~in_batch[subset]
-    n_outside, population = int(outside.sum()), int((pieces.has_pieces & ~in_batch).sum())
-    if n_outside:
-        logits = logits + outside.float() * math.log(max(population, n_outside) / n_outside)
-    return F.cross_entropy(logits, targets[tmask])
+def deepspeed_config(recipe: HypernetRecipe, rt: Runtime) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": recipe.batch_size,
+        "gradient_accumulation_steps": recipe.grad_accum,
+        "train_batch_size": recipe.batch_size * recipe.grad_accum * rt.world_size,
+        "gradient_clipping": float(recipe.grad_clip),
+        "zero_optimization": {"stage": recipe.zero_stage},
+        "bf16": {"enabled": rt.dtype == torch.bfloat16},
+        "fp16": {"enabled": rt.dtype == torch.float16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
 
 
-def aux_loss(net: Hypernet, base_ids: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, base_in: torch.Tensor,
-             base_out: torch.Tensor | None) -> torch.Tensor:
-    """Normalised MSE + cosine distance of predicted rows of base tokens to their true rows."""
-    pred_in, pred_out = net(ids, mask, base_in, base_out)
-    loss = _regression(pred_in, base_in[base_ids].float())
-    if base_out is not None:
-        loss = loss + _regression(pred_out, base_out[base_ids].float())
-    return loss
-
-
-def _regression(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    mse = (pred - target).pow(2).mean() / target.var().clamp_min(1e-8)
-    return mse + (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
-
-
-def _aux_population(base: Vocab) -> list[int]:
+def aux_population(base: Vocab) -> list[int]:
     return [i for i, (b, k) in enumerate(zip(base.token_bytes, base.kinds)) if k is TokenKind.NORMAL and len(b) >= 2]
 
 
-def _save_state(out: Path, net: Hypernet, opt: torch.optim.Optimizer, state: dict, rng: random.Random,
-                gen: torch.Generator) -> None:
-    ckpt = out / "checkpoint"
-    save_hypernet(net, ckpt)
-    tensors, groups = {}, []
-    sd = opt.state_dict()
-    for idx, st in sd["state"].items():
-        for key, value in st.items():
-            tensors[f"state.{idx}.{key}"] = torch.as_tensor(value).clone().contiguous()
-    for group in sd["param_groups"]:
-        groups.append({k: v for k, v in group.items()})
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.gen"] = gen.get_state()
-    save_file(tensors, str(ckpt / "optimizer.safetensors.tmp"))
-    (ckpt / "optimizer.safetensors.tmp").replace(ckpt / "optimizer.safetensors")
-    py_state = rng.getstate()
-    payload = {**state, "param_groups": groups, "python_rng": [py_state[0], list(py_state[1]), py_state[2]]}
-    (ckpt / "state.json.tmp").write_text(json.dumps(payload))
-    (ckpt / "state.json.tmp").replace(ckpt / "state.json")
+def stack_pieces(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-concatenate padded piece matrices of different widths (one hypernetwork call for all of them)."""
+    width = max(ids.shape[1] for ids, _ in parts)
+    ids = torch.cat([torch.nn.functional.pad(i, (0, width - i.shape[1])) for i, _ in parts])
+    mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for _, m in parts])
+    return ids, mask
 
 
-def _load_state(out: Path, net: Hypernet, opt: torch.optim.Optimizer, rng: random.Random,
-                gen: torch.Generator) -> dict:
-    ckpt = out / "checkpoint"
-    net.load_state_dict(load_hypernet(ckpt).state_dict())
-    payload = json.loads((ckpt / "state.json").read_text())
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": payload.pop("param_groups")})
-    torch.set_rng_state(tensors["rng.torch"])
-    gen.set_state(tensors["rng.gen"])
-    version, internal, gauss = payload.pop("python_rng")
-    rng.setstate((version, tuple(internal), gauss))
-    return payload
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
+class HypernetTrainer:
+    def __init__(self, recipe: HypernetRecipe, runtime: Runtime | None = None):
+        self.recipe = recipe
+        self.rt = runtime or start_runtime(recipe)
+        self.out = Path(recipe.output_dir)
+        self.ckpt = checkpoint.checkpoint_dir(self.out)
+        self.step, self.round, self.saved_step = 0, -1, -1
+        self.history: list[dict[str, Any]] = []
+
+    def setup(self) -> HypernetTrainer:
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        from transplant.assets.catalog import resolve_model
+
+        r, rt = self.recipe, self.rt
+        if r.threads:
+            torch.set_num_threads(int(r.threads))
+        base_dir = resolve_model(r.base)
+        self.base = load_vocab(base_dir)
+        lm = AutoModelForCausalLM.from_pretrained(base_dir, dtype=rt.dtype).to(rt.device).eval()
+        lm.requires_grad_(False)
+        self.lm, self.parts = lm, lm_parts(lm)
+        dim = self.parts.base_input.shape[1]
+        self.config = HypernetConfig(base_dim=dim, base_vocab_size=self.parts.base_input.shape[0],
+                                     untied=not self.parts.tied, base_name=str(r.base), **r.model.architecture(dim))
+        torch.manual_seed(r.seed)
+        net = Hypernet(self.config, *base_stats(self.parts.base_input, self.parts.base_output))
+        opt = torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, r.warmup)))
+        self.engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, lr_scheduler=sched,
+                                                    config=deepspeed_config(r, rt))
+        self.real = [real_tokenizer(load_vocab(spec)) for spec in r.real_tokenizers]
+        self._real_pieces: dict[str, TokenizerPieces] = {}
+        self.sources = corpus_sources(r.corpus)
+        self.stream = CorpusStream(self.sources, seed=r.seed)
+        self.corpus_sampler = None
+        if r.sampler == "corpus":  # one bounded sample, read by its own stream (the training position is untouched)
+            sample = CorpusStream(self.sources, seed=r.seed + 1)
+            self.corpus_sampler = self._sampler(substring_counts("".join(sample.read_block(0, r.stats_bytes))), 0)
+            sample.close()
+        self.population = torch.tensor(aux_population(self.base), dtype=torch.long)
+        self.bos_id = self.base.roles.get("bos", self.base.roles.get("eos"))
+        params = sum(p.numel() for p in net.parameters())
+        log.info("hypernetwork %.2fM parameters for %s (%s, ZeRO-%d, %d process(es), %s); corpus: %d source(s)",
+                 params / 1e6, r.base, rt.dtype, r.zero_stage, rt.world_size, rt.device, len(self.sources))
+        return self
+
+    # ------------------------------------------------------------------------------------------ tokenizers
+    def _sampler(self, counts, round_index: int) -> TokenizerSampler:
+        r = self.recipe
+        return TokenizerSampler(counts, size_range=tuple(r.vocab_size), noise=r.noise, real=self.real,
+                                real_prob=r.real_prob, seed=mix_seed(r.seed, round_index, 1))
+
+    def start_round(self, index: int) -> None:
+        """Read round `index`'s text block and draw its tokenizer (the same on every process)."""
+        r = self.recipe
+        self.round, self.round_state = index, self.stream.state_dict()
+        self.block = self.stream.read_block(index, r.block_bytes)
+        if self.corpus_sampler is not None:
+            sampler = self.corpus_sampler
+            sampler.rng = random.Random(mix_seed(r.seed, index, 1))
+        else:
+            sampler = self._sampler(substring_counts("".join(self.block)), index)
+        tok = sampler.sample()
+        if any(tok is real for real in self.real):
+            if tok.name not in self._real_pieces:
+                self._real_pieces[tok.name] = TokenizerPieces(tok, self.base, self.config.max_pieces)
+            self.pieces = self._real_pieces[tok.name]
+        else:
+            self.pieces = TokenizerPieces(tok, self.base, self.config.max_pieces)
+
+    # ------------------------------------------------------------------------------------------ steps
+    def micro_step(self, accum_index: int) -> dict[str, float]:
+        r, rt, parts = self.recipe, self.rt, self.parts
+        micro = accum_index * rt.world_size + rt.rank
+        gen = torch.Generator().manual_seed(mix_seed(r.seed, self.step, micro, 2))
+        rng = random.Random(mix_seed(r.seed, self.step, micro, 3))
+        chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        batch = None
+        if r.lm_weight > 0 and self.step % r.lm_every == 0:
+            texts = cut_windows(self.block, r.batch_size, r.seq_len * 6, rng)
+            batch = make_lm_batch(self.pieces, texts, r.seq_len, r.negatives, gen)
+            if batch is not None:
+                chunks.append((self.pieces.ids[batch.subset], self.pieces.mask[batch.subset]))
+        pick = None
+        if r.aux_weight > 0 and self.population.numel():
+            pick = self.population[torch.randint(0, self.population.numel(), (r.aux_tokens,), generator=gen)]
+            chunks.append(decompose_without_self(self.base, pick.tolist(), self.config.max_pieces))
+        if not chunks:
+            return {}
+        ids, mask = stack_pieces(chunks)
+        rows_in, rows_out = self.engine(ids.to(rt.device), mask.to(rt.device), parts.base_input, parts.base_output)
+        loss = rows_in.new_zeros((), dtype=torch.float32)
+        metrics: dict[str, float] = {}
+        n_lm = chunks[0][0].shape[0] if batch is not None else 0
+        if batch is not None:
+            part = lm_loss(parts, self.pieces, batch, rows_in[:n_lm], rows_out[:n_lm], bos_id=self.bos_id,
+                           predict_shared=r.predict_shared)
+            loss = loss + r.lm_weight * part
+            metrics["lm"] = part.item()
+            metrics["tokens"] = float(batch.valid.sum())
+        if pick is not None:
+            part = aux_loss(rows_in[n_lm:], rows_out[n_lm:], pick, parts)
+            loss = loss + r.aux_weight * part
+            metrics["aux"] = part.item()
+        self.engine.backward(loss)
+        self.engine.step()
+        return metrics
+
+    def train_step(self) -> dict[str, Any]:
+        r = self.recipe
+        started = time.perf_counter()
+        if self.round != self.step // r.resample_every:
+            self.start_round(self.step // r.resample_every)
+        per_micro = [self.micro_step(a) for a in range(r.grad_accum)]
+        keys = ("lm", "aux", "tokens")
+        local = torch.tensor([[sum(m.get(k, 0.0) for m in per_micro), sum(k in m for m in per_micro)] for k in keys],
+                             dtype=torch.float64, device=self.rt.device)
+        if self.rt.world_size > 1:
+            torch.distributed.all_reduce(local)
+        self.step += 1
+        seconds = time.perf_counter() - started
+        record: dict[str, Any] = {"step": self.step, "vocab": len(self.pieces.tok)}
+        for key, (total, count) in zip(keys, local.tolist()):
+            if count and key != "tokens":
+                record[key] = round(total / count, 5)
+        record["tokens_per_s"] = round(local[2, 0].item() / seconds, 1)
+        record["step_seconds"] = round(seconds, 3)
+        record["peak_rss_mb"] = peak_rss_mb()
+        return record
+
+    def _should_stop(self, started: float) -> bool:
+        """Rank 0's clock decides and every process follows (unequal stops would hang the next collective)."""
+        budget = self.recipe.max_minutes
+        stop = torch.tensor([float(bool(budget) and time.perf_counter() - started > 60 * float(budget))],
+                            device=self.rt.device)
+        if self.rt.world_size > 1:
+            torch.distributed.broadcast(stop, src=0)
+        return bool(stop.item())
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        self.saved_step = self.step
+        client = {"step": self.step, "round": self.round, "round_state": self.round_state, "history": self.history}
+        checkpoint.save(self.engine, self.ckpt, self.step, client, self.rt.rank)
+        if self.rt.world_size > 1:
+            torch.distributed.barrier()
+        if self.rt.is_main:
+            save_hypernet(self.engine.module, self.ckpt)
+            checkpoint.prune(self.ckpt)
+
+    def resume(self) -> None:
+        client = checkpoint.load(self.engine, self.ckpt, self.rt.rank)
+        if client is None:
+            log.info("no checkpoint in %s: starting from step 0", self.ckpt)
+            return
+        self.step, self.history = int(client["step"]), list(client["history"])
+        self.stream.load_state_dict(client["round_state"])
+        self.start_round(int(client["round"]))
+
+    # ------------------------------------------------------------------------------------------ loop
+    def run(self) -> Path:
+        r = self.recipe
+        if r.resume:
+            self.resume()
+        started = time.perf_counter()
+        ema: dict[str, float] = {}
+        bar = tqdm(total=r.steps, initial=self.step, desc="hypernet", disable=not self.rt.is_main, dynamic_ncols=True)
+        self.engine.train()
+        while self.step < r.steps:
+            record = self.train_step()
+            for key in ("lm", "aux"):
+                if key in record:
+                    ema[key] = record[key] if key not in ema else 0.9 * ema[key] + 0.1 * record[key]
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
+            if self.step % r.log_every == 0 or self.step == 1:
+                record.update({"seconds": round(time.perf_counter() - started, 1),
+                               **{f"ema_{k}": round(v, 4) for k, v in ema.items()}})
+                self.history.append(record)
+                log.info("hypernet %s", record)
+            if self.step % r.save_every == 0:
+                self.save_checkpoint()
+            if self._should_stop(started):
+                log.info("time budget of %s min reached at step %d", r.max_minutes, self.step)
+                break
+        bar.close()
+        if self.saved_step != self.step:
+            self.save_checkpoint()
+        if self.rt.is_main:
+            save_hypernet(self.engine.module, self.out)
+            (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
+        if self.rt.world_size > 1:
+            torch.distributed.barrier()
+        self.stream.close()
+        return self.out
 
 
 def train(recipe: HypernetRecipe) -> Path:
     """Run a recipe (hypernet.config; e.g. recipes/hypernet_smollm2_cpu.yaml); returns the output dir holding
     the hypernetwork."""
-    from transformers import AutoModelForCausalLM
-
-    from transplant.assets.catalog import resolve_model
-
-    if recipe.threads:
-        torch.set_num_threads(int(recipe.threads))
-    out = Path(recipe.output_dir)
-    torch.manual_seed(recipe.seed)
-    rng = random.Random(recipe.seed)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    base_dir = resolve_model(recipe.base)
-    base = load_vocab(base_dir)
-    lm = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    lm.requires_grad_(False)
-    base_in = lm.get_input_embeddings().weight.detach()
-    tied = lm.config.tie_word_embeddings or lm.get_output_embeddings() is None
-    base_out = None if tied else lm.get_output_embeddings().weight.detach()
-    hcfg = HypernetConfig(base_dim=base_in.shape[1], base_vocab_size=base_in.shape[0], untied=not tied,
-                          base_name=str(recipe.base), **asdict(recipe.model))
-    net = Hypernet(hcfg, *base_stats(base_in, base_out))
-    opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    state: dict[str, Any] = {"step": 0, "history": []}
-    if recipe.resume and (out / "checkpoint" / "state.json").exists():
-        state = _load_state(out, net, opt, rng, gen)
-        log.info("resumed at step %d", state["step"])
-    corpus = _corpus(recipe.corpus)
-    real = [load_vocab(spec) for spec in recipe.real_tokenizers]
-    sampler = TokenizerSampler(corpus, size_range=tuple(recipe.vocab_size), noise=recipe.noise, real=real,
-                               real_prob=recipe.real_prob, seed=recipe.seed + state["step"])
-    population = torch.tensor(_aux_population(base), dtype=torch.long)
-    bos = base.roles.get("bos", base.roles.get("eos"))
-    bos_row = base_in[bos] if bos is not None else None
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, recipe.warmup)), last_epoch=state["step"] - 1)
-    started = time.perf_counter()
-    pieces = None
-    running: dict[str, float] = {}
-    net.train()
-    while state["step"] < recipe.steps:
-        step = state["step"]
-        if pieces is None or step % recipe.resample_every == 0:
-            pieces = TokenizerPieces(sampler.sample(), base, hcfg.max_pieces)
-        loss = torch.zeros(())
-        parts = {}
-        if recipe.lm_weight > 0 and step % recipe.lm_every == 0:
-            texts = _windows(corpus, recipe.batch_size, recipe.seq_len * 6, rng)
-            lm_part = lm_loss(lm, net, pieces, texts, seq_len=recipe.seq_len, negatives=recipe.negatives,
-                              bos_row=bos_row, base_in=base_in, base_out=base_out,
-                              predict_shared=recipe.predict_shared, gen=gen)
-            loss = loss + recipe.lm_weight * lm_part
-            parts["lm"] = lm_part.item()
-        if recipe.aux_weight > 0 and population.numel():
-            pick = population[torch.randint(0, population.numel(), (recipe.aux_tokens,), generator=gen)]
-            ids, mask = decompose_without_self(base, pick.tolist(), hcfg.max_pieces)
-            aux_part = aux_loss(net, pick, ids, mask, base_in, base_out)
-            loss = loss + recipe.aux_weight * aux_part
-            parts["aux"] = aux_part.item()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
-        opt.step()
-        sched.step()
-        state["step"] = step + 1
-        for key, value in parts.items():
-            running[key] = value if key not in running else 0.9 * running[key] + 0.1 * value
-        if state["step"] % recipe.log_every == 0 or state["step"] == 1:
-            entry = {"step": state["step"], "seconds": round(time.perf_counter() - started, 1), "vocab": len(pieces.tok),
-                     **{k: round(v, 4) for k, v in parts.items()}, **{f"ema_{k}": round(v, 4) for k, v in running.items()}}
-            state["history"].append(entry)
-            log.info("hypernet %s", entry)
-        if state["step"] % recipe.save_every == 0:
-            _save_state(out, net, opt, state, rng, gen)
-        if recipe.max_minutes and time.perf_counter() - started > 60 * float(recipe.max_minutes):
-            log.info("time budget of %s min reached at step %d", recipe.max_minutes, state["step"])
-            break
-    _save_state(out, net, opt, state, rng, gen)
-    save_hypernet(net.eval(), out)
-    (out / "history.json").write_text(json.dumps(state["history"], indent=1))
-    return out
+    return HypernetTrainer(recipe).setup().run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ import hypernet.initializer  # noqa: F401  (registers `hypernet`)
 import transplant
 import transplant.init.byte_pool_learned as bpl
 from hypernet.config import HypernetRecipe, load_recipe
+from hypernet.lm import lm_parts
+from hypernet.losses import TokenizerPieces, aux_loss, lm_loss, make_lm_batch
 from hypernet.model import (
     Hypernet,
     HypernetConfig,
@@ -20,7 +23,7 @@ from hypernet.model import (
     save_hypernet,
 )
 from hypernet.sample import TokenizerSampler, build_unigram
-from hypernet.train import TokenizerPieces, _aux_population, aux_loss, lm_loss, train
+from hypernet.train import aux_population, train
 from tests.conftest import BASE_CORPUS, DONOR_CORPUS
 from transplant.assets import load_vocab
 from transplant.errors import TransplantError
@@ -36,7 +39,7 @@ def _recipe(tiny_pair, tmp_path, **extra) -> HypernetRecipe:
     return load_recipe(data={
         "base": str(tiny_pair["base_untied"]), "output_dir": str(tmp_path / "hn"), "corpus": str(corpus),
         "steps": 40, "vocab_size": [300, 600], "negatives": 32, "aux_tokens": 64, "seq_len": 32,
-        "resample_every": 5, "save_every": 10, "log_every": 1, "lr": 1e-2, "warmup": 1,
+        "resample_every": 5, "save_every": 10, "log_every": 1, "lr": 1e-2, "warmup": 1, "block_bytes": 20000,
         "model": {"d_model": 32, "layers": 1, "heads": 2}, **extra})
 
 
@@ -79,19 +82,21 @@ def test_untrained_hypernet_is_fvt(tiny_pair):
 def _fixed_losses(net, tiny_pair):
     """LM and auxiliary loss on a fixed batch, tokenizer and negatives (comparable before/after training)."""
     base = load_vocab(tiny_pair["base_untied"])
-    emb = read_embeddings(tiny_pair["base_untied"])
     tok = TokenizerSampler(BASE_CORPUS + DONOR_CORPUS, size_range=(500, 500), seed=7).sample()
     pieces = TokenizerPieces(tok, base, net.config.max_pieces)
     texts = [BASE_CORPUS[:200], DONOR_CORPUS[:200], BASE_CORPUS[300:500]]
     from transformers import AutoModelForCausalLM
 
-    lm = AutoModelForCausalLM.from_pretrained(tiny_pair["base_untied"]).eval()
+    parts = lm_parts(AutoModelForCausalLM.from_pretrained(tiny_pair["base_untied"]).eval())
+    batch = make_lm_batch(pieces, texts, 32, 32, torch.Generator().manual_seed(0))
+    net = net.eval()
     with torch.no_grad():
-        lm_part = lm_loss(lm, net.eval(), pieces, texts, seq_len=32, negatives=32, bos_row=emb.input[0],
-                          base_in=emb.input, base_out=emb.output, predict_shared=False,
-                          gen=torch.Generator().manual_seed(0))
-        pop = torch.tensor(_aux_population(base)[:200])
-        aux_part = aux_loss(net, pop, *decompose_without_self(base, pop.tolist(), 8), emb.input, emb.output)
+        rows_in, rows_out = net(pieces.ids[batch.subset], pieces.mask[batch.subset], parts.base_input,
+                                parts.base_output)
+        lm_part = lm_loss(parts, pieces, batch, rows_in, rows_out, bos_id=0, predict_shared=False)
+        pop = torch.tensor(aux_population(base)[:200])
+        pred_in, pred_out = net(*decompose_without_self(base, pop.tolist(), 8), parts.base_input, parts.base_output)
+        aux_part = aux_loss(pred_in, pred_out, pop, parts)
     return float(lm_part), float(aux_part)
 
 
@@ -107,10 +112,11 @@ def test_training_reduces_loss_saves_resumes_and_applies(tiny_pair, tmp_path):
     lm_after, _ = _fixed_losses(net, tiny_pair)
     assert lm_after < lm_before
     assert net.config.untied and net.config.d_model == 32
-    state = json.loads((out / "checkpoint" / "state.json").read_text())
-    assert state["step"] == 40
+    assert (out / "checkpoint" / "latest").read_text().strip() == "step_00000040"
     resumed = train(_recipe(tiny_pair, tmp_path, steps=45, resume=True))
-    assert json.loads((resumed / "checkpoint" / "state.json").read_text())["step"] == 45
+    assert (resumed / "checkpoint" / "latest").read_text().strip() == "step_00000045"
+    assert [h["step"] for h in json.loads((resumed / "history.json").read_text())][-6:] == [40, 41, 42, 43, 44, 45]
+    assert sorted(p.name for p in (resumed / "checkpoint").glob("step_*")) == ["step_00000045"]  # only the newest
     net = load_hypernet(out)
 
     result = transplant.transplant(tiny_pair["base_untied"], tiny_pair["donor_tok"], method="hypernet",
@@ -180,3 +186,14 @@ def test_byte_pool_learned_fit_and_apply(tiny_pair, tmp_path, monkeypatch):
     again = transplant.transplant(tiny_pair["base_untied"], tiny_pair["donor_tok"], method="byte-pool-learned",
                                   output=tmp_path / "m2", options={"steps": 30, "dim": 16})
     assert "cached" in again.extra["notes"]
+
+
+@pytest.mark.parametrize("recipe_path", sorted((Path(__file__).parents[1] / "recipes").glob("hypernet_*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_are_valid_and_documented(recipe_path):
+    text = recipe_path.read_text()
+    header = text.split("\n\n")[0]
+    assert text.startswith("#") and "hypernet train" in header and "--set" in header
+    assert "transplant --base" in header and "--method hypernet" in header  # the one way to apply it
+    recipe = load_recipe(recipe_path)
+    assert recipe.model.architecture(576 if "cpu" in recipe_path.name else 4096)["d_model"] > 0

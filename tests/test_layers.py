@@ -7,7 +7,6 @@ dependency), so the test needs no optional package installed. docs/architecture.
 from __future__ import annotations
 
 import ast
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -25,11 +24,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("transplant.init",),
     ("transplant.eval",),
     ("transplant.pipeline", "transplant.extend", "transplant"),
-    ("distill", "hypernet"),
+    ("distill",),
+    ("hypernet",),  # above distill: it starts processes the way the distillation trainer does (distill.runtime)
     ("cli",),
 ]
 # Siblings on one layer that must not import each other.
-SEPARATE = [("distill", "hypernet")]
+SEPARATE: list[tuple[str, str]] = []
 
 
 def _module_name(path: Path) -> str:
