@@ -17,11 +17,11 @@ N, S = TokenKind.NORMAL, TokenKind.SPECIAL
 def _pair():
     # base pieces: " cat" (1), "alog" (2), "do" (3), "g" (4), "zz"(5); new adds " catalog" (5) and "dog" (6)
     base = make_vocab([b"", b" cat", b"alog", b"do", b"g", b"zz"], [S, N, N, N, N, N], {"bos": 0}, {0: "<s>"})
-    new = make_vocab([b"", b" cat", b"alog", b"do", b"g", b" catalog", b"dog"], [S, N, N, N, N, N, N],
+    new = make_vocab([b"", b" cat", b"alog", b"do", b"g", b" catalog", b"dog", b"dozz"], [S, N, N, N, N, N, N, N],
                      {"bos": 0}, {0: "<s>"})
     g = torch.Generator().manual_seed(0)
     base_rows = torch.randn(6, 8, generator=g)
-    donor = torch.randn(7, 12, generator=g)
+    donor = torch.randn(8, 12, generator=g)
     donor[5] = 0.8 * donor[1] + 0.3 * donor[2]  # " catalog" composes exactly in the donor space
     donor[6] = 0.5 * donor[3] + 0.5 * donor[4]  # "dog" is exactly FVT's mean there
     return base, new, base_rows, donor
@@ -40,6 +40,11 @@ def test_least_squares_recovers_the_donor_composition():
     assert torch.allclose(out[5], 0.8 * e[1] + 0.3 * e[2], atol=1e-4)
     assert torch.allclose(out[6], 0.5 * e[3] + 0.5 * e[4], atol=1e-4)
     assert torch.equal(out[1], e[1])  # shared tokens are exact copies
+
+
+def test_a_piece_without_a_donor_row_keeps_fvt():
+    out, e = _run(ridge=0.0)
+    assert torch.allclose(out[7], (e[3] + e[5]) / 2, atol=1e-5)  # "dozz" = "do" + "zz"; "zz" is not an anchor
 
 
 def test_large_ridge_is_fvt():

@@ -58,52 +58,64 @@ def fvt_ls_init(ctx: InitContext) -> InitPlan:
     new_ids = [i for i in ctx.alignment.unshared_new_ids.tolist() if kinds[i] is not TokenKind.SPECIAL and token_bytes[i]]
     pieces = segment_with_base(ctx.base_vocab, [token_bytes[i] for i in new_ids])
     rows, cols, vals = copy_shared(ctx.alignment, len(ctx.base_vocab))
-    fitted: list[tuple[int, list[int]]] = []
-    kept_fvt = 0
-    for new_id, base_ids in zip(new_ids, pieces):
-        positions = anchor_of_base[torch.tensor(base_ids, dtype=torch.long)].tolist() if base_ids else []
-        if base_ids and min(positions) >= 0:
-            fitted.append((new_id, positions))
-        elif base_ids:  # a piece without a donor row: FVT's row
-            kept_fvt += 1
-            rows += [new_id] * len(base_ids)
-            cols += base_ids
-            vals += [1.0 / len(base_ids)] * len(base_ids)
+    lengths = torch.tensor([len(p) for p in pieces], dtype=torch.long)
+    flat = torch.tensor([b for p in pieces for b in p], dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(pieces)), lengths)
+    is_anchor = anchor_of_base[flat] >= 0 if flat.numel() else torch.zeros(0, dtype=torch.bool)
+    missing = torch.zeros(len(pieces), dtype=torch.long).index_add_(0, owner, (~is_anchor).long())
+    all_anchors = (missing == 0) & (lengths > 0)
+    token_ids = torch.tensor(new_ids, dtype=torch.long)
+    keep_fvt = ~all_anchors & (lengths > 0)  # a piece without a donor row: FVT's row
+    fvt_pieces = keep_fvt[owner]
+    rows += token_ids[owner[fvt_pieces]].tolist()
+    cols += flat[fvt_pieces].tolist()
+    vals += (1.0 / lengths[owner[fvt_pieces]].float()).tolist()
+    fitted_idx = torch.nonzero(all_anchors, as_tuple=True)[0]
     donor = ctx.donor_input.float()
     dictionary = donor[anchors.new_ids.to(donor.device)]
     ridge, neighbours, batch = ctx.options["ridge"], ctx.options["neighbours"], ctx.options["batch"]
+    starts = torch.cumsum(lengths, 0) - lengths
     errors = []
-    for start in range(0, len(fitted), batch):
-        part = fitted[start : start + batch]
-        targets = donor[torch.tensor([t for t, _ in part], device=donor.device)]
-        width = max(len(p) for _, p in part)
-        support = torch.zeros(len(part), width + neighbours, dtype=torch.long)
-        prior = torch.zeros(len(part), width + neighbours)
-        valid = torch.zeros(len(part), width + neighbours, dtype=torch.bool)
-        for row, (_, positions) in enumerate(part):
-            support[row, : len(positions)] = torch.tensor(positions)
-            prior[row, : len(positions)] = 1.0 / len(positions)
-            valid[row, : len(positions)] = True
+    for start in range(0, fitted_idx.numel(), batch):
+        part = fitted_idx[start : start + batch]
+        part_len = lengths[part]
+        width = int(part_len.max())
+        slot = torch.arange(width)
+        valid = slot[None, :] < part_len[:, None]  # [b, width]
+        gather = (starts[part][:, None] + slot[None, :]).clamp_max(max(flat.numel() - 1, 0))
+        support = torch.where(valid, anchor_of_base[flat[gather]], torch.zeros_like(gather))
+        prior = valid.float() / part_len[:, None].float()
+        targets = donor[token_ids[part].to(donor.device)]
         if neighbours:
             _, near = cosine_topk(targets, dictionary, neighbours + width)
-            for row, (_, positions) in enumerate(part):  # nearest anchors not already among the pieces
-                extra = [p for p in near[row].tolist() if p not in positions][:neighbours]
-                support[row, width : width + len(extra)] = torch.tensor(extra, dtype=torch.long)
-                valid[row, width : width + len(extra)] = True
+            near = near.cpu()
+            fresh = ~(near[:, :, None] == torch.where(valid, support, -1)[:, None, :]).any(2)  # not a piece
+            rank = torch.cumsum(fresh, 1)
+            chosen = fresh & (rank <= neighbours)
+            extra = torch.zeros(part.numel(), neighbours, dtype=torch.long)
+            extra_valid = torch.zeros(part.numel(), neighbours, dtype=torch.bool)
+            r, c = torch.nonzero(chosen, as_tuple=True)
+            extra[r, rank[r, c] - 1] = near[r, c]
+            extra_valid[r, rank[r, c] - 1] = True
+            support = torch.cat([support, extra], 1)
+            valid = torch.cat([valid, extra_valid], 1)
+            prior = torch.cat([prior, torch.zeros(part.numel(), neighbours)], 1)
         support_rows = dictionary[support.to(donor.device)] * valid[..., None].to(donor.device)
-        weights = ridge_weights(targets, support_rows, prior.to(donor.device), valid.to(donor.device), ridge).cpu()
-        approx = (weights[..., None].to(donor.device) * support_rows).sum(1)
+        weights = ridge_weights(targets, support_rows, prior.to(donor.device), valid.to(donor.device), ridge)
+        approx = (weights[..., None] * support_rows).sum(1)
         errors.append(((targets - approx).norm(dim=1) / targets.norm(dim=1).clamp_min(1e-12)).cpu())
+        weights = weights.cpu()
         keep = valid & (weights != 0)
-        token_ids = torch.tensor([t for t, _ in part], dtype=torch.long)[:, None].expand_as(support)
-        rows += token_ids[keep].tolist()
+        rows += token_ids[part][:, None].expand_as(support)[keep].tolist()
         cols += anchors.base_ids[support[keep]].tolist()
         vals += weights[keep].tolist()
+    fitted = fitted_idx.numel()
+    kept_fvt = int(keep_fvt.sum())
     weights = sparse_rows(rows, cols, vals, (len(ctx.new_vocab), len(ctx.base_vocab)))
-    built = {t for t, _ in fitted} | {i for i, p in zip(new_ids, pieces) if p}
+    built = set(token_ids[lengths > 0].tolist())
     unfilled = torch.tensor([i for i in ctx.alignment.unshared_new_ids.tolist() if i not in built], dtype=torch.long)
     dense = mean_rows(unfilled, normal_base_ids(ctx.base_vocab)) if unfilled.numel() else None
     return InitPlan(weights, dense_rows=dense, notes={
-        "anchors": int(anchors.new_ids.numel()), "fitted": len(fitted), "kept_fvt": kept_fvt,
+        "anchors": int(anchors.new_ids.numel()), "fitted": int(fitted), "kept_fvt": kept_fvt,
         "mean_filled": int(unfilled.numel()), "ridge": ridge, "neighbours": neighbours,
         "reconstruction_error": torch.cat(errors) if errors else torch.empty(0)})
