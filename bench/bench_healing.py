@@ -129,6 +129,77 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _followed_by(alignment, teacher):  # -> torch.Tensor
+    """Bool [B, C]: the teacher token after the chunk's last one starts with space/tab/newline or is special."""
+    import torch
+
+    from distill.chunks import boundary_mask
+
+    mask = boundary_mask(teacher)
+    ids = alignment.teacher_input_ids
+    nxt = (alignment.teacher_chunk_last + 1).clamp(max=ids.shape[1] - 1)
+    inside = (alignment.teacher_chunk_last + 1) < alignment.teacher_attention_mask.sum(1, keepdim=True)
+    return mask[ids.gather(1, nxt)] & inside & torch.ones_like(alignment.chunk_mask)
+
+
+def debias_share(args: argparse.Namespace) -> list[dict]:
+    """How much of each held-out slice ALM compares raw (biased) under the old `whitespace` debias, and what the
+    reference's merging (`debias: merge`) makes of it, on SmolLM2 (teacher tokenizer and model) vs Mistral v3.
+
+    Tokenizers only: the share of valid chunks not followed by whitespace (what `whitespace` leaves raw) and not
+    followed by a unit boundary byte. With the teacher's forward (SmolLM2-135M, CPU, seconds): units per chunk
+    after merging at P(boundary) > threshold, and the share of units closed without the teacher expecting a
+    boundary there (only a gap or the end of a window closes them); every unit gets log P(boundary) appended,
+    so no unit is compared raw."""
+    import torch
+
+    from distill.chunks import boundary_mask
+    from distill.corpus import split_text
+    from distill.data import Packer, stitch
+    from distill.losses.common import alm_valid_chunks
+    from distill.losses.units import adjacent_to_next, boundary_units, next_logprob
+    from transplant.assets import load_vocab, texts
+    from transplant.assets.sources import resolve_source
+
+    torch.set_num_threads(args.threads)
+    teacher, student = load_vocab("smollm2-135m"), load_vocab("mistral-v3")
+    model = None
+    if args.share_model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(resolve_source("smollm2-135m", need_model=True).model_dir,
+                                                     dtype=torch.float32).eval()
+    rows = []
+    for name in args.share_texts:
+        packer = Packer(split_text(texts.heldout(name, args.share_bytes)), teacher, student, max_length=args.seq,
+                        shuffle=False)
+        windows = []
+        while packer.state.epoch == 0:
+            windows.append(packer.next_window())
+        alignment = stitch(windows, teacher, student)
+        valid = alm_valid_chunks(alignment)
+        n = int(valid.sum())
+        row = {"text": name, "chunks": n,
+               "raw_whitespace_mode": float((valid & ~alignment.chunk_followed_by_whitespace).sum()) / n}
+        if model is not None:
+            with torch.no_grad():
+                logits = model(input_ids=alignment.teacher_input_ids,
+                               attention_mask=alignment.teacher_attention_mask).logits
+            logb = next_logprob(logits, alignment.teacher_chunk_last, valid, boundary_mask(teacher))
+            likely = valid & (logb > torch.log(torch.tensor(args.threshold)))
+            units = boundary_units(valid, logb, adjacent_to_next(alignment), args.threshold)
+            last: dict[tuple[int, int], int] = {}  # (row, unit) -> its last chunk
+            for b, c in zip(*torch.nonzero(valid, as_tuple=True)):
+                last[(int(b), int(units[b, c]))] = int(c)
+            closed_unlikely = sum(1 for (b, _), c in last.items() if not likely[b, c])
+            row.update(units_per_chunk=len(last) / n, units_closed_without_boundary=closed_unlikely / len(last),
+                       chunks_with_likely_boundary=float(likely.sum()) / n, raw_merge_mode=0.0)
+        row["followed_by_boundary_byte"] = float((valid & _followed_by(alignment, teacher)).sum()) / n
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=str(RECIPE), help="base recipe; the flags below override it")
@@ -151,9 +222,18 @@ def main() -> int:
     parser.add_argument("--ab-steps", type=int, default=0,
                         help="rounds of interleaved step timing (all losses on one trainer); 0 = skip")
     parser.add_argument("--skip-runs", action="store_true", help="only the interleaved timing")
+    parser.add_argument("--debias-share", action="store_true",
+                        help="only measure the share of chunks compared raw per debias mode (see debias_share)")
+    parser.add_argument("--share-texts", nargs="+", default=["english", "german", "code"])
+    parser.add_argument("--share-bytes", type=int, default=16384)
+    parser.add_argument("--share-model", action="store_true", help="also run the teacher to merge as ALM does")
+    parser.add_argument("--threshold", type=float, default=0.1, help="boundary_threshold of debias=merge")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.debias_share:
+        (work / "debias_share.json").write_text(json.dumps(debias_share(args), indent=2))
+        return 0
     if not args.skip_runs:
         rows = [summarise(loss, run_one(loss, args, work)) for loss in args.losses]
         (work / "summary.json").write_text(json.dumps(rows, indent=2))

@@ -47,11 +47,12 @@ def next_logprob(logits: torch.Tensor, positions: torch.Tensor, needed: torch.Te
                  event: torch.Tensor) -> torch.Tensor:
     """[B, C]: log P(next token in `event`) read from the logits at `positions`; 0 where not `needed`.
 
-    Equals log(softmax(logits[b, positions[b, c]]) @ event) for every needed (b, c), computed as a masked
-    logsumexp so no probability vector is materialised. `event`: bool [V] (padded to the logits' vocab)."""
+    Equals log(softmax(logits[b, positions[b, c]]) @ event) for every needed (b, c), computed as the
+    logsumexp of the event's columns minus the row's, so no probability vector is materialised (and it is
+    exact for tiny probabilities). `event`: bool [V] (padded to the logits' vocab)."""
     rows = fp32(rows_at(logits, positions, needed))
-    mask = pad_vocab(event.to(rows.device, torch.bool), rows.shape[-1], False)
-    logp = torch.logsumexp(rows.masked_fill(~mask, float("-inf")), -1) - torch.logsumexp(rows, -1)
+    columns = torch.nonzero(pad_vocab(event.to(rows.device, torch.bool), rows.shape[-1], False))[:, 0]
+    logp = torch.logsumexp(rows.index_select(-1, columns), -1) - torch.logsumexp(rows, -1)
     out = torch.zeros(needed.shape, dtype=logp.dtype, device=logp.device)
     return out.index_put(torch.nonzero(needed, as_tuple=True), logp.clamp(max=0.0))
 
