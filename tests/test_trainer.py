@@ -342,3 +342,16 @@ def test_self_distillation_transplants_the_student_when_missing_and_reads_chat_j
     losses_seen = [r["loss"] for r in result["history"] if "loss" in r]
     assert len(losses_seen) == 2 and all(0 < v < 10 for v in losses_seen)
     assert all(r["num_items"] > 10 for r in result["history"] if "num_items" in r)
+
+
+def test_teacher_sharded_with_parameter_offload_gives_the_same_run(tmp_path, tiny_pair):
+    """teacher.shard=offload: a ZeRO-3 inference engine with the teacher's weights in CPU RAM, gathered layer by
+    layer; the forward, and so the run, is the replicated teacher's."""
+    replicated = make_recipe(tmp_path, tiny_pair, "teacher_replicated", train={"steps": 2, "grad_accum": 1})
+    offloaded = make_recipe(tmp_path, tiny_pair, "teacher_offload", train={"steps": 2, "grad_accum": 1},
+                            teacher={"path": str(tiny_pair["base_untied"]), "shard": "offload"})
+    _, reference = run_in_process(replicated)
+    trainer, result = run_in_process(offloaded)
+    assert trainer.teacher_engine is not None and trainer.teacher_engine.zero_optimization_stage() == 3
+    assert [r["loss"] for r in result["history"]] == pytest.approx([r["loss"] for r in reference["history"]],
+                                                                   rel=1e-6)
