@@ -68,7 +68,9 @@ class HypernetRecipe:
     device: str = "auto"  # auto (CUDA when torch sees one, else CPU) | cpu | cuda
     dtype: str = "auto"  # LM and hypernetwork compute dtype: auto = bf16 on GPUs that have it, else fp32
     nproc: int = 1  # data-parallel processes started on this machine (torchrun); 1 = this process
-    zero_stage: int = 2  # DeepSpeed ZeRO stage for the hypernetwork (0-2); the frozen LM is replicated per process
+    zero_stage: int = 2  # DeepSpeed ZeRO stage for the hypernetwork (0-2)
+    lm_shard: str = "none"  # the frozen LM: none = whole on every process (fastest while it fits) | zero3 = 1/N
+    #                         per process, layers gathered in forward and backward | offload = zero3 in CPU RAM
     # schedule
     steps: int = 200  # upper bound on optimizer steps
     max_minutes: float | None = None  # wall-clock budget; the checkpoint and the hypernetwork are written at the end
@@ -120,6 +122,8 @@ class HypernetRecipe:
         if self.zero_stage not in (0, 1, 2):
             raise TransplantError(f"recipe key zero_stage={self.zero_stage}: the hypernetwork trains with ZeRO 0, 1 "
                                   "or 2 (it is small; ZeRO-3 would shard it for nothing); fix the value")
+        if self.lm_shard not in ("none", "zero3", "offload"):
+            raise TransplantError(f"recipe key lm_shard={self.lm_shard!r} is unknown; use none, zero3 or offload")
         if self.device not in ("auto", "cpu", "cuda"):
             raise TransplantError(f"recipe key device={self.device!r} is unknown; use auto, cpu or cuda")
         if self.model.preset not in PRESETS:

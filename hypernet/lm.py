@@ -48,12 +48,31 @@ class LMParts:
         return self.base_output is None
 
 
+HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _shell(module: nn.Module) -> nn.Module:
-    """A shallow copy whose own attributes can be changed without touching the model (parameters shared)."""
+    """A shallow copy whose own attributes can be changed without touching the model (parameters shared), and
+    without the model's hooks: the shell only ever runs on rows we pass in, so ZeRO-3's gather hooks (a sharded
+    LM) must not fire on it."""
     shell = copy.copy(module)
+    for name in HOOK_DICTS:
+        if name in shell.__dict__:
+            setattr(shell, name, type(shell.__dict__[name])())
     if getattr(shell, "padding_idx", None) is not None:
         shell.padding_idx = None
     return shell
+
+
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """A detached full copy of a parameter, gathered first when ZeRO-3 holds only this process's shard of it."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            return param.detach().clone()
+    return param.detach()
 
 
 def lm_parts(lm: nn.Module) -> LMParts:
@@ -67,8 +86,9 @@ def lm_parts(lm: nn.Module) -> LMParts:
     if not isinstance(getattr(output, "weight", None), torch.Tensor):
         raise TransplantError(f"{type(lm).__name__}'s output layer has no weight matrix; the hypernetwork "
                               "predicts output rows, so it needs a linear lm_head")
-    base_input = embedding.weight.detach()
-    tied = output.weight is embedding.weight or output.weight.data_ptr() == embedding.weight.data_ptr()
+    base_input = full_tensor(embedding.weight)
+    tied = output.weight is embedding.weight or (
+        output.weight.numel() > 0 and output.weight.data_ptr() == embedding.weight.data_ptr())
     bias = getattr(output, "bias", None)
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     multiplier = float(getattr(config, "logit_scale", None) or 1.0)
@@ -77,8 +97,8 @@ def lm_parts(lm: nn.Module) -> LMParts:
         multiplier /= float(scaling)
     softcap = getattr(config, "final_logit_softcapping", None)
     return LMParts(_shell(embedding), decoder, _shell(output), base_input,
-                   None if tied else output.weight.detach(),
-                   bias.detach() if isinstance(bias, torch.Tensor) else None,
+                   None if tied else full_tensor(output.weight),
+                   full_tensor(bias) if isinstance(bias, torch.Tensor) else None,
                    float(softcap) if softcap else None, multiplier)
 
 

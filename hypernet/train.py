@@ -9,8 +9,9 @@ base tokens (the auxiliary loss) in ONE hypernetwork call, and score them (`hype
 
 Scale:
 - DeepSpeed (the engine the distillation trainer uses) wraps the hypernetwork: ZeRO 0-2 (`zero_stage`), bf16
-  on GPUs (`dtype: auto`), gradient accumulation and clipping. The frozen base LM is replicated on every
-  process (in the compute dtype) and only read; it is not part of the engine.
+  on GPUs (`dtype: auto`), gradient accumulation and clipping. The frozen base LM is not part of that engine:
+  it is replicated on every process (`lm_shard: none`) or sharded by a ZeRO-3 engine of its own (`zero3`,
+  `offload`); its embedding matrices are gathered once (the hypernetwork reads base rows by id).
 - Data parallel: every process reads the same block and samples the same tokenizer (both are pure functions of
   the seed and the round), then takes its own micro-batches: global micro-batch `a * world + rank` at
   accumulation index `a`, drawn from an RNG keyed by (seed, step, that index). So N processes with
@@ -100,6 +101,38 @@ def deepspeed_config(recipe: HypernetRecipe, rt: Runtime) -> dict[str, Any]:
     }
 
 
+def load_lm(model_dir: Any, recipe: HypernetRecipe, rt: Runtime) -> tuple[torch.nn.Module, Any]:
+    """The frozen base LM (eval, no grads) and, when sharded, the ZeRO-3 engine that owns it (keep it referenced).
+
+    Sharded, it is loaded partitioned (`zero.Init` through HfDeepSpeedConfig), so no process holds it whole;
+    its forward AND backward gather one layer at a time (the loss backpropagates through the frozen LM into the
+    predicted rows). Every process runs the same number of LM forwards (one per micro-batch, `lm_every` is
+    global), as ZeRO-3 requires."""
+    from transformers import AutoModelForCausalLM
+
+    if recipe.lm_shard == "none":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=rt.dtype)
+        return model.to(rt.device).eval().requires_grad_(False), None
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    zero: dict[str, Any] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    if recipe.lm_shard == "offload":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": rt.device.type == "cuda"}
+    config = {"train_micro_batch_size_per_gpu": recipe.batch_size, "train_batch_size": recipe.batch_size * rt.world_size,
+              "zero_optimization": zero, "bf16": {"enabled": rt.dtype == torch.bfloat16},
+              "fp16": {"enabled": rt.dtype == torch.float16}, "steps_per_print": 10**9}
+    hf_config = HfDeepSpeedConfig(config)  # from_pretrained partitions the weights as it loads them
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=rt.dtype).requires_grad_(False)
+        engine, _, _, _ = deepspeed.initialize(model=model, config=config)
+    finally:
+        del hf_config
+        unset_hf_deepspeed_config()
+    return engine.module.eval(), engine
+
+
 def aux_population(base: Vocab) -> list[int]:
     return [i for i, (b, k) in enumerate(zip(base.token_bytes, base.kinds)) if k is TokenKind.NORMAL and len(b) >= 2]
 
@@ -127,7 +160,6 @@ class HypernetTrainer:
 
     def setup(self) -> HypernetTrainer:
         import deepspeed
-        from transformers import AutoModelForCausalLM
 
         from transplant.assets.catalog import resolve_model
 
@@ -136,9 +168,8 @@ class HypernetTrainer:
             torch.set_num_threads(int(r.threads))
         base_dir = resolve_model(r.base)
         self.base = load_vocab(base_dir)
-        lm = AutoModelForCausalLM.from_pretrained(base_dir, dtype=rt.dtype).to(rt.device).eval()
-        lm.requires_grad_(False)
-        self.lm, self.parts = lm, lm_parts(lm)
+        self.lm, self.lm_engine = load_lm(base_dir, r, rt)
+        self.parts = lm_parts(self.lm)
         dim = self.parts.base_input.shape[1]
         self.config = HypernetConfig(base_dim=dim, base_vocab_size=self.parts.base_input.shape[0],
                                      untied=not self.parts.tied, base_name=str(r.base), **r.model.architecture(dim))
@@ -160,8 +191,9 @@ class HypernetTrainer:
         self.population = torch.tensor(aux_population(self.base), dtype=torch.long)
         self.bos_id = self.base.roles.get("bos", self.base.roles.get("eos"))
         params = sum(p.numel() for p in net.parameters())
-        log.info("hypernetwork %.2fM parameters for %s (%s, ZeRO-%d, %d process(es), %s); corpus: %d source(s)",
-                 params / 1e6, r.base, rt.dtype, r.zero_stage, rt.world_size, rt.device, len(self.sources))
+        log.info("hypernetwork %.2fM parameters for %s (%s, ZeRO-%d, %d process(es), %s, LM shard: %s); "
+                 "corpus: %d source(s)", params / 1e6, r.base, rt.dtype, r.zero_stage, rt.world_size, rt.device,
+                 r.lm_shard, len(self.sources))
         return self
 
     # ------------------------------------------------------------------------------------------ tokenizers

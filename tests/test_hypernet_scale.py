@@ -58,10 +58,12 @@ def test_stop_and_resume_equals_uninterrupted(tiny_pair, tmp_path):
     assert len({h["vocab"] for h in history(straight["output_dir"])}) > 1  # several tokenizers were drawn
 
 
-def test_two_gloo_processes_equal_one_with_accumulation(tiny_pair, tmp_path):
+@pytest.mark.parametrize("lm_shard", ["none", "zero3"])
+def test_two_gloo_processes_equal_one_with_accumulation(tiny_pair, tmp_path, lm_shard):
+    """ZeRO-2 hypernetwork over 2 processes, the frozen LM replicated or ZeRO-3-sharded across them."""
     one = recipe(tiny_pair, tmp_path, "one", steps=4, grad_accum=2)
     train(load_recipe(data=one))
-    two = recipe(tiny_pair, tmp_path, "two", steps=4, grad_accum=1, nproc=2)
+    two = recipe(tiny_pair, tmp_path, "two", steps=4, grad_accum=1, nproc=2, lm_shard=lm_shard)
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(two))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
@@ -74,8 +76,11 @@ def test_two_gloo_processes_equal_one_with_accumulation(tiny_pair, tmp_path):
         assert s1 == s2 and v1 == v2
         assert lm1 == pytest.approx(lm2, rel=1e-4) and aux1 == pytest.approx(aux2, rel=1e-4)
     a, b = weights(one["output_dir"]), weights(two["output_dir"])
+    # replicated: bit-identical here; ZeRO-3 computes the LM's linears through its own autograd function, so
+    # the sums round differently, and Adam turns the ~0 gradient of attention's key bias into up to ~3e-5
+    atol = 1e-5 if lm_shard == "none" else 1e-4
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
 
 
 def test_bf16_trains_and_saves_fp32(tiny_pair, tmp_path):
@@ -107,4 +112,6 @@ def test_presets_size_the_hypernetwork():
         ModelSection(d_model=100, heads=3).architecture(64)
     with pytest.raises(TransplantError, match="zero_stage=3"):
         load_recipe(data={"zero_stage": 3})
+    with pytest.raises(TransplantError, match="lm_shard='fsdp' is unknown"):
+        load_recipe(data={"lm_shard": "fsdp"})
     assert HypernetRecipe().sampler == "batch"
