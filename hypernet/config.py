@@ -117,6 +117,11 @@ class HypernetRecipe:
                 raise TransplantError(f"recipe key {name}={getattr(self, name)} must be at least 1; fix the value")
         if not 0.0 <= self.real_prob <= 1.0:
             raise TransplantError(f"recipe key real_prob={self.real_prob} must be in [0, 1]; fix the value")
+        if self.lm_weight <= 0 and self.aux_weight <= 0:
+            raise TransplantError("recipe keys lm_weight and aux_weight are both 0: nothing to train; set one > 0")
+        if self.aux_weight <= 0 and self.lm_every > 1:
+            raise TransplantError(f"recipe key lm_every={self.lm_every} with aux_weight=0 leaves steps without a loss; "
+                                  "set lm_every=1 or aux_weight > 0")
         if self.sampler not in ("batch", "corpus"):
             raise TransplantError(f"recipe key sampler={self.sampler!r} is unknown; use batch or corpus")
         if self.zero_stage not in (0, 1, 2):

@@ -112,6 +112,8 @@ def test_presets_size_the_hypernetwork():
         ModelSection(d_model=100, heads=3).architecture(64)
     with pytest.raises(TransplantError, match="zero_stage=3"):
         load_recipe(data={"zero_stage": 3})
+    with pytest.raises(TransplantError, match="leaves steps without a loss"):
+        load_recipe(data={"aux_weight": 0, "lm_every": 2})
     with pytest.raises(TransplantError, match="lm_shard='fsdp' is unknown"):
         load_recipe(data={"lm_shard": "fsdp"})
     assert HypernetRecipe().sampler == "batch"
