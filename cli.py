@@ -18,6 +18,8 @@ from hypernet.main import hypernet_main
 from transplant.commandline import (
     CONTEXT_SETTINGS,
     DEVICE,
+    REVISION,
+    TRUST_REMOTE_CODE,
     Group,
     parse_settings,
     read_text_file,
@@ -48,10 +50,13 @@ def _default_eval_texts(n_bytes: int) -> dict[str, str]:
 @click.option("--eval-bytes", default=4096, show_default=True, type=click.IntRange(min=0),
               help="Bytes per held-out slice (english, code) for BPB before/after; 0 skips it.")
 @set_option("k=64 (the method's options: `transplant methods`)")
+@REVISION
+@click.option("--donor-revision", metavar="REV", help="Hub branch, tag or commit of the donor (a hub id).")
+@TRUST_REMOTE_CODE
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 @click.pass_context
 def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_multiple_of, overwrite, eval_bytes,
-                    settings, verbose):
+                    settings, revision, donor_revision, trust_remote_code, verbose):
     """Give a pretrained model a new tokenizer: transplant --base smollm2-135m --donor mistral-v3."""
     setup_logging(verbose)
     if ctx.invoked_subcommand is not None:
@@ -64,7 +69,8 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
     eval_texts = functools.partial(_default_eval_texts, eval_bytes) if eval_bytes else None
     result = transplant(base, donor, method=method, output=output, device=device, dtype=dtype,
                         pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite, eval_texts=eval_texts,
-                        options=options)
+                        options=options, revision=revision, donor_revision=donor_revision,
+                        trust_remote_code=trust_remote_code)
     stats = result.stats
     click.echo(f"transplanted {base} -> tokenizer of {donor} with {result.method} in {result.seconds:.1f}s")
     click.echo(f"  vocab: {stats['new_vocab_size']} tokens, {stats['shared']} shared with the base "
@@ -170,6 +176,8 @@ def assets_fetch(names):
 @transplant_main.command("extend")
 @click.argument("model")
 @click.option("--token", "tokens", multiple=True, help="A token to add (repeatable), e.g. --token ' tokentransplant'.")
+@click.option("--special", "specials", multiple=True,
+              help="A special token to add, never split (repeatable), e.g. --special '<|tool_call|>'.")
 @click.option("--corpus", "corpus_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Domain UTF-8 text file(s) to learn the most useful new tokens from.")
 @click.option("-n", "--num-tokens", type=click.IntRange(min=1), help="How many tokens to learn from --corpus.")
@@ -177,26 +185,54 @@ def assets_fetch(names):
 @set_option("numbers=false (the method's options: `transplant methods`)")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model dir.")
 @click.option("--overwrite", is_flag=True, help="Replace the output dir if it exists.")
-def extend_cmd(model, tokens, corpus_files, num_tokens, method, settings, output, overwrite):
+@REVISION
+@TRUST_REMOTE_CODE
+def extend_cmd(model, tokens, specials, corpus_files, num_tokens, method, settings, output, overwrite, revision,
+               trust_remote_code):
     """Add tokens to MODEL's tokenizer and initialise their rows.
 
     MODEL is a model dir or alias; its existing token ids are kept.
     """
     from transplant.extend import extend_vocab
 
-    if bool(tokens) == bool(corpus_files):
-        raise TransplantError("pass either --token ... or --corpus FILE -n N")
+    if (tokens and corpus_files) or not (tokens or corpus_files or specials):
+        raise TransplantError("pass --token ... or --corpus FILE -n N, and/or --special ...")
     corpus = list(_read_texts(corpus_files).values()) if corpus_files else None
     held_out = {"domain": "\n".join(corpus)[-16384:]} if corpus else None
     result = extend_vocab(model, new_tokens=list(tokens) or None, corpus=corpus, n=num_tokens, method=method,
                           output=output, overwrite=overwrite, eval_texts=held_out,
-                          options=parse_settings(settings))
+                          options=parse_settings(settings), special_tokens=list(specials) or None,
+                          revision=revision, trust_remote_code=trust_remote_code)
     added = result.extra["added_tokens"]
     click.echo(f"added {len(added)} tokens to {model} ({result.method}) in {result.seconds:.1f}s: "
                + ", ".join(added[:8]) + (" ..." if len(added) > 8 else ""))
     if result.bpb_before is not None:
         click.echo(f"  bits/byte on the corpus tail: {result.bpb_before:.3f} before, {result.bpb_after:.3f} after")
     click.echo(f"  output: {result.output}")
+
+
+@transplant_main.command("export-gguf")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="The GGUF file to write, e.g. model.gguf.")
+@click.option("--outtype", type=click.Choice(["f16", "q8_0", "f32"]), default="f16", show_default=True,
+              help="Storage type of the 2-D tensors (1-D tensors stay float32).")
+@click.option("--overwrite", is_flag=True, help="Replace the output if it is a GGUF written by tokentransplant.")
+def export_gguf_cmd(model_dir, output, outtype, overwrite):
+    """Write MODEL_DIR (a Llama/Mistral-architecture model folder) as one GGUF file for llama.cpp.
+
+    Its tokenizer goes along: tokens, merges or scores, token types (specials CONTROL, added tokens
+    USER_DEFINED, byte fallback BYTE), bos/eos/pad ids and the chat template.
+    """
+    from transplant.assets.sources import resolve_source
+    from transplant.io.gguf_export import export_gguf
+
+    folder = resolve_source(str(model_dir), need_model=True).model_dir
+    result = export_gguf(folder, output, outtype=outtype, overwrite=overwrite)
+    vocab = result.vocab
+    click.echo(f"wrote {result.path} ({result.architecture}, {outtype}, {result.tensors} tensors)")
+    click.echo(f"  vocab: {len(vocab.tokens)} tokens ({vocab.model}{', pre ' + vocab.pre if vocab.pre else ''}), "
+               f"{result.control_tokens} control; chat template: {'yes' if vocab.chat_template else 'no'}")
 
 
 if __name__ == "__main__":

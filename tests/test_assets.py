@@ -75,10 +75,18 @@ def test_offline_model_aliases_fetch_the_canonical_model(tmp_path, monkeypatch):
                                                                "gemma3-270m"]
 
 
-def test_every_offline_equivalent_exists():
-    for alias, offline in catalog.OFFLINE_EQUIVALENT.items():
+def test_every_offline_equivalent_exists_and_a_base_is_offered_only_a_model():
+    for alias, offline in catalog.OFFLINE_TOKENIZER_EQUIVALENT.items():
         assert alias in catalog.HUB_ALIASES
         assert offline in catalog.TOKENIZERS or offline in catalog.MODELS
+    for alias, offline in catalog.OFFLINE_MODEL_EQUIVALENT.items():
+        assert alias in catalog.HUB_ALIASES and offline in catalog.MODELS
+    err = OSError("no network")
+    base = str(catalog.hub_error("llama", "meta-llama/Llama-3.2-1B", err, role="base"))
+    assert "llama3" not in base.split("(tokenizers)")[-1] and "no offline model stands in for it" in base
+    assert "'gemma3-270m' is the same model offline" in str(catalog.hub_error("gemma", "google/gemma-3-270m", err,
+                                                                               role="base"))
+    assert "at revision 'v2'" in str(catalog.hub_error("org/x", "org/x", err, revision="v2"))
 
 
 def test_hub_error_is_one_line_and_names_the_way_out(monkeypatch):
@@ -90,7 +98,7 @@ def test_hub_error_is_one_line_and_names_the_way_out(monkeypatch):
     assert message.startswith("could not reach the Hugging Face hub for 'meta-llama/Llama-3.2-1B' (alias 'llama'): "
                               "We couldn't connect to 'https://huggingface.co'; offline, use a local path or an "
                               "offline alias: smollm2-135m, gemma3-270m (models), llama3, mistral-v3")
-    assert "'llama3' is the offline equivalent" in message and "\n" not in message
+    assert "'llama3' is its tokenizer offline" in message and "\n" not in message
     plain = str(catalog.hub_error("org/x", "org/x", RuntimeError("")))
     assert "(alias" not in plain and "RuntimeError" in plain
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

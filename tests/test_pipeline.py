@@ -217,13 +217,13 @@ def test_hub_donor_fetches_weights_only_when_the_method_needs_them(tiny_pair, tm
 
     asked = []
 
-    def fake_download(hub_id, spec, tokenizer_only):
+    def fake_download(hub_id, spec, *, need_model, tokenizer_only, revision):  # tests/test_hub.py: which files
         asked.append(tokenizer_only)
         raise TransplantError("offline")
 
     real_resolve = catalog.resolve_model
     monkeypatch.setattr(catalog, "resolve_model", lambda s: "org/donor" if s == "org/donor" else real_resolve(s))
-    monkeypatch.setattr(sources, "_download_hub", fake_download)
+    monkeypatch.setattr(sources, "_from_hub", fake_download)
     with pytest.raises(TransplantError, match="offline"):
         transplant.transplant(tiny_pair["base_tied"], "org/donor", method=method, output=tmp_path / "out")
     assert asked == [tokenizer_only]

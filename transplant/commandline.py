@@ -138,6 +138,13 @@ class DeviceType(click.ParamType):
 
 DEVICE = DeviceType()
 
+# Hub options, one spelling for every command that loads a model by name.
+REVISION = click.option("--revision", metavar="REV",
+                        help="Hub branch, tag or commit of the model (a hub id; refused for local paths).")
+TRUST_REMOTE_CODE = click.option(
+    "--trust-remote-code", is_flag=True,
+    help="Let transformers run code shipped with a hub tokenizer or model (off by default: read it first).")
+
 
 def read_text_file(path: Path, what: str = "text file") -> str:
     """A UTF-8 file's text, or a one-line error: a binary or unreadable file is the user's to fix."""

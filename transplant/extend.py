@@ -6,6 +6,11 @@ contrast, is cut out of the text before the model runs, even in the middle of ot
 the n new tokens are the n most frequent adjacent pairs, merged one after another — BPE training continued on
 the user's domain text. Given explicitly, a token gets the chain of merges its base segmentation needs (the
 intermediate pieces become tokens too and are reported). New ids come after every existing id, specials included.
+
+Merges cannot cross the pre-tokenizer's cuts: byte-level BPE splits `<|tool_call|>` at `<|`, `tool`, `_call`,
+`|>` before merging, so no merge chain makes it one token. Every given token is therefore checked to encode as
+one id afterwards, and one that would not is a one-line error pointing at `special_tokens` (`--special`): a
+special added token, matched whole before the model's algorithm runs and never split, for any tokenizer type.
 """
 
 from __future__ import annotations
@@ -138,46 +143,101 @@ def extended_tokenizer_json(tokenizer_json: dict[str, Any], merges: list[tuple[s
     return data, added
 
 
+def _check_atomic(extended: Vocab, tokens: list[str]) -> None:
+    """Every requested token must now encode as one id; a merge chain cannot cross the pre-tokenizer's cuts
+    (spaces, punctuation), and a partial result would be a silent surprise."""
+    for token in tokens:
+        ids = extended.encode(token)
+        if len(ids) != 1:
+            pieces = extended.tokenizer.convert_ids_to_tokens(ids)
+            raise TransplantError(
+                f"--token {token!r} would still be split into {len(ids)} tokens {pieces} by this tokenizer's "
+                "pre-tokenizer, which cuts text before any merge; add it as a special token with "
+                f"--special {token!r} (never split) or choose a token without spaces or punctuation inside"
+            )
+
+
+def add_special_tokens(data: dict[str, Any], tokens: list[str]) -> tuple[dict, list[str]]:
+    """`tokenizer.json` with `tokens` as special added tokens (never split, matched before the model runs), and
+    the tokens that got new ids. One that is already special is left as it is.
+
+    One that is already a normal token is refused: made special it would be aligned as a new token and lose its
+    trained row (the alignment matches specials by their literal among the base's specials only)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    backend = Tokenizer.from_str(json.dumps(data))
+    already_special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    known = backend.get_vocab(with_added_tokens=True)
+    for token in dict.fromkeys(tokens):
+        if token in known and token not in already_special:
+            raise TransplantError(f"--special {token!r} is already token {known[token]} of the vocabulary, as a "
+                                  "normal token; making it special would lose its trained row, so use it as it is "
+                                  "or choose a new name")
+    fresh = [t for t in dict.fromkeys(tokens) if t not in known]
+    skipped = [t for t in dict.fromkeys(tokens) if t in already_special]
+    if skipped:
+        log.info("already special tokens, left as they are: %s", ", ".join(skipped))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in fresh])
+    return json.loads(backend.to_str()), fresh
+
+
 def extend_tokenizer(vocab: Vocab, *, new_tokens: list[str] | None = None, corpus: list[str] | None = None,
-                     n: int | None = None) -> tuple[Vocab, list[str]]:
-    """The extended Vocab (same ids for every existing token) and the model-alphabet strings that were added."""
-    if (new_tokens is None) == (corpus is None):
-        raise TransplantError("pass either new_tokens=[...] or corpus=... (with n=...) to extend a vocabulary")
+                     n: int | None = None, special_tokens: list[str] | None = None) -> tuple[Vocab, list[str]]:
+    """The extended Vocab (same ids for every existing token) and what was added: the model-alphabet strings of
+    new merges, then the new special tokens.
+
+    `new_tokens` (or `corpus` + `n`) become BPE merges, checked to encode as one token each; `special_tokens`
+    become special added tokens (any tokenizer type), never split."""
+    specials = list(special_tokens or [])
+    if new_tokens is not None and corpus is not None or not (new_tokens or corpus is not None or specials):
+        raise TransplantError("pass new_tokens=[...] or corpus=... (with n=...), and/or special_tokens=[...], "
+                              "to extend a vocabulary")
     backend = vocab.tokenizer.backend_tokenizer
     data = json.loads(backend.to_str())
-    _bpe_model(data)
-    if corpus is not None:
-        if not n or n < 1:
-            raise TransplantError("corpus-based extension needs n >= 1 (how many tokens to learn)")
-        merges = learn_merges(backend, corpus, n)
-    else:
-        merges = merges_for_tokens(backend, new_tokens)
-    data, added = extended_tokenizer_json(data, merges)
+    added: list[str] = []
+    if new_tokens or corpus is not None:
+        _bpe_model(data)
+        if corpus is not None:
+            if not n or n < 1:
+                raise TransplantError("corpus-based extension needs n >= 1 (how many tokens to learn)")
+            merges = learn_merges(backend, corpus, n)
+        else:
+            merges = merges_for_tokens(backend, new_tokens)
+        data, added = extended_tokenizer_json(data, merges)
+    if specials:
+        data, fresh = add_special_tokens(data, specials)
+        added += fresh
     with tempfile.TemporaryDirectory() as tmp:
         vocab.save(tmp)  # tokenizer_config (specials, chat template) of the original
         (Path(tmp) / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
         extended = load_vocab(tmp)
+    _check_atomic(extended, [*(new_tokens or []), *specials])
     return extended, added
 
 
 def extend_vocab(model: str | Path, tokenizer: str | Path | None = None, *, new_tokens: list[str] | None = None,
                  corpus: str | list[str] | None = None, n: int | None = None, method: str = "fvt",
                  output: str | Path | None = None, overwrite: bool = False,
-                 eval_texts: dict[str, str] | None = None, options: dict[str, Any] | None = None):
-    """Add tokens (given, or the n most useful ones learned from `corpus`) and save a loadable model dir.
+                 eval_texts: dict[str, str] | None = None, options: dict[str, Any] | None = None,
+                 special_tokens: list[str] | None = None, revision: str | None = None,
+                 trust_remote_code: bool = False):
+    """Add tokens (given, or the n most useful ones learned from `corpus`) and special tokens (`special_tokens`,
+    never split) and save a loadable model dir.
 
     The output is checked (writable, free space, `overwrite` only over an earlier output, never the model
-    itself) before any merge is learned, and written atomically by the surgery."""
+    itself) before any merge is learned, and written atomically by the surgery. A special token gets the
+    method's row for a token without text bytes (fvt: the mean base row)."""
     from transplant.assets.sources import resolve_source
     from transplant.pipeline import transplant
 
-    source = resolve_source(model, need_model=True)
+    source = resolve_source(model, need_model=True, revision=revision)
     inputs = [source.model_dir, *([Path(tokenizer)] if tokenizer and Path(tokenizer).exists() else [])]
     if output:  # before learning merges from a large corpus; the default name needs the count learned
         check_output(output, overwrite=overwrite, protected=inputs)
-    base_vocab = load_vocab(tokenizer or source.tokenizer_spec)
+    base_vocab = load_vocab(tokenizer or source.tokenizer_spec, trust_remote_code=trust_remote_code)
     texts = [corpus] if isinstance(corpus, str) else corpus
-    extended, added = extend_tokenizer(base_vocab, new_tokens=new_tokens, corpus=texts, n=n)
+    extended, added = extend_tokenizer(base_vocab, new_tokens=new_tokens, corpus=texts, n=n,
+                                       special_tokens=special_tokens)
     if not added:
         raise TransplantError("no tokens to add: every requested token already exists (or the corpus repeats nothing)")
     log.info("adding %d tokens", len(added))

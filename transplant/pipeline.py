@@ -27,6 +27,7 @@ from transplant.init.numbers import compose_number_rows, digit_report
 from transplant.init.registry import available_methods, get_initializer, needs_donor, parse_options
 from transplant.io import surgery
 from transplant.io.atomic import check_output
+from transplant.io.model_config import is_causal_lm
 from transplant.tokenizers.align import align, shared_token_fraction
 from transplant.tokenizers.vocab import Vocab
 
@@ -94,13 +95,19 @@ def new_embeddings(ctx: InitContext, method: str) -> tuple[torch.Tensor, torch.T
 def transplant(base: str | Path, donor: str | Path, *, method: str | None = None, output: str | Path | None = None,
                device: str = "cpu", dtype: str | None = None, pad_to_multiple_of: int | None = None,
                overwrite: bool = False, eval_texts: dict[str, str] | Callable[[], dict[str, str]] | None = None,
-               options: dict[str, Any] | None = None) -> TransplantResult:
-    """Give `base` the tokenizer of `donor`; returns where the new model is and how well it survived."""
+               options: dict[str, Any] | None = None, revision: str | None = None, donor_revision: str | None = None,
+               trust_remote_code: bool = False) -> TransplantResult:
+    """Give `base` the tokenizer of `donor`; returns where the new model is and how well it survived.
+
+    `revision`/`donor_revision` pick a hub branch, tag or commit; `trust_remote_code` lets transformers run a
+    hub tokenizer's own code (off by default)."""
     started = time.perf_counter()
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
-    base_src = resolve_source(base, need_model=True)
-    # a hub donor is fetched with its weights unless the chosen method only needs its tokenizer
-    donor_src = resolve_source(donor, need_model=False, tokenizer_only_ok=method is not None and not needs_donor(method))
+    base_src = resolve_source(base, need_model=True, revision=revision)
+    # a hub donor brings its tokenizer files, plus only the shards holding its embeddings unless the chosen
+    # method needs no donor model
+    donor_src = resolve_source(donor, need_model=False, tokenizer_only_ok=method is not None and not needs_donor(method),
+                               revision=donor_revision)
     method = method or default_method(donor_src.is_model)
     options = parse_options(method, options)  # unknown methods, typos and bad values fail before any loading
     if needs_donor(method) and not donor_src.is_model:
@@ -113,14 +120,19 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
               if p and p.exists()]  # never overwritten, nor any folder holding them
     check_output(output, overwrite=overwrite, protected=inputs)  # fail before loading or solving anything
 
-    base_vocab = load_vocab(base_src.tokenizer_spec)
-    new_vocab = load_vocab(donor_src.tokenizer_spec)
+    base_vocab = load_vocab(base_src.tokenizer_spec, trust_remote_code=trust_remote_code)
+    new_vocab = load_vocab(donor_src.tokenizer_spec, trust_remote_code=trust_remote_code)
     if len(new_vocab) == 0:
         raise TransplantError(f"donor tokenizer {donor} has an empty vocabulary; pass a tokenizer that has tokens")
     check_output(output, overwrite=overwrite, protected=inputs,
                  estimate_bytes=surgery.estimate_output_bytes(base_src.model_dir, len(new_vocab), dtype=torch_dtype))
     alignment = align(base_vocab, new_vocab)
+    token_map = surgery.token_id_map(alignment.new_to_base, base_vocab.special_texts, len(base_vocab))
+    surgery.check_token_ids(base_src.model_dir, _special_ids(new_vocab), token_map)  # e.g. image_token_index
     base_emb = surgery.read_embeddings(base_src.model_dir)
+    if eval_texts and not is_causal_lm(base_emb.config):
+        log.warning("bits per byte is measured on causal LMs only; %s is not one, so it is skipped", base)
+        eval_texts = None
     if base_emb.input.shape[0] < len(base_vocab):
         raise TransplantError(
             f"base embeddings have {base_emb.input.shape[0]} rows but its tokenizer has {len(base_vocab)} ids; "
@@ -173,6 +185,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         base_src.model_dir, output, new_input=new_input.cpu(), new_output=None if new_output is None else new_output.cpu(),
         save_tokenizer=new_vocab.save, special_ids=_special_ids(new_vocab), model_card=card,
         dtype=torch_dtype, pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite,
-        before_commit=evaluate_and_report, protected=inputs,
+        before_commit=evaluate_and_report, protected=inputs, token_map=token_map,
+        vocab_rows=surgery.sparse_composer(plan.input_weights if plan.output_weights is None else plan.output_weights),
     )
     return result

@@ -133,8 +133,7 @@ MODEL_ALIASES: dict[str, str] = {
     "gemma3": "gemma3-270m", "gemma-3-270m": "gemma3-270m", "gemma3-270m-q4": "gemma3-270m",
 }
 
-# Short names for well-known hub models. Online they are downloaded; offline `hub_error` points at the
-# equivalent offline asset.
+# Short names for well-known hub models. Online they are downloaded; offline `hub_error` names what to use instead.
 HUB_ALIASES: dict[str, str] = {
     "llama": "meta-llama/Llama-3.2-1B",
     "mistral": "mistralai/Mistral-7B-v0.3",
@@ -144,8 +143,14 @@ HUB_ALIASES: dict[str, str] = {
     "smollm2-hub": "HuggingFaceTB/SmolLM2-135M",
 }
 
-# What to use instead of a hub alias when the hub is out of reach: same tokenizer (or same model) offline.
-OFFLINE_EQUIVALENT: dict[str, str] = {
+# Offline stand-ins for a hub alias, by what the alias was used as. A base needs a model: only an offline model of
+# the same family qualifies (there is no offline Llama, Mistral or Qwen model, so none is suggested for them). A
+# donor needs a tokenizer: the same tokenizer offline will do, or the same model.
+OFFLINE_MODEL_EQUIVALENT: dict[str, str] = {
+    "gemma": "gemma3-270m",
+    "smollm2-hub": "smollm2-135m",
+}
+OFFLINE_TOKENIZER_EQUIVALENT: dict[str, str] = {
     "llama": "llama3",
     "mistral": "mistral-v3",
     "qwen": "qwen",
@@ -245,21 +250,36 @@ def resolve_model(spec: str | os.PathLike) -> Path | str:
 
 
 def _short_reason(err: BaseException) -> str:
-    if _offline_by_environment():
+    if offline_by_environment():
         return "HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     reason = lines[0] if lines else type(err).__name__
     return reason if len(reason) <= 160 else reason[:157] + "..."
 
 
-def hub_error(spec: str, hub_id: str, err: BaseException) -> TransplantError:
-    """The one-line error for a hub download that failed, naming the offline way out."""
+def _offline_tip(spec: str, role: str) -> str:
+    key = str(spec).lower()
+    if role == "base":
+        model = OFFLINE_MODEL_EQUIVALENT.get(key)
+        if model:
+            return f" ({model!r} is the same model offline)"
+        return " (no offline model stands in for it)" if key in HUB_ALIASES else ""
+    instead = OFFLINE_TOKENIZER_EQUIVALENT.get(key)
+    if instead is None:
+        return ""
+    what = "the same model" if instead in MODELS else "its tokenizer"
+    return f" ({instead!r} is {what} offline)"
+
+
+def hub_error(spec: str, hub_id: str, err: BaseException, *, role: str = "donor",
+              revision: str | None = None) -> TransplantError:
+    """The one-line error for a hub download that failed, naming the offline way out for a `role` ("base" needs
+    a model, "donor" a tokenizer)."""
     alias = f" (alias {spec!r})" if str(spec) != hub_id else ""
-    instead = OFFLINE_EQUIVALENT.get(str(spec).lower())
-    tip = f" ({instead!r} is the offline equivalent)" if instead else ""
+    at = f" at revision {revision!r}" if revision else ""
     return TransplantError(
-        f"could not reach the Hugging Face hub for {hub_id!r}{alias}: {_short_reason(err)}; offline, use a local "
-        f"path or an offline alias: {_offline_aliases_line()}{tip}"
+        f"could not reach the Hugging Face hub for {hub_id!r}{alias}{at}: {_short_reason(err)}; offline, use a local "
+        f"path or an offline alias: {_offline_aliases_line()}{_offline_tip(spec, role)}"
     )
 
 
@@ -292,10 +312,11 @@ def _hub_unreachable(timeout: float) -> bool:
 
 def is_hub_offline(timeout: float = 2.0) -> bool:
     """True when HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set or the hub does not answer within `timeout` s."""
-    return _offline_by_environment() or _hub_unreachable(timeout)
+    return offline_by_environment() or _hub_unreachable(timeout)
 
 
-def _offline_by_environment() -> bool:
+def offline_by_environment() -> bool:
+    """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set."""
     return any(env_flag(var) for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 

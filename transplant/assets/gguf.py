@@ -135,13 +135,29 @@ def _plain_model(quantized):
     return fresh.eval()
 
 
+def _load_gguf_model(gguf_path: Path, dtype: torch.dtype):
+    """transformers' GGUF loader (dequantizes), with its refusals as one-line errors."""
+    from transformers import AutoModelForCausalLM
+
+    from transplant.errors import TransplantError
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype)
+    except (ValueError, KeyError, NotImplementedError, OSError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise TransplantError(f"transformers cannot load the weights of {gguf_path} ({reason}); pass the model's "
+                              "Hugging Face folder (config.json + safetensors) instead") from err
+
+
 def convert_gguf(gguf_path: Path, dest: Path, *, tokenizer_fixes: tuple[str, ...] = (),
                  chat_template: str | None = None, generation: dict | None = None,
-                 dtype: torch.dtype = torch.float32) -> Path:
+                 dtype: torch.dtype = torch.float32, tokenizer=None) -> Path:
     """Write `dest` (a plain HF model dir) from `gguf_path`; nothing appears at `dest` unless every check passes.
 
     float32 is the default storage dtype: the dequantized values are not bf16-representable, so only fp32 keeps
     the saved model bit-identical to the GGUF model (SmolLM2 517 MB, Gemma-3-270M 1.07 GB on disk).
+    `tokenizer` (a fast tokenizer) replaces transformers' reading of the GGUF vocabulary (user GGUFs get ours,
+    `transplant.tokenizers.load`, which rebuilds SentencePiece-style vocabularies exactly).
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -154,11 +170,12 @@ def convert_gguf(gguf_path: Path, dest: Path, *, tokenizer_fixes: tuple[str, ...
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model dir
     try:
         log.info("[1/4] reading the tokenizer from %s", gguf_path.name)
-        tokenizer = load_gguf_tokenizer(gguf_path, tokenizer_fixes)
+        if tokenizer is None:
+            tokenizer = load_gguf_tokenizer(gguf_path, tokenizer_fixes)
         check_round_trip(tokenizer)
 
         log.info("[2/4] loading and dequantizing the weights (%.0f MB GGUF)", gguf_path.stat().st_size / 2**20)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype)
+        quantized = _load_gguf_model(gguf_path, dtype)
         ids = torch.tensor([tokenizer.encode(SAMPLE_TEXT, add_special_tokens=True)[:64]])
         with torch.no_grad():
             reference = quantized(ids).logits

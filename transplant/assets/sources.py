@@ -8,15 +8,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from transplant.assets import catalog
+from transplant.assets import catalog, gguf_sources, hub
 from transplant.cache import cache_dir
 from transplant.errors import TransplantError
 from transplant.tokenizers import load as tokenizer_files
 from transplant.tokenizers.vocab import Vocab
 
 log = logging.getLogger(__name__)
-
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt"]
 
 
 @dataclass
@@ -34,30 +32,52 @@ def _has_weights(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").exists() and any(path.glob("*.safetensors"))
 
 
-def _download_hub(hub_id: str, spec: str, tokenizer_only: bool) -> Path:
-    from huggingface_hub import snapshot_download
+def _from_hub(hub_id: str, spec: str, *, need_model: bool, tokenizer_only: bool, revision: str | None) -> Path:
+    """Download only what the role needs (`transplant.assets.hub`): a base whole, a donor's tokenizer, and for
+    donor methods its embedding shards."""
+    if need_model:
+        return hub.fetch_model(hub_id, spec, revision)
+    if tokenizer_only:
+        return hub.fetch_tokenizer(hub_id, spec, revision)
+    return hub.fetch_embeddings(hub_id, spec, revision)
 
-    patterns = ["*.json", "tokenizer.model", "*.tiktoken", "*.txt"] if tokenizer_only else HUB_PATTERNS
-    try:
-        return Path(snapshot_download(hub_id, allow_patterns=patterns))
-    except Exception as err:  # hub errors come in many classes; all mean "not reachable / not there"
-        raise catalog.hub_error(spec, hub_id, err) from err
+
+def _from_gguf(gguf: Path, spec: str, *, need_model: bool, tokenizer_only_ok: bool) -> Source:
+    if need_model:
+        folder = gguf_sources.gguf_model_dir(gguf)
+        return Source(spec, folder, folder)
+    if tokenizer_only_ok:
+        return Source(spec, None, gguf)
+    folder = gguf_sources.gguf_embeddings_dir(gguf)
+    return Source(spec, folder, folder)
 
 
-def resolve_source(spec: str | Path, *, need_model: bool, tokenizer_only_ok: bool = True) -> Source:
-    """Resolve a base (need_model=True) or donor spec. Tokenizer aliases are donors without weights."""
+def resolve_source(spec: str | Path, *, need_model: bool, tokenizer_only_ok: bool = True,
+                   revision: str | None = None) -> Source:
+    """Resolve a base (need_model=True) or donor spec. Tokenizer aliases are donors without weights.
+
+    A hub donor brings only its tokenizer files when `tokenizer_only_ok`, else also the shards holding its
+    embeddings (never its whole weights). A GGUF file (or a folder holding one GGUF and no safetensors) is
+    dequantized into a cached folder (`transplant.assets.gguf_sources`). `revision` picks a hub branch, tag or
+    commit and is refused for anything that is not a hub id."""
     text = str(spec)
     if text in catalog.TOKENIZERS:
         if need_model:
             raise TransplantError(
                 f"{text!r} is a tokenizer, not a model; the base must be a model (e.g. smollm2-135m or a model dir)"
             )
+        _no_revision(text, revision, "an offline tokenizer alias")
         return Source(text, None, text)
     resolved = catalog.resolve_model(text)
     if isinstance(resolved, str):  # a hub id
-        local = _download_hub(resolved, text, tokenizer_only=not need_model and tokenizer_only_ok)
-        resolved = local
+        resolved = _from_hub(resolved, text, need_model=need_model, tokenizer_only=tokenizer_only_ok,
+                             revision=revision)
+    else:
+        _no_revision(text, revision, "a local path or an offline alias")
     path = Path(resolved)
+    gguf = gguf_sources.single_gguf(path)
+    if gguf is not None:
+        return _from_gguf(gguf, text, need_model=need_model, tokenizer_only_ok=tokenizer_only_ok)
     if _has_weights(path):
         return Source(text, path, path)
     if need_model:
@@ -68,6 +88,12 @@ def resolve_source(spec: str | Path, *, need_model: bool, tokenizer_only_ok: boo
             )
         raise TransplantError(f"{path} is not a model dir (needs config.json and *.safetensors); pass a model dir")
     return Source(text, None, path)
+
+
+def _no_revision(spec: str, revision: str | None, what: str) -> None:
+    if revision:
+        raise TransplantError(f"--revision {revision} applies to hub ids only, and {spec!r} is {what}; drop "
+                              "--revision or pass a hub id (org/name)")
 
 
 def load_vocab(spec: str | os.PathLike, *, trust_remote_code: bool = False, options: dict | None = None) -> Vocab:

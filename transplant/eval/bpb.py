@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 MAX_LOST_FRACTION = 0.001  # of the text's bytes
 MAX_UNKNOWN_FRACTION = 0.01  # of the tokens
 _ANCHOR, _WINDOW = 8, 1024  # resynchronisation after a mismatch (see `_unmatched`)
+LARGE_MODEL_PARAMETERS = 100_000_000  # from here on, `model_measure` shows progress bars
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,9 @@ def _start_token(tokenizer) -> int | None:
 
 @torch.no_grad()
 def sum_nll(model, tokenizer, text: str, *, max_length: int = 1024, batch_size: int | None = None,
-            ids: list[int] | None = None) -> tuple[float, int]:
-    """Total negative log-likelihood (nats) of `text`'s tokens (`ids` when already encoded) and their count."""
+            ids: list[int] | None = None, progress: bool = False) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) of `text`'s tokens (`ids` when already encoded) and their count;
+    `progress` shows a bar over the windows (on a terminal)."""
     if batch_size is None:  # keep the [batch, length, vocab] logits near 1 GB (Gemma's vocab is 262k)
         batch_size = max(1, int(2.5e8 // (max_length * model.config.vocab_size)))
     ids = _encode(tokenizer, text) if ids is None else ids
@@ -166,8 +168,11 @@ def sum_nll(model, tokenizer, text: str, *, max_length: int = 1024, batch_size: 
     windows = [ids[i : i + window] for i in range(0, len(ids), window)]
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    bar = tqdm(total=len(windows), desc="scoring windows", unit="window", leave=False,
+               disable=None if progress else True)
     for b in range(0, len(windows), batch_size):
         batch = windows[b : b + batch_size]
+        bar.update(len(batch))
         width = max(len(w) for w in batch) + (1 if start is not None else 0)
         input_ids = torch.zeros(len(batch), width, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
@@ -183,6 +188,7 @@ def sum_nll(model, tokenizer, text: str, *, max_length: int = 1024, batch_size: 
         valid = mask[:, 1:].bool()
         total -= float(token_lp[valid].sum())
         count += int(valid.sum())
+    bar.close()
     if start is None:  # the first token of each window had no context: not scored, say so once
         log.warning("tokenizer has no BOS/EOS: the first token of each window is not scored")
     return total, count
@@ -196,12 +202,13 @@ def measure_bits_per_byte(model, tokenizer, texts: str | Iterable[str], *, max_l
     if not texts or any(not t for t in texts):
         raise TransplantError(f"{what} is empty: there is nothing to measure; pass a non-empty text")
     total_nats, fidelity = 0.0, Fidelity(0, 0, 0, 0)
-    for text in tqdm(texts, desc="bits/byte", disable=not progress):
+    for text in tqdm(texts, desc="bits/byte", disable=None if progress else True):
         ids = _encode(tokenizer, text)
         one = tokenizer_fidelity(tokenizer, text, ids)
         check_fidelity(one, what)
         fidelity = fidelity + one
-        nats, _ = sum_nll(model, tokenizer, text, max_length=max_length, batch_size=batch_size, ids=ids)
+        nats, _ = sum_nll(model, tokenizer, text, max_length=max_length, batch_size=batch_size, ids=ids,
+                          progress=progress)
         total_nats += nats
     if fidelity.lost_bytes or fidelity.unknown_tokens:
         log.warning("%s: %s (within the limits; the score counts every original byte)", what, fidelity.describe())
@@ -245,9 +252,12 @@ def load_for_eval(model_dir, device: str = "cpu", dtype: torch.dtype | None = No
 
 def model_measure(model_dir, texts: str | Iterable[str], *, device: str = "cpu", max_length: int = 1024,
                   dtype: torch.dtype | None = None) -> BitsPerByte:
-    """`measure_bits_per_byte` of a model dir (loaded as `load_for_eval` does)."""
+    """`measure_bits_per_byte` of a model dir (loaded as `load_for_eval` does), with progress bars (on a
+    terminal) when the model is large enough for scoring to take a while."""
     model, tokenizer = load_for_eval(model_dir, device=device, dtype=dtype)
-    return measure_bits_per_byte(model, tokenizer, texts, max_length=max_length, what=f"text scored with {model_dir}")
+    large = sum(p.numel() for p in model.parameters()) >= LARGE_MODEL_PARAMETERS
+    return measure_bits_per_byte(model, tokenizer, texts, max_length=max_length, what=f"text scored with {model_dir}",
+                                 progress=large)
 
 
 def model_bits_per_byte(model_dir, texts: str | Iterable[str], *, device: str = "cpu", max_length: int = 1024,

@@ -14,6 +14,9 @@ share one set of guarantees:
   free space before any solving, so a long run never fails at its last step.
 * Normal permissions: directories are made with mode 0o777 masked by the umask (mkdtemp's 0o700 made outputs
   private to their writer).
+
+An output that is a single file (a GGUF export) goes through `atomic_file`: a temp file beside it, renamed over
+it, with the same checks; an existing file is replaced only if the caller recognises it as one of ours.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -190,7 +193,13 @@ def sweep_stale(folder: Path) -> list[Path]:
         return removed
     for entry in entries:
         match = _SCRATCH.match(entry.name)
-        if not match or match["host"] != _HOST or _pid_alive(int(match["pid"])) or not entry.is_dir():
+        if not match or match["host"] != _HOST or _pid_alive(int(match["pid"])):
+            continue
+        if not entry.is_dir():  # a single-file output's temp file (`atomic_file`)
+            if match["kind"] == "tmp" and entry.is_file() and not entry.is_symlink():
+                entry.unlink()
+                removed.append(entry)
+                log.info("removed %s, left by a run that was killed", entry)
             continue
         final = entry.with_name(match["name"])
         if match["kind"] == "old" and not final.exists():
@@ -304,6 +313,69 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False, protected
             _move_into_place(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Terminated):
+            _redeliver_sigterm()
+        friendly = os_error_message(exc, out) if isinstance(exc, OSError) else None
+        if friendly is not None:
+            raise friendly from exc
+        raise
+
+
+# ---------------------------------------------------------------- single files
+
+
+def check_file_output(path: str | os.PathLike, *, overwrite: bool, protected: Iterable[str | os.PathLike] = (),
+                      estimate_bytes: int = 0, is_ours: Callable[[Path], bool] = lambda _: False) -> Path:
+    """`check_output` for an output that is one file (a GGUF): the same promises, with `is_ours(path)` deciding
+    whether an existing file is an earlier output of ours that `overwrite` may replace. Refused too: a file
+    inside an input (the model folder would then hold a file its marker does not list)."""
+    out = Path(path).expanduser().absolute()
+    for item in protected:
+        item = Path(item).expanduser().resolve()
+        if _is_within(out.resolve(), item):
+            raise TransplantError(f"output {out} is inside an input of this run ({item}); choose a path outside it")
+    if out.exists() or out.is_symlink():
+        if out.is_dir() and not out.is_symlink():
+            raise TransplantError(f"output {out} is a directory; name a file, e.g. {out / 'model.gguf'}")
+        if not overwrite:
+            raise TransplantError(f"output {out} already exists; pass --overwrite to replace it or choose another "
+                                  "--output")
+        if out.is_symlink() or not is_ours(out):
+            raise TransplantError(f"--overwrite refused: {out} was not written by tokentransplant; move it away or "
+                                  "choose another --output")
+    folder = _nearest_existing(out.parent)
+    _probe_writable(folder, out)
+    if folder == out.parent:
+        sweep_stale(folder)
+    free = shutil.disk_usage(folder).free
+    if free < estimate_bytes:
+        raise TransplantError(f"disk full: writing {out} needs about {estimate_bytes / 2**30:.2f} GiB but "
+                              f"{folder} has {free / 2**30:.2f} GiB free; free space or choose another --output")
+    return out
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, *, overwrite: bool = False, protected: Iterable[str | os.PathLike] = (),
+                estimate_bytes: int = 0, is_ours: Callable[[Path], bool] = lambda _: False) -> Iterator[Path]:
+    """Yield a temp file name beside `path`; when the block ends normally the file replaces `path` atomically.
+
+    On any error, SIGTERM included, the temp file is removed and `path` is untouched; the checks of
+    `check_file_output` run before and again right before the rename. Permissions are the umask's, as for
+    any file the user makes."""
+    protected = list(protected)
+    out = check_file_output(path, overwrite=overwrite, protected=protected, estimate_bytes=estimate_bytes,
+                            is_ours=is_ours)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _scratch_name(out, "tmp")
+    try:
+        with _sigterm_raises():
+            yield tmp
+            if not tmp.is_file():
+                raise RuntimeError(f"nothing was written to {tmp}")
+            check_file_output(out, overwrite=overwrite, protected=protected, is_ours=is_ours)
+            os.replace(tmp, out)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
         if isinstance(exc, Terminated):
             _redeliver_sigterm()
         friendly = os_error_message(exc, out) if isinstance(exc, OSError) else None

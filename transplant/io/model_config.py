@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from transplant.errors import TransplantError
+from transplant.io.token_ids import TokenIdMap, remap_token_ids, report
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,10 @@ def check_ids(ids: dict, vocab_size: int) -> None:
                 raise ValueError(f"special id {key}={idx} is outside the new vocabulary of {vocab_size}")
 
 
-def updated_config(config: dict, *, vocab_size: int, ids: dict, tied: bool, dtype: torch.dtype | None) -> dict:
+def updated_config(config: dict, *, vocab_size: int, ids: dict, tied: bool, dtype: torch.dtype | None,
+                   token_map: TokenIdMap | None = None) -> dict:
+    """config.json for the new vocabulary. With `token_map`, every other token-id key (nested ones included) is
+    carried to the new ids or refused (`transplant.io.token_ids`); without it they are left and warned about."""
     config = json.loads(json.dumps(config))
     nested = text_config(config)
     scopes = [config] + ([nested] if nested is not None else [])
@@ -120,9 +124,14 @@ def updated_config(config: dict, *, vocab_size: int, ids: dict, tied: bool, dtyp
         nested["vocab_size"] = vocab_size
     if "vocab_size" in config or nested is None or "vocab_size" not in nested:
         config["vocab_size"] = vocab_size
+    if token_map is not None:  # before the ids are set: a list-valued eos keeps its other tokens
+        notes: list[str] = []
+        remap_token_ids(config, token_map, ids, notes)
+        report(notes, "config.json")
     for key, value in ids.items():
-        config[key] = value
-        if nested is not None and key in nested:
+        if token_map is None or key not in config:
+            config[key] = value
+        if token_map is None and nested is not None and key in nested:
             nested[key] = value
     if dtype is not None:
         name = str(dtype).removeprefix("torch.")
@@ -132,14 +141,18 @@ def updated_config(config: dict, *, vocab_size: int, ids: dict, tied: bool, dtyp
                     scope[key] = name
         if "dtype" not in config and "torch_dtype" not in config:
             config["torch_dtype"] = name
+    if token_map is not None:
+        return config
     stale = sorted({k for scope in scopes for k in scope if k.endswith(("_token_id", "_token_index"))} - set(ids))
     if stale:
         log.warning("config keys %s still hold base-vocabulary ids; pass them in special_ids to map them", stale)
     return config
 
 
-def updated_generation_config(base_dir: Path, ids: dict) -> dict:
-    """The base's generation settings with the new special ids; an unreadable file is replaced, not fatal."""
+def updated_generation_config(base_dir: Path, ids: dict, token_map: TokenIdMap | None = None) -> dict:
+    """The base's generation settings with the new special ids; an unreadable file is replaced, not fatal.
+
+    With `token_map` the other id settings are carried over like config.json's (`transplant.io.token_ids`)."""
     path = base_dir / "generation_config.json"
     generation: dict = {}
     if path.is_file():
@@ -150,6 +163,13 @@ def updated_generation_config(base_dir: Path, ids: dict) -> dict:
         if not isinstance(generation, dict):
             log.warning("ignoring %s: not a JSON object", path)
             generation = {}
+    if token_map is not None:
+        notes: list[str] = []
+        remap_token_ids(generation, token_map, {k: v for k, v in ids.items() if k in generation}, notes)
+        report(notes, "generation_config.json")
+        for key in SPECIAL_ROLE_KEYS.values():
+            generation.setdefault(key, ids.get(key))
+        return generation
     dropped = [k for k in STALE_GENERATION_KEYS if k in generation and k not in ids]
     for key in dropped:
         del generation[key]
@@ -159,3 +179,12 @@ def updated_generation_config(base_dir: Path, ids: dict) -> dict:
         if key in SPECIAL_ROLE_KEYS.values() or key in generation:
             generation[key] = value
     return generation
+
+
+def is_causal_lm(config: dict) -> bool:
+    """Whether the config's architecture predicts the next token (bits per byte means something only then); a
+    config that names no architecture is taken to be one, as the tiny test models are."""
+    names = config.get("architectures") or []
+    if not isinstance(names, list) or not names:
+        return True
+    return any(str(n).endswith(("ForCausalLM", "LMHeadModel")) for n in names)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+from tqdm.auto import tqdm
 
 from transplant.errors import TransplantError
 
@@ -45,6 +46,7 @@ CODE_ITEMSIZE: dict[str, int] = {code: torch.empty(0, dtype=dt).element_size() f
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
 COPY_BUFFER_BYTES = 16 * 1024 * 1024
+PROGRESS_MIN_BYTES = 256 * 1024 * 1024  # below this, writing takes seconds: no progress bar
 
 
 @dataclass(frozen=True)
@@ -332,11 +334,12 @@ def _write_tensor(dst: BinaryIO, tensor: torch.Tensor, expected: PlannedTensor) 
     _write_all(dst, memoryview(flat.view(torch.uint8).numpy()))
 
 
-def write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str]) -> None:
+def write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str], progress=None) -> None:
     """Write one safetensors file: header first, then each tensor's bytes, one tensor in memory at a time.
 
     The file is unbuffered on purpose: every write is large (a header or a whole tensor), and the kernel-side
-    copies of unchanged tensors write at the file offset, which a user-space buffer would get out of order."""
+    copies of unchanged tensors write at the file offset, which a user-space buffer would get out of order.
+    `progress` (a tqdm bar) is advanced by each tensor's bytes."""
     buffer = bytearray(COPY_BUFFER_BYTES)
     sources: dict[Path, BinaryIO] = {}
     try:
@@ -351,16 +354,24 @@ def write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, st
                 else:
                     assert tensor.produce is not None
                     _write_tensor(dst, tensor.produce(), tensor)
+                if progress is not None:
+                    progress.update(tensor.nbytes)
     finally:
         for src in sources.values():
             src.close()
 
 
 def write_shards(directory: Path, shards: list[list[PlannedTensor]], metadata: dict[str, str]) -> list[str]:
-    """Write all shards (plus model.safetensors.index.json when there are several); return the file names."""
+    """Write all shards (plus model.safetensors.index.json when there are several); return the file names.
+
+    A progress bar (bytes, on a terminal) accompanies outputs above PROGRESS_MIN_BYTES."""
     names = shard_file_names(len(shards))
-    for name, tensors in zip(names, shards):
-        write_shard(directory / name, tensors, metadata)
+    total = sum(t.nbytes for shard in shards for t in shard)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", leave=False,
+              disable=True if total < PROGRESS_MIN_BYTES else None) as bar:
+        for name, tensors in zip(names, shards):
+            bar.set_postfix_str(name, refresh=False)
+            write_shard(directory / name, tensors, metadata, progress=bar)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.nbytes for shard in shards for t in shard)},

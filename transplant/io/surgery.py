@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from transplant.assets.weight_names import INPUT_NAMES, INPUT_SUFFIXES, OUTPUT_NAMES, OUTPUT_SUFFIXES
 from transplant.errors import TransplantError
-from transplant.io import safetensors
+from transplant.io import safetensors, vocab_tensors
 from transplant.io.atomic import atomic_output
 from transplant.io.model_config import (
     check_ids,
@@ -36,22 +37,16 @@ from transplant.io.model_config import (
     updated_config,
     updated_generation_config,
 )
+from transplant.io.token_ids import TokenIdMap, remap_token_ids, token_id_map
+from transplant.io.vocab_tensors import RowComposer, sparse_composer
+
+__all__ = ["BaseEmbeddings", "read_embeddings", "write_transplanted", "estimate_output_bytes", "check_token_ids",
+           "token_id_map", "sparse_composer", "TokenIdMap", "RowComposer", "INPUT_NAMES", "OUTPUT_NAMES"]
 
 log = logging.getLogger(__name__)
 
-# Exact names first (most common architectures), then suffixes for wrappers that add a prefix.
-INPUT_NAMES = (
-    "model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
-    "language_model.model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight",
-    "model.decoder.embed_tokens.weight", "transformer.word_embeddings.weight",
-    "transformer.embedding.word_embeddings.weight", "model.tok_embeddings.weight", "tok_embeddings.weight",
-    "backbone.embeddings.weight", "backbone.embedding.weight", "embed_tokens.weight", "wte.weight",
-)
-INPUT_SUFFIXES = (".embed_tokens.weight", ".wte.weight", ".word_embeddings.weight", ".embed_in.weight",
-                  ".tok_embeddings.weight")
-OUTPUT_NAMES = ("lm_head.weight", "embed_out.weight", "language_model.lm_head.weight", "output.weight",
-                "transformer.output_layer.weight")
-OUTPUT_SUFFIXES = (".lm_head.weight", ".embed_out.weight")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json")  # a multimodal model's processor: read by AutoProcessor, not the tokenizer
 
 
 @dataclass
@@ -175,20 +170,36 @@ def _check_finite(matrix: torch.Tensor, what: str) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def _default_output_name(input_name: str) -> str:
+def _default_output_name(input_name: str, entries: dict) -> str:
+    """Where an untied copy of a tied embedding goes: the name this architecture loads its output matrix from."""
     if input_name == "gpt_neox.embed_in.weight":
         return "embed_out.weight"
     if input_name.startswith("language_model.model."):
         return "language_model.lm_head.weight"
+    if "cls.predictions.bias" in entries:  # BERT-style masked LM
+        return "cls.predictions.decoder.weight"
+    if "lm_head.bias" in entries and "lm_head.weight" not in entries:  # RoBERTa-style masked LM
+        return "lm_head.decoder.weight"
     return "lm_head.weight"
 
 
-def _plan_weights(entries, input_name, base_output, new_input, new_output, dtype):
-    """Base tensors in storage order, embeddings swapped for the new matrices, the rest copied (or cast)."""
-    output_name = base_output or _default_output_name(input_name)
+def _plan_weights(entries, input_name, base_output, new_input, new_output, dtype, extra=(), compose=None):
+    """Base tensors in storage order, embeddings swapped for the new matrices, per-token tensors (`extra`,
+    `vocab_tensors.VocabTensor`s) rebuilt with `compose`, the rest copied (or cast)."""
+    output_name = base_output or _default_output_name(input_name, entries)
+    rows = new_input.shape[0]
+    per_token = {item.name: item.axis for item in extra}
     planned = []
     for name, entry in entries.items():
-        if name == input_name:
+        if name in per_token:
+            axis = per_token[name]
+            cast = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
+
+            def make(entry=entry, axis=axis, cast=cast):
+                return vocab_tensors.rebuild(safetensors.load_tensor(entry), axis, compose, rows, cast)
+
+            planned.append(safetensors.plan_tensor(name, make, cast, vocab_tensors.new_shape(entry.shape, axis, rows)))
+        elif name == input_name:
             planned.append(safetensors.plan_tensor(name, lambda: new_input, new_input.dtype, tuple(new_input.shape)))
             if new_output is not None and base_output is None:
                 planned.append(safetensors.plan_tensor(output_name, lambda: new_output, new_output.dtype,
@@ -211,10 +222,26 @@ def _write_files(tmp: Path, base_dir: Path, files: dict[str, str | bytes]) -> No
             target.write_bytes(content)
         else:
             target.write_text(content, encoding="utf-8")
-    for path in base_dir.iterdir():  # licences and remote code travel with the weights; tokenizer files do not
-        if path.is_file() and (path.suffix == ".py" or path.name.upper().startswith(("LICENSE", "NOTICE", "USE_POLICY"))):
+    for path in base_dir.iterdir():  # licences, remote code and processors travel with the weights; tokenizers do not
+        if path.is_file() and (path.suffix == ".py" or path.name in PROCESSOR_FILES
+                               or path.name.upper().startswith(("LICENSE", "NOTICE", "USE_POLICY"))):
             if not (tmp / path.name).exists():
                 shutil.copy2(path, tmp / path.name)
+
+
+def check_token_ids(base_dir: Path, special_ids: dict[str, int | None], token_map: TokenIdMap) -> None:
+    """Refuse now (one line) a base whose config names a token the new vocabulary lacks; `write_transplanted`
+    would refuse it too, but only after the solving."""
+    base_dir = Path(base_dir)
+    ids = normalise_special_ids(special_ids)
+    remap_token_ids(load_config(base_dir), token_map, ids, [])  # warnings come once, when the output is written
+    generation = base_dir / "generation_config.json"
+    try:
+        settings = json.loads(generation.read_text(encoding="utf-8")) if generation.is_file() else {}
+    except (OSError, ValueError, RecursionError):
+        settings = {}  # unreadable: replaced when written
+    if isinstance(settings, dict):
+        remap_token_ids(settings, token_map, {k: v for k, v in ids.items() if k in settings}, [])
 
 
 def estimate_output_bytes(model_dir: Path, new_rows: int, *, dtype: torch.dtype | None = None,
@@ -242,7 +269,8 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
                        model_card: str, dtype: torch.dtype | None = None, pad_to_multiple_of: int | None = None,
                        overwrite: bool = False, extra_files: dict[str, str | bytes] | None = None,
                        before_commit: Callable[[Path], None] | None = None,
-                       protected: Iterable[str | os.PathLike] = ()) -> Path:
+                       protected: Iterable[str | os.PathLike] = (), vocab_rows: RowComposer | None = None,
+                       token_map: TokenIdMap | None = None) -> Path:
     """Write the base model with new embeddings as a complete HF model folder at `out_dir`; return it.
 
     `before_commit(tmp_dir)` runs on the complete folder before it is renamed into place (evaluation, reports),
@@ -252,6 +280,11 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
 
     `new_output` None ties the output to the input embedding; a matrix unties it. `dtype` casts every
     floating tensor. Embedding rows are padded to `pad_to_multiple_of` (see `pad_embeddings`).
+
+    Other per-token tensors (a masked LM's decoder bias, ...) are rebuilt with `vocab_rows` (`sparse_composer` of
+    the plan: see `transplant.io.vocab_tensors`); a base that has them and no `vocab_rows` is a ValueError. With
+    `token_map` every token-id field of config.json and generation_config.json is carried to the new ids, or the
+    model is refused before anything is written (`transplant.io.token_ids`). Processor files are copied.
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir).absolute()
     config = load_config(base_dir)
@@ -274,7 +307,16 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
     if new_output is not None:
         new_output = pad_embeddings(new_output.detach().to("cpu", output_dtype), rows)
         _check_finite(new_output, "new_output")
-    planned = _plan_weights(entries, input_name, output_name, new_input, new_output, dtype)
+    extra = vocab_tensors.find_vocab_tensors(entries, entries[input_name].shape[0], (input_name, output_name))
+    if extra and vocab_rows is None:
+        raise ValueError(f"{base_dir} has per-token tensors {[t.name for t in extra][:3]}; pass vocab_rows")
+    if extra:
+        log.info("rebuilding per-token tensors %s", ", ".join(t.name for t in extra))
+    # config files first: a token id the new vocabulary cannot hold refuses the model before anything is written
+    new_config = updated_config(config, vocab_size=rows, ids=ids, tied=new_output is None, dtype=dtype,
+                                token_map=token_map)
+    generation = updated_generation_config(base_dir, ids, token_map)
+    planned = _plan_weights(entries, input_name, output_name, new_input, new_output, dtype, extra, vocab_rows)
     max_shard = max(shard_sizes) if len(shard_sizes) > 1 else None
     shards = safetensors.split_into_shards(planned, max_shard)
     needed = sum(t.nbytes for t in planned) + 16 * 2**20
@@ -283,10 +325,9 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
                        kind="transplant") as tmp:
         save_tokenizer(tmp)  # user code and cheap: fail before minutes of weight writing
         names = safetensors.write_shards(tmp, shards, {"format": "pt"})
-        new_config = updated_config(config, vocab_size=rows, ids=ids, tied=new_output is None, dtype=dtype)
         files: dict[str, str | bytes] = {
             "config.json": json.dumps(new_config, indent=2, sort_keys=True) + "\n",
-            "generation_config.json": json.dumps(updated_generation_config(base_dir, ids), indent=2) + "\n",
+            "generation_config.json": json.dumps(generation, indent=2) + "\n",
             "README.md": model_card,
             **(extra_files or {}),
         }

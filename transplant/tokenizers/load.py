@@ -24,6 +24,7 @@ from transplant.tokenizers.vocab import Vocab, vocab_from_converted
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = 4  # bump when a converter changes, so cached tokenizer.json files are rebuilt
+GGUF_CONVERTER_VERSION = 2  # the same, for GGUF vocabularies only (part of their cache key)
 MAX_TOKENIZER_FILE_BYTES = 512 << 20  # the sniffer reads a file whole only below this (a GGUF may be many GB)
 SNIFF_BYTES = 64 << 10  # what the sniffer reads to recognise GGUF and tiktoken files
 
@@ -354,13 +355,40 @@ def _convert_gguf(path: Path) -> formats.Converted:
             f"transformers cannot read the {model!r} tokenizer in {path} ({reason}); "
             "export the tokenizer as tokenizer.json and pass that"
         ) from err
-    return _converted_from_transformers(tok, "gguf", path.stem)
+    conv = _converted_from_transformers(tok, "gguf", path.stem)
+    conv.tokenizer = _without_invented_tokens(conv.tokenizer, _gguf_token_count(path))
+    return conv
+
+
+def _gguf_token_count(path: Path) -> int:
+    import gguf
+
+    field = gguf.GGUFReader(path).get_field("tokenizer.ggml.tokens")
+    return len(field.data) if field is not None else 0
+
+
+def _without_invented_tokens(backend, count: int):
+    """transformers' GGUF reading of byte-level vocabularies appends `<|endoftext|>` as an unknown token when
+    the file names none; an id beyond the file's token list has no embedding row, so it is removed."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(backend.to_str())
+    extra = [t for t in data.get("added_tokens", []) if t["id"] >= count]
+    if not count or not extra:
+        return backend
+    log.info("dropping %s: not in the GGUF's token list (added by transformers' reader)",
+             ", ".join(t["content"] for t in extra))
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < count]
+    vocab = data.get("model", {}).get("vocab")
+    if isinstance(vocab, dict):
+        data["model"]["vocab"] = {k: v for k, v in vocab.items() if v < count}
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def _load_gguf(path: Path) -> Vocab:
     check_gguf(path)  # every length in the header fits the file, before any reader trusts one
     # transformers' GGUF tokenizer conversion takes up to a minute for 150k-token vocabularies: cache it
-    key = f"{path.stem}-gguf-{_sha256(path)[:16]}"
+    key = f"{path.stem}-gguf{GGUF_CONVERTER_VERSION}-{_sha256(path)[:16]}"
     return vocab_from_converted(_cached_conversion(key, path, lambda: _convert_gguf(path)), path.stem)
 
 
@@ -372,6 +400,11 @@ def load_pretrained(spec: str, trust_remote_code: bool = False) -> Vocab:
         tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
     except Exception as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise TransplantError(
+                f"tokenizer {spec!r} runs its own code from the hub, which is off by default; read that code, then "
+                "pass --trust-remote-code (trust_remote_code=True) to allow it"
+            ) from err
         raise TransplantError(
             f"cannot load tokenizer {spec!r} ({reason}); pass a local tokenizer dir or file, "
             "a hub id reachable from here, or an alias (`transplant assets list`)"
