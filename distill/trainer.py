@@ -202,8 +202,9 @@ class Trainer:
                                    hashlib.sha256(key.encode()).hexdigest(), rt.is_main, barrier)
 
     def use_loss(self, name: str) -> None:
-        """Train with registered loss `name` from the next step on: its checked options and its per-pair extras
-        (`LossSpec.prepare`, built here once). Setup calls it; a bench may switch losses between steps."""
+        """Train with registered loss `name` from the next step on: its checked options, its per-pair extras
+        (`LossSpec.prepare`, built here once) and its CE weight. Setup calls it; a bench may switch losses between
+        steps (trainable loss modules are built once, at setup, for the recipe's loss)."""
         self.loss = get_loss(name)
         self.loss_options = loss_options(name, self.recipe.loss.options)
         weight = self.recipe.loss.ce_weight
