@@ -44,6 +44,8 @@ from hypernet.losses import TokenizerPieces, aux_loss, lm_loss, make_lm_batch
 from hypernet.model import Hypernet, HypernetConfig, base_stats, decompose_without_self, save_hypernet
 from hypernet.sample import TokenizerSampler, real_tokenizer, substring_counts
 from transplant.assets import load_vocab
+from transplant.errors import TransplantError
+from transplant.io.atomic import check_output, read_marker, write_marker
 from transplant.tokenizers.vocab import TokenKind, Vocab
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,8 @@ class HypernetTrainer:
         if r.threads:
             torch.set_num_threads(int(r.threads))
         base_dir = resolve_model(r.base)
+        if rt.is_main:
+            claim_output_dir(self.out, protected=[base_dir])
         self.base = load_vocab(base_dir)
         self.lm, self.lm_engine = load_lm(base_dir, r, rt)
         self.parts = lm_parts(self.lm)
@@ -341,10 +345,26 @@ class HypernetTrainer:
         if self.rt.is_main:
             save_hypernet(self.engine.module, self.out)
             (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
+            write_marker(self.out, "hypernet", {"base": str(r.base), "steps": self.step})
         if self.rt.world_size > 1:
             torch.distributed.barrier()
         self.stream.close()
         return self.out
+
+
+def claim_output_dir(out: Path, protected: list[Path]) -> None:
+    """Training writes into `output_dir` as it goes (checkpoints to resume from), so unlike a transplant it
+    cannot be built aside and renamed at the end. It must be new, empty or a previous run of ours (its
+    `tokentransplant.json` marker); never a folder of the user's own files, the current or home directory, or
+    one holding the base model."""
+    if out.is_dir() and any(out.iterdir()):
+        if read_marker(out) is None:
+            raise TransplantError(f"output_dir {out} holds files tokentransplant did not write; choose a new "
+                                  "one (--set output_dir=DIR)")
+        return
+    check_output(out, overwrite=True, protected=protected)  # forbidden places, writability
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "hypernet")
 
 
 def train(recipe: HypernetRecipe) -> Path:

@@ -197,3 +197,24 @@ def test_shipped_recipes_are_valid_and_documented(recipe_path):
     assert "transplant --base" in header and "--method hypernet" in header  # the one way to apply it
     recipe = load_recipe(recipe_path)
     assert recipe.model.architecture(576 if "cpu" in recipe_path.name else 4096)["d_model"] > 0
+
+
+def test_training_refuses_an_output_dir_of_the_users_own_files(tmp_path):
+    from hypernet.train import claim_output_dir
+    from transplant.errors import TransplantError
+    from transplant.io.atomic import read_marker
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("do not delete")
+    with pytest.raises(TransplantError, match="did not write"):
+        claim_output_dir(mine, protected=[])
+    assert (mine / "thesis.tex").read_text() == "do not delete"
+    fresh = tmp_path / "fresh"
+    claim_output_dir(fresh, protected=[])
+    assert read_marker(fresh)["kind"] == "hypernet"
+    claim_output_dir(fresh, protected=[])  # a previous run of ours may be continued
+    base = tmp_path / "base"
+    base.mkdir()
+    with pytest.raises(TransplantError, match="did not write"):  # a folder holding the base model
+        claim_output_dir(tmp_path, protected=[base])
