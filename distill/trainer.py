@@ -38,7 +38,7 @@ from distill import checkpoint
 from distill.config import Recipe
 from distill.corpus import open_corpus
 from distill.data import DistillLoader, Packer, shared_window_index
-from distill.export import gather_state_dict, write_hf_dir
+from distill.export import check_export_dir, gather_state_dict, write_hf_dir
 from distill.lora import apply_lora
 from distill.losses import ANCHOR_LOSS, PairContext, get_loss, loss_options
 from distill.optim import build_optimizer, lr_factor, param_groups
@@ -324,6 +324,8 @@ class Trainer:
         if self.rt.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(r.to_dict(), sort_keys=False))
+            if r.export.enabled:  # a bad export dir fails now, not after hours of training
+                check_export_dir(Path(r.export.dir), protected=[self.student_dir, self.teacher_dir])
         found = checkpoint.latest_tag(self.ckpt_dir) if self.ckpt_dir.exists() else None
         if found and not r.train.resume:
             raise TransplantError(f"{self.ckpt_dir} holds checkpoints of an earlier run; pass --resume to continue "
