@@ -53,10 +53,16 @@ def _default_eval_texts(n_bytes: int) -> dict[str, str]:
 @REVISION
 @click.option("--donor-revision", metavar="REV", help="Hub branch, tag or commit of the donor (a hub id).")
 @TRUST_REMOTE_CODE
+@click.option("--chat-template", "chat_template", default="auto", show_default=True,
+              type=click.Choice(["auto", "base", "donor", "none"]),
+              help="Which chat template the output carries: auto = the base's if it has one, else the donor's; "
+                   "with the base's, its control tokens (<|im_start|>, ...) are added with their trained rows.")
+@click.option("--map-token", "map_token", multiple=True, metavar="NEW=BASE",
+              help="Give new token NEW the row of base token BASE, e.g. --map-token '[INST]=<|im_start|>' (repeatable).")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 @click.pass_context
 def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_multiple_of, overwrite, eval_bytes,
-                    settings, revision, donor_revision, trust_remote_code, verbose):
+                    settings, revision, donor_revision, trust_remote_code, chat_template, map_token, verbose):
     """Give a pretrained model a new tokenizer: transplant --base smollm2-135m --donor mistral-v3."""
     setup_logging(verbose)
     if ctx.invoked_subcommand is not None:
@@ -64,13 +70,15 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
     if not base or not donor:
         raise TransplantError("both --base and --donor are needed; e.g. transplant --base smollm2-135m --donor mistral-v3")
     from transplant.pipeline import transplant
+    from transplant.tokenizers.control import parse_token_map
 
     options = parse_settings(settings)
+    map_tokens = parse_token_map(map_token)
     eval_texts = functools.partial(_default_eval_texts, eval_bytes) if eval_bytes else None
     result = transplant(base, donor, method=method, output=output, device=device, dtype=dtype,
                         pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite, eval_texts=eval_texts,
                         options=options, revision=revision, donor_revision=donor_revision,
-                        trust_remote_code=trust_remote_code)
+                        trust_remote_code=trust_remote_code, chat_template=chat_template, map_tokens=map_tokens)
     stats = result.stats
     click.echo(f"transplanted {base} -> tokenizer of {donor} with {result.method} in {result.seconds:.1f}s")
     click.echo(f"  vocab: {stats['new_vocab_size']} tokens, {stats['shared']} shared with the base "
@@ -80,6 +88,8 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
             click.echo(f"  {key.replace('_', ' ')}: {stats[key]}")
     if result.bpb_before is not None:
         click.echo(f"  bits/byte on held-out english+code: {result.bpb_before:.3f} before, {result.bpb_after:.3f} after")
+    if "chat" in result.extra:
+        click.echo(f"  chat: {result.extra['chat'].summary()}")
     click.echo(f"  output: {result.output}")
 
 

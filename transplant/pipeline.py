@@ -21,14 +21,18 @@ from transplant.assets.sources import resolve_source
 from transplant.dtypes import parse_dtype
 from transplant.errors import TransplantError
 from transplant.eval.bpb import heldout_fidelity
-from transplant.eval.report import build_report, render_plot, write_report
+from transplant.eval.card import model_card as hub_model_card
+from transplant.eval.plots import render_report_plot
+from transplant.eval.report import build_report, write_report
 from transplant.init.base import InitContext, InitPlan, build_embedding
 from transplant.init.numbers import compose_number_rows, digit_report
 from transplant.init.registry import available_methods, get_initializer, needs_donor, parse_options
 from transplant.io import surgery
 from transplant.io.atomic import check_output
+from transplant.io.chat_config import add_stop_tokens
 from transplant.io.model_config import is_causal_lm
 from transplant.tokenizers.align import align, shared_token_fraction
+from transplant.tokenizers.control import apply_token_map, prepare_new_vocab, stop_token_ids
 from transplant.tokenizers.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -96,11 +100,13 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
                device: str = "cpu", dtype: str | None = None, pad_to_multiple_of: int | None = None,
                overwrite: bool = False, eval_texts: dict[str, str] | Callable[[], dict[str, str]] | None = None,
                options: dict[str, Any] | None = None, revision: str | None = None, donor_revision: str | None = None,
-               trust_remote_code: bool = False) -> TransplantResult:
+               trust_remote_code: bool = False, chat_template: str = "auto",
+               map_tokens: dict[str, str] | None = None) -> TransplantResult:
     """Give `base` the tokenizer of `donor`; returns where the new model is and how well it survived.
 
     `revision`/`donor_revision` pick a hub branch, tag or commit; `trust_remote_code` lets transformers run a
-    hub tokenizer's own code (off by default)."""
+    hub tokenizer's own code (off by default). `chat_template` (auto|base|donor|none) and `map_tokens`
+    ({NEW: BASE}) keep chat models chat-capable (`transplant.tokenizers.control`)."""
     started = time.perf_counter()
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     base_src = resolve_source(base, need_model=True, revision=revision)
@@ -124,9 +130,11 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     new_vocab = load_vocab(donor_src.tokenizer_spec, trust_remote_code=trust_remote_code)
     if len(new_vocab) == 0:
         raise TransplantError(f"donor tokenizer {donor} has an empty vocabulary; pass a tokenizer that has tokens")
+    new_vocab, chat = prepare_new_vocab(base_vocab, new_vocab, chat_template=chat_template, map_tokens=map_tokens,
+                                        tokenizer_spec=donor_src.tokenizer_spec)  # + chat markers, family class
     check_output(output, overwrite=overwrite, protected=inputs,
                  estimate_bytes=surgery.estimate_output_bytes(base_src.model_dir, len(new_vocab), dtype=torch_dtype))
-    alignment = align(base_vocab, new_vocab)
+    alignment = apply_token_map(align(base_vocab, new_vocab), base_vocab, new_vocab, map_tokens)
     token_map = surgery.token_id_map(alignment.new_to_base, base_vocab.special_texts, len(base_vocab))
     surgery.check_token_ids(base_src.model_dir, _special_ids(new_vocab), token_map)  # e.g. image_token_index
     base_emb = surgery.read_embeddings(base_src.model_dir)
@@ -157,8 +165,9 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     if sample:
         stats["shared_token_fraction_on_sample"] = round(shared_token_fraction(alignment, new_vocab, sample), 4)
     comparable = heldout_fidelity(stats, eval_texts or {}, base_vocab.tokenizer, new_vocab.tokenizer)
-    card = model_card(str(base), str(donor), method, stats, options)
-    result = TransplantResult(output, method, stats, 0.0, extra={"notes": plan.notes})
+    card = hub_model_card(base=str(base), donor=str(donor), method=method, stats=stats, options=options,
+                          base_dir=base_src.model_dir, chat=chat.as_dict())
+    result = TransplantResult(output, method, stats, 0.0, extra={"notes": plan.notes, "chat": chat})
 
     def evaluate_and_report(model_dir: Path) -> None:
         """Runs on the finished folder before it is renamed into place: a failure here leaves no output."""
@@ -178,7 +187,9 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         report = build_report(base=str(base), donor=str(donor), method=method, stats=stats, plan=plan,
                               base_vocab=base_vocab, new_vocab=new_vocab, new_ids=alignment.unshared_new_ids.tolist(),
                               seconds=result.seconds, bpb=bpb, options=options)
-        write_report(model_dir, report, render_plot(plan.notes.get("reconstruction_error")))
+        report["chat"] = chat.as_dict()
+        add_stop_tokens(model_dir, stop_token_ids(new_vocab, chat))  # a chat reply ends at <|im_end|> too
+        write_report(model_dir, report, render_report_plot(plan, alignment.unshared_new_ids))
         result.extra["report"] = report
 
     surgery.write_transplanted(

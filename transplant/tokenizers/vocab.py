@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from transplant.errors import TransplantError
-from transplant.tokenizers import formats
+from transplant.tokenizers import family, formats
 from transplant.tokenizers.files import OTHER_FILES
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class Vocab:
     source_format: str = ""  # "hf", "tokenizer.json", "sentencepiece", "tiktoken", "tekken", "gguf"
     adds_prefix_space: bool = False  # SentencePiece dummy prefix: encode("a") starts with the bytes of " a"
     special_texts: dict[int, str] = field(default_factory=dict)  # id -> literal text of a special token
+    tokenizer_class: str | None = None  # the family class the source's own files name (LlamaTokenizer, ...)
 
     def __len__(self) -> int:
         return len(self.token_bytes)
@@ -94,8 +95,10 @@ class Vocab:
         """Write tokenizer files that stock `AutoTokenizer` (transformers 4.x and 5.x) loads with the same
         ids.
 
-        Writes tokenizer.json, tokenizer_config.json (class PreTrainedTokenizerFast, which both major versions
-        know; 5.x's own `TokenizersBackend` is unknown to 4.x) and special_tokens_map.json. Other tokenizer
+        Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json. The config names the family
+        class of `tokenizer_class` when 4.x and 5.x both load it from tokenizer.json and it loads back with the
+        same ids here (`transplant.tokenizers.family`), else PreTrainedTokenizerFast (5.x's own
+        `TokenizersBackend` is unknown to 4.x), with the reason logged. Other tokenizer
         files already in `directory` (tokenizer.model, vocab.json, chat_template.jinja, ...) would be stale
         and some are preferred by transformers, so they are removed.
         """
@@ -108,11 +111,14 @@ class Vocab:
         directory.mkdir(parents=True, exist_ok=True)
         special = {f"{role}_token": self._text_of(role) for role in ("bos", "eos", "unk", "pad")}
         special = {key: text for key, text in special.items() if text is not None}
+        class_name, why = family.saved_class(self.tokenizer_class)
         config: dict[str, Any] = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
+            "tokenizer_class": class_name,
             **special,
             "clean_up_tokenization_spaces": False,
         }
+        if class_name != family.GENERIC_CLASS:
+            config.update(family.special_flags(backend, self.roles))
         max_len = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(max_len, int) and max_len < 10**12:
             config["model_max_length"] = max_len
@@ -128,14 +134,31 @@ class Vocab:
             for path in directory.glob(stale):
                 log.warning("removing stale tokenizer file %s (it would disagree with tokenizer.json)", path)
                 path.unlink()
-        for name, text in files.items():
-            tmp = directory / f".{name}.tmp"
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, directory / name)
+        _write_files(directory, files)
+        if class_name == family.GENERIC_CLASS:
+            log.info("tokenizer_config.json names %s: %s", class_name, why)
+            return
+        failure = family.loads_same(directory, backend)
+        if failure is None:
+            log.info("tokenizer_config.json names %s (%s)", class_name, why)
+            return
+        log.warning("tokenizer_config.json names %s instead of %s: %s", family.GENERIC_CLASS, class_name, failure)
+        config["tokenizer_class"] = family.GENERIC_CLASS
+        for key in ("add_bos_token", "add_eos_token"):
+            config.pop(key, None)
+        _write_files(directory, {"tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)})
 
     def _text_of(self, role: str) -> str | None:
         idx = self.roles.get(role)
         return None if idx is None else self.special_texts.get(idx)
+
+
+def _write_files(directory: Path, files: dict[str, str]) -> None:
+    """Each file through a temp file renamed into place."""
+    for name, text in files.items():
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, directory / name)
 
 
 # Literal special-token names -> role, for tokenizers whose config does not name them (raw files, GGUF).
