@@ -107,3 +107,17 @@ def test_demo_output_chats(tmp_path):
     generator = pipeline("text-generation", model=str(out), device="cpu")
     reply = generator(MESSAGES, max_new_tokens=8, do_sample=False)
     assert reply[0]["generated_text"][-1]["role"] == "assistant"
+
+
+def test_cli_says_what_it_did_and_refuses_a_bad_map(chat_base, tiny_pair, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import transplant_main
+
+    args = ["--base", str(chat_base), "--donor", str(tiny_pair["donor_tok"]), "--method", "fvt", "--eval-bytes", "0"]
+    ok = CliRunner().invoke(transplant_main, [*args, "-o", str(tmp_path / "o"), "--map-token", "<pad>=<|im_end|>"])
+    assert ok.exit_code == 0, ok.output
+    assert "chat: chat template from the base; carried control tokens <|im_end|>, <|im_start|>" in ok.output
+    assert "mapped <pad><-<|im_end|>" in ok.output
+    bad = CliRunner().invoke(transplant_main, [*args, "-o", str(tmp_path / "p"), "--map-token", "oops"])
+    assert bad.exit_code == 2 and "NEW=BASE" in bad.output and not (tmp_path / "p").exists()
