@@ -167,9 +167,12 @@ def test_distill_and_hypernet_share_the_loader(tmp_path):
 
 
 def test_hypernet_recipe_defaults_follow_the_model_config():
+    """Unset sizes come from the preset (the 2M CPU one by default); the rest from HypernetConfig's defaults."""
     defaults = {f.name: f.default for f in dataclasses.fields(HypernetConfig)}
-    section = dataclasses.asdict(HypernetRecipe().model)
-    assert section == {name: defaults[name] for name in section}
+    arch = HypernetRecipe().model.architecture(576)
+    assert {k: arch[k] for k in ("max_pieces", "pooling", "dropout")} == {
+        k: defaults[k] for k in ("max_pieces", "pooling", "dropout")}
+    assert arch["d_model"] % arch["heads"] == 0 and arch["layers"] >= 1
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -188,7 +191,7 @@ def test_shipped_hypernet_recipe_is_valid_and_documented():
     header = path.read_text().split("\n\n")[0]
     assert header.startswith("#") and "hypernet train" in header and "--set" in header
     recipe = load_hypernet_recipe(path)
-    assert recipe.real_tokenizers == ["gpt2"] and recipe.model.d_model == 256
+    assert recipe.real_tokenizers == ["gpt2"] and recipe.model.preset == "cpu-2m"
     # every key the file sets is a recipe key (nothing silently ignored)
     flat = yaml.safe_load(path.read_text())
     named = {k if not isinstance(v, dict) or k == "corpus" else f"{k}.{kk}"
