@@ -1,7 +1,7 @@
 """Which training-free method should be the default? Every candidate on the same pair, measured in memory.
 
-    python bench/bench_default.py --pair smollm2-135m:gemma3-270m --configs fvt focus "omp:k=8,prefilter=0"
-    python bench/bench_default.py --pair gemma3-270m:smollm2-135m --configs fvt focus --bytes 8192
+    python bench/bench_default.py --pair smollm2-135m:gemma3-270m --configs fvt fvt-ls sparsemax-knn "omp:k=8,prefilter=0"
+    python bench/bench_default.py --pair gemma3-270m:smollm2-135m --configs fvt fvt-ls --bytes 8192
 
 Loads the two vocabularies, the embedding matrices and the base model once; for each config it runs the same
 steps as `transplant()` (`transplant.pipeline.new_embeddings`: the method, then the pipeline's refinements),

@@ -1,7 +1,7 @@
 """Held-out bits/byte of real transplants: every method on every model pair, one table.
 
     python bench/bench_transplant.py --pairs smollm2-135m:mistral-v3 smollm2-135m:llama3 --methods fvt
-    python bench/bench_transplant.py --pairs smollm2-135m:gemma3-270m --methods omp fvt focus knn byte-pool
+    python bench/bench_transplant.py --pairs smollm2-135m:gemma3-270m --methods fvt-ls omp fvt sparsemax-knn knn byte-pool
 
 Prints a markdown table (pair, method, seconds, peak RSS of the transplant, BPB per held-out slice) that goes
 into bench/RESULTS.md with the command. Each transplant runs in a fresh subprocess so its peak RSS is its own.

@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", required=True, help="base:donor (model aliases or dirs)")
     parser.add_argument("--k", nargs="+", type=int, default=[8, 64])
     parser.add_argument("--ours", nargs="+", default=["omp", "omp-prefilter"], help="our omp variants per k")
-    parser.add_argument("--extra", nargs="+", default=["fvt", "focus", "byte-pool"], help="k-independent methods")
+    parser.add_argument("--extra", nargs="+", default=["fvt", "fvt-ls", "sparsemax-knn", "byte-pool"], help="k-independent methods")
     parser.add_argument("--prefilter", type=int, default=1024)
     parser.add_argument("--ours-only", action="store_true")
     parser.add_argument("--mergekit-methods", nargs="+", default=["omp", "subword", "common_interpolation"])
