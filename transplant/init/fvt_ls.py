@@ -25,7 +25,7 @@ from transplant.tokenizers.segment import segment_with_base
 from transplant.tokenizers.vocab import TokenKind
 
 OPTIONS = (
-    Option("ridge", float, 1.0, "shrinkage towards FVT's equal weights (0: least squares; large: fvt)", min=0.0),
+    Option("ridge", float, 3.0, "shrinkage towards FVT's equal weights (0: least squares; large: fvt)", min=0.0),
     Option("neighbours", int, 0, "nearest donor-space anchors added to the token's own pieces", min=0, max=256),
     Option("batch", int, 8192, "tokens per batched solve (memory: batch × support² floats)", min=1),
 )
