@@ -78,8 +78,8 @@ def test_donor_method_downloads_only_the_embedding_shards(hub, tiny_pair, tmp_pa
     wanted = {index["model.embed_tokens.weight"], index["lm_head.weight"]}
     assert len(set(index.values())) > len(wanted)  # the test means something only if some shards stay behind
     result = transplant.transplant(tiny_pair["base_tied"], "org/donor", method=method, output=tmp_path / "out",
-                                   eval_texts=None, options={"k": 4})
-    assert result.method == "omp"
+                                   eval_texts=None, options={"k": 4} if method == "omp" else {})
+    assert result.method == (method or "fvt-ls")  # with a donor model the default reads donor embeddings too
     got = hub.files("org/donor")
     assert _shards(got) == wanted and "model.safetensors.index.json" in got and "README.md" not in got
 

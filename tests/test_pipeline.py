@@ -53,7 +53,7 @@ def test_transplant_tokenizer_only_donor(tiny_pair, tmp_path, base_key, method):
     assert (out / "report.md").exists() and (out / "README.md").read_text().count("tokentransplant") >= 1
 
 
-@pytest.mark.parametrize("method,options", [("omp", {"k": 4}), ("knn", {"k": 4}), ("focus", {"top_m": 4})])
+@pytest.mark.parametrize("method,options", [("omp", {"k": 4}), ("knn", {"k": 4}), ("sparsemax-knn", {"top_m": 4})])
 def test_donor_model_methods(tiny_pair, tmp_path, method, options):
     out = tmp_path / "out"
     result = transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_model"], method=method, output=out,
@@ -63,13 +63,13 @@ def test_donor_model_methods(tiny_pair, tmp_path, method, options):
     assert 0 <= report["reconstruction_error"]["median"] <= 1.0 + 1e-6
     model, _ = _load(out)
     assert torch.isfinite(model.get_input_embeddings().weight).all()
-    # donor has its own lm_head: the output embedding is solved in that space, so the model is untied now
-    assert model.config.tie_word_embeddings is False
+    # the donor has its own lm_head, but a tied base stays tied unless the user asks (--set untie=true)
+    assert model.config.tie_word_embeddings is True
     assert result.method == method
 
 
-def test_default_method_is_omp_with_donor_model_and_fvt_without(tiny_pair, tmp_path):
-    assert transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_model"], output=tmp_path / "a").method == "omp"
+def test_default_method_is_fvt_ls_with_donor_model_and_fvt_without(tiny_pair, tmp_path):
+    assert transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_model"], output=tmp_path / "a").method == "fvt-ls"
     assert transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_tok"], output=tmp_path / "b").method == "fvt"
 
 

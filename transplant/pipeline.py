@@ -24,8 +24,9 @@ from transplant.eval.bpb import heldout_fidelity
 from transplant.eval.card import model_card as hub_model_card
 from transplant.eval.plots import render_report_plot
 from transplant.eval.report import build_report, write_report
-from transplant.init.base import InitContext, InitPlan, build_embedding
-from transplant.init.numbers import compose_number_rows, digit_report
+from transplant.init.apply import finish_embeddings
+from transplant.init.base import InitContext, InitPlan
+from transplant.init.numbers import digit_report
 from transplant.init.registry import available_methods, get_initializer, needs_donor, parse_options
 from transplant.io import surgery
 from transplant.io.atomic import check_output
@@ -50,7 +51,9 @@ class TransplantResult:
 
 
 def default_method(donor_has_model: bool) -> str:
-    return "omp" if donor_has_model and "omp" in available_methods() else "fvt"
+    """fvt-ls with a donor model, fvt without: the best measured training-free choices (bench/RESULTS.md,
+    "Default method"); omp lost to both on the large direction SmolLM2 <- Gemma-3 and took 35 minutes."""
+    return "fvt-ls" if donor_has_model and "fvt-ls" in available_methods() else "fvt"
 
 
 def _special_ids(vocab: Vocab) -> dict[str, int | None]:
@@ -85,15 +88,7 @@ def new_embeddings(ctx: InitContext, method: str) -> tuple[torch.Tensor, torch.T
     The method builds its plan; the pipeline's own steps then refine it for every method alike. Benches call
     this too (bench/bench_default.py), so what they measure is what `transplant()` writes.
     """
-    plan = get_initializer(method)(ctx)
-    if ctx.options["numbers"]:
-        plan = compose_number_rows(plan, ctx)
-    new_input = build_embedding(plan, "input", ctx.base_input)
-    new_output = None
-    if ctx.base_output is not None or plan.output_weights is not None:
-        base_out = ctx.base_output if ctx.base_output is not None else ctx.base_input
-        new_output = build_embedding(plan, "output", base_out)
-    return new_input, new_output, plan
+    return finish_embeddings(ctx, get_initializer(method)(ctx), method)  # numbers, tie, repaired rows
 
 
 def transplant(base: str | Path, donor: str | Path, *, method: str | None = None, output: str | Path | None = None,
@@ -158,7 +153,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     )
     new_input, new_output, plan = new_embeddings(ctx, method)
 
-    stats = {**alignment.stats(len(base_vocab)), **digit_report(base_vocab, new_vocab)}
+    stats = {**alignment.stats(len(base_vocab)), **digit_report(base_vocab, new_vocab), **plan.notes["repairs"].stats()}
     if callable(eval_texts):  # fetched only once the inputs are known to be good
         eval_texts = eval_texts()
     sample = next(iter((eval_texts or {}).values()), None)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from transplant.init.base import InitPlan
+from transplant.init.repair import RepairSummary
 from transplant.tokenizers.vocab import TokenKind, Vocab
 
 
@@ -55,19 +56,39 @@ def build_report(*, base: str, donor: str, method: str, stats: dict[str, Any], p
                  options: dict[str, Any]) -> dict[str, Any]:
     from transplant.version import __version__
 
-    notes = {k: v for k, v in plan.notes.items() if not isinstance(v, torch.Tensor)}
+    notes = {k: v for k, v in plan.notes.items() if not isinstance(v, torch.Tensor) and k != "repairs"}
     report: dict[str, Any] = {
         "tokentransplant_version": __version__, "base": base, "donor": donor, "method": method,
         "options": options, "seconds": round(seconds, 2), "statistics": stats, "method_notes": notes,
         "examples": decompositions(plan, new_vocab, base_vocab, example_ids(new_ids, new_vocab)),
         "bits_per_byte": bpb or {},
     }
+    repairs = plan.notes.get("repairs")
+    if repairs is not None:
+        report.update(repair_section(repairs, new_vocab, options))
     errors = plan.notes.get("reconstruction_error")
     if isinstance(errors, torch.Tensor) and errors.numel():
         q = torch.quantile(errors.float(), torch.tensor([0.1, 0.5, 0.9, 0.99]))
         report["reconstruction_error"] = {"mean": float(errors.mean()), "p10": float(q[0]), "median": float(q[1]),
                                           "p90": float(q[2]), "p99": float(q[3]), "n": int(errors.numel())}
     return report
+
+
+def repair_section(repairs: RepairSummary, new_vocab: Vocab, options: dict[str, Any], n: int = 8) -> dict[str, Any]:
+    """`unreachable_rows` and `near_duplicates_repaired` for report.json: counts, policy and a few examples."""
+    unreachable = repairs.unreachable
+    step = max(len(unreachable) // n, 1)
+    return {
+        "unreachable_rows": {"count": len(unreachable), "policy": options.get("unreachable", "mean"),
+                             "examples": [show_token(new_vocab.token_bytes[i]) + f" (id {i})"
+                                          for i in unreachable[::step][:n]]},
+        "near_duplicates_repaired": {
+            "count": len(repairs.duplicates), "fell_back_to_midpoint_with_mean": repairs.duplicates_shrunk,
+            "threshold": options.get("dedup_cosine"),
+            "examples": [f"{show_token(new_vocab.token_bytes[d])} ≈ {show_token(new_vocab.token_bytes[m])} "
+                         f"(cosine {c:.4f})" for d, m, c in repairs.duplicates[:n]]},
+        "rows_rescaled": repairs.rescaled,
+    }
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -81,6 +102,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Reconstruction error in the donor space (relative L2)", "",
                   f"mean {r['mean']:.3f}, p10 {r['p10']:.3f}, median {r['median']:.3f}, p90 {r['p90']:.3f}, "
                   f"p99 {r['p99']:.3f} over {r['n']} new tokens (see report.png)"]
+    for key in ("unreachable_rows", "near_duplicates_repaired"):
+        if key in report:
+            entry = report[key]
+            lines += ["", f"## {key.replace('_', ' ').capitalize()}: {entry['count']}", ""]
+            lines += [f"- `{example}`" for example in entry["examples"]]
     lines += ["", "## Example decompositions", "", "```"] + report["examples"] + ["```"]
     if report["bits_per_byte"]:
         lines += ["", "## Bits per byte on held-out text (lower is better)", "", "| slice | before | after |",

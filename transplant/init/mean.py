@@ -5,6 +5,8 @@ from __future__ import annotations
 from transplant.init.base import InitContext, InitPlan, copy_shared, mean_rows, normal_base_ids, sparse_rows
 from transplant.init.registry import register
 
+NUMBER_ROWS = True  # the numbers step's default: a mean row knows no digits (bench/RESULTS.md, numbers rows)
+
 
 @register("mean")
 def mean_init(ctx: InitContext) -> InitPlan:

@@ -2,15 +2,22 @@
 
 The OMP paper finds that mismatched digit tokenization (single digits vs up-to-3-digit chunks) is what breaks
 arithmetic after a transplant. A new token such as `"123"` has no good neighbour in a single-digit model, and
-similarity methods mix it with unrelated numbers. We instead compose it from the base's own segmentation of the
-digit string: the input row is the mean of the pieces (as FVT), the output row is the FIRST piece's row,
-because predicting "123" next is, to the base model, predicting "1" next (the other digits are conditional on
-it). Both are sums of base rows, so they stay in the sparse plan.
+similarity methods mix it with unrelated numbers. The `numbers` step composes it from the base's own
+segmentation of the digit string instead: the mean of the pieces' rows, in the input and the output role —
+FVT's row for that token, kept in the sparse plan.
+
+Whether that beats a method's own rows is measured per method (bench/RESULTS.md, "Unreachable rows and fidelity
+fixes"), and each method declares its default as a module constant `NUMBER_ROWS` (absent: off); `--set
+numbers=true|false` overrides it. It pays for methods that know nothing of a token's bytes (`mean`), not for
+byte-pool, and is a no-op for fvt. The output row used to be the FIRST piece's row ("predicting 123 is
+predicting 1"); that makes every `1xx` token an exact copy of `1`'s output row, so each digit's probability
+was split over ~110 tokens, and it measured worse than the mean, so it is gone.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 
 import torch
 
@@ -50,27 +57,31 @@ def _replace_rows(weights: torch.Tensor, row_ids: list[int], rows: list[int], co
     return torch.sparse_coo_tensor(indices, values, weights.shape, check_invariants=True).coalesce()
 
 
+def number_rows_default(method: str) -> bool:
+    """The method's measured default for the `numbers` step: its module's `NUMBER_ROWS`, else False."""
+    from transplant.init.registry import get_method
+
+    module = sys.modules.get(get_method(method).initializer.__module__)
+    return bool(getattr(module, "NUMBER_ROWS", False))
+
+
 def compose_number_rows(plan: InitPlan, ctx: InitContext) -> InitPlan:
-    """Rewrite the rows of new number tokens: input = mean of base digit pieces, output = first piece (untied)."""
+    """Rewrite the rows of new number tokens as the mean of the base's digit pieces, in every role."""
     ids = number_token_ids(ctx)
     if not ids:
         plan.notes["number_tokens_composed"] = 0
         return plan
     segments = segment_with_base(ctx.base_vocab, [ctx.new_vocab.token_bytes[i] for i in ids])
     pairs = [(i, seg) for i, seg in zip(ids, segments) if seg]
-    in_rows, in_cols, in_vals, out_rows, out_cols = [], [], [], [], []
+    rows, cols, vals = [], [], []
     for new_id, seg in pairs:
-        in_rows += [new_id] * len(seg)
-        in_cols += seg
-        in_vals += [1.0 / len(seg)] * len(seg)
-        out_rows.append(new_id)
-        out_cols.append(seg[0])
+        rows += [new_id] * len(seg)
+        cols += seg
+        vals += [1.0 / len(seg)] * len(seg)
     changed = [i for i, _ in pairs]
-    separate_output = plan.output_weights is not None or ctx.base_output is not None
-    output_base = plan.output_weights if plan.output_weights is not None else plan.input_weights
-    plan.input_weights = _replace_rows(plan.input_weights, changed, in_rows, in_cols, in_vals)
-    if separate_output:  # a tied model keeps one matrix: the mean-of-pieces row serves both roles
-        plan.output_weights = _replace_rows(output_base, changed, out_rows, out_cols, [1.0] * len(out_rows))
+    if plan.output_weights is not None:
+        plan.output_weights = _replace_rows(plan.output_weights, changed, rows, cols, vals)
+    plan.input_weights = _replace_rows(plan.input_weights, changed, rows, cols, vals)
     if plan.dense_rows is not None:  # dense overrides must not undo the number rows
         inner = plan.dense_rows
         changed_t = torch.tensor(changed, dtype=torch.long)

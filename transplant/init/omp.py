@@ -1,4 +1,4 @@
-"""`omp`: Orthogonal Matching Pursuit tokenizer transplantation (the default when a donor model is given).
+"""`omp`: Orthogonal Matching Pursuit tokenizer transplantation (mergekit-tokensurgeon's method).
 
 Each new token's donor embedding is approximated by k anchor tokens (shared by both vocabularies) with least
 squares on the greedily chosen set; the same coefficients applied to the anchors' base rows give its base row.
@@ -6,10 +6,10 @@ Input and output embeddings are solved separately when the donor has its own lm_
 
 `prefilter` (option): `auto` (default) pursues inside each target's 1024 most correlated anchors (re-chosen as
 the residual changes) when that pays off: on CPU for k > 16 over more than 4096 anchors. Exact Batch-OMP costs
-N·k²/2 bandwidth-bound reads per target, which at k=64 over ~46k anchors is hours of 2-core CPU for a 200k-token
-vocabulary (about what mergekit's exact pursuit costs), while the refreshed prefilter measured the same held-out
-BPB as exact OMP on Gemma-3 <- SmolLM2 at a sixth of the time (bench/RESULTS.md). On a GPU the exact pursuit is
-kept. `prefilter=0` forces exact OMP anywhere; `prefilter=M` sets the candidate count.
+N·k²/2 bandwidth-bound reads per target: for a 200k-token vocabulary at k=64 that is hours of 2-core CPU, while
+the refreshed prefilter measures the same held-out BPB as exact OMP (bench/RESULTS.md, "OMP solver" and the
+mergekit section). On a GPU the exact pursuit is kept. With a donor model the default method is `fvt-ls`, which
+measured better than OMP on the large direction (bench/RESULTS.md, "Default method"). `prefilter=0` forces exact OMP anywhere; `prefilter=M` sets the candidate count.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from transplant.errors import TransplantError
 from transplant.init.base import InitContext, InitPlan
 from transplant.init.donor import donor_plan
 from transplant.init.registry import Option, register
+from transplant.io.memory import check_fits, omp_bytes
 
 
 def parse_prefilter(value: object) -> str | int:
@@ -34,7 +35,8 @@ def parse_prefilter(value: object) -> str | int:
 
 OPTIONS = (
     Option("k", int, 64, "anchors per new token (sparsity of each row)", min=1, max=4096),
-    Option("prefilter", str, "auto", "auto, 0 (exact pursuit) or a candidate count M per target", parse=parse_prefilter),
+    Option("prefilter", str, "auto", "auto, 0 (exact pursuit) or a candidate count M per target", parse=parse_prefilter,
+           metavar="auto|M"),
 )
 
 
@@ -48,6 +50,9 @@ def omp_init(ctx: InitContext) -> InitPlan:
 
     def combine(targets, dictionary):
         prefilter = resolve_prefilter(option, k, dictionary.shape[0], str(ctx.device))
+        check_fits(omp_bytes(targets.shape[0], dictionary.shape[0], dictionary.shape[1], min(k, dictionary.shape[0])),
+                   what=f"OMP for {targets.shape[0]} new tokens over {dictionary.shape[0]} anchors at k={k}",
+                   fix="use a smaller --set k", device=ctx.device)
         used.append(prefilter)
         # the Gram matrix costs N²·D/2 once; pursuit without it costs B·k·N·D: build it only when that is more
         use_gram = targets.shape[0] * k > dictionary.shape[0]

@@ -42,6 +42,7 @@ class Option:
     max: float | None = None
     choices: tuple[Any, ...] | None = None
     parse: Callable[[Any], Any] | None = None
+    metavar: str | None = None  # how `transplant methods` names the value type (default: the type's name)
 
     def coerce(self, value: Any, method: str) -> Any:
         """The typed value, or a one-line error naming the option, what it got and what it takes."""
@@ -74,13 +75,24 @@ class Option:
             bounds = f" in {{{', '.join(map(str, self.choices))}}}"
         elif self.min is not None or self.max is not None:
             bounds = f" in [{'' if self.min is None else self.min}, {'' if self.max is None else self.max}]"
-        kind = "auto|int" if self.parse is not None else self.type.__name__
+        kind = self.metavar or self.type.__name__
         return f"{self.name} ({kind}{bounds}, default {self.default}): {self.help}"
 
 
 # Options every method accepts: the pipeline applies them after the method's rows are built.
 PIPELINE_OPTIONS = (
-    Option("numbers", bool, True, "compose new number tokens from the base's digit pieces"),
+    Option("numbers", bool, None, "give new number tokens the mean of the base's digit pieces (unset: the "
+           "method's measured default, on for mean only)"),
+    Option("untie", bool, False, "give a tied base its own output matrix (a donor lm_head no longer unties it)"),
+    Option("unreachable", str, "mean", "rows of tokens the new tokenizer never emits: mean row (no output mass), "
+           "zero, or keep", choices=("mean", "zero", "keep")),
+    Option("dedup_cosine", float, 0.99, "new rows this cosine-close to a frequent token's row fall back to fvt "
+           "(1 disables)", min=0.0, max=1.0),
+    Option("dedup_top", int, 4096, "how many frequent base tokens (lowest ids) near-duplicates are checked "
+           "against", min=0),
+    Option("rescale_norm", str, "off", "rescale new rows to the norm of their base pieces or the base median",
+           choices=("off", "pieces", "median"), parse=lambda v: {"true": "pieces", "false": "off"}.get(
+               str(v).strip().lower(), str(v).strip().lower())),
 )
 
 # Options of every method that reads the donor's embeddings (anchor selection in `init/donor.py`).
@@ -149,14 +161,22 @@ def _discover() -> None:
             "tokentransplant's built-in methods are not registered (package metadata missing); install it with "
             "`pip install -e .` from the repository root"
         )
-    _discovered = True
     for entry in found:
         try:
             entry.load()
+        except ModuleNotFoundError as err:  # installed metadata names a module this tree lacks
+            if not entry.value.startswith("transplant."):
+                log.warning("initializer plug-in %s (%s) is not installed: %s", entry.name, entry.value, err)
+                continue
+            raise TransplantError(
+                f"method {entry.name!r} is registered by the installed package metadata but its module "
+                f"{entry.value} is missing ({err}); reinstall with `pip install -e .`"
+            ) from err
         except Exception as err:  # a broken plug-in must not take the built-in methods down with it
             if entry.value.startswith("transplant."):
                 raise
             log.warning("initializer plug-in %s (%s) failed to load: %s", entry.name, entry.value, err)
+    _discovered = True  # only once every module loaded: a failure is reported again, not turned into gaps
 
 
 def get_method(name: str) -> Method:

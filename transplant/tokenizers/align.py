@@ -1,7 +1,7 @@
 """Which tokens of the new vocabulary already exist in the base one.
 
 Matching is an exact dictionary join on bytes (so SentencePiece `▁é`, GPT-2 `ĠÃ©` and tiktoken's raw bytes all
-meet), and specials join on their role (bos ↔ bos, eos ↔ eos) or, failing that, on their literal text.
+meet), and specials join on their literal text or, failing that, on their role (bos ↔ bos, eos ↔ eos).
 """
 
 from __future__ import annotations
@@ -46,22 +46,24 @@ class Alignment:
 
 
 def align(base: Vocab, new: Vocab) -> Alignment:
-    """Join the two vocabularies on exact bytes (normal and byte-fallback tokens) and on special roles."""
+    """Join the two vocabularies on exact bytes (normal and byte-fallback tokens), then specials: a literal match
+    first (Qwen's `<|endoftext|>` is SmolLM2's `<|endoftext|>`, although each tokenizer gives that role to a
+    different token), then the role for specials whose literal the base does not have (`<bos>` ↔ `<s>`)."""
     new_to_base = torch.full((len(new),), -1, dtype=torch.long)
     base_by_bytes = base.bytes_to_id
     for new_id, (piece, kind) in enumerate(zip(new.token_bytes, new.kinds)):
         if kind is not TokenKind.SPECIAL and piece:
             new_to_base[new_id] = base_by_bytes.get(piece, -1)
+    base_special_by_text = {text: idx for idx, text in sorted(base.special_texts.items(), reverse=True)}
+    for new_id, text in new.special_texts.items():
+        if text in base_special_by_text:
+            new_to_base[new_id] = base_special_by_text[text]
     matched_by_role: dict[str, tuple[int, int]] = {}
     for role, new_id in new.roles.items():
         base_id = base.roles.get(role)
-        if base_id is not None and new.kinds[new_id] is TokenKind.SPECIAL:
+        if base_id is not None and new.kinds[new_id] is TokenKind.SPECIAL and new_to_base[new_id] < 0:
             new_to_base[new_id] = base_id
             matched_by_role[role] = (new_id, base_id)
-    base_special_by_text = {text: idx for idx, text in base.special_texts.items()}
-    for new_id, text in new.special_texts.items():
-        if new_to_base[new_id] < 0 and text in base_special_by_text:
-            new_to_base[new_id] = base_special_by_text[text]
     return Alignment(new_to_base=new_to_base, matched_by_role=matched_by_role)
 
 
