@@ -83,9 +83,15 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
     click.echo(f"transplanted {base} -> tokenizer of {donor} with {result.method} in {result.seconds:.1f}s")
     click.echo(f"  vocab: {stats['new_vocab_size']} tokens, {stats['shared']} shared with the base "
                f"({stats['new']} new, {stats['dropped']} base tokens dropped)")
-    for key in ("shared_token_fraction_on_sample", "digit_split_base", "digit_split_new", "digit_mismatch"):
+    for key in ("shared_token_fraction_on_sample", "digit_split_base", "digit_split_new", "digit_mismatch",
+                "unreachable_rows", "near_duplicates_repaired"):
         if key in stats:
             click.echo(f"  {key.replace('_', ' ')}: {stats[key]}")
+    if stats.get("new_tokenizer_bytes_lost") or stats.get("new_tokenizer_unknown_tokens"):
+        click.echo(f"  new tokenizer on held-out text: {stats['new_tokenizer_bytes_lost']:.2%} of bytes lost, "
+                   f"{stats['new_tokenizer_unknown_tokens']:.2%} of tokens unknown")
+    if "warning" in stats:
+        click.echo(f"  warning: {stats['warning']}", err=True)
     if result.bpb_before is not None:
         click.echo(f"  bits/byte on held-out english+code: {result.bpb_before:.3f} before, {result.bpb_after:.3f} after")
     if "chat" in result.extra:
