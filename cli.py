@@ -42,7 +42,7 @@ def _default_eval_texts(n_bytes: int) -> dict[str, str]:
 @click.option("--donor", help="Tokenizer to give it: a tokenizer/model dir or file, hub id, or alias (mistral-v3, llama3, ...).")
 @click.option("--method", default=None, help="Initializer (default: omp with a donor model, else fvt). See `transplant methods`.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model dir (default out/<base>--<donor>-<method>).")
-@click.option("--device", default="cpu", show_default=True, type=DEVICE,
+@click.option("--device", default="auto", show_default=True, type=DEVICE,
               help="Where the solvers run: cpu, cuda, cuda:N, mps, or auto (CUDA when torch sees one, else CPU).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Store weights in this dtype.")
 @click.option("--pad-to-multiple-of", type=click.IntRange(min=1), help="Pad the vocabulary to a multiple (e.g. 64).")
@@ -105,7 +105,7 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
               help="UTF-8 text file(s) to score (repeatable); default: the built-in held-out slices.")
 @click.option("--max-length", default=1024, show_default=True, type=click.IntRange(min=2),
               help="Tokens per scored window; longer texts are scored in windows of this length.")
-@click.option("--device", default="cpu", show_default=True, type=DEVICE,
+@click.option("--device", default="auto", show_default=True, type=DEVICE,
               help="Where the models run: cpu, cuda, cuda:N, mps, or auto.")
 @click.option("--tasks", help="Run stock lm-eval instead, e.g. tt_bpb,tt_mc_small (local, offline) or any "
               "lm-eval task name when the hub is reachable.")
