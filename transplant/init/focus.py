@@ -28,6 +28,8 @@ from transplant.tokenizers.vocab import TokenKind
 
 log = logging.getLogger(__name__)
 
+NUMBER_ROWS = True  # the numbers step's default: digit-piece rows beat FOCUS's own on numbers (bench/RESULTS.md)
+
 _DEFAULTS = static.FastTextSettings()
 OPTIONS = (
     Option("corpus", str, None, "UTF-8 text file in the target language(s) for the auxiliary fastText model "
