@@ -24,6 +24,10 @@ from transplant.init.registry import Option, register
 from transplant.tokenizers.segment import segment_with_base
 from transplant.tokenizers.vocab import TokenKind
 
+# The numbers step's default: new number tokens keep fvt's digit-piece mean, as in the measured default
+# (bench/RESULTS.md, "Default method"); least-squares weights over digits were not measured.
+NUMBER_ROWS = True
+
 OPTIONS = (
     Option("ridge", float, 3.0, "shrinkage towards FVT's equal weights (0: least squares; large: fvt)", min=0.0),
     Option("neighbours", int, 0, "nearest donor-space anchors added to the token's own pieces", min=0, max=256),
