@@ -30,7 +30,9 @@ def test_demo_output_loads_generates_and_tokenizes_like_sentencepiece(transplant
     out = transplanted.output
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.vocab_size == 32768 and model.config.bos_token_id == 1 and model.config.eos_token_id == 2
+    # Mistral v3's 32,768 ids, then the base's two chat control tokens carried as specials (issue 13)
+    assert model.config.vocab_size == 32768 + 2 and model.config.bos_token_id == 1 and model.config.eos_token_id == 2
+    assert tokenizer.convert_ids_to_tokens([32768, 32769]) == ["<|im_start|>", "<|im_end|>"]
     sp = spm.SentencePieceProcessor(model_file=str(fetch_tokenizer_file("mistral-v3")))
     sample = (pytest.importorskip("pathlib").Path(__file__).parent / "data" / "multilingual_sample.txt").read_text()
     assert tokenizer.encode(sample, add_special_tokens=False) == sp.encode(sample)
