@@ -51,6 +51,13 @@ class RepairSummary:
         return {"unreachable_rows": len(self.unreachable), "near_duplicates_repaired": len(self.duplicates)}
 
 
+def id_mask(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """Boolean [size] mask of `ids` (torch.isin sorts; this is one scatter)."""
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[ids] = True
+    return mask
+
+
 def mean_row(matrix: torch.Tensor, population: torch.Tensor) -> torch.Tensor:
     return matrix[population.to(matrix.device)].float().mean(0)
 
@@ -80,7 +87,7 @@ def frequent_ids(ctx: InitContext, top: int, exclude: torch.Tensor) -> torch.Ten
     alignment, kinds = ctx.alignment, ctx.new_vocab.kinds
     shared = alignment.shared_new_ids
     keep = torch.tensor([kinds[i] is TokenKind.NORMAL for i in shared.tolist()], dtype=torch.bool)
-    keep &= ~torch.isin(shared, exclude)
+    keep &= ~id_mask(exclude, len(kinds))[shared]
     shared = shared[keep]
     order = alignment.new_to_base[shared].argsort(stable=True)
     return shared[order[:top]]
@@ -109,7 +116,7 @@ def near_duplicates(matrix: torch.Tensor, ids: torch.Tensor, reference: torch.Te
     for start in range(0, ids.numel(), chunk):
         part = ids[start : start + chunk].to(matrix.device)
         rows = torch.nn.functional.normalize(matrix[part].float() @ proj, dim=1).to(torch.bfloat16)
-        hit = (rows @ ref_p).float().amax(1) > threshold - SEARCH_MARGIN
+        hit = (rows @ ref_p).amax(1).float() > threshold - SEARCH_MARGIN
         candidates.append(part[hit])
     cand = torch.cat(candidates)
     if cand.numel() == 0:
@@ -162,7 +169,7 @@ def repair_rows(ctx: InitContext, new_input: torch.Tensor, new_output: torch.Ten
     rebuilt = ctx.alignment.unshared_new_ids
     rebuilt = rebuilt[torch.tensor([new_vocab.kinds[i] is not TokenKind.SPECIAL for i in rebuilt.tolist()],
                                    dtype=torch.bool)] if rebuilt.numel() else rebuilt
-    rebuilt = rebuilt[~torch.isin(rebuilt, unreachable)]
+    rebuilt = rebuilt[~id_mask(unreachable, len(new_vocab))[rebuilt]]
     roles = [("input", new_input, ctx.base_input)]
     if new_output is not None:
         roles.append(("output", new_output, ctx.base_output if ctx.base_output is not None else ctx.base_input))
