@@ -113,6 +113,7 @@ def test_unreachable_rows_take_no_output_mass(tiny_pair, sp_path, tmp_path, base
     report = json.loads((out / "report.json").read_text())
     assert report["unreachable_rows"]["count"] == len(unreachable_ids(new_vocab)) >= len(twins)
     assert report["statistics"]["unreachable_rows"] == report["unreachable_rows"]["count"]
+    assert any(example.startswith("<0x") for example in report["unreachable_rows"]["examples"])
 
 
 def test_keep_leaves_the_twin_copies(tiny_pair, sp_path, tmp_path):

@@ -74,19 +74,24 @@ def build_report(*, base: str, donor: str, method: str, stats: dict[str, Any], p
     return report
 
 
+def _spelled(vocab: Vocab, idx: int) -> str:
+    """A token as its tokenizer spells it where bytes are ambiguous: byte-fallback tokens as `<0xNN>`."""
+    piece = vocab.token_bytes[idx]
+    return f"<0x{piece[0]:02X}>" if vocab.kinds[idx] is TokenKind.BYTE else show_token(piece)
+
+
 def repair_section(repairs: RepairSummary, new_vocab: Vocab, options: dict[str, Any], n: int = 8) -> dict[str, Any]:
     """`unreachable_rows` and `near_duplicates_repaired` for report.json: counts, policy and a few examples."""
     unreachable = repairs.unreachable
     step = max(len(unreachable) // n, 1)
     return {
         "unreachable_rows": {"count": len(unreachable), "policy": options.get("unreachable", "mean"),
-                             "examples": [show_token(new_vocab.token_bytes[i]) + f" (id {i})"
-                                          for i in unreachable[::step][:n]]},
+                             "examples": [_spelled(new_vocab, i) + f" (id {i})" for i in unreachable[::step][:n]]},
         "near_duplicates_repaired": {
             "count": len(repairs.duplicates), "fell_back_to_midpoint_with_mean": repairs.duplicates_shrunk,
             "threshold": options.get("dedup_cosine"),
-            "examples": [f"{show_token(new_vocab.token_bytes[d])} ≈ {show_token(new_vocab.token_bytes[m])} "
-                         f"(cosine {c:.4f})" for d, m, c in repairs.duplicates[:n]]},
+            "examples": [f"{_spelled(new_vocab, d)} ≈ {_spelled(new_vocab, m)} (cosine {c:.4f})"
+                         for d, m, c in repairs.duplicates[:n]]},
         "rows_rescaled": repairs.rescaled,
     }
 
