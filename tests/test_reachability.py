@@ -223,3 +223,24 @@ def test_literal_special_match_wins_over_role():
     alignment = align(base, new)
     assert alignment.new_to_base.tolist() == [3, 0, 2, 1]  # <s> has no literal twin: matched by its role
     assert alignment.matched_by_role == {"bos": (3, 1)}
+
+
+@pytest.mark.slow
+def test_real_mistral_v3_twins_get_the_mean_row():
+    """SmolLM2-135M <- Mistral v3 (the README demo pair): 125 byte-fallback twins + 13 bytes never in UTF-8."""
+    from transplant.assets.sources import resolve_source
+    from transplant.io import surgery
+    from transplant.pipeline import new_embeddings
+
+    base_src = resolve_source("smollm2-135m", need_model=True)
+    base_vocab, new_vocab = load_vocab(base_src.tokenizer_spec), load_vocab("mistral-v3")
+    assert len(byte_twins(new_vocab)) == 138 and unreachable_piece_ids(new_vocab) == []
+    emb = surgery.read_embeddings(base_src.model_dir)
+    ctx = InitContext(base_vocab=base_vocab, new_vocab=new_vocab, alignment=align(base_vocab, new_vocab),
+                      base_input=emb.input, base_output=None, options=parse_options("fvt", {}))
+    new_input, new_output, plan = new_embeddings(ctx, "fvt")
+    assert new_output is None and len(plan.notes["repairs"].unreachable) == 138
+    normal = torch.tensor([i for i, k in enumerate(base_vocab.kinds) if k is not S])
+    twin, piece = _twin_and_piece(new_vocab)[0]
+    assert torch.allclose(new_input[twin], emb.input[normal].float().mean(0), atol=1e-6)
+    assert not torch.allclose(new_input[twin], new_input[piece])
