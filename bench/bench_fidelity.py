@@ -1,7 +1,7 @@
 """Unreachable rows and fidelity fixes: held-out BPB per slice and where the output mass goes, per variant.
 
-    python bench/bench_fidelity.py --donor gemma3-270m --runs fvt "fvt:unreachable=keep,dedup_cosine=1"
-    python bench/bench_fidelity.py --donor llama3 --runs fvt fvt:numbers=false byte-pool byte-pool:numbers=false
+    python bench/bench_fidelity.py --donor gemma3-270m --runs fvt:unreachable=keep,dedup_cosine=1 fvt
+    python bench/bench_fidelity.py --donor llama3 --slices numbers english --runs byte-pool byte-pool:numbers=true
 
 Each run is `method[:key=value,...]` (the `--set` options of `transplant`). The base model is loaded once and
 each variant's embeddings are swapped into it, so a variant costs its initializer plus the evaluation, not a

@@ -82,7 +82,7 @@ class Option:
 # Options every method accepts: the pipeline applies them after the method's rows are built.
 PIPELINE_OPTIONS = (
     Option("numbers", bool, None, "give new number tokens the mean of the base's digit pieces (unset: the "
-           "method's measured default, on for mean only)"),
+           "method's measured default: on for mean and focus)"),
     Option("untie", bool, False, "give a tied base its own output matrix (a donor lm_head no longer unties it)"),
     Option("unreachable", str, "mean", "rows of tokens the new tokenizer never emits: mean row (no output mass), "
            "zero, or keep", choices=("mean", "zero", "keep")),
@@ -90,9 +90,9 @@ PIPELINE_OPTIONS = (
            "(1 disables)", min=0.0, max=1.0),
     Option("dedup_top", int, 4096, "how many frequent base tokens (lowest ids) near-duplicates are checked "
            "against", min=0),
-    Option("rescale_norm", str, "off", "rescale new rows to the norm of their base pieces or the base median",
-           choices=("off", "pieces", "median"), parse=lambda v: {"true": "pieces", "false": "off"}.get(
-               str(v).strip().lower(), str(v).strip().lower())),
+    Option("rescale_norm", str, "off", "rescale new input rows to their base pieces' norm or the base median "
+           "(measured worse; true = pieces)", choices=("off", "pieces", "median"),
+           parse=lambda v: {"true": "pieces", "false": "off"}.get(str(v).strip().lower(), str(v).strip().lower())),
 )
 
 # Options of every method that reads the donor's embeddings (anchor selection in `init/donor.py`).
