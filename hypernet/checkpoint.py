@@ -7,6 +7,8 @@ the corpus position at the start of that round, the log) travels as DeepSpeed cl
 negatives are drawn from RNGs keyed by (seed, step, micro-batch), so with the corpus position and the round
 restored a resumed run repeats the uninterrupted one bit for bit. DeepSpeed writes `latest` after every shard
 is on disk, so a run killed while saving resumes from the previous checkpoint. Only the newest tag is kept.
+Tag names, `latest` handling and the weights-only loading (checkpoints are code-free) are the distillation
+trainer's (`distill.checkpoint`), so both trainers resume the same, safe way.
 """
 
 from __future__ import annotations
@@ -19,21 +21,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from distill.checkpoint import TAG_PREFIX, latest_tag, tag_for, weights_only_loading
+
 log = logging.getLogger(__name__)
 
-TAG_PREFIX = "step_"
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoint"
-
-
-def latest_tag(directory: Path) -> str | None:
-    latest = Path(directory) / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return tag if (Path(directory) / tag).is_dir() else None
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -45,7 +40,7 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
 
 def save(engine: Any, directory: Path, step: int, client_state: dict[str, Any], rank: int) -> str:
     """Collective: every rank calls it. Returns the tag."""
-    tag = f"{TAG_PREFIX}{step:08d}"
+    tag = tag_for(step)
     folder = Path(directory) / tag
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_rng_tensors(), str(folder / f"rng_rank{rank}.safetensors"))
@@ -66,8 +61,9 @@ def load(engine: Any, directory: Path, rank: int) -> dict[str, Any] | None:
     tag = latest_tag(directory)
     if tag is None:
         return None
-    path, client = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    with weights_only_loading():
+        path, client = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     if path is None:
         return None
     rng = Path(directory) / tag / f"rng_rank{rank}.safetensors"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_align_init import make_vocab as make_greedy_vocab
 from transplant.errors import TransplantError
 from transplant.init import static_embeddings as static
 from transplant.init.base import InitContext, build_embedding
@@ -17,26 +18,13 @@ from transplant.init.focus import exact_sparsemax
 from transplant.init.registry import get_initializer, get_method
 from transplant.solvers.sparsemax import sparsemax
 from transplant.tokenizers.align import align
-from transplant.tokenizers.segment import greedy_segment
 from transplant.tokenizers.vocab import TokenKind, Vocab
 
 N, S = TokenKind.NORMAL, TokenKind.SPECIAL
 
 
-class GreedyTokenizer:
-    """Greedy longest match over the pieces: a real (if simple) tokenizer for a hand-made vocabulary."""
-
-    backend_tokenizer = None
-
-    def __init__(self, pieces: list[bytes]):
-        self.table = {p: i for i, p in enumerate(pieces) if p}
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return greedy_segment(text.encode(), self.table, 16)
-
-
 def make_vocab(pieces: list[bytes], kinds: list[TokenKind]) -> Vocab:
-    return Vocab(GreedyTokenizer(pieces), pieces, kinds, {"bos": 0}, special_texts={0: "<s>"})
+    return make_greedy_vocab(pieces, kinds, {"bos": 0}, {0: "<s>"})
 
 
 LETTERS = [bytes([c]) for c in b"abcdefghijklmnopqrstuvwxyz .\n"]

@@ -6,7 +6,6 @@ histogram) into the output model dir, so a transplanted model always carries how
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -119,28 +118,6 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"| {name} | {v['before']:.4f} | {v['after']:.4f} |" for name, v in report["bits_per_byte"].items()]
     lines += ["", "## Method notes", "", "```", json.dumps(report["method_notes"], indent=1, default=str), "```"]
     return "\n".join(lines) + "\n"
-
-
-def render_plot(errors: torch.Tensor) -> bytes | None:
-    """PNG histogram of reconstruction errors; None when matplotlib is missing or there is nothing to plot."""
-    if errors is None or not isinstance(errors, torch.Tensor) or errors.numel() == 0:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(errors.float().numpy(), bins=60, color="#3b6ea8")
-    ax.set_xlabel("relative reconstruction error in the donor space")
-    ax.set_ylabel("new tokens")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def write_report(directory: Path, report: dict[str, Any], plot: bytes | None) -> None:

@@ -131,6 +131,19 @@ def _probe_writable(folder: Path, out: Path) -> None:
         raise TransplantError(f"cannot write into {folder} ({exc.strerror or exc}); choose another --output") from exc
 
 
+def _check_destination_folder(out: Path, estimate_bytes: int) -> None:
+    """What every output shares: its folder is writable, scratch of dead runs there is swept, and it has
+    `estimate_bytes` free."""
+    folder = _nearest_existing(out.parent)
+    _probe_writable(folder, out)
+    if folder == out.parent:
+        sweep_stale(folder)
+    free = shutil.disk_usage(folder).free
+    if free < estimate_bytes:
+        raise TransplantError(f"disk full: writing {out} needs about {estimate_bytes / 2**30:.2f} GiB but "
+                              f"{folder} has {free / 2**30:.2f} GiB free; free space or choose another --output")
+
+
 def check_output(path: str | os.PathLike, *, overwrite: bool, protected: Iterable[str | os.PathLike] = (),
                  estimate_bytes: int = 0) -> Path:
     """Fail now, with one line, if `path` could not be written at the end of the run; return it absolute.
@@ -152,14 +165,7 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, protected: Iterabl
         if reason is not None:
             raise TransplantError(f"--overwrite refused: {out} {reason}; move its files away or choose another "
                                   "--output")
-    folder = _nearest_existing(out.parent)
-    _probe_writable(folder, out)
-    if folder == out.parent:
-        sweep_stale(folder)
-    free = shutil.disk_usage(folder).free
-    if free < estimate_bytes:
-        raise TransplantError(f"disk full: writing {out} needs about {estimate_bytes / 2**30:.2f} GiB but "
-                              f"{folder} has {free / 2**30:.2f} GiB free; free space or choose another --output")
+    _check_destination_folder(out, estimate_bytes)
     return out
 
 
@@ -343,14 +349,7 @@ def check_file_output(path: str | os.PathLike, *, overwrite: bool, protected: It
         if out.is_symlink() or not is_ours(out):
             raise TransplantError(f"--overwrite refused: {out} was not written by tokentransplant; move it away or "
                                   "choose another --output")
-    folder = _nearest_existing(out.parent)
-    _probe_writable(folder, out)
-    if folder == out.parent:
-        sweep_stale(folder)
-    free = shutil.disk_usage(folder).free
-    if free < estimate_bytes:
-        raise TransplantError(f"disk full: writing {out} needs about {estimate_bytes / 2**30:.2f} GiB but "
-                              f"{folder} has {free / 2**30:.2f} GiB free; free space or choose another --output")
+    _check_destination_folder(out, estimate_bytes)
     return out
 
 
