@@ -40,7 +40,7 @@ def _default_eval_texts(n_bytes: int) -> dict[str, str]:
 @click.group("transplant", cls=Group, invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
 @click.option("--base", help="Model to transplant: a model dir, a hub id, or an offline alias (smollm2-135m, gemma3-270m).")
 @click.option("--donor", help="Tokenizer to give it: a tokenizer/model dir or file, hub id, or alias (mistral-v3, llama3, ...).")
-@click.option("--method", default=None, help="Initializer (default: omp with a donor model, else fvt). See `transplant methods`.")
+@click.option("--method", default=None, help="Initializer (default: fvt-ls with a donor model, else fvt). See `transplant methods`.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model dir (default out/<base>--<donor>-<method>).")
 @click.option("--device", default="auto", show_default=True, type=DEVICE,
               help="Where the solvers run: cpu, cuda, cuda:N, mps, or auto (CUDA when torch sees one, else CPU).")

@@ -38,6 +38,8 @@ def run_one(loss: str, args: argparse.Namespace, work: Path) -> list[dict]:
         "train.embeddings_only_steps": args.embedding_steps, "checkpoint.every": 0, "export.enabled": False,
         "train.log_every": 10, "optim.lr": args.lr, "optim.embedding_lr": args.embedding_lr,
     }
+    if args.eval_texts:
+        sets["eval.texts"] = "[" + ",".join(args.eval_texts) + "]"
     command = [sys.executable, "-m", "distill.main", str(args.recipe)]
     for key, value in sets.items():
         command += ["--set", f"{key}={value}"]
@@ -53,13 +55,28 @@ def run_one(loss: str, args: argparse.Namespace, work: Path) -> list[dict]:
 
 
 def summarise(loss: str, records: list[dict]) -> dict:
+    """Per-run summary; `bpb` is the first eval text (english) per step, `per_text` every text per step."""
     steps = [r for r in records if "step_time" in r]
-    evals = {r["step"]: r["eval_bpb_all"] for r in records if "eval_bpb_all" in r}
+    per_text: dict[str, dict[int, float]] = {}
+    teacher: dict[str, float] = {}
+    for record in records:
+        for key, value in record.items():
+            if key.startswith("eval_bpb_") and key != "eval_bpb_all":
+                per_text.setdefault(key.removeprefix("eval_bpb_"), {})[record["step"]] = value
+            elif key.startswith("teacher_bpb_") and key != "teacher_bpb_all":
+                teacher[key.removeprefix("teacher_bpb_")] = value
+    first = next(iter(per_text), None)
     times = [r["step_time"] for r in steps[2:]] or [r["step_time"] for r in steps]
     return {"loss": loss, "steps": len(steps), "median_step_s": statistics.median(times),
-            "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in steps), "bpb": evals,
-            "teacher_bpb": next((r["teacher_bpb_all"] for r in records if "teacher_bpb_all" in r), None),
+            "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in steps),
+            "bpb": per_text.get(first, {}), "per_text": per_text, "teacher": teacher,
+            "teacher_bpb": teacher.get(first),
             "first_loss": steps[0]["loss"], "last_loss": statistics.mean(r["loss"] for r in steps[-5:])}
+
+
+def gap_closed(start: float, end: float, teacher: float) -> float:
+    """Share of the start-to-teacher BPB gap a run closed (negative: it got worse)."""
+    return (start - end) / (start - teacher) if start != teacher else 0.0
 
 
 def interleaved_timing(args: argparse.Namespace, work: Path) -> dict[str, float]:
@@ -105,6 +122,22 @@ def table(rows: list[dict]) -> str:
     teacher = next((r["teacher_bpb"] for r in rows if r["teacher_bpb"] is not None), None)
     if teacher is not None:
         lines.append(f"\nteacher (original SmolLM2-135M, own tokenizer): {teacher:.4f} bits/byte")
+    texts = sorted({t for row in rows for t in row["per_text"]})
+    if texts:
+        lines += ["", "| method | " + " | ".join(f"{t}: start -> end (gap closed)" for t in texts) + " |",
+                  "|" + "---|" * (len(texts) + 1)]
+        for row in rows:
+            cells = []
+            for text in texts:
+                curve = row["per_text"].get(text, {})
+                if not curve:
+                    cells.append("")
+                    continue
+                start, end = curve[min(curve)], curve[max(curve)]
+                closed = gap_closed(start, end, row["teacher"][text]) if text in row["teacher"] else float("nan")
+                cells.append(f"{start:.4f} -> {end:.4f} ({closed:+.0%})")
+            lines.append(f"| {row['loss']} | " + " | ".join(cells) + " |")
+        lines.append("teacher: " + ", ".join(f"{t} {rows[0]['teacher'].get(t, float('nan')):.4f}" for t in texts))
     return "\n".join(lines)
 
 
@@ -214,6 +247,8 @@ def main() -> int:
     parser.add_argument("--eval-bytes", type=int, default=8000)
     parser.add_argument("--train-bytes", type=int, default=1_000_000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-texts", nargs="*", default=[],
+                        help="held-out texts (texts:NAME); default: the recipe's eval.texts")
     parser.add_argument("--student", default="out/smollm2-mistral-v3",
                         help="transplanted student dir (created by the recipe's prepare step if missing)")
     parser.add_argument("--work", default=str(REPO / "bench" / "_work" / "healing"))

@@ -1,6 +1,9 @@
 """Our OMP solver vs mergekit's `batch_omp` on the SAME problem: a real pair's donor-space targets and anchors.
 
     python bench/bench_solver_vs_mergekit.py --pair smollm2-135m:gemma3-270m --k 8 64 --targets 4096
+    # on a GPU machine without the model assets: a synthetic problem of the same shape, mergekit's omp.py imported
+    # from a folder holding its `mergekit_omp` package (omp.py + rope_helpers.py + an empty __init__.py)
+    python bench/bench_solver_vs_mergekit.py --synthetic 46000x640 --total 216000 --device cuda --mergekit-src DIR
 
 Whole-tool runs (bench_vs_mergekit.py) compare two different problems: mergekit matches tokens by string, so
 on SmolLM2 <- Gemma-3 it finds 14,840 anchors where our byte-exact alignment finds 46k, and it approximates more
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,6 +75,86 @@ def pair_problem(base: str, donor: str) -> tuple[torch.Tensor, torch.Tensor]:
     return captured["targets"], captured["dictionary"]
 
 
+def synthetic_problem(shape: str, n_targets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, dictionary) of bench_omp_solver's synthetic process: `shape` is "NxD" anchors."""
+    from bench_omp_solver import synthetic
+
+    n_anchors, dim = (int(v) for v in shape.lower().split("x"))
+    gen = torch.Generator().manual_seed(0)
+    dictionary = synthetic(n_anchors, dim, gen)
+    pick = torch.randint(0, n_anchors, (n_targets, 2), generator=gen)
+    weights = torch.rand(n_targets, 2, generator=gen)
+    targets = (weights[:, :, None] * dictionary[pick]).sum(1) + 0.6 * synthetic(n_targets, dim, gen)
+    return targets, dictionary
+
+
+def synchronized_seconds(fn, device: torch.device) -> tuple[float, object]:
+    """Wall seconds of fn() with the GPU's queue drained on both sides (CUDA launches are asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started, result
+
+
+def same_support(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of rows whose chosen atom SETS agree (order ignored)."""
+    return float((a.sort(dim=1).values == b.sort(dim=1).values).all(dim=1).float().mean())
+
+
+def in_process(args: argparse.Namespace, targets: torch.Tensor, dictionary: torch.Tensor, total: int) -> None:
+    """mergekit's batch_omp and ours in one process on `args.device` (the GPU path: no venv needed there)."""
+    from transplant.solvers.omp import omp, unit_gram
+
+    sys.path.insert(0, args.mergekit_src)
+    from mergekit_omp.omp import batch_omp
+
+    device = torch.device(args.device)
+    targets, dictionary = targets.to(device), dictionary.to(device)
+    gram_seconds, gram = synchronized_seconds(lambda: unit_gram(dictionary, torch.float32), device)
+    print(f"problem: {total} targets (timed {targets.shape[0]}), {dictionary.shape[0]} anchors, "
+          f"D={dictionary.shape[1]}, device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}); "
+          f"our fp32 Gram built once in {gram_seconds:.2f} s\n")
+    print("| solver | k | ms/target | projected full s | median rel. error | same support as fp64 | speed-up vs mergekit |")
+    print("|---|---|---|---|---|---|---|")
+    check = targets[: args.check].double()
+    for k in args.k:
+        def mergekit_run(k=k):
+            parts = [batch_omp(targets[i:i + 512], dictionary, k) for i in range(0, targets.shape[0], 512)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+        ours = {  # name -> solver call (the Gram one-off is added to the Gram variant's projection only)
+            "ours exact Batch-OMP, fp32 Gram": (lambda k=k: omp(targets, dictionary, k, gram=gram, screen_dtype=None), True),
+            "ours exact, bf16 screening + fp32 certificate": (lambda k=k: omp(targets, dictionary, k,
+                                                                          screen_dtype=torch.bfloat16), False),
+        }
+        reference, _ = omp(check, dictionary.double(), k, gram_dtype=None)  # exact fp64, residual GEMMs
+        synchronized_seconds(lambda k=k: batch_omp(targets[:512], dictionary, k), device)  # warm-up (kernels, cuBLAS)
+        for run, _ in ours.values():
+            synchronized_seconds(run, device)
+        times: dict[str, list[float]] = {"mergekit": [], **{name: [] for name in ours}}
+        results = {}
+        for _ in range(args.runs):  # interleaved, medians
+            seconds, results["mergekit"] = synchronized_seconds(mergekit_run, device)
+            times["mergekit"].append(seconds)
+            for name, (run, _) in ours.items():
+                seconds, results[name] = synchronized_seconds(run, device)
+                times[name].append(seconds)
+        n = check.shape[0]
+        mk_ms = 1000 * statistics.median(times["mergekit"]) / targets.shape[0]
+        mk_full = mk_ms * total / 1000
+        for name in times:
+            idx, coef = results[name]
+            ms = 1000 * statistics.median(times[name]) / targets.shape[0]
+            full = ms * total / 1000 + (gram_seconds if name in ours and ours[name][1] else 0.0)
+            label = "mergekit batch_omp (batches of 512)" if name == "mergekit" else name
+            print(f"| {label} | {k} | {ms:.4f} | {full:.1f} | "
+                  f"{relative_error(targets.cpu(), dictionary.cpu(), idx.cpu(), coef.cpu()):.4f} | "
+                  f"{same_support(idx[:n].cpu(), reference.cpu()):.0%} | {mk_full / full:.1f}x |", flush=True)
+
+
 def relative_error(targets: torch.Tensor, dictionary: torch.Tensor, indices: torch.Tensor,
                    coefs: torch.Tensor) -> float:
     approx = torch.einsum("bk,bkd->bd", coefs.double(), dictionary.double()[indices])
@@ -86,8 +170,19 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=4096, help="sampled targets (seeded)")
     parser.add_argument("--prefilter", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--synthetic", help="NxD: a synthetic problem instead of --pair (no assets needed)")
+    parser.add_argument("--total", type=int, default=216_000, help="full target count to project to (--synthetic)")
+    parser.add_argument("--device", default="cpu", help="with --mergekit-src: where both solvers run")
+    parser.add_argument("--mergekit-src", help="folder holding a `mergekit_omp` package: run mergekit in-process")
+    parser.add_argument("--runs", type=int, default=3, help="interleaved runs per solver (in-process mode)")
+    parser.add_argument("--check", type=int, default=512, help="targets checked against an fp64 exact OMP")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.synthetic:
+        targets, dictionary = synthetic_problem(args.synthetic, args.targets)
+        in_process(args, targets, dictionary, args.total)
+        print(json.dumps({"command": " ".join(sys.argv)}))
+        return
     base, donor = args.pair.split(":")
     all_targets, dictionary = pair_problem(base, donor)
     total = all_targets.shape[0]

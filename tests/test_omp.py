@@ -45,6 +45,8 @@ MODES = {
     "prefilter-all": {"prefilter": 200},
     "prefilter-all-residual": {"prefilter": 200, "gram_dtype": None},
     "small-batches": {"batch_size": 7},
+    "bf16-screened": {"screen_dtype": torch.bfloat16},  # the CUDA default, forced on CPU
+    "bf16-screened-top2": {"screen_dtype": torch.bfloat16, "screen_top": 2, "batch_size": 7},
 }
 
 
@@ -120,6 +122,21 @@ def test_duplicate_atoms_give_the_same_fit_as_without_them():
         assert len(used) == len(set(used))
 
 
+def test_bf16_screening_is_exact_through_near_ties(caplog):
+    """Near-duplicate atoms make bf16 screening unable to rank them: the certificate must send those steps to
+    fp32, so supports equal the fp32 pursuit's exactly (and sklearn's on the plain problem)."""
+    targets, atoms = _problem(b=40, seed=12, dtype=torch.float32)
+    noise = 1e-4 * torch.randn(atoms.shape, generator=torch.Generator().manual_seed(13))
+    near = torch.cat([atoms, atoms + noise])  # each atom has a twin closer than bf16 can resolve
+    with caplog.at_level(logging.INFO, logger="transplant.solvers.omp_screened"):
+        indices, coefs = omp(targets, near, 10, screen_dtype=torch.bfloat16)
+    reference_indices, reference_coefs = omp(targets, near, 10, screen_dtype=None, gram_dtype=None)
+    assert torch.equal(indices, reference_indices)
+    torch.testing.assert_close(coefs, reference_coefs)
+    redone = next(r.getMessage() for r in caplog.records if "re-ran" in r.getMessage())
+    assert not redone.startswith("OMP: 0 of"), redone
+
+
 def test_a_target_equal_to_a_duplicated_atom_is_one_term():
     _, atoms = _problem(seed=6, dtype=torch.float32)
     doubled = torch.cat([atoms, atoms])
@@ -134,7 +151,8 @@ def test_zero_atoms_are_never_chosen_and_change_nothing():
     with_zeros = torch.zeros(260, 64)
     place = torch.randperm(260, generator=torch.Generator().manual_seed(8))[:200].sort().values
     with_zeros[place] = atoms
-    for kwargs in ({}, {"gram_dtype": None}, {"prefilter": 230}, {"prefilter": 230, "gram_dtype": None}):
+    for kwargs in ({}, {"gram_dtype": None}, {"prefilter": 230}, {"prefilter": 230, "gram_dtype": None},
+                   {"screen_dtype": torch.bfloat16}):
         indices, coefs = omp(targets, with_zeros, 8, **kwargs)
         base_indices, base_coefs = omp(targets, atoms, 8, **kwargs)
         assert torch.equal(indices, place[base_indices])
@@ -146,7 +164,7 @@ def test_zero_atoms_are_never_chosen_and_change_nothing():
 def test_zero_target_gives_zero_coefficients_next_to_normal_ones():
     targets, atoms = _problem(b=4, seed=9, dtype=torch.float32)
     targets[1] = 0
-    for kwargs in ({}, {"gram_dtype": None}, {"prefilter": 50}):
+    for kwargs in ({}, {"gram_dtype": None}, {"prefilter": 50}, {"screen_dtype": torch.bfloat16}):
         indices, coefs = omp(targets, atoms, 8, **kwargs)
         assert torch.all(coefs[1] == 0) and torch.all(indices[1] == 0)
         assert torch.all(coefs[[0, 2, 3]] != 0)

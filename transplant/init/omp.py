@@ -37,11 +37,15 @@ OPTIONS = (
     Option("k", int, 64, "anchors per new token (sparsity of each row)", min=1, max=4096),
     Option("prefilter", str, "auto", "auto, 0 (exact pursuit) or a candidate count M per target", parse=parse_prefilter,
            metavar="auto|M"),
+    Option("screen", str, "none", "exact pursuit with bf16-screened correlations and an fp32 certificate (meant "
+           "for GPUs; slower than the Gram path on CPU, not yet timed on a GPU)", choices=("none", "bf16")),
 )
 
 
 @register("omp", needs_donor=True, options=OPTIONS)
 def omp_init(ctx: InitContext) -> InitPlan:
+    import torch
+
     from transplant.solvers.omp import omp
 
     k = ctx.options["k"]
@@ -56,8 +60,9 @@ def omp_init(ctx: InitContext) -> InitPlan:
         used.append(prefilter)
         # the Gram matrix costs N²·D/2 once; pursuit without it costs B·k·N·D: build it only when that is more
         use_gram = targets.shape[0] * k > dictionary.shape[0]
+        screen = torch.bfloat16 if ctx.options["screen"] == "bf16" else None
         return omp(targets, dictionary, k, prefilter=prefilter, gram_dtype="auto" if use_gram else None,
-                   progress=True)
+                   screen_dtype=screen, progress=True)
 
     plan = donor_plan(ctx, "omp", combine, notes={"k": k, "prefilter": option})
     if option == "auto" and used:
