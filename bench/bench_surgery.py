@@ -29,13 +29,29 @@ NEW_VOCAB, BASE_VOCAB, HIDDEN, INTERMEDIATE, LAYERS = 32_768, 128_256, 2048, 819
 HEADS, KV_HEADS = 32, 8
 
 
-def llama_config(vocab: int) -> dict:
+def llama_config(vocab: int, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, layers: int = LAYERS,
+                 heads: int = HEADS, kv_heads: int = KV_HEADS) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-            "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS,
-            "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HIDDEN // HEADS,
+            "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
             "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
             "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}, "tie_word_embeddings": False,
             "bos_token_id": 128000, "eos_token_id": 128001, "dtype": "bfloat16"}
+
+
+def llama_shapes(vocab: int, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, layers: int = LAYERS,
+                 heads: int = HEADS, kv_heads: int = KV_HEADS) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of an untied Llama checkpoint."""
+    kv = kv_heads * hidden // heads
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
+                       p + "mlp.down_proj.weight": (hidden, intermediate), p + "input_layernorm.weight": (hidden,),
+                       p + "post_attention_layernorm.weight": (hidden,)})
+    return shapes
 
 
 def generate_base() -> None:
@@ -44,16 +60,7 @@ def generate_base() -> None:
 
     from transplant.io import safetensors
 
-    kv = KV_HEADS * HIDDEN // HEADS
-    shapes = {"model.embed_tokens.weight": (BASE_VOCAB, HIDDEN), "lm_head.weight": (BASE_VOCAB, HIDDEN),
-              "model.norm.weight": (HIDDEN,)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (kv, HIDDEN),
-                       p + "self_attn.v_proj.weight": (kv, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-                       p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-                       p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE), p + "input_layernorm.weight": (HIDDEN,),
-                       p + "post_attention_layernorm.weight": (HIDDEN,)})
+    shapes = llama_shapes(BASE_VOCAB)
     gen = torch.Generator().manual_seed(0)
 
     def maker(shape):

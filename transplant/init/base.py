@@ -75,30 +75,60 @@ def normal_base_ids(vocab: Vocab) -> torch.Tensor:
     return torch.tensor([i for i, kind in enumerate(vocab.kinds) if kind is not TokenKind.SPECIAL], dtype=torch.long)
 
 
+CHUNK_BYTES = 128 * 2**20  # float32 temporaries per chunk: a 70B model's 128k x 8192 matrix is never upcast whole
+
+
+def chunk_rows(width: int) -> int:
+    """Rows of `width` float32 values that fit in CHUNK_BYTES (65,536 at D=512, 4,096 at D=8,192)."""
+    return max(1, CHUNK_BYTES // (4 * max(width, 1)))
+
+
+def row_mean(matrix: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 mean of `matrix[ids]` (all rows when None), accumulated chunk by chunk in float64:
+    `matrix[ids].float()` would hold a float32 copy of almost the whole matrix (4 GB for one Llama-3-70B
+    embedding)."""
+    ids = torch.arange(matrix.shape[0]) if ids is None else ids
+    total = torch.zeros(matrix.shape[1], dtype=torch.float64, device=matrix.device)
+    chunk = chunk_rows(matrix.shape[1])
+    for start in range(0, ids.numel(), chunk):
+        total += matrix[ids[start : start + chunk].to(matrix.device)].float().sum(0, dtype=torch.float64)
+    return (total / max(ids.numel(), 1)).float()
+
+
+def row_norms(matrix: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 L2 norm of each row of `matrix[ids]` (all rows when None), chunk by chunk (see row_mean)."""
+    ids = torch.arange(matrix.shape[0]) if ids is None else ids
+    chunk = chunk_rows(matrix.shape[1])
+    parts = [matrix[ids[start : start + chunk].to(matrix.device)].float().norm(dim=1)
+             for start in range(0, ids.numel(), chunk)]
+    return torch.cat(parts) if parts else matrix.new_zeros(0, dtype=torch.float32)
+
+
 def mean_rows(new_ids: torch.Tensor, population: torch.Tensor) -> DenseRows:
     """Dense-row hook filling `new_ids` with the mean of the base rows in `population` (the fallback several
     methods use for tokens they cannot build, e.g. new specials without bytes)."""
 
     def rows(role: str, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = base[population.to(base.device)].float().mean(0)
+        mean = row_mean(base, population)
         return new_ids, mean.expand(int(new_ids.numel()), -1)
 
     return rows
 
 
-def apply_plan_matrix(weights: torch.Tensor, base: torch.Tensor, chunk_rows: int = 65536) -> torch.Tensor:
-    """`weights @ base` in float32, in row chunks so the intermediate stays small; result in float32."""
-    base32 = base.float()
+def apply_plan_matrix(weights: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """`weights @ base` in float32, in row chunks so the intermediate stays small; result in float32. Base rows
+    are upcast per chunk as they are gathered, never as a whole float32 copy of `base`."""
     weights = weights.coalesce()
     n_rows = weights.shape[0]
     out = torch.zeros(n_rows, base.shape[1], dtype=torch.float32, device=base.device)
     indices, values = weights.indices(), weights.values()
+    chunk = chunk_rows(base.shape[1])
     # index_add over non-zeros: memory O(nnz·D / chunks), exact, and the same code path on CPU and GPU
-    for start in range(0, values.numel(), chunk_rows):
-        rows = indices[0, start : start + chunk_rows].to(base.device)
-        cols = indices[1, start : start + chunk_rows].to(base.device)
-        vals = values[start : start + chunk_rows].to(base.device)
-        out.index_add_(0, rows, base32[cols] * vals[:, None])
+    for start in range(0, values.numel(), chunk):
+        rows = indices[0, start : start + chunk].to(base.device)
+        cols = indices[1, start : start + chunk].to(base.device)
+        vals = values[start : start + chunk].to(base.device)
+        out.index_add_(0, rows, base[cols].float() * vals[:, None])
     return out
 
 

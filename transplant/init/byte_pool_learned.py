@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transplant.init.base import InitContext, InitPlan, copy_shared, normal_base_ids, sparse_rows
+from transplant.init.base import InitContext, InitPlan, copy_shared, normal_base_ids, row_mean, sparse_rows
 from transplant.init.registry import Option, register
 from transplant.tokenizers.vocab import TokenKind, Vocab
 
@@ -178,7 +178,7 @@ def byte_pool_learned_init(ctx: InitContext) -> InitPlan:
 
     def dense(role: str, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         part = pred[:, d:] if role == "output" and pred.shape[1] > d else pred[:, :d]
-        mean = base[population.to(base.device)].float().mean(0)
+        mean = row_mean(base, population)
         return torch.cat([predicted, unfilled]), torch.cat([part.to(base.device), mean.expand(int(unfilled.numel()), -1)])
 
     return InitPlan(weights, dense_rows=dense,

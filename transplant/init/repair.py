@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from transplant.init.base import InitContext, normal_base_ids
+from transplant.init.base import InitContext, normal_base_ids, row_mean, row_norms
 from transplant.init.reachable import unreachable_ids
 from transplant.tokenizers.segment import segment_with_base
 from transplant.tokenizers.vocab import TokenKind
@@ -59,7 +59,7 @@ def id_mask(ids: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def mean_row(matrix: torch.Tensor, population: torch.Tensor) -> torch.Tensor:
-    return matrix[population.to(matrix.device)].float().mean(0)
+    return row_mean(matrix, population)
 
 
 def fvt_rows(ctx: InitContext, new_ids: list[int], base: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ def fvt_rows(ctx: InitContext, new_ids: list[int], base: torch.Tensor) -> torch.
 
 def piece_norms(ctx: InitContext, new_ids: list[int], base: torch.Tensor) -> torch.Tensor:
     """Mean row norm of each token's base pieces (the base median where it has none), vectorised."""
-    norms = base.float().norm(dim=1).cpu()
+    norms = row_norms(base).cpu()
     median = norms[normal_base_ids(ctx.base_vocab)].median()
     pieces = segment_with_base(ctx.base_vocab, [ctx.new_vocab.token_bytes[i] for i in new_ids])
     counts = torch.tensor([len(p) for p in pieces], dtype=torch.long)
@@ -147,7 +147,7 @@ def _fix_duplicates(ctx: InitContext, matrix: torch.Tensor, base: torch.Tensor, 
 
 def _rescale(ctx: InitContext, matrix: torch.Tensor, base: torch.Tensor, ids: torch.Tensor, mode: str) -> None:
     if mode == "median":
-        target = base[normal_base_ids(ctx.base_vocab).to(base.device)].float().norm(dim=1).median()
+        target = row_norms(base, normal_base_ids(ctx.base_vocab)).median()
         target = target.expand(ids.numel())
     else:
         target = piece_norms(ctx, ids.tolist(), base)
