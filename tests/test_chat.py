@@ -62,6 +62,17 @@ def test_markers_carried_with_base_rows_and_chat_works(chat_base, tiny_pair, tmp
     assert reply[0]["generated_text"][-1]["role"] == "assistant"
 
 
+@pytest.mark.parametrize("method", ["omp", "fvt-ls"])
+def test_donor_methods_accept_carried_markers(chat_base, tiny_pair, tmp_path, method):
+    """Carried markers are appended after the donor's ids, so the donor model has no rows for them; methods
+    that read donor rows must not call that a model/tokenizer mismatch (it stopped omp on every chat base)."""
+    out = tmp_path / method
+    result = transplant(chat_base, tiny_pair["donor_model"], method=method, output=out, options={"k": 4} if method == "omp" else None)
+    assert result.extra["chat"].carried == ["<|im_end|>", "<|im_start|>"]
+    donor_rows = load_file(str(tiny_pair["donor_model"] / "model.safetensors"))["model.embed_tokens.weight"].shape[0]
+    assert _rows(out).shape[0] == donor_rows + 2
+
+
 def test_map_token_copies_the_named_base_row(chat_base, tiny_pair, tmp_path):
     from transformers import AutoTokenizer
 

@@ -39,10 +39,20 @@ class InitContext:
     device: str | torch.device = "cpu"
 
     def require_donor(self, method: str) -> None:
+        """Donor rows must exist for every new id, except the base's control tokens carried into the new
+        tokenizer with the chat template (appended after the donor's ids; their rows come from the base)."""
         if self.donor_input is None:
             raise TransplantError(
                 f"method {method!r} needs donor embeddings but the donor is only a tokenizer; "
                 "pass a donor model (a dir with weights or a model alias) or use --method fvt"
+            )
+        n_rows, shared = self.donor_input.shape[0], self.alignment.shared_mask
+        uncovered = [i for i in range(n_rows, len(self.new_vocab))
+                     if not (self.new_vocab.kinds[i] is TokenKind.SPECIAL and bool(shared[i]))]
+        if uncovered:
+            raise TransplantError(
+                f"donor embeddings have {n_rows} rows but its tokenizer has {n_rows + len(uncovered)} ids; "
+                "the donor model and tokenizer do not belong together"
             )
 
 

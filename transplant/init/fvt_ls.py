@@ -75,8 +75,8 @@ def fvt_ls_init(ctx: InitContext) -> InitPlan:
     cols += flat[fvt_pieces].tolist()
     vals += (1.0 / lengths[owner[fvt_pieces]].float()).tolist()
     fitted_idx = torch.nonzero(all_anchors, as_tuple=True)[0]
-    donor = ctx.donor_input.float()
-    dictionary = donor[anchors.new_ids.to(donor.device)]
+    donor = ctx.donor_input  # rows are gathered, then upcast: never a float32 copy of the whole donor matrix
+    dictionary = donor[anchors.new_ids.to(donor.device)].float()
     ridge, neighbours, batch = ctx.options["ridge"], ctx.options["neighbours"], ctx.options["batch"]
     starts = torch.cumsum(lengths, 0) - lengths
     errors = []
@@ -89,7 +89,7 @@ def fvt_ls_init(ctx: InitContext) -> InitPlan:
         gather = (starts[part][:, None] + slot[None, :]).clamp_max(max(flat.numel() - 1, 0))
         support = torch.where(valid, anchor_of_base[flat[gather]], torch.zeros_like(gather))
         prior = valid.float() / part_len[:, None].float()
-        targets = donor[token_ids[part].to(donor.device)]
+        targets = donor[token_ids[part].to(donor.device)].float()
         if neighbours:
             _, near = cosine_topk(targets, dictionary, neighbours + width)
             near = near.cpu()
