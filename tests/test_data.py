@@ -321,3 +321,18 @@ def test_window_index_lets_each_rank_pack_only_its_windows(vocabs, tmp_path):
         index.state(13)
     longer = WindowIndex.load(path, "fp").extend(Packer(docs, teacher, student, max_length=32, seed=4), 16)
     assert len(longer) == 16 and np.array_equal(longer.states[:13], index.states)
+
+
+def test_a_small_mixed_corpus_is_mixed_from_the_first_documents(tmp_path):
+    """Several small sources (one block each) are shuffled as one pool: a short run sees all of them. Before,
+    blocks were shuffled as units and 30 healing steps read only the German source."""
+    for name in ("english", "german", "code", "numbers"):
+        (tmp_path / f"{name}.txt").write_text("\n\n".join(f"{name} document {i} " + "x" * 40 for i in range(60)))
+    corpus = open_corpus([str(tmp_path / f"{n}.txt") for n in ("english", "german", "code", "numbers")],
+                         doc_bytes=50, block_docs=100)
+    first = [corpus.document(seed=0, epoch=0, position=i).split()[0] for i in range(24)]
+    assert set(first) == {"english", "german", "code", "numbers"}, first
+    whole = sorted(corpus.document(seed=0, epoch=0, position=i) for i in range(240))
+    assert whole == sorted(corpus.document(seed=0, epoch=0, position=i, shuffle=False) for i in range(240))
+    assert [corpus.document(seed=0, epoch=1, position=i) for i in range(24)] != \
+        [corpus.document(seed=0, epoch=0, position=i) for i in range(24)]
