@@ -128,7 +128,7 @@ def test_bf16_screening_is_exact_through_near_ties(caplog):
     targets, atoms = _problem(b=40, seed=12, dtype=torch.float32)
     noise = 1e-4 * torch.randn(atoms.shape, generator=torch.Generator().manual_seed(13))
     near = torch.cat([atoms, atoms + noise])  # each atom has a twin closer than bf16 can resolve
-    with caplog.at_level(logging.INFO, logger="transplant.solvers.omp_screened"):
+    with caplog.at_level(logging.INFO, logger="transplant.solvers.omp"):
         indices, coefs = omp(targets, near, 10, screen_dtype=torch.bfloat16)
     reference_indices, reference_coefs = omp(targets, near, 10, screen_dtype=None, gram_dtype=None)
     assert torch.equal(indices, reference_indices)

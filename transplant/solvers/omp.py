@@ -51,8 +51,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from transplant.solvers.omp_common import BATCH_BUDGET_BYTES, check_finite, grow_cholesky, refit
-from transplant.solvers.omp_screened import screened_omp
+from transplant.errors import TransplantError
+from transplant.solvers.omp_common import BATCH_BUDGET_BYTES, grow_cholesky
+from transplant.solvers.omp_screened import ScreenedPursuit
 
 logger = logging.getLogger(__name__)
 
@@ -121,41 +122,52 @@ def omp(
     norms, atoms = _unit_atoms(raw, work_dtype)
     check_finite(norms, "dictionary", 0)
     valid = norms > 0
+    screened = None
     if screen_dtype is not None and prefilter is None:
-        return screened_omp(targets, raw, norms, atoms, valid, k, steps, screen_dtype, screen_top, batch_size,
-                             device, out_device, progress)
-    if gram is not None:
-        if gram.shape != (n_atoms, n_atoms):
-            raise ValueError(f"omp: gram must be [{n_atoms}, {n_atoms}] (unit_gram(dictionary)); got "
-                             f"{tuple(gram.shape)}")
-        gram = gram.to(device)
-    else:
-        chosen_dtype = _choose_gram_dtype(n_atoms, gram_dtype, max_gram_bytes, device)
-        gram = None if chosen_dtype is None else _gram(atoms, chosen_dtype)
-    if gram is None:
-        n_gram_steps = 0
-    elif prefilter is not None:
-        n_gram_steps = steps
-    else:
-        n_gram_steps = steps if gram_steps is None else min(steps, gram_steps)
-    if batch_size is None:
-        batch_size = _auto_batch_size(n_atoms, candidates, atoms.shape[1], steps, n_gram_steps,
-                                      prefilter is not None, gram is not None, device)
-    logger.info("OMP: %d targets, %d atoms, k=%d, prefilter=%s, Gram=%s, gram steps=%d, batch=%d, on %s",
-                n_targets, n_atoms, steps, prefilter, None if gram is None else gram.dtype, n_gram_steps,
-                batch_size, device)
+        pursue = screened = ScreenedPursuit(atoms, valid, steps, screen_dtype, screen_top)
+        batch_size = batch_size or screened.batch_size(device)
+        logger.info("OMP: %d targets, %d atoms, k=%d, exact with %s screening (top %d), batch=%d, on %s",
+                    n_targets, n_atoms, steps, screen_dtype, screened.top, batch_size, device)
+    else:  # Batch-OMP: the Gram matrix is built (or checked) once per call
+        if gram is not None:
+            if gram.shape != (n_atoms, n_atoms):
+                raise ValueError(f"omp: gram must be [{n_atoms}, {n_atoms}] (unit_gram(dictionary)); got "
+                                 f"{tuple(gram.shape)}")
+            gram = gram.to(device)
+        else:
+            chosen_dtype = _choose_gram_dtype(n_atoms, gram_dtype, max_gram_bytes, device)
+            gram = None if chosen_dtype is None else _gram(atoms, chosen_dtype)
+        if gram is None:
+            n_gram_steps = 0
+        elif prefilter is not None:
+            n_gram_steps = steps
+        else:
+            n_gram_steps = steps if gram_steps is None else min(steps, gram_steps)
+        if batch_size is None:
+            batch_size = _auto_batch_size(n_atoms, candidates, atoms.shape[1], steps, n_gram_steps,
+                                          prefilter is not None, gram is not None, device)
+        logger.info("OMP: %d targets, %d atoms, k=%d, prefilter=%s, Gram=%s, gram steps=%d, batch=%d, on %s",
+                    n_targets, n_atoms, steps, prefilter, None if gram is None else gram.dtype, n_gram_steps,
+                    batch_size, device)
+
+        work = _Workspace()
+        refresh = steps > 16 if prefilter_refresh is None else prefilter_refresh
+
+        def pursue(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            return _pursue(x, atoms, valid, gram, steps, candidates, prefilter is not None, refresh,
+                           n_gram_steps, work)
 
     all_indices, all_coefs = [], []
-    work = _Workspace()
-    refresh = steps > 16 if prefilter_refresh is None else prefilter_refresh
     for start in tqdm(range(0, n_targets, batch_size), desc="OMP", unit="batch", disable=not progress):
         x = targets[start : start + batch_size].to(device=device, dtype=work_dtype)
         check_finite(x.norm(dim=1), "targets", start)
-        chosen, kept, gamma = _pursue(x, atoms, valid, gram, steps, candidates, prefilter is not None,
-                                      refresh, n_gram_steps, work)
+        chosen, kept, gamma = pursue(x)
         coefs = refit(x, raw, norms, chosen, kept, gamma)
         all_indices.append(chosen.to(out_device))
         all_coefs.append(coefs.to(out_device))
+    if screened is not None:
+        logger.info("OMP: %d of %d target-steps re-ran their correlations in fp32 (near-ties)", screened.redone,
+                    n_targets * steps)
     indices, coefs = torch.cat(all_indices), torch.cat(all_coefs)
     if steps < k:
         indices = torch.cat([indices, empty[0][:, steps:]], dim=1)
@@ -332,3 +344,27 @@ def _pursue(x: Tensor, atoms: Tensor, valid: Tensor, gram: Tensor | None, steps:
                 alpha = torch.bmm(cand_atoms, residual[:, :, None])[:, :, 0]
     gamma = torch.linalg.solve_triangular(chol.mT, forward[:, :, None], upper=True)[:, :, 0]
     return chosen, kept, gamma
+
+
+def check_finite(row_norms: Tensor, name: str, offset: int) -> None:
+    """A row holding NaN/Inf has a non-finite norm; checking norms costs O(rows), not O(rows·D)."""
+    bad_rows = (~torch.isfinite(row_norms)).nonzero().flatten()
+    if bad_rows.numel():
+        raise TransplantError(f"OMP {name} contain NaN/Inf in {bad_rows.numel()} rows (first: row "
+                              f"{offset + int(bad_rows[0])}); fix or drop those embedding rows before "
+                              "initialising")
+
+
+def refit(x: Tensor, raw: Tensor, norms: Tensor, chosen: Tensor, kept: Tensor, gamma: Tensor) -> Tensor:
+    """Least squares on the chosen support in float64 (Cholesky of the k×k normal equations of the unit-norm
+    atoms), then rescaled to the raw atoms. Rows whose factorisation fails keep the pursuit's solution."""
+    scale = norms[chosen].to(torch.float64)
+    scale = scale.where(kept, torch.ones_like(scale))
+    sub = raw[chosen].to(torch.float64) / scale[:, :, None] * kept[:, :, None]  # [B, k, D]
+    normal = sub @ sub.mT + torch.diag_embed((~kept).to(torch.float64))
+    rhs = sub @ x.to(torch.float64)[:, :, None]
+    factor, info = torch.linalg.cholesky_ex(normal)
+    solved = torch.cholesky_solve(rhs, factor)[:, :, 0]
+    coefs = torch.where((info == 0)[:, None], solved, gamma.to(torch.float64))
+    coefs = torch.nan_to_num(coefs / scale * kept, nan=0.0, posinf=0.0, neginf=0.0)
+    return coefs.to(torch.float32)

@@ -6,47 +6,35 @@ N·k²/2 values per target, memory-bound at large k on a GPU (bench/RESULTS.md, 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from transplant.solvers.omp_common import BATCH_BUDGET_BYTES, check_finite, grow_cholesky, refit
-
-logger = logging.getLogger(__name__)
+from transplant.solvers.omp_common import BATCH_BUDGET_BYTES, grow_cholesky
 
 
-def screened_omp(targets: Tensor, raw: Tensor, norms: Tensor, atoms: Tensor, valid: Tensor, k: int, steps: int,
-                  screen_dtype: torch.dtype, screen_top: int, batch_size: int | None, device: torch.device,
-                  out_device: torch.device, progress: bool) -> tuple[Tensor, Tensor]:
-    """Exact pursuit with reduced-precision screening (module docstring), batch by batch."""
-    n_atoms, dim = atoms.shape
-    screen_atoms = atoms.to(screen_dtype).masked_fill_(~valid[:, None], 0)
-    unit = torch.finfo(screen_dtype).eps / 2  # unit roundoff: 2^-8 for bf16
-    rel_bound = 2 * unit + unit * unit + dim * 2.0**-24 * (1 + 2 * unit)
-    top = min(max(screen_top, 2), n_atoms)
-    if batch_size is None:  # [B, N] fp32 scores + [B, top, D] gathers + [B, k, D] chosen atoms
-        per_target = 4 * (2 * n_atoms + (top + steps + 2) * dim) + 2 * dim
-        batch_size = max(1, BATCH_BUDGET_BYTES["cuda" if device.type == "cuda" else "cpu"] // per_target)
-    logger.info("OMP: %d targets, %d atoms, k=%d, exact with %s screening (top %d), batch=%d, on %s",
-                targets.shape[0], n_atoms, steps, screen_dtype, top, batch_size, device)
-    all_indices, all_coefs, fallbacks = [], [], 0
-    for start in tqdm(range(0, targets.shape[0], batch_size), desc="OMP", unit="batch", disable=not progress):
-        x = targets[start : start + batch_size].to(device=device, dtype=atoms.dtype)
-        check_finite(x.norm(dim=1), "targets", start)
-        chosen, kept, gamma, redone = _pursue_screened(x, atoms, screen_atoms, valid, steps, top, rel_bound)
-        fallbacks += redone
-        all_indices.append(chosen.to(out_device))
-        all_coefs.append(refit(x, raw, norms, chosen, kept, gamma).to(out_device))
-    logger.info("OMP: %d of %d target-steps re-ran their correlations in fp32 (near-ties)", fallbacks,
-                targets.shape[0] * steps)
-    indices, coefs = torch.cat(all_indices), torch.cat(all_coefs)
-    if steps < k:
-        pad = k - steps
-        indices = torch.cat([indices, indices.new_zeros(indices.shape[0], pad)], dim=1)
-        coefs = torch.cat([coefs, coefs.new_zeros(coefs.shape[0], pad)], dim=1)
-    return indices, coefs
+class ScreenedPursuit:
+    """Per-call state of the screened pursuit (the dictionary in the screening dtype, the error bound); called
+    on one batch of targets as `omp`'s batch loop calls its other pursuit."""
+
+    def __init__(self, atoms: Tensor, valid: Tensor, steps: int, screen_dtype: torch.dtype, screen_top: int):
+        self.atoms, self.valid, self.steps = atoms, valid, steps
+        self.screen_atoms = atoms.to(screen_dtype).masked_fill_(~valid[:, None], 0)
+        unit = torch.finfo(screen_dtype).eps / 2  # unit roundoff: 2^-8 for bf16
+        self.rel_bound = 2 * unit + unit * unit + atoms.shape[1] * 2.0**-24 * (1 + 2 * unit)
+        self.top = min(max(screen_top, 2), atoms.shape[0])
+        self.redone = 0  # target-steps that fell back to fp32 correlations
+
+    def batch_size(self, device: torch.device) -> int:
+        """Targets per batch: [B, N] fp32 scores + [B, top, D] gathers + [B, k, D] chosen atoms in the budget."""
+        n_atoms, dim = self.atoms.shape
+        per_target = 4 * (2 * n_atoms + (self.top + self.steps + 2) * dim) + 2 * dim
+        return max(1, BATCH_BUDGET_BYTES["cuda" if device.type == "cuda" else "cpu"] // per_target)
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        chosen, kept, gamma, redone = _pursue_screened(x, self.atoms, self.screen_atoms, self.valid, self.steps,
+                                                       self.top, self.rel_bound)
+        self.redone += redone
+        return chosen, kept, gamma
 
 
 def _pursue_screened(x: Tensor, atoms: Tensor, screen_atoms: Tensor, valid: Tensor, steps: int, top: int,
@@ -68,7 +56,7 @@ def _pursue_screened(x: Tensor, atoms: Tensor, screen_atoms: Tensor, valid: Tens
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     residual, redone = x, 0
     for step in range(steps):
-        screened = (residual.to(atoms.dtype).to(screen_atoms.dtype) @ screen_atoms.T).float().abs_()
+        screened = (residual.to(screen_atoms.dtype) @ screen_atoms.T).float().abs_()
         screened.masked_fill_(blocked, -1.0)
         values, candidates = screened.topk(top, dim=1)  # [B, top], descending
         exact = torch.bmm(atoms[candidates], residual[:, :, None])[:, :, 0].abs_()  # fp32 re-check
