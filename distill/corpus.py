@@ -224,13 +224,13 @@ class Corpus:
                 self._orders.popitem(last=False)
         return self._orders[key]
 
-    def _global_order(self, seed: int, epoch: int) -> np.ndarray:
-        """A permutation of all documents (file-order indices): the shuffle of a corpus whose blocks all fit in
-        the cache, so random access never re-reads a block."""
+    def _global_order(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(a permutation of all documents as file-order indices, cumulative document count at the end of each
+        block): the shuffle of a corpus whose blocks all fit in the cache, so random access never re-reads one."""
         key = ("global", seed, epoch)
         if key not in self._orders:
-            total = int(self.block_size.sum())
-            self._orders[key] = np.random.default_rng([seed, epoch, 1]).permutation(total)
+            ends = np.cumsum(self.block_size)
+            self._orders[key] = (np.random.default_rng([seed, epoch, 1]).permutation(int(ends[-1]) if ends.size else 0), ends)
             while len(self._orders) > 2:
                 self._orders.popitem(last=False)
         return self._orders[key]
@@ -238,10 +238,10 @@ class Corpus:
     def document(self, seed: int, epoch: int, position: int, shuffle: bool = True) -> Any:
         """The document at `position` of epoch `epoch`'s order."""
         if shuffle and self.block_size.size <= _CACHED_BLOCKS:
-            flat = int(self._global_order(seed, epoch)[position])
-            starts = np.cumsum(self.block_size)
-            block = int(np.searchsorted(starts, flat, side="right"))
-            return self._block(block)[flat - (int(starts[block - 1]) if block else 0)]
+            order, ends = self._global_order(seed, epoch)
+            flat = int(order[position])
+            block = int(np.searchsorted(ends, flat, side="right"))
+            return self._block(block)[flat - (int(ends[block - 1]) if block else 0)]
         blocks, ends = self._order(seed, epoch, shuffle)
         slot = int(np.searchsorted(ends, position, side="right"))
         block = int(blocks[slot])
