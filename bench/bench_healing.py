@@ -24,8 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "cpu_smoke_smollm2_mistral.yaml"
 
 
-def run_one(loss: str, args: argparse.Namespace, work: Path) -> list[dict]:
-    out = work / loss
+def run_one(variant: str, args: argparse.Namespace, work: Path) -> list[dict]:
+    """`variant` is a loss name, optionally with recipe overrides: `alm/loss.ce_weight=1/train.steps=60`."""
+    loss, *overrides = variant.split("/")
+    out = work / variant.replace("/", "__").replace("=", "-")
     metrics = out / "metrics.jsonl"
     if args.reuse and metrics.exists():
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -38,6 +40,7 @@ def run_one(loss: str, args: argparse.Namespace, work: Path) -> list[dict]:
         "train.embeddings_only_steps": args.embedding_steps, "checkpoint.every": 0, "export.enabled": False,
         "train.log_every": 10, "optim.lr": args.lr, "optim.embedding_lr": args.embedding_lr,
     }
+    sets.update(override.split("=", 1) for override in overrides)
     if args.eval_texts:
         sets["eval.texts"] = "[" + ",".join(args.eval_texts) + "]"
     command = [sys.executable, "-m", "distill.main", str(args.recipe)]
@@ -50,7 +53,7 @@ def run_one(loss: str, args: argparse.Namespace, work: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO, env=env, check=True)
-    print(f"{loss}: {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"{variant}: {time.perf_counter() - started:.0f} s", flush=True)
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
@@ -236,7 +239,8 @@ def debias_share(args: argparse.Namespace) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=str(RECIPE), help="base recipe; the flags below override it")
-    parser.add_argument("--losses", nargs="+", default=["alm", "ce", "uld"])
+    parser.add_argument("--losses", nargs="+", default=["alm", "ce", "uld"],
+                        help="loss names, each optionally with recipe overrides: alm/loss.ce_weight=1")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)

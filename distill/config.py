@@ -53,6 +53,7 @@ class LossConfig:
     options: dict[str, Any] = field(default_factory=dict)  # per loss: {alm: {temperature: 100}, uld: {top_k: 4096}}
     ce_weight: float | None = None  # student's own next-token CE added; None = the loss's published weight
     # (uld 1.0, mined 0.9, alm 0)
+    balance: str = "sum"  # sum: loss + ce_weight * ce | gradmag: weights from gradient norms (distill.losses.balance)
 
 
 @dataclass

@@ -286,3 +286,20 @@ def open_corpus(sources: list[str], *, corpus_bytes: int = 2_000_000, doc_bytes:
     if not len(corpus):
         raise TransplantError(f"no training text found in {sources}; check data.train")
     return corpus
+
+
+def heldout_texts(specs: list[str], n_bytes: int) -> dict[str, str]:
+    """{name: text} for the recipe's `eval.texts`: `texts:NAME` takes the first `n_bytes` of that corpus's
+    held-out region (never trained on); a path is read whole (the user chose its size)."""
+    from transplant.assets import texts as corpora
+
+    held: dict[str, str] = {}
+    for spec in map(str, specs):
+        if spec.startswith("texts:"):
+            held[spec[6:]] = corpora.heldout(spec[6:], n_bytes)
+            continue
+        path = Path(spec)
+        if not path.is_file():
+            raise TransplantError(f"eval text {spec} does not exist; give a file or texts:NAME")
+        held[path.stem] = path.read_text(encoding="utf-8")
+    return held

@@ -36,11 +36,12 @@ from tqdm.auto import tqdm
 
 from distill import checkpoint
 from distill.config import Recipe
-from distill.corpus import open_corpus
+from distill.corpus import heldout_texts, open_corpus
 from distill.data import DistillLoader, Packer, shared_window_index
 from distill.export import check_export_dir, gather_state_dict, write_hf_dir
 from distill.lora import apply_lora
 from distill.losses import ANCHOR_LOSS, PairContext, get_loss, loss_options
+from distill.losses.balance import BALANCES, balanced_step
 from distill.optim import build_optimizer, lr_factor, param_groups
 from distill.runtime import (
     Runtime,
@@ -158,7 +159,7 @@ class Trainer:
         self.loader = DistillLoader(packer, micro_batch_size=r.train.micro_batch_size, grad_accum=r.train.grad_accum,
                                     rank=rt.rank, world_size=rt.world_size, prefetch=r.data.prefetch,
                                     index=self._window_index(packer))
-        self.heldout = self._heldout_texts()
+        self.heldout = heldout_texts(r.eval.texts, r.eval.n_bytes)
         log.info("teacher %s (%s), student %s (%s, ZeRO-%d, %d rank(s)), loss %s, %d documents", self.teacher_dir,
                  r.teacher.shard, self.student_dir, rt.dtype, self.stage, rt.world_size, r.loss.name, len(corpus))
         return self
@@ -207,25 +208,12 @@ class Trainer:
         steps (trainable loss modules are built once, at setup, for the recipe's loss)."""
         self.loss = get_loss(name)
         self.loss_options = loss_options(name, self.recipe.loss.options)
+        if self.recipe.loss.balance not in BALANCES:
+            raise TransplantError(f"loss.balance={self.recipe.loss.balance!r} is unknown; use one of {BALANCES}")
         weight = self.recipe.loss.ce_weight
         self.ce_weight = self.loss.ce_weight if weight is None else float(weight)  # the published weight by default
         extras = self.loss.prepare(PairContext(self.student_vocab, self.teacher_vocab, self.loss_options))
         self.loss_extras = {k: v.to(self.rt.device) if isinstance(v, torch.Tensor) else v for k, v in extras.items()}
-
-    def _heldout_texts(self) -> dict[str, str]:
-        texts = {}
-        for spec in self.recipe.eval.texts:
-            spec = str(spec)
-            if spec.startswith("texts:"):
-                from transplant.assets import texts as corpora
-
-                texts[spec[6:]] = corpora.heldout(spec[6:], self.recipe.eval.n_bytes)
-            else:
-                path = Path(spec)
-                if not path.is_file():
-                    raise TransplantError(f"eval text {spec} does not exist; give a file or texts:NAME")
-                texts[path.stem] = path.read_text(encoding="utf-8")
-        return texts
 
     # ------------------------------------------------------------------------------------------------ steps
     def _counts(self, batches: list) -> torch.Tensor:
@@ -239,6 +227,7 @@ class Trainer:
 
     def _micro_step(self, alignment, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         a = alignment.to(self.rt.device)
+        balance = bool(self.ce_weight) and self.recipe.loss.balance == "gradmag"
         need_hidden = self.loss.needs_hidden(self.loss_options)
         batch: dict[str, Any] = {"alignment": a, **self.loss_extras}
         owned = getattr(self.engine.module, LOSS_MODULES, None)
@@ -253,14 +242,22 @@ class Trainer:
                 batch["teacher_hidden_states"] = t_out.hidden_states[-1]
         s_out = self.engine(input_ids=a.student_input_ids, attention_mask=a.student_attention_mask,
                             output_hidden_states=need_hidden)
-        batch["student_logits"] = s_out.logits
+        outputs = {"student_logits": s_out.logits}
         if need_hidden:
-            batch["student_hidden_states"] = s_out.hidden_states[-1]
+            outputs["student_hidden_states"] = s_out.hidden_states[-1]
+        # GradMag probes each loss's gradient on detached copies of the outputs (see balanced_step)
+        leaves = {k: v.detach().requires_grad_() for k, v in outputs.items()} if balance else outputs
+        batch.update(leaves)
         loss, metrics = self.loss(batch, num_items=float(counts[0]), **self.loss_options)
         if self.ce_weight:
             anchor, _ = self.anchor(batch, num_items=float(counts[1]))
-            loss = loss + self.ce_weight * anchor
-            metrics = {**metrics, ANCHOR_METRIC: anchor.detach(), "loss": loss.detach()}
+            if balance:  # the weights come from the gradients; ce_weight only switches the CE term on
+                loss, value, weights = balanced_step([loss, anchor], list(leaves.values()), list(outputs.values()),
+                                                     through_losses=owned is not None)
+                metrics = {**metrics, "ce_share": weights[1], ANCHOR_METRIC: anchor.detach(), "loss": value}
+            else:
+                loss = loss + self.ce_weight * anchor
+                metrics = {**metrics, ANCHOR_METRIC: anchor.detach(), "loss": loss.detach()}
         self.engine.backward(loss * self.rt.world_size, scale_wrt_gas=False)
         self.engine.step()
         return {k: v.detach().float() for k, v in metrics.items()}  # stays on the device: one sync per step

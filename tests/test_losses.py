@@ -404,3 +404,37 @@ def test_all_losses_on_a_real_pair():
         assert metrics["num_items_local"].item() == get_loss(name).count_items(batch) > 0
         loss.backward()
         assert batch["student_logits"].grad.abs().sum() > 0, name
+
+
+def test_gradmag_weights_equalise_unit_directions_by_hand():
+    from distill.losses.balance import balanced_step, gradmag_weights
+
+    weight = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    output = weight @ torch.tensor([1.0, 1.0])  # the "model output" [1, 2]; d output / d weight is known
+    leaf = output.detach().requires_grad_()
+    big, small = 3.0 * leaf.sum(), (leaf * torch.tensor([1.0, -1.0])).sum()  # |g| = 3*sqrt2 and sqrt2
+    surrogate, value, weights = balanced_step([big, small], [leaf], [output])
+    assert weights.tolist() == pytest.approx([0.25, 0.75])  # 1/|g| normalised: (1/3) / (1/3 + 1), 1 / (1/3 + 1)
+    assert float(value) == pytest.approx(0.25 * 9.0 + 0.75 * -1.0)
+    surrogate.backward()
+    # d/d output of sum_i w_i loss_i = 0.25*[3, 3] + 0.75*[1, -1] = [1.5, 0]; through W (input [1, 1]):
+    assert weight.grad.flatten().tolist() == pytest.approx([1.5, 1.5, 0.0, 0.0], abs=1e-6)
+    # scaling every loss by c scales the combined gradient by c (global item counts keep their meaning)
+    leaf2 = output.detach().requires_grad_()
+    _, _, weights2 = balanced_step([30.0 * leaf2.sum(), 10 * (leaf2 * torch.tensor([1.0, -1.0])).sum()],
+                                   [leaf2], [output])
+    assert weights2.tolist() == pytest.approx([0.25, 0.75])
+    # a loss with no gradient (no valid chunk) gets no weight; all-zero falls back to uniform
+    assert gradmag_weights(torch.tensor([0.0, 2.0])).tolist() == [0.0, 1.0]
+    assert gradmag_weights(torch.tensor([0.0, 0.0])).tolist() == [0.5, 0.5]
+    leaf3 = output.detach().requires_grad_()
+    _, _, weights3 = balanced_step([torch.zeros((), requires_grad=True) * 1.0, leaf3.sum()], [leaf3], [output])
+    assert weights3.tolist() == [0.0, 1.0]
+    # a loss's own parameters (ALM's hidden projection) get w_i * d loss_i / d param through the surrogate
+    projection = torch.tensor(2.0, requires_grad=True)
+    output4 = weight @ torch.tensor([1.0, 1.0])
+    leaf4 = output4.detach().requires_grad_()
+    surrogate4, _, weights4 = balanced_step([(projection * leaf4).sum(), 3.0 * leaf4.sum()], [leaf4], [output4],
+                                            through_losses=True)
+    surrogate4.backward()
+    assert float(projection.grad) == pytest.approx(float(weights4[0]) * 3.0)  # leaf4 sums to 1 + 2

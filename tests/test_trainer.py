@@ -234,6 +234,19 @@ def test_baselines_add_their_published_ce_term(tmp_path, tiny_pair):
     assert "ce_anchor" not in result["history"][-1]
 
 
+def test_gradmag_balance_weights_alm_and_ce_by_their_gradients(tmp_path, tiny_pair):
+    recipe = make_recipe(tmp_path, tiny_pair, "gradmag", train={"steps": 2, "grad_accum": 1},
+                         loss={"name": "alm", "ce_weight": 1.0, "balance": "gradmag"})
+    _, result = run_in_process(recipe)
+    for record in (r for r in result["history"] if "loss" in r):
+        share = record["ce_share"]
+        assert 0.0 < share < 1.0
+        assert record["loss"] == pytest.approx((1 - share) * record["alm"] + share * record["ce_anchor"], rel=1e-4)
+    bad = make_recipe(tmp_path, tiny_pair, "badbalance", train={"steps": 1}, loss={"name": "alm", "balance": "mean"})
+    with pytest.raises(TransplantError, match="loss.balance"):
+        run_in_process(bad)
+
+
 def test_optimizer_offload_config_trains_with_deepspeed_cpu_adam(tmp_path, tiny_pair):
     recipe = make_recipe(tmp_path, tiny_pair, "offload", train={"steps": 3, "grad_accum": 1}, deepspeed=OFFLOAD)
     trainer, result = run_in_process(recipe)
