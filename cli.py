@@ -111,7 +111,8 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
               "lm-eval task name when the hub is reachable.")
 @click.option("--limit", type=click.FloatRange(min=0, min_open=True),
               help="lm-eval: at most this many examples per task (or a fraction below 1).")
-def eval_cmd(models, text_files, max_length, device, tasks, limit):
+@TRUST_REMOTE_CODE
+def eval_cmd(models, text_files, max_length, device, tasks, limit, trust_remote_code):
     """Compare MODELS (model dirs or aliases) side by side.
 
     Bits per byte on held-out text by default; lm-eval tasks with --tasks.
@@ -124,14 +125,16 @@ def eval_cmd(models, text_files, max_length, device, tasks, limit):
 
         dirs = {spec: str(resolve_source(spec, need_model=True).model_dir) for spec in models}
         results = run_lm_eval(list(dirs.values()), [t.strip() for t in tasks.split(",") if t.strip()],
-                              device=device, limit=int(limit) if limit and limit >= 1 else limit)
+                              device=device, limit=int(limit) if limit and limit >= 1 else limit,
+                              trust_remote_code=trust_remote_code)
         click.echo(format_table({spec: results[path] for spec, path in dirs.items()}))
         return
     named = _read_texts(text_files) if text_files else _default_eval_texts(16384)
     click.echo("model\t" + "\t".join(named) + "\t(bits/byte)")
     for spec in models:
         source = resolve_source(spec, need_model=True)
-        scores = [model_bits_per_byte(source.model_dir, text, device=device, max_length=max_length) for text in named.values()]
+        scores = [model_bits_per_byte(source.model_dir, text, device=device, max_length=max_length,
+                                      trust_remote_code=trust_remote_code) for text in named.values()]
         click.echo(spec + "\t" + "\t".join(f"{s:.4f}" for s in scores))
 
 

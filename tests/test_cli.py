@@ -236,3 +236,25 @@ def test_an_initializer_registered_here_runs_through_the_cli(tiny_pair, tmp_path
     assert_user_error(run(transplant_main, "--base", *base, "--set", "scal=1", "-o", tmp_path / "p"),
                       "unknown option scal", "valid options: scale, numbers")
     assert not (tmp_path / "p").exists()
+
+
+def test_trust_remote_code_reaches_the_eval_loaders_only_when_passed(tiny_pair, tmp_path, monkeypatch):
+    import transformers
+
+    seen: list[bool] = []
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        original = cls.from_pretrained
+
+        def spy(*args, _original=original, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    text = tmp_path / "t.txt"
+    text.write_text("The cat sat on the mat. " * 4)
+    for flags, expected in (([], False), (["--trust-remote-code"], True)):
+        seen.clear()
+        result = CliRunner().invoke(transplant_main, ["eval", str(tiny_pair["base_tied"]), *flags, "--text",
+                                                      str(text), "--max-length", "16"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert seen and set(seen) == {expected}

@@ -173,8 +173,10 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
 
             measured = {n: t for n, t in eval_texts.items() if n in comparable}  # a lossy tokenizer is not scored
             for name, text in measured.items():
-                bpb[name] = {"before": model_bits_per_byte(base_src.model_dir, text, device=device),
-                             "after": model_bits_per_byte(model_dir, text, device=device)}
+                bpb[name] = {"before": model_bits_per_byte(base_src.model_dir, text, device=device,
+                                                           trust_remote_code=trust_remote_code),
+                             "after": model_bits_per_byte(model_dir, text, device=device,
+                                                          trust_remote_code=trust_remote_code)}
             total_bytes = sum(len(t.encode()) for t in measured.values())
             for key, attr in (("before", "bpb_before"), ("after", "bpb_after")):
                 if total_bytes:

@@ -226,11 +226,12 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
-def load_for_eval(model_dir, device: str = "cpu", dtype: torch.dtype | None = None):
+def load_for_eval(model_dir, device: str = "cpu", dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """Stock transformers loading of a model dir and its tokenizer (what our users will do).
 
     The weights are validated first (a truncated or damaged file is a one-line error, not a traceback from
-    deep inside transformers)."""
+    deep inside transformers). `trust_remote_code` runs the dir's own modelling code: only when the user
+    passed it (the transplant command forwards its flag)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from transplant.io import safetensors
@@ -238,12 +239,13 @@ def load_for_eval(model_dir, device: str = "cpu", dtype: torch.dtype | None = No
     for path in safetensors.model_weight_files(Path(model_dir)):
         safetensors.read_header(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises many types for a damaged or missing tokenizer
         raise TransplantError(f"cannot load the tokenizer of {model_dir} ({_first_line(err)}); pass a model dir "
                               "saved with its tokenizer") from err
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32,
+                                                     trust_remote_code=trust_remote_code)
     except Exception as err:  # config/weight mismatches surface as ValueError, OSError, RuntimeError, ...
         raise TransplantError(f"cannot load the model in {model_dir} ({_first_line(err)}); re-download or "
                               "re-save it") from err
@@ -251,18 +253,19 @@ def load_for_eval(model_dir, device: str = "cpu", dtype: torch.dtype | None = No
 
 
 def model_measure(model_dir, texts: str | Iterable[str], *, device: str = "cpu", max_length: int = 1024,
-                  dtype: torch.dtype | None = None) -> BitsPerByte:
+                  dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> BitsPerByte:
     """`measure_bits_per_byte` of a model dir (loaded as `load_for_eval` does), with progress bars (on a
     terminal) when the model is large enough for scoring to take a while."""
-    model, tokenizer = load_for_eval(model_dir, device=device, dtype=dtype)
+    model, tokenizer = load_for_eval(model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     large = sum(p.numel() for p in model.parameters()) >= LARGE_MODEL_PARAMETERS
     return measure_bits_per_byte(model, tokenizer, texts, max_length=max_length, what=f"text scored with {model_dir}",
                                  progress=large)
 
 
 def model_bits_per_byte(model_dir, texts: str | Iterable[str], *, device: str = "cpu", max_length: int = 1024,
-                        dtype: torch.dtype | None = None) -> float:
-    return model_measure(model_dir, texts, device=device, max_length=max_length, dtype=dtype).bpb
+                        dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> float:
+    return model_measure(model_dir, texts, device=device, max_length=max_length, dtype=dtype,
+                         trust_remote_code=trust_remote_code).bpb
 
 
 def heldout_fidelity(stats: dict[str, Any], texts: Mapping[str, str], base_tokenizer, new_tokenizer) -> list[str]:

@@ -286,10 +286,12 @@ def _collect(raw: dict, task_names: Sequence[str]) -> dict[str, dict[str, float]
     return out
 
 
-def _make_lm(model_dir: Path, *, device: str, batch_size: int | str, dtype, max_length: int | None):
+def _make_lm(model_dir: Path, *, device: str, batch_size: int | str, dtype, max_length: int | None,
+             trust_remote_code: bool = False):
     from lm_eval.api.registry import get_model
 
-    args: dict[str, object] = {"pretrained": str(model_dir), "dtype": _dtype_arg(dtype)}
+    args: dict[str, object] = {"pretrained": str(model_dir), "dtype": _dtype_arg(dtype),
+                               "trust_remote_code": trust_remote_code}
     if max_length:
         args["max_length"] = int(max_length)
     return get_model("hf").create_from_arg_obj(args, {"batch_size": batch_size, "device": device})
@@ -299,7 +301,8 @@ def run_lm_eval(models: Sequence[str | Path], tasks: Sequence[str], *, device: s
                 batch_size: int | str = 8, limit: int | float | None = None, dtype=None,
                 bpb_bytes: int = DEFAULT_BPB_BYTES, doc_bytes: int = DEFAULT_DOC_BYTES,
                 texts: Mapping[str, str] | None = None, max_length: int | None = None,
-                num_fewshot: int | None = None) -> dict[str, dict[str, dict[str, float]]]:
+                num_fewshot: int | None = None,
+                trust_remote_code: bool = False) -> dict[str, dict[str, dict[str, float]]]:
     """Run stock lm-eval ("hf" model type) on each model dir; return {model: {task: {metric: value}}}.
 
     Local tasks (see `list_local_tasks`; `tt_bpb` = every slice, `texts` adds tt_bpb_<key> over caller text)
@@ -339,7 +342,8 @@ def run_lm_eval(models: Sequence[str | Path], tasks: Sequence[str], *, device: s
     with offline:
         for name, model_dir in model_dirs.items():
             log.info("lm-eval on %s (%s): %s", name, model_dir, ", ".join(task_names))
-            lm = _make_lm(model_dir, device=device, batch_size=batch_size, dtype=dtype, max_length=max_length)
+            lm = _make_lm(model_dir, device=device, batch_size=batch_size, dtype=dtype, max_length=max_length,
+                          trust_remote_code=trust_remote_code)
             per_task: dict[str, dict[str, float]] = {}
             default_bos = getattr(lm, "add_bos_token", None)
             for group, add_bos in ((bpb_tasks, False), (other_tasks, default_bos)):
