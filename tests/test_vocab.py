@@ -197,7 +197,7 @@ def test_save_round_trip_through_auto_tokenizer(tmp_path, sp_models):
 
     for source in (
         sp_models["plain"],
-        build_byte_bpe(tmp_path / "bpe", BASE_CORPUS, 400, ["<s>", "</s>", "<pad>"]),
+        build_byte_bpe(tmp_path / "bpe", BASE_CORPUS, 400, ["<s>", "</s>", "<pad>", "<mask>"]),
     ):
         vocab = load_vocab(source)
         out = tmp_path / f"saved-{Path(source).name}"
@@ -214,6 +214,8 @@ def test_save_round_trip_through_auto_tokenizer(tmp_path, sp_models):
             assert loaded.encode(text, add_special_tokens=False) == vocab.encode(text), text
         assert loaded.encode("hi") == vocab.encode("hi", add_special_tokens=True)
         assert loaded.bos_token == vocab.special_texts[vocab.roles["bos"]]
+        if source != sp_models["plain"]:  # an MLM mask token stays a named special
+            assert loaded.mask_token == "<mask>" and config["mask_token"] == "<mask>"
         assert loaded.chat_template == vocab.tokenizer.chat_template
         again = load_vocab(out)
         assert (again.token_bytes, again.kinds, again.roles) == (vocab.token_bytes, vocab.kinds, vocab.roles)

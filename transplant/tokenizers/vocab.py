@@ -109,7 +109,8 @@ class Vocab:
             )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        special = {f"{role}_token": self._text_of(role) for role in ("bos", "eos", "unk", "pad")}
+        roles = ("bos", "eos", "unk", "pad", "cls", "sep", "mask")  # what AutoTokenizer reads as named specials
+        special = {f"{role}_token": self._text_of(role) for role in roles}
         special = {key: text for key, text in special.items() if text is not None}
         class_name, why = family.saved_class(self.tokenizer_class)
         config: dict[str, Any] = {
