@@ -52,8 +52,9 @@ class LossConfig:
     name: str = "alm"  # alm | alm-l1 | ce | uld | mined (distill.losses registry)
     options: dict[str, Any] = field(default_factory=dict)  # per loss: {alm: {temperature: 100}, uld: {top_k: 4096}}
     ce_weight: float | None = None  # student's own next-token CE added; None = the loss's published weight
-    # (uld 1.0, mined 0.9, alm 0)
-    balance: str = "sum"  # sum: loss + ce_weight * ce | gradmag: weights from gradient norms (distill.losses.balance)
+    # (alm 1.0, uld 1.0, mined 0.9, alm-l1 and ce 0)
+    balance: str | None = None  # sum: loss + ce_weight * ce | gradmag: weights from gradient norms
+    # (distill.losses.balance); None = the loss's published way (alm gradmag, the others sum)
 
 
 @dataclass

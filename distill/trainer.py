@@ -208,10 +208,11 @@ class Trainer:
         steps (trainable loss modules are built once, at setup, for the recipe's loss)."""
         self.loss = get_loss(name)
         self.loss_options = loss_options(name, self.recipe.loss.options)
-        if self.recipe.loss.balance not in BALANCES:
-            raise TransplantError(f"loss.balance={self.recipe.loss.balance!r} is unknown; use one of {BALANCES}")
-        weight = self.recipe.loss.ce_weight
+        weight, balance = self.recipe.loss.ce_weight, self.recipe.loss.balance
         self.ce_weight = self.loss.ce_weight if weight is None else float(weight)  # the published weight by default
+        self.balance = self.loss.balance if balance is None else balance
+        if self.balance not in BALANCES:
+            raise TransplantError(f"loss.balance={self.balance!r} is unknown; use one of {', '.join(BALANCES)}")
         extras = self.loss.prepare(PairContext(self.student_vocab, self.teacher_vocab, self.loss_options))
         self.loss_extras = {k: v.to(self.rt.device) if isinstance(v, torch.Tensor) else v for k, v in extras.items()}
 
@@ -227,7 +228,7 @@ class Trainer:
 
     def _micro_step(self, alignment, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         a = alignment.to(self.rt.device)
-        balance = bool(self.ce_weight) and self.recipe.loss.balance == "gradmag"
+        balance = bool(self.ce_weight) and self.balance == "gradmag"
         need_hidden = self.loss.needs_hidden(self.loss_options)
         batch: dict[str, Any] = {"alignment": a, **self.loss_extras}
         owned = getattr(self.engine.module, LOSS_MODULES, None)
@@ -245,15 +246,15 @@ class Trainer:
         outputs = {"student_logits": s_out.logits}
         if need_hidden:
             outputs["student_hidden_states"] = s_out.hidden_states[-1]
-        # GradMag probes each loss's gradient on detached copies of the outputs (see balanced_step)
-        leaves = {k: v.detach().requires_grad_() for k, v in outputs.items()} if balance else outputs
-        batch.update(leaves)
+        batch.update(outputs)
+        if balance:  # GradMag probes each loss's gradient at a detached copy of the logits (see balanced_step)
+            batch["student_logits"] = s_out.logits.detach().requires_grad_()
         loss, metrics = self.loss(batch, num_items=float(counts[0]), **self.loss_options)
         if self.ce_weight:
             anchor, _ = self.anchor(batch, num_items=float(counts[1]))
             if balance:  # the weights come from the gradients; ce_weight only switches the CE term on
-                loss, value, weights = balanced_step([loss, anchor], list(leaves.values()), list(outputs.values()),
-                                                     through_losses=owned is not None)
+                loss, value, weights = balanced_step([loss, anchor], [batch["student_logits"]], [s_out.logits],
+                                                     through_losses=need_hidden or owned is not None)
                 metrics = {**metrics, "ce_share": weights[1], ANCHOR_METRIC: anchor.detach(), "loss": value}
             else:
                 loss = loss + self.ce_weight * anchor

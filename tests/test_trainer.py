@@ -235,9 +235,9 @@ def test_baselines_add_their_published_ce_term(tmp_path, tiny_pair):
 
 
 def test_gradmag_balance_weights_alm_and_ce_by_their_gradients(tmp_path, tiny_pair):
-    recipe = make_recipe(tmp_path, tiny_pair, "gradmag", train={"steps": 2, "grad_accum": 1},
-                         loss={"name": "alm", "ce_weight": 1.0, "balance": "gradmag"})
-    _, result = run_in_process(recipe)
+    recipe = make_recipe(tmp_path, tiny_pair, "gradmag", train={"steps": 2, "grad_accum": 1}, loss={"name": "alm"})
+    trainer, result = run_in_process(recipe)
+    assert (trainer.ce_weight, trainer.balance) == (1.0, "gradmag")  # ALM's published default
     for record in (r for r in result["history"] if "loss" in r):
         share = record["ce_share"]
         assert 0.0 < share < 1.0

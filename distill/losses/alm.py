@@ -132,7 +132,7 @@ def _units(mode: str, batch: Mapping[str, Any], alignment: ChunkAlignment, valid
 
 
 @register("alm", count_items=count_alm_items, sum_metrics=("alm", "hidden_mse", "num_units"), prepare=prepare_alm,
-          needs_hidden=alm_reads_hidden_states, modules=projection_modules)
+          needs_hidden=alm_reads_hidden_states, modules=projection_modules, ce_weight=1.0, balance="gradmag")
 def alm_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
              temperature: float = 100.0, diff: str = "binary_ce", debias: str | bool = "merge",
              boundary_threshold: float = 0.1, merge_threshold: float | None = None, hidden_weight: float = 0.0,

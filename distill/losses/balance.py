@@ -9,8 +9,9 @@ the weights to sum to one (GradMag), so each loss contributes the same gradient 
 combined step keeps the size of a single loss's step.
 
 Where the norm is taken: tokenkit differentiates with respect to the last transformer block's parameters; here
-it is the student's outputs (logits, and the last hidden state where a loss reads it): they exist under every
-ZeRO stage and with LoRA, and each loss's gradient there costs only that loss's own backward.
+it is the student's logits: they exist under every ZeRO stage and with LoRA, and each loss's gradient there
+costs only that loss's own backward (a hidden-state term, which does not pass through the logits, is not
+counted in its loss's norm).
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ def balanced_step(losses: list[torch.Tensor], leaves: list[torch.Tensor], output
     model as `surrogate = sum(output * G)`, whose backward through the model equals that of sum_i w_i loss_i.
     This keeps the probe out of the model's graph: DeepSpeed hooks every engine output and refuses a second
     backward through it. `value` is sum_i w_i loss_i (detached), for logging. `through_losses` adds
-    sum_i w_i loss_i itself to the surrogate, for losses with trainable parameters of their own (ALM's hidden
-    projection): its backward reaches those parameters and stops at the detached leaves.
+    sum_i w_i loss_i itself to the surrogate, for losses that also read outputs left attached (ALM's hidden-state
+    term) or own trainable parameters (its projection): that backward runs inside the real one (so ZeRO-3
+    gathers those parameters once) and stops at the detached leaves; the probe never enters it, since
+    `autograd.grad` runs only the part of the graph that leads to the leaves.
     """
     grads = [torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True) for loss in losses]
     grads = [[torch.zeros_like(leaf) if g is None else g for g, leaf in zip(per_loss, leaves)] for per_loss in grads]

@@ -75,6 +75,8 @@ class LossSpec:
       and hands each to the loss as `batch[name]`.
     - `ce_weight`: the weight of the student's own next-token CE (the `ANCHOR_LOSS`) that the loss's published
       recipe adds; `loss.ce_weight` in a recipe overrides it.
+    - `balance`: how that CE joins the loss in the published recipe: "sum" (loss + ce_weight * CE) or
+      "gradmag" (weights from gradient norms, `distill.losses.balance`); `loss.balance` overrides it.
     """
 
     name: str
@@ -87,6 +89,7 @@ class LossSpec:
     options: tuple[str, ...] | None = None
     modules: Callable[[PairContext], dict[str, nn.Module]] = _no_modules
     ce_weight: float = 0.0
+    balance: str = "sum"
 
     def __call__(self, batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
                  **options: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -116,7 +119,7 @@ def register(name: str, *, count_items: Callable[[Mapping[str, Any]], int], need
              needs_hidden: Callable[[Mapping[str, Any]], bool] | None = None,
              options: Iterable[str] | None = None,
              modules: Callable[[PairContext], dict[str, nn.Module]] | None = None,
-             ce_weight: float = 0.0) -> Callable[[LossFn], LossFn]:
+             ce_weight: float = 0.0, balance: str = "sum") -> Callable[[LossFn], LossFn]:
     """Register `fn(batch, *, num_items=None, **options) -> (loss, metrics)` as loss `name` (fields: `LossSpec`).
 
     `options` defaults to `fn`'s keyword-only parameters. A second loss of the same name is an error: two
@@ -132,7 +135,7 @@ def register(name: str, *, count_items: Callable[[Mapping[str, Any]], int], need
             sum_metrics=ALWAYS_SUMMED | frozenset(sum_metrics), prepare=prepare or _no_extras,
             needs_hidden=needs_hidden or _no_hidden_states,
             options=keyword_options(fn) if options is None else tuple(options),
-            modules=modules or _no_modules, ce_weight=float(ce_weight))
+            modules=modules or _no_modules, ce_weight=float(ce_weight), balance=balance)
         return fn
 
     return wrap
