@@ -150,17 +150,21 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in rows:
-        steps = sorted(row["bpb"])
-        ax.plot(steps, [row["bpb"][s] for s in steps], marker="o", label=row["loss"])
-    teacher = next((r["teacher_bpb"] for r in rows if r["teacher_bpb"] is not None), None)
-    if teacher is not None:
-        ax.axhline(teacher, color="gray", linestyle="--", label="teacher (original tokenizer)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("held-out bits/byte (english)")
-    ax.set_title("SmolLM2-135M -> Mistral v3 tokenizer (fvt), healing")
-    ax.legend()
+    slices = list(rows[0].get("per_text") or {"english": rows[0]["bpb"]})
+    fig, axes = plt.subplots(1, len(slices), figsize=(4.2 * len(slices), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], slices):
+        for row in rows:
+            curve = (row.get("per_text") or {}).get(name, row["bpb"])
+            steps = sorted(curve, key=int)
+            ax.plot([int(s) for s in steps], [curve[s] for s in steps], marker="o", label=row["loss"])
+        teacher = next((r["teacher"].get(name) for r in rows if r.get("teacher")), None)
+        if teacher is not None:
+            ax.axhline(teacher, color="gray", linestyle="--", label="teacher (original tokenizer)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("held-out bits/byte")
+        ax.set_title(name)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M -> Mistral v3 tokenizer (fvt), healing at equal steps")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
