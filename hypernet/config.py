@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hypernet.model import HypernetConfig
+from hypernet.sample import PRETOKENIZERS
 from transplant import recipes
 from transplant.errors import TransplantError
 
@@ -91,6 +92,8 @@ class HypernetRecipe:
     vocab_size: list[int] = field(default_factory=lambda: [4000, 32000])  # [low, high], sampled log-uniformly
     noise: float = 1.0  # Gumbel noise on log counts: higher = more diverse, rarer vocabularies
     resample_every: int = 10  # optimizer steps per sampled tokenizer
+    pretokenizers: list[str] = field(default_factory=lambda: ["gpt2"])  # word-splitting styles, one drawn per
+    #                         sampled tokenizer (hypernet.sample.PRETOKENIZERS: gpt2, gpt4)
     real_tokenizers: list[str] = field(default_factory=list)  # real tokenizers mixed in (aliases or paths)
     real_prob: float = 0.0  # probability of drawing one of them instead of a sampled one
     # loss
@@ -122,6 +125,10 @@ class HypernetRecipe:
         if self.aux_weight <= 0 and self.lm_every > 1:
             raise TransplantError(f"recipe key lm_every={self.lm_every} with aux_weight=0 leaves steps without a loss; "
                                   "set lm_every=1 or aux_weight > 0")
+        unknown = [style for style in self.pretokenizers if style not in PRETOKENIZERS]
+        if unknown or not self.pretokenizers:
+            raise TransplantError(f"recipe key pretokenizers={self.pretokenizers} must list some of "
+                                  f"{', '.join(PRETOKENIZERS)}; fix the value, e.g. pretokenizers=[gpt2, gpt4]")
         if self.sampler not in ("batch", "corpus"):
             raise TransplantError(f"recipe key sampler={self.sampler!r} is unknown; use batch or corpus")
         if self.zero_stage not in (0, 1, 2):

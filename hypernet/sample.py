@@ -7,6 +7,13 @@ of those substrings (log count + Gumbel noise · `noise`), of a random size, plu
 text is encodable, turned into an in-memory `tokenizers` Unigram model over a byte-level pre-tokenizer
 (scores = log relative frequency). Sampling one takes well under a second.
 
+Pre-tokenization decides which token *shapes* exist at all, so each sampled tokenizer also draws a style from
+`PRETOKENIZERS`: `gpt2` (a space joins the following word; punctuation and newlines stay apart) or `gpt4` (the
+cl100k family that Llama 3, Qwen and tekken use: one non-letter may lead a word, `(message`, `=None`, and
+punctuation takes the newlines after it, `:\n`, `):\n`). Trained on `gpt2` alone, the hypernetwork never saw
+the second kind, which are ~90% of the new-token occurrences when Llama 3 / Qwen / tekken code is read with a
+Gemma-3 base (bench/RESULTS.md, "Gemma-3-270M as the base").
+
 Memory is bounded by the block, not the corpus: counts are only ever taken over a bounded text (one training
 block, `block_bytes`, or one bounded sample of the stream for `sampler: corpus`), ~60k distinct substrings per
 MB of English. Real tokenizers (`Vocab`s) can be mixed in.
@@ -27,6 +34,13 @@ from transplant.tokenizers.formats import byte_level_string
 from transplant.tokenizers.vocab import TokenKind, Vocab
 
 WORD = re.compile(r" ?[^\W\d_]+| ?\d{1,3}| ?[^\s\w]+|\s+(?!\S)|\s+| ?_+")
+# style -> (Python regex that cuts words for counting, Oniguruma regex the sampled tokenizer splits with);
+# the two agree on ASCII text (Python's `re` has no \p{L}: `[^\W\d_]` is a letter, `[^\W_]` a letter or digit).
+PRETOKENIZERS = {
+    "gpt2": (WORD, r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"),
+    "gpt4": (re.compile(r"(?:[^\r\n\w]|_)?[^\W\d_]+|\d{1,3}| ?(?:[^\s\w]|_)+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+             r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
 MAX_WORD_BYTES = 64  # longer "words" (base64, URLs, long runs of symbols) contribute only their first bytes
 
 
@@ -42,11 +56,14 @@ class TrainTokenizer:
         return len(self.token_bytes)
 
 
-def substring_counts(text: str, max_len: int = 16) -> Counter:
-    """Counts of every substring (2..max_len bytes) of every pre-tokenized word of `text`, as UTF-8 bytes.
+def substring_counts(text: str, max_len: int = 16, styles: tuple[str, ...] = ("gpt2",)) -> Counter:
+    """Counts of every substring (2..max_len bytes) of every pre-tokenized word of `text`, as UTF-8 bytes, the
+    words cut by each of `styles` (keys of PRETOKENIZERS) in turn.
 
     Call it on bounded text (a training block): its size is O(distinct words · MAX_WORD_BYTES · max_len)."""
-    words = Counter(WORD.findall(text))
+    words: Counter = Counter()
+    for style in styles:
+        words.update(PRETOKENIZERS[style][0].findall(text))
     counts: Counter = Counter()
     for word, freq in words.items():
         data = word.encode("utf-8")[:MAX_WORD_BYTES]
@@ -62,8 +79,12 @@ class TokenizerSampler:
 
     def __init__(self, text: str | Counter, *, size_range: tuple[int, int] = (4000, 32000), noise: float = 1.0,
                  min_count: int = 2, max_len: int = 16, real: list[Vocab | TrainTokenizer] | None = None,
-                 real_prob: float = 0.0, seed: int = 0):
-        counts = substring_counts(text, max_len) if isinstance(text, str) else text
+                 real_prob: float = 0.0, seed: int = 0, styles: tuple[str, ...] = ("gpt2",)):
+        unknown = [style for style in styles if style not in PRETOKENIZERS]
+        if unknown or not styles:
+            raise ValueError(f"pre-tokenizer styles {unknown or '[]'} unknown; use some of {sorted(PRETOKENIZERS)}")
+        self.styles = tuple(styles)
+        counts = substring_counts(text, max_len, self.styles) if isinstance(text, str) else text
         self.candidates = [(piece, count) for piece, count in counts.most_common() if count >= min_count]
         self.log_counts = torch.tensor([math.log(count) for _, count in self.candidates], dtype=torch.float64)
         self.size_range = size_range
@@ -80,6 +101,7 @@ class TokenizerSampler:
         return self.sample_unigram(size)
 
     def sample_unigram(self, size: int) -> TrainTokenizer:
+        style = self.styles[0] if len(self.styles) == 1 else self.rng.choice(self.styles)
         gen = torch.Generator().manual_seed(self.rng.getrandbits(62))
         uniform = torch.rand(len(self.log_counts), generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
         keys = self.log_counts - self.noise * torch.log(-torch.log(uniform))
@@ -89,16 +111,23 @@ class TokenizerSampler:
         total = sum(count for _, count in chosen) or 1
         pieces = [bytes([b]) for b in range(256)] + [piece for piece, _ in chosen]
         scores = [-20.0] * 256 + [math.log(count / total) for _, count in chosen]
-        return build_unigram(pieces, scores, name=f"unigram-{len(pieces)}")
+        return build_unigram(pieces, scores, name=f"unigram-{style}-{len(pieces)}", style=style)
 
 
-def build_unigram(pieces: list[bytes], scores: list[float], name: str = "unigram") -> TrainTokenizer:
-    """An in-memory byte-level Unigram tokenizer; id 0 is `<unk>` (never produced: all bytes are pieces)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def build_unigram(pieces: list[bytes], scores: list[float], name: str = "unigram", style: str = "gpt2"
+                  ) -> TrainTokenizer:
+    """An in-memory byte-level Unigram tokenizer that splits words by `style` (a PRETOKENIZERS key); id 0 is
+    `<unk>` (never produced: all bytes are pieces)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
     vocab = [("<unk>", -100.0)] + [(byte_level_string(p), s) for p, s in zip(pieces, scores)]
     tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if style == "gpt2":  # ByteLevel's own regex: what every earlier hypernetwork was trained with
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRETOKENIZERS[style][1]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     token_bytes = [b""] + list(pieces)
 
     def encode_batch(texts: list[str]) -> list[list[int]]:

@@ -190,7 +190,7 @@ class HypernetTrainer:
         self.corpus_sampler = None
         if r.sampler == "corpus":  # one bounded sample, read by its own stream (the training position is untouched)
             sample = CorpusStream(self.sources, seed=r.seed + 1)
-            self.corpus_sampler = self._sampler(substring_counts("".join(sample.read_block(0, r.stats_bytes))), 0)
+            self.corpus_sampler = self._sampler(self._counts(sample.read_block(0, r.stats_bytes)), 0)
             sample.close()
         self.population = torch.tensor(aux_population(self.base), dtype=torch.long)
         self.bos_id = self.base.roles.get("bos", self.base.roles.get("eos"))
@@ -201,10 +201,14 @@ class HypernetTrainer:
         return self
 
     # ------------------------------------------------------------------------------------------ tokenizers
+    def _counts(self, pieces: list[str]):
+        return substring_counts("".join(pieces), styles=tuple(self.recipe.pretokenizers))
+
     def _sampler(self, counts, round_index: int) -> TokenizerSampler:
         r = self.recipe
         return TokenizerSampler(counts, size_range=tuple(r.vocab_size), noise=r.noise, real=self.real,
-                                real_prob=r.real_prob, seed=mix_seed(r.seed, round_index, 1))
+                                real_prob=r.real_prob, seed=mix_seed(r.seed, round_index, 1),
+                                styles=tuple(r.pretokenizers))
 
     def start_round(self, index: int) -> None:
         """Read round `index`'s text block and draw its tokenizer (the same on every process)."""
@@ -215,7 +219,7 @@ class HypernetTrainer:
             sampler = self.corpus_sampler
             sampler.rng = random.Random(mix_seed(r.seed, index, 1))
         else:
-            sampler = self._sampler(substring_counts("".join(self.block)), index)
+            sampler = self._sampler(self._counts(self.block), index)
         tok = sampler.sample()
         if any(tok is real for real in self.real):
             if tok.name not in self._real_pieces:

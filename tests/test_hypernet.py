@@ -22,7 +22,7 @@ from hypernet.model import (
     load_hypernet,
     save_hypernet,
 )
-from hypernet.sample import TokenizerSampler, build_unigram
+from hypernet.sample import TokenizerSampler, build_unigram, substring_counts
 from hypernet.train import aux_population, train
 from tests.conftest import BASE_CORPUS, DONOR_CORPUS
 from transplant.assets import load_vocab
@@ -66,6 +66,29 @@ def test_sampler_gives_diverse_complete_tokenizers():
         assert all(len(bytes([b])) == 1 and bytes([b]) in tok.token_bytes for b in range(256))
     multi = build_unigram([bytes([b]) for b in range(256)] + [b" cat", b"alog"], [-20.0] * 256 + [-1.0, -1.0])
     assert [multi.token_bytes[i] for i in multi.encode_batch([" catalog"])[0]] == [b" cat", b"alog"]
+
+
+def test_gpt4_style_samples_the_token_shapes_of_llama3_family_tokenizers():
+    """Punctuation that takes its newline (`):\n`) and one symbol leading a word (`(message`) exist only under
+    the gpt4 style; gpt2 keeps them apart. Both round-trip any text, and a two-style sampler draws both."""
+    code = "def f(message=None):\n    return g(message)\nThe cat's mat.\n" * 30
+    pieces = [bytes([b]) for b in range(256)] + [b"):\n", b"(message", b"=None"]
+    scores = [-20.0] * 256 + [-1.0] * 3
+    gpt2, gpt4 = (build_unigram(pieces, scores, style=style) for style in ("gpt2", "gpt4"))
+    for tok in (gpt2, gpt4):
+        assert b"".join(tok.token_bytes[i] for i in tok.encode_batch([code])[0]) == code.encode()
+        assert b"".join(tok.token_bytes[i] for i in tok.encode_batch([TEXT])[0]) == TEXT.encode()
+    used = {style: {tok.token_bytes[i] for i in tok.encode_batch([code])[0]} for style, tok in
+            (("gpt2", gpt2), ("gpt4", gpt4))}
+    assert {b"):\n", b"(message", b"=None"} <= used["gpt4"]
+    assert not {b"):\n", b"(message", b"=None"} & used["gpt2"]
+    counts = substring_counts(code, styles=("gpt2", "gpt4"))
+    assert counts[b"):\n"] == 30 and counts[b"(message"] == 60
+    assert b"):\n" not in substring_counts(code)  # gpt2 counting (the default) never sees that shape
+    sampler = TokenizerSampler(code + BASE_CORPUS, size_range=(300, 300), seed=0, styles=("gpt2", "gpt4"))
+    assert {sampler.sample().name.split("-")[1] for _ in range(12)} == {"gpt2", "gpt4"}
+    with pytest.raises(ValueError, match="unknown"):
+        TokenizerSampler(code, styles=("sentencepiece",))
 
 
 def test_untrained_hypernet_is_fvt(tiny_pair):

@@ -116,4 +116,7 @@ def test_presets_size_the_hypernetwork():
         load_recipe(data={"aux_weight": 0, "lm_every": 2})
     with pytest.raises(TransplantError, match="lm_shard='fsdp' is unknown"):
         load_recipe(data={"lm_shard": "fsdp"})
+    with pytest.raises(TransplantError, match="pretokenizers=.*must list some of gpt2, gpt4"):
+        load_recipe(data={"pretokenizers": ["sentencepiece"]})
+    assert load_recipe(overrides=["pretokenizers=[gpt2, gpt4]"]).pretokenizers == ["gpt2", "gpt4"]
     assert HypernetRecipe().sampler == "batch"
