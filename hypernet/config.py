@@ -92,8 +92,9 @@ class HypernetRecipe:
     vocab_size: list[int] = field(default_factory=lambda: [4000, 32000])  # [low, high], sampled log-uniformly
     noise: float = 1.0  # Gumbel noise on log counts: higher = more diverse, rarer vocabularies
     resample_every: int = 10  # optimizer steps per sampled tokenizer
-    pretokenizers: list[str] = field(default_factory=lambda: ["gpt2"])  # word-splitting styles, one drawn per
-    #                         sampled tokenizer (hypernet.sample.PRETOKENIZERS: gpt2, gpt4)
+    pretokenizers: list[str] = field(default_factory=lambda: ["gpt2", "gpt4"])  # word-splitting styles, one
+    #                         drawn per sampled tokenizer (hypernet.sample.PRETOKENIZERS); gpt4 is what makes
+    #                         Llama 3 / Qwen / tekken tokens like `):\n` seen in training (RESULTS, Gemma-3 base)
     real_tokenizers: list[str] = field(default_factory=list)  # real tokenizers mixed in (aliases or paths)
     real_prob: float = 0.0  # probability of drawing one of them instead of a sampled one
     # loss
