@@ -12,7 +12,7 @@ Pre-tokenization decides which token *shapes* exist at all, so each sampled toke
 cl100k family that Llama 3, Qwen and tekken use: one non-letter may lead a word, `(message`, `=None`, and
 punctuation takes the newlines after it, `:\n`, `):\n`). Trained on `gpt2` alone, the hypernetwork never saw
 the second kind, which are ~90% of the new-token occurrences when Llama 3 / Qwen / tekken code is read with a
-Gemma-3 base (bench/RESULTS.md, "Gemma-3-270M as the base").
+Gemma-3 base (bench/RESULTS.md, "Why the Gemma-3 hypernetwork lost code").
 
 Memory is bounded by the block, not the corpus: counts are only ever taken over a bounded text (one training
 block, `block_bytes`, or one bounded sample of the stream for `sampler: corpus`), ~60k distinct substrings per
@@ -34,10 +34,11 @@ from transplant.tokenizers.formats import byte_level_string
 from transplant.tokenizers.vocab import TokenKind, Vocab
 
 WORD = re.compile(r" ?[^\W\d_]+| ?\d{1,3}| ?[^\s\w]+|\s+(?!\S)|\s+| ?_+")
-# style -> (Python regex that cuts words for counting, Oniguruma regex the sampled tokenizer splits with);
-# the two agree on ASCII text (Python's `re` has no \p{L}: `[^\W\d_]` is a letter, `[^\W_]` a letter or digit).
+# style -> (Python regex that cuts words for counting, Oniguruma regex the sampled tokenizer splits with, or
+# None for ByteLevel's own GPT-2 regex); they agree on ASCII text (Python's `re` has no \p{L}: `[^\W\d_]` is a
+# letter, `[^\W_]` a letter or digit).
 PRETOKENIZERS = {
-    "gpt2": (WORD, r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"),
+    "gpt2": (WORD, None),  # what every hypernetwork before the gpt4 style was trained with
     "gpt4": (re.compile(r"(?:[^\r\n\w]|_)?[^\W\d_]+|\d{1,3}| ?(?:[^\s\w]|_)+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
              r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
 }
@@ -122,11 +123,12 @@ def build_unigram(pieces: list[bytes], scores: list[float], name: str = "unigram
 
     vocab = [("<unk>", -100.0)] + [(byte_level_string(p), s) for p, s in zip(pieces, scores)]
     tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
-    if style == "gpt2":  # ByteLevel's own regex: what every earlier hypernetwork was trained with
+    split = PRETOKENIZERS[style][1]
+    if split is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PRETOKENIZERS[style][1]), behavior="isolated"),
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     token_bytes = [b""] + list(pieces)
 
