@@ -12,6 +12,8 @@ held-out text and the same `n` always gives the same string.
 | spanish | Reina-Valera 1909 (`sword-text-sparv`) | same |
 | german | German quotations (`fortunes-de`, file `zitate`) | quotes with their attributions, `%` lines dropped |
 | python-docs | Python 3.11 docs (`python3.11-doc`, info) | from the tutorial on, info menus/headers dropped |
+| debian-reference | Debian Reference, English (`debian-reference-en`, plain text) | from chapter 1 on (no contents) |
+| quotes | English quotations (`fortunes`, files in `QUOTE_FILES`) | quotes, `%` lines dropped |
 | code | the running interpreter's stdlib | `CODE_MODULES` in order, one header line per file |
 | numbers | generated here (seeded) | arithmetic, tables, dates, prices, phone-like numbers |
 
@@ -140,6 +142,33 @@ def _german_quotes(root: Path) -> str:
     return "\n\n".join(quote.replace("\t\t-- ", "    -- ") for quote in quotes) + "\n"
 
 
+# English quotation files of the `fortunes` package: prose-like, and in no training corpus of the project.
+QUOTE_FILES = ("art", "education", "food", "humorists", "love", "platitudes", "politics", "science", "work", "people",
+               "wisdom")  # the held-out region is the tail: people and wisdom
+
+
+def _english_quotes(root: Path) -> str:
+    """English quotations: a second English prose source, never trained on (the healing benchmark's
+    untrained-source group)."""
+    base = root / "usr/share/games/fortunes"
+    quotes = []
+    for name in QUOTE_FILES:
+        raw = (base / name).read_text(encoding="utf-8", errors="replace")
+        quotes += [quote.strip("\n") for quote in re.split(r"^%\n", raw, flags=re.M) if quote.strip()]
+    return "\n\n".join(quote.replace("\t", "    ") for quote in quotes) + "\n"
+
+
+def _debian_reference(root: Path) -> str:
+    """The Debian Reference's English plain-text edition from chapter 1 on: technical documentation that is
+    not Python's (the other documentation slice)."""
+    import gzip
+
+    text = gzip.decompress((root / "usr/share/debian-reference/debian-reference.en.txt.gz").read_bytes()).decode()
+    text = text.replace("\u00a0", " ")  # the edition writes "Chapter\u00a01." and pads notes with NBSP
+    text = text[text.index("\nChapter 1. ") + 1:]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in text.split("\n")))
+
+
 def _python_docs(root: Path) -> str:
     import gzip
 
@@ -245,6 +274,10 @@ TEXTS: dict[str, TextAsset] = {
                   "see /usr/share/doc/fortunes-de/copyright"),
         TextAsset("python-docs", "Python 3.11 documentation, tutorial onwards (python3.11-doc, info)",
                   ("python3.11-doc",), _python_docs, "PSF"),
+        TextAsset("debian-reference", "Debian Reference, English plain text (debian-reference-en)",
+                  ("debian-reference-en",), _debian_reference, "GPL-2+"),
+        TextAsset("quotes", "English quotations (fortunes: literature, wisdom, people, ...)", ("fortunes",),
+                  _english_quotes, "see /usr/share/doc/fortunes/copyright"),
         TextAsset("code", "Python stdlib source of the running interpreter (fixed module list)", (), _code, "PSF"),
         TextAsset("numbers", "generated (seeded): arithmetic, tables, dates, prices, phone-like numbers", (),
                   _numbers, "generated"),
