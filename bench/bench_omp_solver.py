@@ -1,6 +1,6 @@
 """Benchmark: batched OMP solvers on a problem shaped like SmolLM2 <- Gemma-3 (45k anchors, D=640).
 
-Claim under test (DESIGN.md §3): exact Batch-OMP is several times cheaper than the plain batched OMP that
+Claim under test (docs/design.md §3): exact Batch-OMP is several times cheaper than the plain batched OMP that
 recomputes every anchor's correlation with the residual each step, and prefiltering cuts the cost further with
 a measurable loss. The real job has ~217k targets; a few hundred to a thousand are timed here and the
 per-target cost is extrapolated (the work is linear in the number of targets; the Gram matrix is a one-off).

@@ -1,0 +1,7 @@
+"""Cross-tokenizer distillation: heal a transplanted student from a teacher (docs/design.md §5).
+
+Data path: `corpus` (lazy corpora) → `data` (packed windows tokenized by both tokenizers, `chat` for
+conversations) → `chunks` (byte-chunk alignment) → `losses` (the loss registry). Training: `config` (the
+recipe), `runtime` (processes, device, DeepSpeed config), `teacher` (frozen, replicated or sharded), `optim`,
+`lora`, `trainer`, `checkpoint` (exact resume), `export` (a plain HF dir); `main` is the command line.
+"""

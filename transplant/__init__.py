@@ -2,6 +2,10 @@
 
 Public API: `transplant.transplant(base, donor, ...)`, `transplant.extend_vocab(...)` and
 `transplant.eval.bpb.bits_per_byte(...)`. Imported lazily so `import transplant.tokenizers.vocab` stays light.
+
+Layers, bottom up (docs/architecture.md): `errors`, `cache`, `dtypes`, `version`, `recipes` (typed YAML and
+`--set`) import nothing of the project; then `solvers`, `tokenizers`, `assets`, `io`, `init`, `eval`; on top
+`pipeline` (`transplant()`) and `extend` (`extend_vocab()`); `commandline` holds what the three CLIs share.
 """
 
 from transplant.version import __version__

@@ -1,8 +1,8 @@
 """report.png for every method: how the new tokens were built, and how well where that is measurable.
 
-Every method's plan is a sparse matrix (DESIGN.md §2), so the number of base pieces per new token is always
-known and says how each row was made (1: a copy, many: a mixture); donor methods also measure a reconstruction
-error in the donor space, plotted beside it.
+Every method's plan is a sparse matrix (docs/design.md §2), so the number of base pieces per new token is
+always known and says how each row was made (1: a copy, many: a mixture); donor methods also measure a
+reconstruction error in the donor space, plotted beside it.
 """
 
 from __future__ import annotations

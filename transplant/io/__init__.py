@@ -1,3 +1,5 @@
 """I/O layer: streaming, validated safetensors (`safetensors`), config files (`model_config`), model-dir
-surgery (`surgery`), the one atomic output-directory helper every writer uses (`atomic`) and the memory check
-solvers call before allocating (`memory`)."""
+surgery (`surgery`), the config fields holding token ids (`token_ids`), every other per-token tensor such as a
+decoder bias (`vocab_tensors`), a chat output's stop tokens (`chat_config`), GGUF export for llama.cpp
+(`gguf_export`, with the tokenizer as GGUF metadata in `gguf_vocab`), the one atomic output-directory helper
+every writer uses (`atomic`) and the memory check solvers call before allocating (`memory`)."""

@@ -2,7 +2,7 @@
 
 Softmax gives every candidate some weight; sparsemax is the Euclidean projection of the scores onto the
 probability simplex, so weak candidates get exactly zero and a new token's row is a combination of the few
-tokens that really resemble it: a sparse initializer row (DESIGN.md §2) with no threshold to tune.
+tokens that really resemble it: a sparse initializer row (docs/design.md §2) with no threshold to tune.
 """
 
 from __future__ import annotations
