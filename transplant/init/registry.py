@@ -11,6 +11,7 @@ a method is one new file plus one line in pyproject.toml (or a `@register` call 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -61,6 +62,9 @@ class Option:
             raise TransplantError(
                 f"--set {self.name}={value}: {err or 'bad value'} for method {method!r}; {self.describe()}"
             ) from None
+        if not _finite_64bit(parsed):  # inf/nan, or an int torch and numpy cannot take (a seed of 10**22)
+            raise TransplantError(f"--set {self.name}={value}: not a finite number within 64 bits for method "
+                                  f"{method!r}; {self.describe()}")
         if self.choices is not None and parsed not in self.choices:
             raise TransplantError(f"--set {self.name}={value}: not one of {', '.join(map(str, self.choices))}")
         low_ok = self.min is None or not isinstance(parsed, int | float) or parsed >= self.min
@@ -77,6 +81,13 @@ class Option:
             bounds = f" in [{'' if self.min is None else self.min}, {'' if self.max is None else self.max}]"
         kind = self.metavar or self.type.__name__
         return f"{self.name} ({kind}{bounds}, default {self.default}): {self.help}"
+
+
+def _finite_64bit(value: Any) -> bool:
+    """A float must be finite and an int must fit a signed 64-bit integer; other values pass."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return not isinstance(value, int) or -(2**63) <= value < 2**63
 
 
 # Options every method accepts: the pipeline applies them after the method's rows are built.
