@@ -41,7 +41,7 @@ from distill.data import DistillLoader, Packer, shared_window_index
 from distill.export import check_export_dir, gather_state_dict, write_hf_dir
 from distill.lora import apply_lora
 from distill.losses import ANCHOR_LOSS, PairContext, get_loss, loss_options
-from distill.losses.balance import BALANCES, balanced_step
+from distill.losses.balance import BALANCES, GRADMAG_AT, BlockProbe, balanced_step
 from distill.optim import build_optimizer, lr_factor, param_groups
 from distill.runtime import (
     Runtime,
@@ -152,6 +152,7 @@ class Trainer:
         optimizer, scheduler = self._optimizer(student)
         self.engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self.ds_config)
+        self.probe = self._gradmag_probe()
 
         corpus = open_corpus(r.data.train, corpus_bytes=r.data.train_bytes)
         packer = Packer(corpus, self.teacher_vocab, self.student_vocab, max_length=r.data.max_length,
@@ -173,6 +174,35 @@ class Trainer:
         modules = self.loss.modules(ctx)
         if modules:
             student.add_module(LOSS_MODULES, torch.nn.ModuleDict(modules).to(self.rt.dtype))
+
+    def _gradmag_probe(self) -> BlockProbe | None:
+        """Where GradMag measures gradient norms: the last transformer block's trainable parameters
+        (`loss.gradmag_at: block`, as the reference; `BlockProbe`); None = at the logits (asked for, or under
+        ZeRO-3, whose partitioned parameters have no full gradient to take a norm of)."""
+        where = self.recipe.loss.gradmag_at
+        if where not in GRADMAG_AT:
+            raise TransplantError(f"loss.gradmag_at={where!r} is unknown; use one of {', '.join(GRADMAG_AT)}")
+        if where == "logits" or self.stage == 3 or not (self.ce_weight and self.balance == "gradmag"):
+            return None
+        probe = BlockProbe(self.engine.module)
+        if not probe.usable:
+            log.warning("no trainable last block with a final norm and head: GradMag takes norms at the logits")
+            return None
+        return probe
+
+    def _block_norms(self, logits: torch.Tensor):
+        """GradMag's norm function for this micro-batch (None: at the logits), checked once against the engine's
+        logits: a model whose head the probe does not reproduce falls back to the logits, with a warning."""
+        if self.probe is None:
+            return None
+        recomputed = self.probe.logits()
+        if not getattr(self, "_probe_checked", False):
+            self._probe_checked = True
+            if not self.probe.check(recomputed, logits):
+                log.warning("the last block's re-run does not reproduce the logits: GradMag takes norms at the logits")
+                self.probe = None
+                return None
+        return lambda grads: self.probe.norms(grads, recomputed)
 
     def _optimizer(self, model: torch.nn.Module):
         embeddings = [p for p in embedding_params(model) if p.requires_grad]
@@ -254,7 +284,8 @@ class Trainer:
             anchor, _ = self.anchor(batch, num_items=float(counts[1]))
             if balance:  # the weights come from the gradients; ce_weight only switches the CE term on
                 loss, value, weights = balanced_step([loss, anchor], [batch["student_logits"]], [s_out.logits],
-                                                     through_losses=need_hidden or owned is not None)
+                                                     through_losses=need_hidden or owned is not None,
+                                                     norms_from=self._block_norms(s_out.logits))
                 metrics = {**metrics, "ce_share": weights[1], ANCHOR_METRIC: anchor.detach(), "loss": value}
             else:
                 loss = loss + self.ce_weight * anchor

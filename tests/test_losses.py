@@ -184,9 +184,17 @@ def test_alm_merge_debias_by_hand(boundary_case):
     assert loss.item() == pytest.approx(l1, rel=1e-9) and metrics["num_units"].item() == 2
     assert get_loss("alm-l1")(boundary_case, temperature=1.0, debias="append")[0].item() == pytest.approx(l1)
     # threshold .85: .8 does not close the unit, "ab" + " c" merge; only the unit end gets P(boundary):
-    #   teacher .5 * .6 * .5 = .15, student .25 * .3 * .6 = .045; still 2 items (chunks before merging)
+    #   teacher .5 * .6 * .5 = .15, student .25 * .3 * .6 = .045. The mean is over merged units (1, as the
+    #   reference); per=chunks divides by the 2 chunks before merging (this project's first version).
     loss, metrics = get_loss("alm-l1")(boundary_case, temperature=1.0, boundary_threshold=0.85)
-    assert loss.item() == pytest.approx(math.log(.15 / .045) / 2, rel=1e-9) and metrics["num_units"].item() == 1
+    assert loss.item() == pytest.approx(math.log(.15 / .045), rel=1e-9) and metrics["num_units"].item() == 1
+    by_chunks, _ = get_loss("alm-l1")(boundary_case, temperature=1.0, boundary_threshold=0.85, per="chunks")
+    assert by_chunks.item() == pytest.approx(math.log(.15 / .045) / 2, rel=1e-9)
+    # global normalisation: a micro-batch holding 2 of 4 global chunks gets half its unit mean
+    half, _ = get_loss("alm-l1")(boundary_case, num_items=4.0, temperature=1.0, boundary_threshold=0.85)
+    assert half.item() == pytest.approx(math.log(.15 / .045) / 2, rel=1e-9)
+    with pytest.raises(TransplantError, match="per"):
+        get_loss("alm-l1")(boundary_case, temperature=1.0, per="tokens")
     # none: raw chunks |ln .5 - ln .25| + |ln .6 - ln .3|
     assert get_loss("alm-l1")(boundary_case, temperature=1.0, debias="none")[0].item() == pytest.approx(math.log(2))
     # binary CE on the merged units at tau 1 (the default difference)
@@ -227,10 +235,10 @@ def test_alm_with_likelihood_merging_sums_groups(abc_case):
     # threshold .9: "ab" alone (.5 <= .9), "c" alone -> same as unmerged
     assert loss.item() == pytest.approx(math.log(2) / 2)
     assert metrics["num_units"].item() == 2
-    # with threshold .4 both chunks merge: teacher .5 * .8, student .25 * .8 -> |ln .4 - ln .2| = ln 2 over 2 items
+    # with threshold .4 both chunks merge: teacher .5 * .8, student .25 * .8 -> |ln .4 - ln .2| = ln 2 over 1 unit
     loss, metrics = get_loss("alm-l1")(abc_case, temperature=1.0, merge_threshold=0.4, debias="none")
     assert metrics["num_units"].item() == 1
-    assert loss.item() == pytest.approx(math.log(2) / 2)
+    assert loss.item() == pytest.approx(math.log(2))
 
 
 def test_alm_hidden_state_term_by_hand(abc_case):
@@ -441,3 +449,35 @@ def test_gradmag_weights_equalise_unit_directions_by_hand():
                                             through_losses=True)
     surrogate4.backward()
     assert float(projection.grad) == pytest.approx(float(weights4[0]) * 3.0)  # leaf4 sums to 1 + 2
+
+
+def test_gradmag_block_probe_equals_the_gradient_at_the_last_block():
+    """`gradmag_at: block` (the reference): the probe's norms equal |d loss / d last block| taken directly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.losses.balance import BlockProbe, balanced_step
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    probe = BlockProbe(model)
+    ids = torch.randint(0, 50, (2, 7))
+    logits = model(input_ids=ids).logits
+    recomputed = probe.logits()
+    assert probe.usable and probe.check(recomputed, logits)
+    leaf = logits.detach().requires_grad_()
+    ce = torch.nn.functional.cross_entropy(leaf[:, :-1].reshape(-1, 50), ids[:, 1:].reshape(-1))
+    other = 1e-3 * leaf.square().mean()
+    block = list(model.model.layers[-1].parameters())
+    direct = []
+    for term in (ce, other):
+        surrogate = (logits * torch.autograd.grad(term, leaf, retain_graph=True)[0]).sum()
+        grads = torch.autograd.grad(surrogate, block, retain_graph=True)
+        direct.append(torch.sqrt(sum(g.square().sum() for g in grads)))
+    _, _, weights = balanced_step([ce, other], [leaf], [logits],
+                                  norms_from=lambda grads: probe.norms(grads, recomputed))
+    expected = torch.stack(direct)
+    assert torch.allclose(weights, (1 / expected) / (1 / expected).sum(), rtol=1e-4)
+    _, _, at_logits = balanced_step([ce, other], [leaf], [logits])
+    assert not torch.allclose(weights, at_logits, rtol=1e-2)  # the two places weigh differently

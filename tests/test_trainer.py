@@ -63,7 +63,7 @@ def run_cli(recipe: dict, tmp_path: Path, *args: str, wait: bool = True):
     path.write_text(yaml.safe_dump(recipe))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "distill.main", str(path), *args]
+    command = [sys.executable, "-m", "cli", "distill", str(path), *args]
     if not wait:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -194,7 +194,7 @@ def _launch_killable(recipe: dict, tmp_path: Path, *args: str) -> subprocess.Pop
     path.write_text(yaml.safe_dump(recipe))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "distill.main", str(path), *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "cli", "distill", str(path), *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 
@@ -238,6 +238,7 @@ def test_gradmag_balance_weights_alm_and_ce_by_their_gradients(tmp_path, tiny_pa
     recipe = make_recipe(tmp_path, tiny_pair, "gradmag", train={"steps": 2, "grad_accum": 1}, loss={"name": "alm"})
     trainer, result = run_in_process(recipe)
     assert (trainer.ce_weight, trainer.balance) == (1.0, "gradmag")  # ALM's published default
+    assert trainer.probe is not None and trainer.probe.params  # norms at the last block, the re-run checked
     for record in (r for r in result["history"] if "loss" in r):
         share = record["ce_share"]
         assert 0.0 < share < 1.0
@@ -245,6 +246,12 @@ def test_gradmag_balance_weights_alm_and_ce_by_their_gradients(tmp_path, tiny_pa
     bad = make_recipe(tmp_path, tiny_pair, "badbalance", train={"steps": 1}, loss={"name": "alm", "balance": "mean"})
     with pytest.raises(TransplantError, match="loss.balance"):
         run_in_process(bad)
+    at_logits = make_recipe(tmp_path, tiny_pair, "atlogits", train={"steps": 2, "grad_accum": 1},
+                            loss={"name": "alm", "gradmag_at": "logits"})
+    trainer2, result2 = run_in_process(at_logits)
+    assert trainer2.probe is None
+    shares = [(a["ce_share"], b["ce_share"]) for a, b in zip(result["history"], result2["history"]) if "ce_share" in a]
+    assert shares and all(a != pytest.approx(b, rel=1e-3) for a, b in shares)  # the two places weigh differently
 
 
 def test_optimizer_offload_config_trains_with_deepspeed_cpu_adam(tmp_path, tiny_pair):

@@ -8,17 +8,24 @@ approx_gradmag_preserve_mag`) instead weights every loss by the inverse of its g
 the weights to sum to one (GradMag), so each loss contributes the same gradient *direction* magnitude and the
 combined step keeps the size of a single loss's step.
 
-Where the norm is taken: tokenkit differentiates with respect to the last transformer block's parameters; here
-it is the student's logits: they exist under every ZeRO stage and with LoRA, and each loss's gradient there
-costs only that loss's own backward (a hidden-state term, which does not pass through the logits, is not
-counted in its loss's norm).
+Where the norm is taken (`loss.gradmag_at`): `block` (default, as tokenkit) = the gradient with respect to the
+last transformer block's trainable parameters (with LoRA: its adapters), reached from each loss's gradient at
+the logits by one vector-Jacobian product through the output head and that block; `logits` = the gradient at
+the student's logits, which needs no extra backward and exists under every ZeRO stage (under ZeRO-3 the block's
+parameters are partitioned, so `block` falls back to it). The two differ: at the logits CE's gradient is
+dense over the vocabulary and ALM's (temperature 100) ~270x smaller, so `logits` gives ALM a larger share than
+the reference does (bench/RESULTS.md, "Healing proven"). A hidden-state term, which does not pass through the
+logits, is not counted in its loss's norm either way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 BALANCES = ("sum", "gradmag")
+GRADMAG_AT = ("block", "logits")
 
 
 def gradmag_weights(grad_norms: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -35,8 +42,63 @@ def gradmag_weights(grad_norms: torch.Tensor, eps: float = 1e-12) -> torch.Tenso
     return torch.where(total > 0, inverse / total.clamp(min=eps), torch.full_like(norms, 1.0 / len(norms)))
 
 
+class BlockProbe:
+    """Gradient norms at the student's last transformer block (GradMag's `block` mode, as the reference).
+
+    DeepSpeed hooks every output of its engine and refuses any backward through them but its own, so the probe
+    never touches the engine's graph: a forward pre-hook keeps the last block's inputs, and `norms` re-runs that
+    block, the final norm and the output head on a detached copy of its hidden-state input (one block and one
+    head matmul of extra forward), then takes each loss's vector-Jacobian product from its gradient at the
+    logits to the block's trainable parameters. `check` compares the re-run logits with the engine's once: a
+    model whose head is not `lm_head(norm(block(h)))` (e.g. logit soft-capping) is reported by the caller."""
+
+    def __init__(self, model: torch.nn.Module):
+        blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0), None)
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        self.block = blocks[-1] if blocks is not None else None
+        self.norm = getattr(decoder, "norm", None)
+        self.head = model.get_output_embeddings()
+        self.params = [p for p in self.block.parameters() if p.requires_grad] if self.block is not None else []
+        self.inputs: tuple[tuple, dict] | None = None
+        if self.usable:
+            self.block.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.params) and self.norm is not None and self.head is not None
+
+    def _capture(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled():
+            self.inputs = (args, kwargs)
+
+    def logits(self) -> torch.Tensor:
+        """The student's logits recomputed from the last block's (detached) input."""
+        args, kwargs = self.inputs
+        if args:
+            args = (args[0].detach(), *args[1:])
+        else:
+            kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
+        out = self.block(*args, **kwargs)
+        return self.head(self.norm(out[0] if isinstance(out, tuple) else out))
+
+    def check(self, logits: torch.Tensor, reference: torch.Tensor) -> bool:
+        scale = reference.detach().float().abs().max().clamp(min=1.0)
+        return bool(((logits.detach().float() - reference.detach().float()).abs().max() / scale) < 1e-3)
+
+    def norms(self, grads_at_logits: list[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+        """[L]: |d loss_i / d block parameters| from each loss's gradient at the logits."""
+        norms = []
+        for grad in grads_at_logits:
+            vjp = torch.autograd.grad(logits, self.params, grad_outputs=grad.to(logits.dtype), retain_graph=True,
+                                      allow_unused=True)
+            norms.append(torch.sqrt(sum((g.float().square().sum() for g in vjp if g is not None),
+                                        torch.zeros((), device=logits.device))))
+        return torch.stack(norms)
+
+
 def balanced_step(losses: list[torch.Tensor], leaves: list[torch.Tensor], outputs: list[torch.Tensor],
-                  through_losses: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  through_losses: bool = False, norms_from: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(surrogate, value, w [L]): the GradMag combination of `losses`, as a scalar to backpropagate.
 
     The losses are computed on `leaves`: detached copies (`requires_grad_()`) of the model's `outputs` (its
@@ -48,11 +110,16 @@ def balanced_step(losses: list[torch.Tensor], leaves: list[torch.Tensor], output
     sum_i w_i loss_i itself to the surrogate, for losses that also read outputs left attached (ALM's hidden-state
     term) or own trainable parameters (its projection): that backward runs inside the real one (so ZeRO-3
     gathers those parameters once) and stops at the detached leaves; the probe never enters it, since
-    `autograd.grad` runs only the part of the graph that leads to the leaves.
+    `autograd.grad` runs only the part of the graph that leads to the leaves. `norms_from` (gradients at the
+    first leaf, one per loss -> [L] norms; `BlockProbe.norms` for `gradmag_at: block`) takes the norms
+    elsewhere; the combined gradient still enters at the outputs, so only the weighting changes.
     """
     grads = [torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True) for loss in losses]
     grads = [[torch.zeros_like(leaf) if g is None else g for g, leaf in zip(per_loss, leaves)] for per_loss in grads]
-    norms = torch.stack([torch.sqrt(sum(g.float().square().sum() for g in per_loss)) for per_loss in grads])
+    if norms_from is not None:
+        norms = norms_from([per_loss[0] for per_loss in grads])
+    else:
+        norms = torch.stack([torch.sqrt(sum(g.float().square().sum() for g in per_loss)) for per_loss in grads])
     weights = gradmag_weights(norms)
     surrogate = sum((output * sum(w.to(g[i].dtype) * g[i] for w, g in zip(weights, grads)).detach()).sum()
                     for i, output in enumerate(outputs))
