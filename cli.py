@@ -1,34 +1,41 @@
 """Command-line entry points: `transplant`, `distill`, `hypernet`. Thin: parse, call the API, print a summary.
 
-All three are click commands built on `transplant.commandline`: one `--set KEY=VALUE` syntax, one `--device`
-check, and one user-error handler (a `TransplantError` prints `error: <one line>` and exits with code 2;
-anything else is a bug and keeps its traceback). `distill` and `hypernet` live in their packages
-(`distill.main`, `hypernet.main`) so that `python -m distill.main` runs under torchrun and DeepSpeed too.
+All three are click commands built on `cli_helpers`: one `--set KEY=VALUE` syntax, one `--device` check, and
+one user-error handler (a `TransplantError` prints `error: <one line>` and exits with code 2; anything else is
+a bug and keeps its traceback). The training commands call plain functions (`distill.trainer.run`,
+`hypernet.train.train`) that take a recipe object. `python -m cli distill RECIPE` (or `cli transplant ...`,
+`cli hypernet train ...`) is the module entry for launchers: `torchrun -m cli distill ...`,
+`deepspeed --module cli distill ...` (which adds `--local_rank`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import click
 
-from distill.main import distill_main
-from hypernet.main import hypernet_main
-from transplant.commandline import (
+from cli_helpers import (
     CONTEXT_SETTINGS,
     DEVICE,
+    LOCAL_RANK,
     REVISION,
     TRUST_REMOTE_CODE,
+    Command,
     Group,
+    adopt_local_rank,
     parse_settings,
+    rank,
     read_text_file,
+    relaunch,
     set_option,
     setup_logging,
+    setup_rank_logging,
 )
 from transplant.errors import TransplantError
 
-__all__ = ["transplant_main", "distill_main", "hypernet_main"]
+__all__ = ["main", "transplant_main", "distill_main", "hypernet_main"]
 
 
 def _default_eval_texts(n_bytes: int) -> dict[str, str]:
@@ -254,5 +261,120 @@ def export_gguf_cmd(model_dir, output, outtype, overwrite):
                f"{result.control_tokens} control; chat template: {'yes' if vocab.chat_template else 'no'}")
 
 
+# ------------------------------------------------------------------------------------------------ distill
+class DistillCommand(Command):
+    """`distill --help` ends with the registered losses (read at help time, so a new loss shows up by itself)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from distill.losses import LOSSES
+
+        with formatter.section("Losses (--set loss.name=NAME)"):
+            formatter.write_text(", ".join(sorted(LOSSES)))
+        super().format_epilog(ctx, formatter)
+
+
+def _as_argv(settings: tuple[str, ...]) -> list[str]:
+    return [arg for text in settings for arg in ("--set", text)]
+
+
+def _print_recipe(recipe) -> None:
+    import yaml
+
+    click.echo(yaml.safe_dump(recipe.to_dict(), sort_keys=False), nl=False)
+
+
+@click.command("distill", cls=DistillCommand, context_settings=CONTEXT_SETTINGS)
+@click.argument("recipe", type=click.Path(path_type=str))
+@set_option("train.steps=10 (any recipe key, dotted)")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint (same as --set train.resume=true); "
+              "an error when there is none.")
+@click.option("--print-recipe", is_flag=True, help="Print the resolved recipe (defaults, overrides, ${...}) and exit.")
+@LOCAL_RANK
+def distill_main(recipe: str, settings: tuple[str, ...], resume: bool, print_recipe: bool,
+                 local_rank: int | None) -> None:
+    """Heal a transplanted model by cross-tokenizer distillation, as RECIPE (a YAML file, see recipes/) says.
+
+    Keys of the recipe are documented in distill/config.py; unknown keys and wrong types fail before any model
+    loads. Runs under plain python (torchrun is started when launch.nproc_per_node > 1), torchrun and deepspeed
+    (`python -m cli distill RECIPE` is the module to give them).
+    """
+    from distill.config import load_recipe
+
+    adopt_local_rank(local_rank)
+    setup_rank_logging()
+    loaded = load_recipe(recipe, list(settings) + (["train.resume=true"] if resume else []))
+    if print_recipe:
+        return _print_recipe(loaded)
+    if "WORLD_SIZE" not in os.environ and loaded.launch.nproc_per_node > 1:
+        from distill.trainer import prepare_student
+
+        prepare_student(loaded, is_main=True)  # once, before the workers start
+        argv = ["distill", recipe, *_as_argv(settings)] + (["--resume"] if resume else [])
+        click.get_current_context().exit(relaunch(argv, loaded.launch.nproc_per_node, loaded.launch.master_port))
+    from distill.trainer import run
+
+    result = run(loaded)
+    if rank() == 0:
+        last = result["history"][-1] if result["history"] else {}
+        summary = {k: round(v, 4) for k, v in last.items() if k.startswith(("loss", "eval_bpb_all"))}
+        click.echo(f"distill: {result['steps']} steps {summary} -> {result['export']}")
+
+
+# ------------------------------------------------------------------------------------------------ hypernet
+@click.group("hypernet", cls=Group, context_settings=CONTEXT_SETTINGS)
+def hypernet_main() -> None:
+    """Train a hypernetwork that predicts embeddings for any tokenizer's tokens from a base model's own pieces.
+
+    Apply a trained one with: transplant --base BASE --donor TOKENIZER --method hypernet --set hypernet=DIR
+    """
+
+
+@hypernet_main.command("train")
+@click.argument("recipe", type=click.Path(path_type=str))
+@set_option("max_minutes=12 (any recipe key, dotted: model.layers=3)")
+@click.option("--print-recipe", is_flag=True, help="Print the resolved recipe (defaults and overrides) and exit.")
+@LOCAL_RANK
+def hypernet_train_cmd(recipe: str, settings: tuple[str, ...], print_recipe: bool, local_rank: int | None) -> None:
+    """Train a hypernetwork from RECIPE, a YAML file.
+
+    Its keys are in hypernet/config.py (examples: recipes/hypernet_*.yaml); unknown keys and wrong types fail
+    before the base model loads. `--set nproc=N` trains data-parallel on N processes of this machine.
+    """
+    from hypernet.config import load_recipe
+
+    adopt_local_rank(local_rank)
+    loaded = load_recipe(recipe, settings)
+    if print_recipe:
+        return _print_recipe(loaded)
+    if "WORLD_SIZE" not in os.environ and loaded.nproc > 1:
+        from transplant.assets import load_vocab
+        from transplant.assets.catalog import resolve_model
+
+        for spec in [resolve_model(loaded.base), *loaded.real_tokenizers]:  # fetch/convert once, not per process
+            load_vocab(spec)
+        click.get_current_context().exit(relaunch(["hypernet", "train", recipe, *_as_argv(settings)], loaded.nproc))
+    setup_rank_logging()
+    from hypernet.train import train
+
+    out = train(loaded)
+    if rank() == 0:
+        click.echo(f"hypernetwork written to {out}")
+
+
+# ------------------------------------------------------------------------------------------------ python -m cli
+@click.group("cli", cls=Group, context_settings=CONTEXT_SETTINGS)
+@LOCAL_RANK
+def main(local_rank: int | None) -> None:
+    """The three commands as one module, for launchers: python -m cli {transplant|distill|hypernet} ...
+
+    e.g. torchrun --nproc_per_node 8 -m cli distill RECIPE, deepspeed --num_gpus 8 --module cli distill RECIPE.
+    """
+    adopt_local_rank(local_rank)  # the deepspeed launcher puts --local_rank=N before the command name
+
+
+main.add_command(transplant_main, "transplant")
+main.add_command(distill_main, "distill")
+main.add_command(hypernet_main, "hypernet")
+
 if __name__ == "__main__":
-    transplant_main()
+    main()

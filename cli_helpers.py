@@ -1,5 +1,6 @@
-"""What the three command lines (`transplant`, `distill`, `hypernet`) share: one user-error handler, the
-`--set KEY=VALUE` option, `--device`, UTF-8 text files and logging.
+"""What the three command lines in `cli` (`transplant`, `distill`, `hypernet`) share: one user-error handler,
+the `--set KEY=VALUE` option, `--device`, UTF-8 text files, logging, the deepspeed launcher's `--local_rank` and
+the torchrun relaunch. Only `cli` imports this module; the libraries below it know nothing of click.
 
 The handler lives in the command classes (`Command`, `Group`): a `TransplantError` raised anywhere below them,
 while parsing options or while running, becomes `error: <one line>` on stderr and exit code 2. Putting it in
@@ -10,7 +11,10 @@ its traceback.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -165,3 +169,34 @@ def setup_logging(verbose: bool, fmt: str = "%(levelname)s %(name)s: %(message)s
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+def adopt_local_rank(local_rank: int | None) -> None:
+    """The deepspeed launcher passes `--local_rank=N` instead of setting LOCAL_RANK; the runtime reads LOCAL_RANK."""
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+
+
+LOCAL_RANK = click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
+                          help="Set by the deepspeed launcher; read from LOCAL_RANK otherwise.")
+
+
+def relaunch(argv: list[str], nproc: int, port: int = 0) -> int:
+    """Run `python -m cli ARGV` under torchrun with `nproc` processes on this machine (a recipe that asks for
+    several, started by plain `distill` or `hypernet train`); returns torchrun's exit code."""
+    from distill.runtime import free_port
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()), "-m", "cli", *argv]
+    logging.getLogger("cli").info("launching %d processes: %s", nproc, " ".join(command))
+    return subprocess.call(command)
+
+
+def rank() -> int:
+    """This process's rank under a launcher (0 without one)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup_rank_logging() -> None:
+    """Rank 0 of a training run logs progress; the other ranks only warnings (N copies of a line help nobody)."""
+    setup_logging(rank() == 0, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")

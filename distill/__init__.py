@@ -3,5 +3,6 @@
 Data path: `corpus` (lazy corpora) → `data` (packed windows tokenized by both tokenizers, `chat` for
 conversations) → `chunks` (byte-chunk alignment) → `losses` (the loss registry). Training: `config` (the
 recipe), `runtime` (processes, device, DeepSpeed config), `teacher` (frozen, replicated or sharded), `optim`,
-`lora`, `trainer`, `checkpoint` (exact resume), `export` (a plain HF dir); `main` is the command line.
+`lora`, `trainer` (`run(recipe)`), `checkpoint` (exact resume), `export` (a plain HF dir). The command line
+is `cli.py`'s.
 """

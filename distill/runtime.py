@@ -2,7 +2,7 @@
 
 The same code runs as one CPU process started by plain python, as N processes under torchrun or the deepspeed
 launcher, on CPUs (gloo) or GPUs (NCCL). Everything a launcher would set is given a default here, so a plain
-`python -m distill.main recipe.yaml` is a world of one.
+`distill recipe.yaml` is a world of one.
 """
 
 from __future__ import annotations

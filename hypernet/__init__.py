@@ -2,5 +2,5 @@
 
 `model` (the network), `sample` (diverse training tokenizers), `data` (streamed text), `lm` (the frozen base
 LM on predicted rows), `losses`, `config` (the recipe), `train` (the DeepSpeed loop), `checkpoint`,
-`initializer` (the `hypernet` transplant method, an entry-point plug-in); `main` is the command line.
+`initializer` (the `hypernet` transplant method, an entry-point plug-in). The command line is `cli.py`'s.
 """

@@ -11,9 +11,9 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from cli import distill_main, hypernet_main, transplant_main
+from cli import distill_main, hypernet_main, main, transplant_main
+from cli_helpers import DEVICE, UserError, one_line, read_text_file
 from distill.losses import LOSSES
-from transplant.commandline import DEVICE, UserError, one_line, read_text_file
 from transplant.errors import TransplantError
 from transplant.init import registry
 from transplant.init.base import InitContext, InitPlan, copy_shared, sparse_rows
@@ -99,6 +99,21 @@ def test_print_recipe_shows_the_resolved_recipe(distill_recipe, hypernet_recipe)
     assert result.exit_code == 0, result.output
     printed = yaml.safe_load(result.stdout)
     assert printed["corpus"] == {"english": 1000, "code": 100000} and printed["model"]["layers"] == 1
+
+
+def test_module_entry_runs_each_command_as_launchers_call_it(distill_recipe, hypernet_recipe, monkeypatch):
+    """`python -m cli distill ...` is what torchrun -m and deepspeed --module run; deepspeed puts --local_rank=N
+    before the command name, and the runtime reads it as LOCAL_RANK."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    result = run(main, "--local_rank=3", "distill", distill_recipe, "--set", "train.steps=7", "--print-recipe")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.stdout)["train"]["steps"] == 7
+    import os
+
+    assert os.environ.pop("LOCAL_RANK") == "3"
+    result = run(main, "hypernet", "train", hypernet_recipe, "--print-recipe")
+    assert result.exit_code == 0 and yaml.safe_load(result.stdout)["model"]["layers"] == 1
+    assert_user_error(run(main, "distill", distill_recipe, "--set", "train.stepz=3"), "train.stepz")
 
 
 # ---------------------------------------------------------------- help and discovery

@@ -136,7 +136,7 @@ def _peak_rss(tiny_pair, tmp_path: Path, name: str, corpus: Path) -> float:
     path.write_text(yaml.safe_dump(recipe))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "hypernet.main", "train", str(path)], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "cli", "hypernet", "train", str(path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     history = json.loads((tmp_path / name / "history.json").read_text())

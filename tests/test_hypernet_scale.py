@@ -68,7 +68,7 @@ def test_two_gloo_processes_equal_one_with_accumulation(tiny_pair, tmp_path, lm_
     path.write_text(yaml.safe_dump(two))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "hypernet.main", "train", str(path)], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "cli", "hypernet", "train", str(path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     for (s1, lm1, aux1, v1), (s2, lm2, aux2, v2) in zip(losses(one["output_dir"]), losses(two["output_dir"]),

@@ -16,7 +16,8 @@ PACKAGES = ("transplant", "distill", "hypernet")
 
 # Lowest first. A module belongs to the longest prefix listed here.
 LAYERS: list[tuple[str, ...]] = [
-    ("transplant.errors", "transplant.cache", "transplant.dtypes", "transplant.version", "transplant.recipes"),
+    ("transplant.errors", "transplant.cache", "transplant.dtypes", "transplant.version", "transplant.recipes",
+     "transplant.options"),
     ("transplant.solvers",),
     ("transplant.tokenizers",),
     ("transplant.assets",),
@@ -25,7 +26,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("transplant.eval",),
     ("transplant.pipeline", "transplant.extend", "transplant"),
     ("distill",),
-    ("hypernet",),  # above distill: it starts processes the way the distillation trainer does (distill.runtime)
+    ("hypernet",),  # above distill: it trains on the distillation trainer's runtime, checkpoints and loading
+    ("cli_helpers",),  # click and the launcher glue the three command lines share
     ("cli",),
 ]
 # Siblings on one layer that must not import each other.
@@ -40,7 +42,7 @@ def _module_name(path: Path) -> str:
 
 
 def _sources() -> dict[str, Path]:
-    files = {"cli": ROOT / "cli.py"}
+    files = {"cli": ROOT / "cli.py", "cli_helpers": ROOT / "cli_helpers.py"}
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
             files[_module_name(path)] = path
@@ -121,6 +123,25 @@ def test_transplant_never_imports_distill_or_hypernet():
     offenders = {m: sorted(t for t in GRAPH[m] if _top(t) in ("distill", "hypernet"))
                  for m in MODULES if _top(m) == "transplant"}
     assert not {m: t for m, t in offenders.items() if t}
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_the_command_line_knows_click():
+    """The libraries take recipe objects and raise TransplantError; parsing argv, click and the launcher glue
+    are `cli`'s (and its helpers', which only `cli` imports)."""
+    offenders = {m: sorted(_third_party_imports(p) & {"click", "cli", "cli_helpers"})
+                 for m, p in MODULES.items() if _top(m) in PACKAGES}
+    assert not {m: names for m, names in offenders.items() if names}
+    assert [m for m, targets in GRAPH.items() if "cli_helpers" in targets] == ["cli"]
 
 
 def test_no_import_cycles():

@@ -246,7 +246,7 @@ def test_tampered_checkpoint_does_not_run_on_resume(tiny_pair, tmp_path):
     plant(states, tmp_path / "pwned")
     (tmp_path / "heal.yaml").write_text(yaml.safe_dump({**recipe, "train": {**recipe["train"], "stop_after": 0}}))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS} | {"PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "distill.main", str(tmp_path / "heal.yaml"), "--resume"], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "cli", "distill", str(tmp_path / "heal.yaml"), "--resume"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert not (tmp_path / "pwned").exists()

@@ -5,7 +5,7 @@ Public API: `transplant.transplant(base, donor, ...)`, `transplant.extend_vocab(
 
 Layers, bottom up (docs/architecture.md): `errors`, `cache`, `dtypes`, `version`, `recipes` (typed YAML and
 `--set`) import nothing of the project; then `solvers`, `tokenizers`, `assets`, `io`, `init`, `eval`; on top
-`pipeline` (`transplant()`) and `extend` (`extend_vocab()`); `commandline` holds what the three CLIs share.
+`pipeline` (`transplant()`) and `extend` (`extend_vocab()`). The command lines are `cli.py`'s.
 """
 
 from transplant.version import __version__
