@@ -7,12 +7,20 @@ skips its forward, so "ALM / CE step time" is the whole price of distillation (t
 the data loader, chunk loss).
 
     python bench/bench_healing.py --steps 60 --seq 256 --batch 4      # ~ (3 x steps x step time) on 2 cores
+
+Scores (`distill.scores`): per slice the gap to the teacher closed *capped at the teacher* and the overshoot past
+it (domain learning) in its own column, the disagreement with the teacher (`distill.agreement`, bits/byte),
+slices grouped as in-domain (a `data.train` source) and untrained source; every arm runs `--seeds` and prints
+mean ± spread; arms whose spreads overlap are a tie. `--recipe` picks the job, e.g. the cross-tokenizer one:
+
+    python bench/bench_healing.py --recipe recipes/cpu_gemma3_to_smollm2.yaml --student smollm2-135m ...
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -24,28 +32,33 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "cpu_smoke_smollm2_mistral.yaml"
 
 
-def run_one(variant: str, args: argparse.Namespace, work: Path) -> list[dict]:
-    """`variant` is a loss name, optionally with recipe overrides: `alm/loss.ce_weight=1/train.steps=60`."""
+RUNNER = ("import sys; from distill.config import load_recipe; from distill.trainer import run; "
+          "run(load_recipe(sys.argv[1], sys.argv[2:]))")
+
+
+def run_one(variant: str, args: argparse.Namespace, work: Path, seed: int = 0) -> list[dict]:
+    """`variant` is a loss name, optionally with recipe overrides: `alm/loss.ce_weight=1/train.steps=60`.
+    Each run is its own process (timings and peak memory per run); `--reuse` keeps finished runs."""
     loss, *overrides = variant.split("/")
-    out = work / variant.replace("/", "__").replace("=", "-")
+    out = work / (variant.replace("/", "__").replace("=", "-") + f"__seed{seed}")
     metrics = out / "metrics.jsonl"
+    steps = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("train.steps=")), args.steps)
     if args.reuse and metrics.exists():
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
-        if any(r.get("step") == args.steps and "loss" in r for r in records):
+        if any(r.get("step") == steps and "loss" in r for r in records):
             return records
     sets = {
         "output_dir": str(out), "student.path": args.student, "loss.name": loss, "train.steps": args.steps,
         "train.micro_batch_size": args.batch, "train.grad_accum": 1, "data.max_length": args.seq,
         "data.train_bytes": args.train_bytes, "eval.every": args.eval_every, "eval.n_bytes": args.eval_bytes,
-        "train.embeddings_only_steps": args.embedding_steps, "checkpoint.every": 0, "export.enabled": False,
-        "train.log_every": 10, "optim.lr": args.lr, "optim.embedding_lr": args.embedding_lr,
+        "train.embeddings_only_steps": args.embedding_steps, "checkpoint.every": 0,
+        "export.enabled": args.export, "train.log_every": 10, "optim.lr": args.lr,
+        "optim.embedding_lr": args.embedding_lr, "train.seed": seed,
     }
     sets.update(override.split("=", 1) for override in overrides)
     if args.eval_texts:
         sets["eval.texts"] = "[" + ",".join(args.eval_texts) + "]"
-    command = [sys.executable, "-m", "distill.main", str(args.recipe)]
-    for key, value in sets.items():
-        command += ["--set", f"{key}={value}"]
+    command = [sys.executable, "-c", RUNNER, str(args.recipe), *(f"{k}={v}" for k, v in sets.items())]
     if out.exists():
         import shutil
 
@@ -53,7 +66,7 @@ def run_one(variant: str, args: argparse.Namespace, work: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO, env=env, check=True)
-    print(f"{variant}: {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"{variant} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
@@ -61,18 +74,22 @@ def summarise(loss: str, records: list[dict]) -> dict:
     """Per-run summary; `bpb` is the first eval text (english) per step, `per_text` every text per step."""
     steps = [r for r in records if "step_time" in r]
     per_text: dict[str, dict[int, float]] = {}
+    disagree: dict[str, dict[int, float]] = {}
     teacher: dict[str, float] = {}
     for record in records:
         for key, value in record.items():
             if key.startswith("eval_bpb_") and key != "eval_bpb_all":
                 per_text.setdefault(key.removeprefix("eval_bpb_"), {})[record["step"]] = value
+            elif key.startswith("eval_disagree_"):
+                disagree.setdefault(key.removeprefix("eval_disagree_"), {})[record["step"]] = value
             elif key.startswith("teacher_bpb_") and key != "teacher_bpb_all":
                 teacher[key.removeprefix("teacher_bpb_")] = value
     first = next(iter(per_text), None)
     times = [r["step_time"] for r in steps[2:]] or [r["step_time"] for r in steps]
     return {"loss": loss, "steps": len(steps), "median_step_s": statistics.median(times),
             "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in steps),
-            "bpb": per_text.get(first, {}), "per_text": per_text, "teacher": teacher,
+            "bpb": per_text.get(first, {}), "per_text": per_text, "teacher": teacher, "disagree": disagree,
+            "wall_step_s": sum(r["step_time"] for r in steps),
             "teacher_bpb": teacher.get(first),
             "first_loss": steps[0]["loss"], "last_loss": statistics.mean(r["loss"] for r in steps[-5:])}
 
@@ -102,9 +119,10 @@ def interleaved_timing(args: argparse.Namespace, work: Path) -> dict[str, float]
                                   "train.embeddings_only_steps=0", f"train.steps={10**6}"])
     trainer = Trainer(recipe).setup()
     trainer._start()
-    times: dict[str, list[float]] = {loss: [] for loss in args.losses}
+    losses = list(dict.fromkeys(arm.split("/")[0] for arm in args.losses))  # loss names; overrides ignored
+    times: dict[str, list[float]] = {loss: [] for loss in losses}
     for round_ in range(args.ab_steps + 1):
-        for loss in args.losses:
+        for loss in losses:
             trainer.use_loss(loss)
             record = trainer.train_step()
             if round_:  # the first round warms up allocators and caches
@@ -141,6 +159,64 @@ def table(rows: list[dict]) -> str:
                 cells.append(f"{start:.4f} -> {end:.4f} ({closed:+.0%})")
             lines.append(f"| {row['loss']} | " + " | ".join(cells) + " |")
         lines.append("teacher: " + ", ".join(f"{t} {rows[0]['teacher'].get(t, float('nan')):.4f}" for t in texts))
+    return "\n".join(lines)
+
+
+def run_scores(row: dict) -> dict[str, dict[str, float]]:
+    """Per slice of one run: start/end BPB, capped gap closed, overshoot, disagreement start/end."""
+    from distill.scores import gap_closed_capped, overshoot
+
+    scores = {}
+    for name, curve in row["per_text"].items():
+        start, end, teacher = curve[min(curve)], curve[max(curve)], row["teacher"].get(name, math.nan)
+        agree = row["disagree"].get(name, {})
+        scores[name] = {"start": start, "end": end, "teacher": teacher,
+                        "closed": gap_closed_capped(start, end, teacher), "overshoot": overshoot(end, teacher),
+                        "disagree_start": agree[min(agree)] if agree else math.nan,
+                        "disagree": agree[max(agree)] if agree else math.nan}
+    return scores
+
+
+def seed_report(arms: dict[str, list[dict]], trained_on: list[str], timing: dict[str, float] | None = None) -> str:
+    """Markdown tables over seeds: per slice (capped gap closed, overshoot, disagreement) and per group
+    (untrained source / in-domain), mean ± spread, each arm against the first one (tie = spreads overlap)."""
+    from distill.scores import format_mean_spread, group_mean, is_tie, slice_groups
+
+    per_arm = {arm: [run_scores(row) for row in rows] for arm, rows in arms.items()}
+    first = next(iter(per_arm.values()))[0]
+    slices = list(first)
+    groups = slice_groups(slices, trained_on)
+    lines = ["start (step 0) and teacher BPB: " + ", ".join(
+        f"{s} {first[s]['start']:.4f} / {first[s]['teacher']:.4f}" for s in slices),
+        f"groups: untrained = {', '.join(groups['untrained'])}; in-domain = {', '.join(groups['in-domain'])}", "",
+        "| arm (seeds) | " + " | ".join(f"{s}: end BPB / gap closed (capped) / overshoot / disagree" for s in slices)
+        + " |", "|" + "---|" * (len(slices) + 1)]
+    for arm, runs in per_arm.items():
+        cells = [f"{format_mean_spread([r[s]['end'] for r in runs])} / "
+                 f"{format_mean_spread([r[s]['closed'] for r in runs], percent=True)} / "
+                 f"{format_mean_spread([r[s]['overshoot'] for r in runs], digits=3)} / "
+                 f"{format_mean_spread([r[s]['disagree'] for r in runs])}" for s in slices]
+        lines.append(f"| {arm} ({len(runs)}) | " + " | ".join(cells) + " |")
+    head = ["arm (seeds)", "untrained: gap closed (capped)", "untrained: disagreement", "in-domain: gap closed",
+            "in-domain: overshoot (sum)", "vs first arm (untrained closed)", "median step s", "interleaved vs ce"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = None
+    for arm, runs in per_arm.items():
+        closed = [group_mean({s: r[s]["closed"] for s in slices}, groups["untrained"]) for r in runs]
+        disagree = [group_mean({s: r[s]["disagree"] for s in slices}, groups["untrained"]) for r in runs]
+        inside = [group_mean({s: r[s]["closed"] for s in slices}, groups["in-domain"]) for r in runs]
+        over = [sum(r[s]["overshoot"] for s in groups["in-domain"]) for r in runs]
+        if base is None:
+            base, versus = closed, "-"
+        else:
+            delta = statistics.fmean(closed) - statistics.fmean(base)
+            versus = "tie" if is_tie(closed, base) else f"{'better' if delta > 0 else 'worse'} ({100 * delta:+.1f} pts)"
+        loss = arm.split("/")[0]
+        ratio = f"{timing[loss] / timing['ce']:.2f}x" if timing and loss in timing and "ce" in timing else "-"
+        step = statistics.median(row["median_step_s"] for row in arms[arm])
+        lines.append(f"| {arm} ({len(runs)}) | {format_mean_spread(closed, percent=True)} | "
+                     f"{format_mean_spread(disagree)} | {format_mean_spread(inside, percent=True)} | "
+                     f"{format_mean_spread(over, digits=3)} | {versus} | {step:.2f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -246,6 +322,8 @@ def main() -> int:
     parser.add_argument("--losses", nargs="+", default=["alm", "ce", "uld"],
                         help="loss names, each optionally with recipe overrides: alm/loss.ce_weight=1")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed of each run (data order)")
+    parser.add_argument("--export", action="store_true", help="write each run's final model (for bench_chat_kept)")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -277,11 +355,6 @@ def main() -> int:
     if args.debias_share:
         (work / "debias_share.json").write_text(json.dumps(debias_share(args), indent=2))
         return 0
-    if not args.skip_runs:
-        rows = [summarise(loss, run_one(loss, args, work)) for loss in args.losses]
-        (work / "summary.json").write_text(json.dumps(rows, indent=2))
-        print(table(rows))
-        plot(rows, Path(args.plot))
     if args.ab_steps:
         medians = interleaved_timing(args, work)
         (work / "timing.json").write_text(json.dumps(medians, indent=2))
@@ -289,6 +362,20 @@ def main() -> int:
         print("\ninterleaved step timing (median s):")
         for loss, value in medians.items():
             print(f"  {loss}: {value:.2f}" + (f"  ({value / ce:.2f}x ce)" if ce else ""))
+    if not args.skip_runs:
+        arms: dict[str, list[dict]] = {arm: [] for arm in args.losses}
+        for seed in args.seeds:  # seed-major: an interrupted sweep has every arm at the same seeds
+            for arm in args.losses:
+                arms[arm].append(summarise(arm, run_one(arm, args, work, seed)))
+                (work / "summary.json").write_text(json.dumps(arms, indent=2))
+        timing = json.loads((work / "timing.json").read_text()) if (work / "timing.json").exists() else None
+        from distill.config import load_recipe
+
+        trained = [t.removeprefix("texts:") for t in load_recipe(args.recipe, []).data.train]
+        print(seed_report(arms, trained, timing))
+        rows = [runs[0] for runs in arms.values()]
+        print(table(rows))
+        plot(rows, Path(args.plot))
     return 0
 
 

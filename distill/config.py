@@ -49,8 +49,9 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "alm"  # alm | alm-l1 | ce | uld | mined (distill.losses registry)
-    options: dict[str, Any] = field(default_factory=dict)  # per loss: {alm: {temperature: 100}, uld: {top_k: 4096}}
+    name: str = "alm"  # a registered loss (distill.losses; `distill --help` lists them, a bad name lists them)
+    options: dict[str, Any] = field(default_factory=dict)  # per loss: {alm: {temperature: 100}, uld: {top_k: 4096}};
+    # each loss declares its options' types, bounds and defaults (distill/losses/<name>.py)
     ce_weight: float | None = None  # student's own next-token CE added; None = the loss's published weight
     # (alm 1.0, uld 1.0, mined 0.9, alm-l1 and ce 0)
     balance: str | None = None  # sum: loss + ce_weight * ce | gradmag: weights from gradient norms
@@ -107,6 +108,7 @@ class EvalConfig:
     max_length: int = 512
     at_start: bool = True
     teacher: bool = True  # also report the teacher's BPB once (the target to heal towards)
+    agreement: bool = True  # also report disagreement with the teacher (bits/byte, distill.agreement)
 
 
 @dataclass
@@ -155,7 +157,17 @@ def load_recipe(path: str | Path | None = None, overrides: Iterable[str] = (),
     """Read a recipe file (and/or a mapping laid over it), apply `--set` overrides ("train.steps=10"), resolve
     `${...}`, check and type every key (`transplant.recipes.load_recipe`)."""
     recipe = recipes.load_recipe(Recipe, path, overrides, data)
+    check_loss(recipe.loss)
     return dataclasses.replace(recipe, recipe_path=str(path) if path is not None else "")
+
+
+def check_loss(loss: LossConfig) -> None:
+    """`loss.name` and its `loss.options` block against the loss registry, which holds the valid names and
+    each loss's typed options: a typo or a bad value (`temperature=hot`) fails with one line here, when the
+    recipe is read, not after the models have loaded."""
+    from distill.losses import loss_options
+
+    loss_options(loss.name, loss.options)
 
 
 def recipe_relative(recipe: Recipe, value: str) -> Path:

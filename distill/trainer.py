@@ -35,6 +35,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from distill import checkpoint
+from distill.agreement import heldout_alignment, teacher_agreement
 from distill.config import Recipe
 from distill.corpus import heldout_texts, open_corpus
 from distill.data import DistillLoader, Packer, shared_window_index
@@ -161,6 +162,10 @@ class Trainer:
                                     rank=rt.rank, world_size=rt.world_size, prefetch=r.data.prefetch,
                                     index=self._window_index(packer))
         self.heldout = heldout_texts(r.eval.texts, r.eval.n_bytes)
+        self.agreement = {}
+        if r.eval.agreement and self.teacher is not None:  # aligned once; the teacher's side kept after the first
+            self.agreement = {name: heldout_alignment(text, self.teacher_vocab, self.student_vocab,
+                                                      r.data.max_length) for name, text in self.heldout.items()}
         log.info("teacher %s (%s), student %s (%s, ZeRO-%d, %d rank(s)), loss %s, %d documents", self.teacher_dir,
                  r.teacher.shard, self.student_dir, rt.dtype, self.stage, rt.world_size, r.loss.name, len(corpus))
         return self
@@ -341,6 +346,19 @@ class Trainer:
         results["all"] = sum(results[n] * nbytes[n] for n in nbytes) / max(sum(nbytes.values()), 1)
         return results
 
+    def _eval_record(self) -> dict[str, float]:
+        """The student's held-out BPB per slice and, with a teacher, its disagreement with the teacher
+        (`distill.agreement`: bits/byte, lower = closer to the teacher)."""
+        record = {f"eval_bpb_{k}": v for k, v in self.evaluate().items()}
+        if self.agreement:
+            model = self.engine.module
+            was_training = model.training
+            model.eval()
+            record.update({f"eval_disagree_{k}": v
+                           for k, v in teacher_agreement(model, self.teacher, self.agreement).items()})
+            model.train(was_training)
+        return record
+
     # ------------------------------------------------------------------------------------------------ loop
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -370,7 +388,7 @@ class Trainer:
         elif self.rt.is_main and self.metrics_path.exists():
             self.metrics_path.unlink()
         if not restored and r.eval.at_start and self.heldout:
-            record: dict[str, Any] = {"step": 0, **{f"eval_bpb_{k}": v for k, v in self.evaluate().items()}}
+            record: dict[str, Any] = {"step": 0, **self._eval_record()}
             if r.eval.teacher and self.teacher is not None:
                 teacher_bpb = self.evaluate(self.teacher, self.teacher_vocab.tokenizer)
                 record.update({f"teacher_bpb_{k}": v for k, v in teacher_bpb.items()})
@@ -385,9 +403,9 @@ class Trainer:
         while self.step < total:
             record = self.train_step()
             if r.eval.every and self.step % r.eval.every == 0 and self.step < total:
-                record.update({f"eval_bpb_{k}": v for k, v in self.evaluate().items()})
+                record.update(self._eval_record())
             if self.step == total and self.heldout:
-                record.update({f"eval_bpb_{k}": v for k, v in self.evaluate().items()})
+                record.update(self._eval_record())
             self._log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", s=f"{record['step_time']:.2f}")

@@ -1,0 +1,73 @@
+"""Healing scores: how much of the way back to the teacher a run went, counted so that corpus fitting earns
+nothing.
+
+A slice cut from a source the student trains on rewards fitting that source: plain CE can pass the teacher
+there (domain learning), while a loss whose fixed point is the teacher cannot. So every score here
+- caps credit at the teacher: `gap_closed_capped` counts the way from the start down to the teacher and
+  stops there; what goes past it is `overshoot` (bits/byte), reported in its own column;
+- groups slices into *in-domain* (the tail of a training source) and *untrained source* (never in the
+  training mix), and conclusions are drawn from the untrained group;
+- aggregates over seeds as mean and spread, and calls two arms a tie when their spreads overlap.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+
+
+def gap_closed_capped(start: float, end: float, teacher: float) -> float:
+    """Share of the start-to-teacher bits/byte gap closed, credit stopping at the teacher: 1.0 = reached it
+    (or passed it), 0 = no change, negative = worse than the start. NaN when the teacher is not better than
+    the start (nothing to heal towards on that slice)."""
+    if not start > teacher:
+        return math.nan
+    return (start - max(end, teacher)) / (start - teacher)
+
+
+def overshoot(end: float, teacher: float) -> float:
+    """Bits/byte past the teacher (0 when not past it): domain learning, not healing."""
+    return max(teacher - end, 0.0)
+
+
+def slice_groups(slices: Iterable[str], trained_on: Iterable[str]) -> dict[str, list[str]]:
+    """{"in-domain": [...], "untrained": [...]}: a slice is in-domain when its name is a training source
+    (`texts:NAME` in `data.train`, given here as NAME)."""
+    trained = set(trained_on)
+    names = list(slices)
+    return {"in-domain": [s for s in names if s in trained], "untrained": [s for s in names if s not in trained]}
+
+
+def group_mean(values: Mapping[str, float], members: Sequence[str]) -> float:
+    """Mean over the group's slices that have a value (NaN slices, where the teacher is not better, skipped)."""
+    kept = [values[m] for m in members if m in values and not math.isnan(values[m])]
+    return statistics.fmean(kept) if kept else math.nan
+
+
+def mean_spread(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, spread) over seeds; spread = sample standard deviation (0 for one seed)."""
+    kept = [v for v in values if not math.isnan(v)]
+    if not kept:
+        return math.nan, math.nan
+    return statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else 0.0
+
+
+def is_tie(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Two arms' seed values tie when mean ± spread intervals overlap (one seed each: never a tie, but such a
+    comparison should not be reported as a ranking either)."""
+    (ma, sa), (mb, sb) = mean_spread(a), mean_spread(b)
+    return abs(ma - mb) <= sa + sb
+
+
+def format_mean_spread(values: Sequence[float], percent: bool = False, digits: int = 4) -> str:
+    mean, spread = mean_spread(values)
+    if math.isnan(mean):
+        return "n/a"
+    if percent:
+        return f"{100 * mean:.1f}% ± {100 * spread:.1f}"
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+
+
+__all__ = ["format_mean_spread", "gap_closed_capped", "group_mean", "is_tie", "mean_spread", "overshoot",
+           "slice_groups"]
