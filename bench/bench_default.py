@@ -63,7 +63,7 @@ def main() -> None:
     from transplant.assets import load_vocab, resolve_source, texts
     from transplant.eval.bpb import bits_per_byte
     from transplant.init.base import InitContext
-    from transplant.init.registry import parse_options
+    from transplant.init.registry import resolve_method
     from transplant.io.surgery import read_embeddings
     from transplant.pipeline import new_embeddings
     from transplant.tokenizers.align import align
@@ -86,13 +86,14 @@ def main() -> None:
               flush=True)
     for config in args.configs:
         method, raw = parse_config(config)
+        chosen = resolve_method(method, raw)
         ctx = InitContext(base_vocab=base_vocab, new_vocab=new_vocab, alignment=alignment,
                           base_input=base_emb.input, base_output=base_emb.output,
                           donor_input=None if donor_emb is None else donor_emb.input,
                           donor_output=None if donor_emb is None else donor_emb.output,
-                          options=parse_options(method, raw))
+                          options=dict(chosen.options))
         started = time.perf_counter()
-        new_input, new_output, _plan = new_embeddings(ctx, method)
+        new_input, new_output, _plan = new_embeddings(ctx, chosen)
         seconds = time.perf_counter() - started
         model = AutoModelForCausalLM.from_pretrained(base_src.model_dir, dtype=torch.float32).eval()
         swap_embeddings(model, new_input, new_output)

@@ -84,7 +84,7 @@ def main() -> None:
     from transplant.init.apply import finish_embeddings
     from transplant.init.base import InitContext
     from transplant.init.reachable import unreachable_ids
-    from transplant.init.registry import PIPELINE_OPTIONS, get_initializer, needs_donor, parse_options
+    from transplant.init.registry import PIPELINE_OPTIONS, get_method, resolve_method
     from transplant.io import surgery
     from transplant.tokenizers.align import align
 
@@ -92,7 +92,7 @@ def main() -> None:
     held_out = {name: texts.heldout(name, n_bytes=args.bytes) for name in args.slices}
     runs = [parse_run(spec) for spec in args.runs]
     base_src = resolve_source(args.base, need_model=True)
-    donor_src = resolve_source(args.donor, need_model=any(needs_donor(m) for m, _ in runs), tokenizer_only_ok=True)
+    donor_src = resolve_source(args.donor, need_model=any(get_method(m).needs_donor for m, _ in runs), tokenizer_only_ok=True)
     base_vocab, new_vocab = load_vocab(base_src.tokenizer_spec), load_vocab(donor_src.tokenizer_spec)
     alignment = align(base_vocab, new_vocab)
     base_emb = surgery.read_embeddings(base_src.model_dir)
@@ -110,7 +110,8 @@ def main() -> None:
     examples: list[str] = []
     plans: dict[tuple, tuple] = {}  # an initializer runs once per method and method options
     for method, raw in runs:
-        options = parse_options(method, raw)
+        chosen = resolve_method(method, raw)
+        options = dict(chosen.options)
         own = tuple(sorted((k, str(v)) for k, v in options.items() if k not in pipeline_keys))
         ctx = InitContext(base_vocab=base_vocab, new_vocab=new_vocab, alignment=alignment,
                           base_input=base_emb.input, base_output=base_emb.output,
@@ -118,12 +119,12 @@ def main() -> None:
                           donor_output=None if donor_emb is None else donor_emb.output, options=options)
         started = time.perf_counter()
         if (method, own) not in plans:
-            plan = get_initializer(method)(ctx)
+            plan = chosen.plan(ctx)
             plans[(method, own)] = (plan, time.perf_counter() - started)
         plan, init_seconds = plans[(method, own)]
         started = time.perf_counter()
         variant = replace(plan, notes=dict(plan.notes))  # the pipeline's steps rebind fields, never mutate them
-        new_input, new_output, variant = finish_embeddings(ctx, variant, method)
+        new_input, new_output, variant = finish_embeddings(ctx, variant, chosen)
         seconds = init_seconds + time.perf_counter() - started
         install(model, new_input, new_output)
         tokenizer = new_vocab.tokenizer

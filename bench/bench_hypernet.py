@@ -23,7 +23,7 @@ import transplant.init.byte_pool_learned  # noqa: F401  (registers the methods u
 from transplant.assets import texts
 from transplant.assets.sources import resolve_source
 from transplant.eval.bpb import model_bits_per_byte
-from transplant.init.registry import needs_donor
+from transplant.init.registry import get_method
 from transplant.pipeline import transplant
 
 
@@ -73,7 +73,7 @@ def main() -> None:
     for donor in args.donors:
         donor_is_model = resolve_source(donor, need_model=False).is_model
         for method in args.methods:
-            if needs_donor(method) and not donor_is_model:
+            if get_method(method).needs_donor and not donor_is_model:
                 continue
             options = {"hypernet": args.hypernet} if method == "hypernet" else {}
             if method == "byte-pool-learned":

@@ -7,8 +7,8 @@ import torch
 from tests.test_align_init import B, N, S, make_vocab
 from transplant.init.apply import finish_embeddings
 from transplant.init.base import InitContext, InitPlan, build_embedding
-from transplant.init.numbers import compose_number_rows, digit_report, digit_scheme, number_rows_default
-from transplant.init.registry import get_initializer, parse_options
+from transplant.init.numbers import compose_number_rows, digit_report, digit_scheme
+from transplant.init.registry import get_initializer, get_method, parse_options, resolve_method
 from transplant.tokenizers.align import align
 
 
@@ -45,19 +45,21 @@ def test_number_rows_are_the_mean_of_digit_pieces_in_both_roles():
 
 
 def test_each_method_declares_its_numbers_default():
-    assert number_rows_default("mean") is True
-    assert number_rows_default("fvt") is False and number_rows_default("byte-pool") is False
+    assert get_method("mean").number_rows is True  # declared at registration
+    assert get_method("fvt").number_rows is False and get_method("byte-pool").number_rows is False
     base, new = _vocabs()
     emb = torch.randn(len(base), 6)
     for method, composed in (("mean", True), ("byte-pool", False)):
         ctx = InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=emb,
                           base_output=None, options=parse_options(method, {}))
         assert ctx.options["numbers"] is None  # unset: the method decides
-        _, _, plan = finish_embeddings(ctx, get_initializer(method)(ctx), method)
+        chosen = resolve_method(method, {})
+        assert chosen.number_rows is composed
+        _, _, plan = finish_embeddings(ctx, chosen.plan(ctx), chosen)
         assert plan.notes["number_rows"] is composed
         assert ("number_tokens_composed" in plan.notes) is composed
-    ctx.options = parse_options("byte-pool", {"numbers": "on"})
-    assert finish_embeddings(ctx, get_initializer("byte-pool")(ctx), "byte-pool")[2].notes["number_tokens_composed"] == 2
+    chosen = resolve_method("byte-pool", {"numbers": "on"})
+    assert finish_embeddings(ctx, chosen.plan(ctx), chosen)[2].notes["number_tokens_composed"] == 2
 
 
 def test_tied_base_keeps_one_matrix_and_dense_rows_do_not_undo_numbers():

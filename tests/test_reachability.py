@@ -19,7 +19,7 @@ from transplant.assets import load_vocab
 from transplant.init.apply import finish_embeddings
 from transplant.init.base import InitContext, InitPlan, sparse_rows
 from transplant.init.reachable import byte_twins, unreachable_ids, unreachable_piece_ids
-from transplant.init.registry import get_initializer, parse_options
+from transplant.init.registry import parse_options, resolve_method
 from transplant.init.repair import near_duplicates
 from transplant.tokenizers.align import align
 from transplant.tokenizers.vocab import TokenKind, Vocab
@@ -149,7 +149,7 @@ def _plan_with_space_copy(ctx: InitContext) -> InitPlan:
 @pytest.mark.parametrize("tied", [True, False])
 def test_near_copies_of_frequent_rows_fall_back_to_fvt_or_the_midpoint(tied):
     ctx = _dup_setup(tied)
-    new_input, new_output, plan = finish_embeddings(ctx, _plan_with_space_copy(ctx))
+    new_input, new_output, plan = finish_embeddings(ctx, _plan_with_space_copy(ctx), resolve_method("fvt", {}))
     repairs = plan.notes["repairs"]
     found = {(d, m) for d, m, _ in repairs.duplicates}
     assert (5, 2) in found and (4, 1) in found  # " rare" ≈ " ", "isis" ≈ "is"
@@ -166,8 +166,7 @@ def test_near_copies_of_frequent_rows_fall_back_to_fvt_or_the_midpoint(tied):
 
 def test_dedup_can_be_switched_off():
     ctx = _dup_setup(True)
-    ctx.options = parse_options("fvt", {"dedup_cosine": 1})
-    new_input, _, plan = finish_embeddings(ctx, _plan_with_space_copy(ctx))
+    new_input, _, plan = finish_embeddings(ctx, _plan_with_space_copy(ctx), resolve_method("fvt", {"dedup_cosine": 1}))
     assert plan.notes["repairs"].duplicates == []
     assert torch.allclose(new_input[4], ctx.base_input[3])
 
@@ -191,8 +190,8 @@ def test_near_duplicate_search_matches_exact_cosines():
 @pytest.mark.parametrize("mode", ["pieces", "median"])
 def test_rescale_norm(mode):
     ctx = _dup_setup(True)
-    ctx.options = parse_options("fvt", {"rescale_norm": mode, "dedup_cosine": 1})
-    new_input, _, _ = finish_embeddings(ctx, get_initializer("fvt")(ctx))
+    fvt = resolve_method("fvt", {"rescale_norm": mode, "dedup_cosine": 1})
+    new_input, _, _ = finish_embeddings(ctx, fvt.plan(ctx), fvt)
     norms = ctx.base_input.norm(dim=1)
     if mode == "pieces":  # " rare" = mean(" ", "ra", "re"), shorter than its pieces until rescaled
         assert new_input[5].norm() > ctx.base_input[[4, 8, 9]].mean(0).norm()
@@ -238,7 +237,7 @@ def test_real_mistral_v3_twins_get_the_mean_row():
     emb = surgery.read_embeddings(base_src.model_dir)
     ctx = InitContext(base_vocab=base_vocab, new_vocab=new_vocab, alignment=align(base_vocab, new_vocab),
                       base_input=emb.input, base_output=None, options=parse_options("fvt", {}))
-    new_input, new_output, plan = new_embeddings(ctx, "fvt")
+    new_input, new_output, plan = new_embeddings(ctx, resolve_method("fvt", {}))
     assert new_output is None and len(plan.notes["repairs"].unreachable) == 138
     normal = torch.tensor([i for i, k in enumerate(base_vocab.kinds) if k is not S])
     twin, piece = _twin_and_piece(new_vocab)[0]

@@ -6,7 +6,6 @@ io (stream the surgery), eval (bits per byte, report). See docs/architecture.md.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -21,13 +20,13 @@ from transplant.assets.sources import resolve_source
 from transplant.dtypes import parse_dtype
 from transplant.errors import TransplantError
 from transplant.eval.bpb import heldout_fidelity
-from transplant.eval.card import model_card as hub_model_card
+from transplant.eval.card import model_card
 from transplant.eval.plots import render_report_plot
 from transplant.eval.report import build_report, write_report
 from transplant.init.apply import finish_embeddings
 from transplant.init.base import InitContext, InitPlan
 from transplant.init.numbers import digit_report
-from transplant.init.registry import available_methods, get_initializer, needs_donor, parse_options
+from transplant.init.registry import ResolvedMethod, available_methods, resolve_method
 from transplant.io import surgery
 from transplant.io.atomic import check_output
 from transplant.io.chat_config import add_stop_tokens
@@ -60,35 +59,13 @@ def _special_ids(vocab: Vocab) -> dict[str, int | None]:
     return {f"{role}_token_id": vocab.roles.get(role) for role in ("bos", "eos", "pad", "unk")}
 
 
-def model_card(base: str, donor: str, method: str, stats: dict[str, Any], options: dict[str, Any]) -> str:
-    from transplant.version import __version__
-
-    lines = [
-        "---",
-        "tags: [tokentransplant]",
-        "---",
-        f"# {Path(base).name} with the {Path(donor).name} tokenizer",
-        "",
-        f"Made by tokentransplant {__version__}: the embeddings of `{base}` were rebuilt for the tokenizer of "
-        f"`{donor}` with the `{method}` method; every other weight is unchanged.",
-        "",
-        "| statistic | value |",
-        "|---|---|",
-    ]
-    lines += [f"| {key} | {value} |" for key, value in stats.items()]
-    if options:
-        lines += ["", "Options: `" + json.dumps(options, sort_keys=True, default=str) + "`"]
-    lines += ["", "Expect some quality loss until the model is healed (`distill`)."]
-    return "\n".join(lines) + "\n"
-
-
-def new_embeddings(ctx: InitContext, method: str) -> tuple[torch.Tensor, torch.Tensor | None, InitPlan]:
+def new_embeddings(ctx: InitContext, method: ResolvedMethod) -> tuple[torch.Tensor, torch.Tensor | None, InitPlan]:
     """The new input and output matrices (float32; output None when the result stays tied) and the plan.
 
     The method builds its plan; the pipeline's own steps then refine it for every method alike. Benches call
     this too (bench/bench_default.py), so what they measure is what `transplant()` writes.
     """
-    return finish_embeddings(ctx, get_initializer(method)(ctx), method)  # numbers, tie, repaired rows
+    return finish_embeddings(ctx, method.plan(ctx), method)  # numbers, tie, repaired rows
 
 
 def transplant(base: str | Path, donor: str | Path, *, method: str | None = None, output: str | Path | None = None,
@@ -104,18 +81,20 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     ({NEW: BASE}) keep chat models chat-capable (`transplant.tokenizers.control`)."""
     started = time.perf_counter()
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
+    # the method is looked up and its options checked once: unknown methods, typos and bad values fail here
+    chosen = resolve_method(method, options) if method is not None else None
     base_src = resolve_source(base, need_model=True, revision=revision)
     # a hub donor brings its tokenizer files, plus only the shards holding its embeddings unless the chosen
     # method needs no donor model
-    donor_src = resolve_source(donor, need_model=False, tokenizer_only_ok=method is not None and not needs_donor(method),
+    donor_src = resolve_source(donor, need_model=False, tokenizer_only_ok=chosen is not None and not chosen.needs_donor,
                                revision=donor_revision)
-    method = method or default_method(donor_src.is_model)
-    options = parse_options(method, options)  # unknown methods, typos and bad values fail before any loading
-    if needs_donor(method) and not donor_src.is_model:
+    chosen = chosen or resolve_method(default_method(donor_src.is_model), options)
+    if chosen.needs_donor and not donor_src.is_model:
         raise TransplantError(
-            f"method {method!r} needs donor embeddings but {donor!s} is only a tokenizer; "
+            f"method {chosen.name!r} needs donor embeddings but {donor!s} is only a tokenizer; "
             "pass a donor model or use --method fvt"
         )
+    method, options = chosen.name, dict(chosen.options)  # as reported (card, report.json, result)
     output = Path(output) if output else Path("out") / f"{Path(str(base)).name}--{Path(str(donor)).name}-{method}"
     inputs = [p for p in (base_src.model_dir, donor_src.model_dir, Path(str(donor_src.tokenizer_spec)))
               if p and p.exists()]  # never overwritten, nor any folder holding them
@@ -151,7 +130,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         donor_input=None if donor_input is None else donor_input.to(device),
         donor_output=None if donor_output is None else donor_output.to(device), options=options, device=device,
     )
-    new_input, new_output, plan = new_embeddings(ctx, method)
+    new_input, new_output, plan = new_embeddings(ctx, chosen)
 
     stats = {**alignment.stats(len(base_vocab)), **digit_report(base_vocab, new_vocab), **plan.notes["repairs"].stats()}
     if callable(eval_texts):  # fetched only once the inputs are known to be good
@@ -160,7 +139,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     if sample:
         stats["shared_token_fraction_on_sample"] = round(shared_token_fraction(alignment, new_vocab, sample), 4)
     comparable = heldout_fidelity(stats, eval_texts or {}, base_vocab.tokenizer, new_vocab.tokenizer)
-    card = hub_model_card(base=str(base), donor=str(donor), method=method, stats=stats, options=options,
+    card = model_card(base=str(base), donor=str(donor), method=method, stats=stats, options=options,
                           base_dir=base_src.model_dir, chat=chat.as_dict())
     result = TransplantResult(output, method, stats, 0.0, extra={"notes": plan.notes, "chat": chat})
 

@@ -84,11 +84,11 @@ def repair_section(repairs: RepairSummary, new_vocab: Vocab, options: dict[str, 
     unreachable = repairs.unreachable
     step = max(len(unreachable) // n, 1)
     return {
-        "unreachable_rows": {"count": len(unreachable), "policy": options.get("unreachable", "mean"),
+        "unreachable_rows": {"count": len(unreachable), "policy": options["unreachable"],
                              "examples": [_spelled(new_vocab, i) + f" (id {i})" for i in unreachable[::step][:n]]},
         "near_duplicates_repaired": {
             "count": len(repairs.duplicates), "fell_back_to_midpoint_with_mean": repairs.duplicates_shrunk,
-            "threshold": options.get("dedup_cosine"),
+            "threshold": options["dedup_cosine"],
             "examples": [f"{_spelled(new_vocab, d)} ≈ {_spelled(new_vocab, m)} (cosine {c:.4f})"
                          for d, m, c in repairs.duplicates[:n]]},
         "rows_rescaled": repairs.rescaled,

@@ -8,36 +8,36 @@ parameters for a gain nobody had measured (bench/RESULTS.md, "Unreachable rows a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from transplant.init.base import InitContext, InitPlan, build_embedding
-from transplant.init.numbers import compose_number_rows, number_rows_default
+from transplant.init.numbers import compose_number_rows
+from transplant.init.registry import ResolvedMethod
 from transplant.init.repair import repair_rows
 
 
-def keeps_separate_output(ctx: InitContext) -> bool:
+def keeps_separate_output(ctx: InitContext, options: Mapping[str, Any]) -> bool:
     """Whether the new model has its own output matrix: the base has one, or the user asked to untie."""
-    return ctx.base_output is not None or bool(ctx.options.get("untie", False))
+    return ctx.base_output is not None or bool(options["untie"])
 
 
 def finish_embeddings(ctx: InitContext, plan: InitPlan,
-                      method: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None, InitPlan]:
-    """(new input [V_new, D], new output or None when tied, the plan), float32, after the pipeline's steps.
-
-    `numbers` unset (None) takes `method`'s declared default (`numbers.number_rows_default`). What the repairs
-    changed is in `plan.notes["repairs"]` (a `RepairSummary`; the report lists it).
+                      method: ResolvedMethod) -> tuple[torch.Tensor, torch.Tensor | None, InitPlan]:
+    """(new input [V_new, D], new output or None when tied, the plan), float32, after the pipeline's steps,
+    as `method`'s options say (its `number_rows` holds `--set numbers` or the method's declared default).
+    What the repairs changed is in `plan.notes["repairs"]` (a `RepairSummary`; the report lists it).
     """
-    separate = keeps_separate_output(ctx)
-    numbers = ctx.options.get("numbers")
-    if numbers is None:
-        numbers = method is not None and number_rows_default(method)
-    plan.notes["number_rows"] = bool(numbers)
-    if numbers:
+    separate = keeps_separate_output(ctx, method.options)
+    plan.notes["number_rows"] = method.number_rows
+    if method.number_rows:
         plan = compose_number_rows(plan, ctx)
     new_input = build_embedding(plan, "input", ctx.base_input)
     new_output = None
     if separate:
         base_out = ctx.base_output if ctx.base_output is not None else ctx.base_input
         new_output = build_embedding(plan, "output", base_out)
-    plan.notes["repairs"] = repair_rows(ctx, new_input, new_output, ctx.options)
+    plan.notes["repairs"] = repair_rows(ctx, new_input, new_output, method.options)
     return new_input, new_output, plan

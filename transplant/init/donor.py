@@ -38,7 +38,7 @@ def undertrained(rows: torch.Tensor, ratio: float) -> torch.Tensor:
     return norms < ratio * norms.median()
 
 
-def select_anchors(ctx: InitContext, min_norm_ratio: float = 0.25) -> Anchors:
+def select_anchors(ctx: InitContext, min_norm_ratio: float) -> Anchors:
     """Shared normal tokens whose rows look trained in the donor and in the base model."""
     alignment = ctx.alignment
     kinds = ctx.new_vocab.kinds
@@ -84,7 +84,7 @@ def donor_plan(ctx: InitContext, method: str, combine: Combiner, notes: dict | N
     """Run `combine` on all new tokens at once in the donor input space (and in the output space when the
     donor has its own lm_head): solvers such as OMP build per-dictionary state (a Gram matrix) only once."""
     ctx.require_donor(method)
-    anchors = select_anchors(ctx, ctx.options.get("min_norm_ratio", 0.25))
+    anchors = select_anchors(ctx, ctx.options["min_norm_ratio"])
     if anchors.new_ids.numel() == 0:
         raise TransplantError(f"{method}: the vocabularies share no usable anchor tokens; use --method fvt")
     targets = _text_targets(ctx)

@@ -28,8 +28,6 @@ from transplant.tokenizers.vocab import TokenKind
 
 log = logging.getLogger(__name__)
 
-NUMBER_ROWS = True  # the numbers step's default: digit-piece rows beat FOCUS's own on numbers (bench/RESULTS.md)
-
 _DEFAULTS = static.FastTextSettings()
 OPTIONS = (
     Option("corpus", str, None, "UTF-8 text file in the target language(s) for the auxiliary fastText model "
@@ -117,7 +115,8 @@ def _fvt_fallback(ctx: InitContext, replaced: torch.Tensor) -> InitPlan:
     return plan
 
 
-@register("focus", needs_donor=False, options=OPTIONS)
+# number_rows: digit-piece rows beat FOCUS's own on numbers (bench/RESULTS.md)
+@register("focus", needs_donor=False, options=OPTIONS, number_rows=True)
 def focus_init(ctx: InitContext) -> InitPlan:
     opts = ctx.options
     text, corpus = static.corpus_text(opts["corpus"], opts["max_corpus_bytes"])

@@ -24,10 +24,6 @@ from transplant.init.registry import Option, register
 from transplant.tokenizers.segment import segment_with_base
 from transplant.tokenizers.vocab import TokenKind
 
-# The numbers step's default: new number tokens keep fvt's digit-piece mean, as in the measured default
-# (bench/RESULTS.md, "Default method"); least-squares weights over digits were not measured.
-NUMBER_ROWS = True
-
 OPTIONS = (
     Option("ridge", float, 3.0, "shrinkage towards FVT's equal weights (0: least squares; large: fvt)", min=0.0),
     Option("neighbours", int, 0, "nearest donor-space anchors added to the token's own pieces", min=0, max=256),
@@ -52,7 +48,9 @@ def ridge_weights(targets: torch.Tensor, support_rows: torch.Tensor, prior: torc
     return torch.linalg.solve(system, rhs) * valid
 
 
-@register("fvt-ls", needs_donor=True, options=OPTIONS)
+# number_rows: new number tokens keep fvt's digit-piece mean, as in the measured default (bench/RESULTS.md,
+# "Default method"); least-squares weights over digits were not measured.
+@register("fvt-ls", needs_donor=True, options=OPTIONS, number_rows=True)
 def fvt_ls_init(ctx: InitContext) -> InitPlan:
     ctx.require_donor("fvt-ls")
     anchors = select_anchors(ctx, ctx.options["min_norm_ratio"])

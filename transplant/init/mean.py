@@ -5,10 +5,9 @@ from __future__ import annotations
 from transplant.init.base import InitContext, InitPlan, copy_shared, mean_rows, normal_base_ids, sparse_rows
 from transplant.init.registry import register
 
-NUMBER_ROWS = True  # the numbers step's default: a mean row knows no digits (bench/RESULTS.md, numbers rows)
 
-
-@register("mean")
+# number_rows: the numbers step is on by default, a mean row knows no digits (bench/RESULTS.md, numbers rows)
+@register("mean", number_rows=True)
 def mean_init(ctx: InitContext) -> InitPlan:
     rows, cols, vals = copy_shared(ctx.alignment, len(ctx.base_vocab))
     weights = sparse_rows(rows, cols, vals, (len(ctx.new_vocab), len(ctx.base_vocab)))

@@ -7,8 +7,8 @@ segmentation of the digit string instead: the mean of the pieces' rows, in the i
 FVT's row for that token, kept in the sparse plan.
 
 Whether that beats a method's own rows is measured per method (bench/RESULTS.md, "Unreachable rows and fidelity
-fixes"), and each method declares its default as a module constant `NUMBER_ROWS` (absent: off); `--set
-numbers=true|false` overrides it. It pays for methods that know nothing of a token's bytes (`mean`), not for
+fixes"), and each method declares its default when it registers (`register(..., number_rows=True)`; absent:
+off); `--set numbers=true|false` overrides it. It pays for methods that know nothing of a token's bytes (`mean`), not for
 byte-pool, and is a no-op for fvt. The output row used to be the FIRST piece's row ("predicting 123 is
 predicting 1"); that makes every `1xx` token an exact copy of `1`'s output row, so each digit's probability
 was split over ~110 tokens, and it measured worse than the mean, so it is gone.
@@ -17,7 +17,6 @@ was split over ~110 tokens, and it measured worse than the mean, so it is gone.
 from __future__ import annotations
 
 import re
-import sys
 
 import torch
 
@@ -55,14 +54,6 @@ def _replace_rows(weights: torch.Tensor, row_ids: list[int], rows: list[int], co
     indices = torch.cat([weights.indices()[:, keep], torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)], 1)
     values = torch.cat([weights.values()[keep], torch.tensor(vals, dtype=torch.float32)])
     return torch.sparse_coo_tensor(indices, values, weights.shape, check_invariants=True).coalesce()
-
-
-def number_rows_default(method: str) -> bool:
-    """The method's measured default for the `numbers` step: its module's `NUMBER_ROWS`, else False."""
-    from transplant.init.registry import get_method
-
-    module = sys.modules.get(get_method(method).initializer.__module__)
-    return bool(getattr(module, "NUMBER_ROWS", False))
 
 
 def compose_number_rows(plan: InitPlan, ctx: InitContext) -> InitPlan:

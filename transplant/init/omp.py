@@ -14,7 +14,6 @@ measured better than OMP on the large direction (bench/RESULTS.md, "Default meth
 
 from __future__ import annotations
 
-from transplant.errors import TransplantError
 from transplant.init.base import InitContext, InitPlan
 from transplant.init.donor import donor_plan
 from transplant.init.registry import Option, register
@@ -73,12 +72,9 @@ def omp_init(ctx: InitContext) -> InitPlan:
 AUTO_CANDIDATES = 1024
 
 
-def resolve_prefilter(option: object, k: int, n_anchors: int, device: str) -> int | None:
-    """The candidate count M for the solver (None: exact), from the `prefilter` option."""
-    try:
-        option = parse_prefilter(option)
-    except ValueError as err:
-        raise TransplantError(f"{err}; got {option!r}") from None
+def resolve_prefilter(option: str | int, k: int, n_anchors: int, device: str) -> int | None:
+    """The candidate count M for the solver (None: exact), from the `prefilter` option as its `Option` parsed
+    it (`auto` or a count, 0 = exact)."""
     if option == "auto":
         wide = n_anchors > 4 * AUTO_CANDIDATES
         return AUTO_CANDIDATES if device.startswith("cpu") and k > 16 and wide else None

@@ -10,84 +10,20 @@ a method is one new file plus one line in pyproject.toml (or a `@register` call 
 
 from __future__ import annotations
 
-import logging
-import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from importlib.metadata import entry_points
 from typing import Any
 
 from transplant.errors import TransplantError
 from transplant.init.base import InitContext, InitPlan
-from transplant.recipes import parse_bool
+from transplant.options import Option, check_unique, load_entry_points
 
-log = logging.getLogger(__name__)
+__all__ = ["DONOR_OPTIONS", "METHODS", "PIPELINE_OPTIONS", "Method", "Option", "ResolvedMethod", "available_methods",
+           "get_initializer", "get_method", "parse_options", "register", "resolve_method"]
 
 Initializer = Callable[[InitContext], InitPlan]
 ENTRY_POINT_GROUP = "tokentransplant.initializers"
-
-
-@dataclass(frozen=True)
-class Option:
-    """One `--set name=value` a method accepts: its type, default, bounds and one line of help.
-
-    `parse` replaces the type's own parser for options with a richer syntax (e.g. omp's `prefilter=auto|M`).
-    """
-
-    name: str
-    type: type
-    default: Any
-    help: str
-    min: float | None = None
-    max: float | None = None
-    choices: tuple[Any, ...] | None = None
-    parse: Callable[[Any], Any] | None = None
-    metavar: str | None = None  # how `transplant methods` names the value type (default: the type's name)
-
-    def coerce(self, value: Any, method: str) -> Any:
-        """The typed value, or a one-line error naming the option, what it got and what it takes."""
-        if value is None and self.default is None:
-            return None
-        try:
-            if self.parse is not None:
-                parsed = self.parse(value)
-            elif self.type is bool:
-                parsed = parse_bool(value)
-            elif self.type is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError("expected an integer")
-            else:
-                parsed = self.type(value)
-        except (TypeError, ValueError) as err:
-            raise TransplantError(
-                f"--set {self.name}={value}: {err or 'bad value'} for method {method!r}; {self.describe()}"
-            ) from None
-        if not _finite_64bit(parsed):  # inf/nan, or an int torch and numpy cannot take (a seed of 10**22)
-            raise TransplantError(f"--set {self.name}={value}: not a finite number within 64 bits for method "
-                                  f"{method!r}; {self.describe()}")
-        if self.choices is not None and parsed not in self.choices:
-            raise TransplantError(f"--set {self.name}={value}: not one of {', '.join(map(str, self.choices))}")
-        low_ok = self.min is None or not isinstance(parsed, int | float) or parsed >= self.min
-        high_ok = self.max is None or not isinstance(parsed, int | float) or parsed <= self.max
-        if not (low_ok and high_ok):
-            raise TransplantError(f"--set {self.name}={value}: out of range for method {method!r}; {self.describe()}")
-        return parsed
-
-    def describe(self) -> str:
-        bounds = ""
-        if self.choices is not None:
-            bounds = f" in {{{', '.join(map(str, self.choices))}}}"
-        elif self.min is not None or self.max is not None:
-            bounds = f" in [{'' if self.min is None else self.min}, {'' if self.max is None else self.max}]"
-        kind = self.metavar or self.type.__name__
-        return f"{self.name} ({kind}{bounds}, default {self.default}): {self.help}"
-
-
-def _finite_64bit(value: Any) -> bool:
-    """A float must be finite and an int must fit a signed 64-bit integer; other values pass."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return not isinstance(value, int) or -(2**63) <= value < 2**63
 
 
 # Options every method accepts: the pipeline applies them after the method's rows are built.
@@ -114,10 +50,17 @@ DONOR_OPTIONS = (
 
 @dataclass(frozen=True)
 class Method:
+    """A registered method and what the pipeline must know about it, declared at registration.
+
+    `number_rows`: the `numbers` step's default for this method (`--set numbers=true|false` overrides it),
+    measured per method (bench/RESULTS.md, "Unreachable rows and fidelity fixes").
+    """
+
     name: str
     initializer: Initializer
     needs_donor: bool
     options: tuple[Option, ...] = field(default_factory=tuple)
+    number_rows: bool = False
 
     @property
     def summary(self) -> str:
@@ -129,33 +72,49 @@ class Method:
         return self.options + (DONOR_OPTIONS if self.needs_donor else ()) + PIPELINE_OPTIONS
 
 
+@dataclass(frozen=True)
+class ResolvedMethod:
+    """A method name looked up once, with its `--set` options typed and complete: what the pipeline passes
+    down, so nothing below it looks the name up again, re-parses an option or writes a default twice."""
+
+    spec: Method
+    options: Mapping[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def needs_donor(self) -> bool:
+        """Whether the method reads the donor's embeddings (so a hub donor must be fetched with its weights)."""
+        return self.spec.needs_donor
+
+    @property
+    def number_rows(self) -> bool:
+        """Whether the `numbers` step runs: `--set numbers=...` when given, else the method's declared default."""
+        chosen = self.options["numbers"]
+        return self.spec.number_rows if chosen is None else bool(chosen)
+
+    def plan(self, ctx: InitContext) -> InitPlan:
+        """Run the initializer with these options as `ctx.options`."""
+        return self.spec.initializer(replace(ctx, options=dict(self.options)))
+
+
 METHODS: dict[str, Method] = {}
 
 
-def register(
-    name: str, *, needs_donor: bool = False, options: tuple[Option, ...] = ()
-) -> Callable[[Initializer], Initializer]:
-    """Register `fn(ctx) -> InitPlan` as method `name` with its `--set` options; a second method of the same
-    name is an error (two modules would silently fight over it)."""
+def register(name: str, *, needs_donor: bool = False, options: tuple[Option, ...] = (),
+             number_rows: bool = False) -> Callable[[Initializer], Initializer]:
+    """Register `fn(ctx) -> InitPlan` as method `name` with its `--set` options and its `numbers` default; a
+    second method of the same name is an error (two modules would silently fight over it)."""
 
     def decorator(fn: Initializer) -> Initializer:
         existing = METHODS.get(name)
-        if existing is not None and existing.initializer is not fn:
-            if _same_function(existing.initializer, fn):  # the module was imported twice (reload, __main__)
-                log.debug("method %r re-registered by a reloaded module", name)
-            else:
-                raise TransplantError(
-                    f"method {name!r} is registered twice ({existing.initializer.__module__} and "
-                    f"{fn.__module__}); rename one of them"
-                )
-        METHODS[name] = Method(name, fn, needs_donor, tuple(options))
+        check_unique("method", name, existing.initializer if existing else None, fn)
+        METHODS[name] = Method(name, fn, needs_donor, tuple(options), number_rows)
         return fn
 
     return decorator
-
-
-def _same_function(a: Callable, b: Callable) -> bool:
-    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
 _discovered = False
@@ -164,30 +123,9 @@ _discovered = False
 def _discover() -> None:
     """Import every `tokentransplant.initializers` entry point's module (once)."""
     global _discovered
-    if _discovered:
-        return
-    found = entry_points(group=ENTRY_POINT_GROUP)
-    if not any(entry.value.startswith("transplant.init.") for entry in found):
-        raise TransplantError(
-            "tokentransplant's built-in methods are not registered (package metadata missing); install it with "
-            "`pip install -e .` from the repository root"
-        )
-    for entry in found:
-        try:
-            entry.load()
-        except ModuleNotFoundError as err:  # installed metadata names a module this tree lacks
-            if not entry.value.startswith("transplant."):
-                log.warning("initializer plug-in %s (%s) is not installed: %s", entry.name, entry.value, err)
-                continue
-            raise TransplantError(
-                f"method {entry.name!r} is registered by the installed package metadata but its module "
-                f"{entry.value} is missing ({err}); reinstall with `pip install -e .`"
-            ) from err
-        except Exception as err:  # a broken plug-in must not take the built-in methods down with it
-            if entry.value.startswith("transplant."):
-                raise
-            log.warning("initializer plug-in %s (%s) failed to load: %s", entry.name, entry.value, err)
-    _discovered = True  # only once every module loaded: a failure is reported again, not turned into gaps
+    if not _discovered:
+        load_entry_points(ENTRY_POINT_GROUP, builtin="transplant.init.", kind="method")
+        _discovered = True  # only once every module loaded: a failure is reported again, not turned into gaps
 
 
 def get_method(name: str) -> Method:
@@ -198,19 +136,17 @@ def get_method(name: str) -> Method:
         raise TransplantError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}") from None
 
 
+def resolve_method(name: str, raw: Mapping[str, Any] | None) -> ResolvedMethod:
+    """Method `name` with its options checked (`parse_options`): unknown names, typos and bad values fail here,
+    before anything loads."""
+    return ResolvedMethod(get_method(name), parse_options(name, raw))
+
+
 def get_initializer(name: str) -> Initializer:
-    """The method as `fn(ctx) -> InitPlan`, with `ctx.options` validated and defaults filled in first."""
-    method = get_method(name)
-
-    def run(ctx: InitContext) -> InitPlan:
-        return method.initializer(replace(ctx, options=parse_options(name, ctx.options)))
-
-    return run
-
-
-def needs_donor(name: str) -> bool:
-    """Whether the method reads the donor's embeddings (so a hub donor must be fetched with its weights)."""
-    return get_method(name).needs_donor
+    """The method as `fn(ctx) -> InitPlan`, with `ctx.options` validated and defaults filled in first (for
+    callers that hold a name and a context, such as tests and `focus`'s FVT start)."""
+    method = get_method(name)  # an unknown name fails here, not at the first call
+    return lambda ctx: ResolvedMethod(method, parse_options(name, ctx.options)).plan(ctx)
 
 
 def available_methods() -> list[str]:
@@ -233,4 +169,5 @@ def parse_options(name: str, raw: Mapping[str, Any] | None) -> dict[str, Any]:
             f"unknown option {', '.join(unknown)} for method {name!r}; valid options: {', '.join(schema)} "
             "(`transplant methods` describes them)"
         )
-    return {key: (opt.coerce(raw[key], name) if key in raw else opt.default) for key, opt in schema.items()}
+    owner = f"method {name!r}"
+    return {key: (opt.coerce(raw[key], owner) if key in raw else opt.default) for key, opt in schema.items()}

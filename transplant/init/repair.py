@@ -23,7 +23,9 @@ initializer and surgery (`repair_rows`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -157,11 +159,12 @@ def _rescale(ctx: InitContext, matrix: torch.Tensor, base: torch.Tensor, ids: to
 
 
 def repair_rows(ctx: InitContext, new_input: torch.Tensor, new_output: torch.Tensor | None,
-                options: dict) -> RepairSummary:
+                options: Mapping[str, Any]) -> RepairSummary:
     """Fix the new embedding matrices in place (`new_output` None: tied); returns what was changed.
 
-    Options (pipeline-level, `registry.PIPELINE_OPTIONS`): `unreachable` (mean | zero | keep), `dedup_cosine`
-    (≥ 1 disables), `dedup_top`, `rescale_norm` (off | pieces | median).
+    `options` are typed and complete (`registry.parse_options`); this step reads the pipeline-level ones
+    (`registry.PIPELINE_OPTIONS`): `unreachable` (mean | zero | keep), `dedup_cosine` (≥ 1 disables),
+    `dedup_top`, `rescale_norm` (off | pieces | median).
     """
     summary = RepairSummary()
     new_vocab = ctx.new_vocab
@@ -173,19 +176,19 @@ def repair_rows(ctx: InitContext, new_input: torch.Tensor, new_output: torch.Ten
     roles = [("input", new_input, ctx.base_input)]
     if new_output is not None:
         roles.append(("output", new_output, ctx.base_output if ctx.base_output is not None else ctx.base_input))
-    mode = options.get("rescale_norm", "off")
+    mode = options["rescale_norm"]
     if mode != "off" and rebuilt.numel():  # input rows only: a longer output row is a larger logit
         if new_output is None:
             log.warning("rescale_norm on a tied model also scales the output logits of every new token "
                         "(measured much worse, bench/RESULTS.md); --set untie=true rescales the input rows only")
         _rescale(ctx, new_input, ctx.base_input, rebuilt, mode)
         summary.rescaled = int(rebuilt.numel())
-    threshold, top = float(options.get("dedup_cosine", 0.99)), int(options.get("dedup_top", 4096))
+    threshold, top = float(options["dedup_cosine"]), int(options["dedup_top"])
     if threshold < 1.0 and top > 0:
         reference = frequent_ids(ctx, top, unreachable)
         for _, matrix, base in roles:
             _fix_duplicates(ctx, matrix, base, rebuilt, reference, threshold, summary)
-    policy = options.get("unreachable", "mean")
+    policy = options["unreachable"]
     summary.unreachable = unreachable.tolist()
     if policy != "keep" and unreachable.numel():
         _, matrix, base = roles[-1]  # the output role: the only matrix of a tied model
