@@ -23,9 +23,10 @@ weighs the same whatever micro-batch it lands in; `get_loss(name).count_items(ba
 without logits, so the data loader can total it ahead of the step. `num_items=None` uses the local count.
 Metrics are detached 0-dim tensors (no host sync); "loss" and "num_items_local" are always present.
 
-What the trainer must know about a loss (teacher needed, summed metrics, options, hidden states, per-pair
-extras) is declared with it at registration: see `distill.losses.registry`. Adding a loss is one new module
-here with one `@register(...)`, plus its name in the import line below.
+What the trainer must know about a loss (teacher needed, summed metrics, typed options, hidden states,
+per-pair extras) is declared with it at registration: see `distill.losses.registry`. Losses are found through
+the `tokentransplant.losses` entry points (pyproject.toml), so adding one is one new module with one
+`@register(...)` plus one line there; importing this package registers none of them.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from distill.losses.registry import (
     ANCHOR_LOSS,
     LOSSES,
     LossSpec,
+    Option,
     PairContext,
+    available_losses,
     get_loss,
     loss_options,
     register,
 )
 
-__all__ = ["ALWAYS_SUMMED", "ANCHOR_LOSS", "LOSSES", "LossSpec", "PairContext", "get_loss", "loss_options", "register"]
-
-from distill.losses import alm, ce, mined, uld  # noqa: E402,F401  (registers the built-in losses)
+__all__ = ["ALWAYS_SUMMED", "ANCHOR_LOSS", "LOSSES", "LossSpec", "Option", "PairContext", "available_losses",
+           "get_loss", "loss_options", "register"]

@@ -48,9 +48,10 @@ from distill.losses.common import (
     side,
     token_logprobs,
 )
-from distill.losses.hidden import PROJECTION, hidden_state_term, projection_modules
-from distill.losses.registry import PairContext, keyword_options, register
+from distill.losses.hidden import PROJECTION, PROJECTION_MODES, hidden_state_term, projection_modules
+from distill.losses.registry import Option, PairContext, register
 from distill.losses.units import (
+    DEBIAS_MODES,
     adjacent_to_next,
     boundary_units,
     debias_mode,
@@ -136,8 +137,31 @@ def _units(mode: str, batch: Mapping[str, Any], alignment: ChunkAlignment, valid
     return units, t_append, s_append
 
 
+def _debias(value: object) -> object:
+    """Booleans (older recipes) as their mode; anything else is checked against the choices."""
+    return debias_mode(value) if value is None or isinstance(value, bool) else str(value)
+
+
+ALM_OPTIONS = (
+    Option("temperature", float, 100.0, "tau: unit log-likelihoods are divided by it (the reference's "
+           "binarization_temp)", min=0.0),
+    Option("diff", str, "binary_ce", "how unit likelihoods are compared", choices=DIFFERENCES),
+    Option("debias", str, "merge", "how chunks become units (true = merge, false = none)", choices=DEBIAS_MODES,
+           parse=_debias),
+    Option("boundary_threshold", float, 0.1, "teacher P(boundary) that closes a merged unit", min=0.0, max=1.0),
+    Option("merge_threshold", float, None, "likelihood merging (older; not with debias=merge)", min=0.0, max=1.0),
+    Option("hidden_weight", float, 0.0, "weight of the hidden-state term (0: off)", min=0.0),
+    Option("hidden_projection", str, "auto", "trainable student -> teacher projection of hidden states",
+           choices=PROJECTION_MODES),
+    Option("per", str, "units", "normalise by merged units (as the reference) or by chunks", choices=NORMALISERS),
+    Option("eps", float, 1e-6, "clamp keeping log(1 - p) finite", min=0.0),
+    Option("upcast", bool, True, "log-softmax in float32"),
+)
+
+
 @register("alm", count_items=count_alm_items, sum_metrics=("alm", "hidden_mse", "num_units"), prepare=prepare_alm,
-          needs_hidden=alm_reads_hidden_states, modules=projection_modules, ce_weight=1.0, balance="gradmag")
+          needs_hidden=alm_reads_hidden_states, modules=projection_modules, ce_weight=1.0, balance="gradmag",
+          options=ALM_OPTIONS)
 def alm_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
              temperature: float = 100.0, diff: str = "binary_ce", debias: str | bool = "merge",
              boundary_threshold: float = 0.1, merge_threshold: float | None = None, hidden_weight: float = 0.0,
@@ -186,7 +210,7 @@ def alm_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None
 
 @register("alm-l1", count_items=count_alm_items, sum_metrics=("alm", "hidden_mse", "num_units"),
           prepare=prepare_alm, needs_hidden=alm_reads_hidden_states, modules=projection_modules,
-          options=[o for o in keyword_options(alm_loss) if o != "diff"])
+          options=tuple(o for o in ALM_OPTIONS if o.name != "diff"))
 def alm_l1_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
                 **options: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ALM with |log L_t - log L_s| / tau: no saturation for very likely or very unlikely units."""

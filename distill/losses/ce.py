@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from distill.losses.common import normalise, side, token_logprobs
-from distill.losses.registry import register
+from distill.losses.registry import Option, register
 
 
 def _predicted_tokens(batch: Mapping[str, Any]) -> torch.Tensor:
@@ -24,7 +24,8 @@ def count_ce_items(batch: Mapping[str, Any]) -> int:
     return int(_predicted_tokens(batch).sum())
 
 
-@register("ce", count_items=count_ce_items, needs_teacher=False, sum_metrics=("ce",))
+@register("ce", count_items=count_ce_items, needs_teacher=False, sum_metrics=("ce",),
+          options=(Option("upcast", bool, True, "log-softmax in float32"),))
 def ce_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
             upcast: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean negative log-likelihood of the student's own next tokens.

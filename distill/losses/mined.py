@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from distill.losses.common import fp32, normalise, pad_vocab, rows_at
-from distill.losses.registry import PairContext, register
+from distill.losses.registry import Option, PairContext, register
 from distill.losses.uld import count_chunk_items
 from transplant.tokenizers.vocab import TokenKind, Vocab
 
@@ -168,8 +168,14 @@ MINED_WEIGHT = 0.1  # 1 - lambda of FuseLLM
 MINED_CE_WEIGHT = 0.9  # lambda
 
 
+MINED_OPTIONS = (
+    Option("temperature", float, 1.0, "softmax temperature of both sides", min=0.0),
+    Option("weight", float, MINED_WEIGHT, "weight of the MinED term (FuseLLM's 1 - lambda)", min=0.0),
+)
+
+
 @register("mined", count_items=count_chunk_items, sum_metrics=("mined",), prepare=prepare_mined,
-          ce_weight=MINED_CE_WEIGHT)
+          ce_weight=MINED_CE_WEIGHT, options=MINED_OPTIONS)
 def mined_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
                temperature: float = 1.0, weight: float = MINED_WEIGHT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`weight` x KL(teacher projected onto the student vocab || student) at chunk ends (metric "mined": the

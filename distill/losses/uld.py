@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from distill.losses.common import fp32, normalise, rows_at
-from distill.losses.registry import register
+from distill.losses.registry import Option, register
 
 
 def sorted_probs(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
@@ -42,7 +42,14 @@ ULD_WEIGHT = 1.5  # the paper's lambda (distil_factor); CE weight 1.0 (cross_ent
 ULD_CE_WEIGHT = 1.0
 
 
-@register("uld", count_items=count_chunk_items, sum_metrics=("uld",), ce_weight=ULD_CE_WEIGHT)
+ULD_OPTIONS = (
+    Option("temperature", float, 1.0, "softmax temperature of both sides", min=0.0),
+    Option("top_k", int, None, "keep the k largest probabilities per side (unset: all)", min=1),
+    Option("weight", float, ULD_WEIGHT, "weight of the ULD term (the paper's lambda)", min=0.0),
+)
+
+
+@register("uld", count_items=count_chunk_items, sum_metrics=("uld",), ce_weight=ULD_CE_WEIGHT, options=ULD_OPTIONS)
 def uld_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
              temperature: float = 1.0, top_k: int | None = None,
              weight: float = ULD_WEIGHT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
