@@ -266,10 +266,10 @@ class DistillCommand(Command):
     """`distill --help` ends with the registered losses (read at help time, so a new loss shows up by itself)."""
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from distill.losses import LOSSES
+        from distill.losses import available_losses
 
         with formatter.section("Losses (--set loss.name=NAME)"):
-            formatter.write_text(", ".join(sorted(LOSSES)))
+            formatter.write_text(", ".join(available_losses()))
         super().format_epilog(ctx, formatter)
 
 
