@@ -1,4 +1,5 @@
-"""Process setup for the trainer: distributed environment, device and dtype, the DeepSpeed config.
+"""Process setup for both trainers (distillation and hypernetwork): distributed environment, device and dtype,
+the DeepSpeed engine and its config.
 
 The same code runs as one CPU process started by plain python, as N processes under torchrun or the deepspeed
 launcher, on CPUs (gloo) or GPUs (NCCL). Everything a launcher would set is given a default here, so a plain
@@ -52,18 +53,11 @@ class Runtime:
     world_size: int
     local_rank: int
     device: torch.device
-    dtype: torch.dtype  # training dtype of the student/teacher weights
+    dtype: torch.dtype  # training dtype of the trained weights
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -84,28 +78,65 @@ def autocast_dtype(recipe: Recipe) -> torch.dtype | None:
     return AUTOCAST[recipe.train.autocast]
 
 
-def init_runtime(recipe: Recipe) -> Runtime:
-    """Launcher defaults, the device (CUDA: one per local rank, TF32 matmuls), the process group (NCCL on CUDA,
-    gloo on CPU) and the student's weight dtype (fp32 under `train.autocast`: the forward casts, the weights
-    and their optimizer state stay fp32)."""
+def start_runtime(device: str = "auto", dtype: str = "auto", *, tf32: bool = True) -> Runtime:
+    """Launcher defaults, the device (`auto`: CUDA when torch sees one, one GPU per local rank; `tf32` allows
+    TF32 matmuls there), the process group (NCCL on CUDA, gloo on CPU) and the weight dtype (`resolve_dtype`)."""
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise TransplantError("recipe key device=cuda but torch sees no CUDA GPU; use device=auto or cpu")
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick a GPU on its own
     prepare_environment()
     import deepspeed
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = _device(local_rank)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    where = torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        where = torch.device("cuda", local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
-    dtype = resolve_dtype(recipe.student.dtype, device)
-    if autocast_dtype(recipe) is not None:
-        if recipe.student.dtype not in ("auto", "float32", "fp32"):
-            raise TransplantError(f"train.autocast={recipe.train.autocast} keeps fp32 weights; set student.dtype=auto "
-                                  f"or float32 (not {recipe.student.dtype})")
-        dtype = torch.float32
-    return Runtime(rank, world, local_rank, device, dtype)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    return Runtime(rank, world, local_rank, where, resolve_dtype(dtype, where))
+
+
+def init_runtime(recipe: Recipe) -> Runtime:
+    """The distillation trainer's runtime: the student's weight dtype is fp32 under `train.autocast` (the forward
+    casts, the weights and their optimizer state stay fp32)."""
+    autocast = autocast_dtype(recipe)
+    if autocast is not None and recipe.student.dtype not in ("auto", "float32", "fp32"):
+        raise TransplantError(f"train.autocast={recipe.train.autocast} keeps fp32 weights; set student.dtype=auto "
+                              f"or float32 (not {recipe.student.dtype})")
+    runtime = start_runtime("auto", recipe.student.dtype)
+    if autocast is not None:
+        runtime.dtype = torch.float32
+    return runtime
+
+
+def engine_config(base: dict[str, Any], *, micro_batch_size: int, grad_accum: int, world_size: int,
+                  grad_clip: float, dtype: torch.dtype) -> dict[str, Any]:
+    """A DeepSpeed config: `base` (a recipe's JSON, or a trainer's own settings) with the batch geometry,
+    clipping and precision that the recipe decides filled in."""
+    config = copy.deepcopy(base)
+    config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    config["gradient_accumulation_steps"] = grad_accum
+    config["train_batch_size"] = micro_batch_size * grad_accum * world_size
+    config["gradient_clipping"] = float(grad_clip)
+    config.setdefault("steps_per_print", 10**9)
+    config.setdefault("wall_clock_breakdown", False)
+    config["bf16"] = {**config.get("bf16", {}), "enabled": dtype == torch.bfloat16}
+    config["fp16"] = {**config.get("fp16", {}), "enabled": dtype == torch.float16}
+    return config
+
+
+def deepspeed_engine(model: torch.nn.Module, optimizer: Any, scheduler: Any, config: dict[str, Any]) -> Any:
+    """The DeepSpeed engine training `model` with a torch optimizer and schedule built by the trainer."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine
 
 
 def load_deepspeed_config(recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
@@ -122,22 +153,13 @@ def load_deepspeed_config(recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise TransplantError(f"DeepSpeed config {path} is not valid JSON ({err.msg}); fix it") from err
-    config = copy.deepcopy(config)
     for section in ("optimizer", "scheduler"):
         if section in config:
             raise TransplantError(f"{path} has a `{section}` section; remove it: the optimizer and schedule "
                                   "come from the recipe's `optim:` keys")
     train = recipe.train
-    config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
-    config["gradient_accumulation_steps"] = train.grad_accum
-    config["train_batch_size"] = train.micro_batch_size * train.grad_accum * runtime.world_size
-    config["gradient_clipping"] = float(recipe.optim.grad_clip)
-    config.setdefault("steps_per_print", 10**9)
-    config.setdefault("wall_clock_breakdown", False)
-    bf16 = runtime.dtype == torch.bfloat16
-    fp16 = runtime.dtype == torch.float16
-    config["bf16"] = {**config.get("bf16", {}), "enabled": bf16}
-    config["fp16"] = {**config.get("fp16", {}), "enabled": fp16}
+    config = engine_config(config, micro_batch_size=train.micro_batch_size, grad_accum=train.grad_accum,
+                           world_size=runtime.world_size, grad_clip=recipe.optim.grad_clip, dtype=runtime.dtype)
     autocast = autocast_dtype(recipe)
     if autocast is not None:  # DeepSpeed runs the forward under torch.autocast; reductions in the low dtype
         config["torch_autocast"] = {**config.get("torch_autocast", {}), "enabled": True,

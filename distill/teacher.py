@@ -1,6 +1,7 @@
-"""The frozen teacher: replicated on every rank, or sharded so that a teacher larger than one device works.
+"""A frozen causal LM (the distillation teacher, the hypernetwork's base LM): replicated on every rank, or sharded
+so that a model larger than one device works. Both trainers load theirs with `load_frozen`.
 
-`teacher.shard` in the recipe:
+`teacher.shard` in a distillation recipe (`lm_shard` in a hypernetwork one):
 - `none`: every rank holds the whole teacher (fastest while it fits next to the student).
 - `zero3`: a ZeRO-3 inference engine (DeepSpeed, no optimizer): each rank holds 1/N of every weight and the
   layers are gathered one at a time during the forward, so the teacher needs ~1/N of its size per device plus
@@ -44,14 +45,17 @@ def teacher_ds_config(mode: str, micro_batch_size: int, world_size: int, dtype: 
     }
 
 
-def load_teacher(model_dir: Path, mode: str, dtype: torch.dtype, device: torch.device, *,
-                 trust_remote_code: bool, micro_batch_size: int, world_size: int) -> tuple[torch.nn.Module, Any]:
-    """(the teacher in eval mode with frozen weights, its ZeRO-3 engine or None). Under `zero3`/`offload` the
-    module is the engine's (calling it gathers the weights it needs); keep the engine referenced."""
+def load_frozen(model_dir: Path, mode: str, dtype: torch.dtype, device: torch.device, *, micro_batch_size: int,
+                world_size: int, trust_remote_code: bool = False, key: str = "teacher.shard",
+                ) -> tuple[torch.nn.Module, Any]:
+    """(the model in eval mode with frozen weights, its ZeRO-3 engine or None). Under `zero3`/`offload` the
+    module is the engine's (calling it gathers the weights it needs, in the forward and, when a loss
+    backpropagates through it into its inputs, in the backward); keep the engine referenced. `key` names
+    the recipe key in the error for an unknown mode."""
     from transformers import AutoModelForCausalLM
 
     if mode not in SHARD_MODES:
-        raise TransplantError(f"teacher.shard={mode!r} is unknown; use one of {', '.join(SHARD_MODES)}")
+        raise TransplantError(f"{key}={mode!r} is unknown; use one of {', '.join(SHARD_MODES)}")
     if mode == "none":
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
         return model.to(device).eval().requires_grad_(False), None
@@ -68,6 +72,6 @@ def load_teacher(model_dir: Path, mode: str, dtype: torch.dtype, device: torch.d
     finally:
         del hf_config
         unset_hf_deepspeed_config()
-    log.info("teacher %s sharded over %d rank(s) (ZeRO-3%s)", model_dir, world_size,
+    log.info("%s sharded over %d rank(s) (ZeRO-3%s)", model_dir, world_size,
              ", parameters offloaded to CPU" if mode == "offload" else "")
     return engine.module.eval(), engine

@@ -23,6 +23,7 @@ Design points:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -47,6 +48,7 @@ from distill.optim import build_optimizer, lr_factor, param_groups
 from distill.runtime import (
     Runtime,
     autocast_dtype,
+    deepspeed_engine,
     format_record,
     init_runtime,
     load_deepspeed_config,
@@ -54,7 +56,7 @@ from distill.runtime import (
     resolve_dtype,
     zero_stage,
 )
-from distill.teacher import load_teacher
+from distill.teacher import load_frozen
 from transplant.errors import TransplantError
 
 log = logging.getLogger(__name__)
@@ -108,7 +110,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> Trainer:
-        import deepspeed
         from transformers import AutoModelForCausalLM
 
         from transplant.assets import load_vocab
@@ -128,7 +129,7 @@ class Trainer:
         if r.student.shard != "none":
             raise TransplantError("student.shard is for the teacher; the student is sharded by its DeepSpeed config")
         if self.loss.needs_teacher or r.eval.teacher:
-            self.teacher, self.teacher_engine = load_teacher(
+            self.teacher, self.teacher_engine = load_frozen(
                 self.teacher_dir, r.teacher.shard, resolve_dtype(r.teacher.dtype, rt.device), rt.device,
                 trust_remote_code=r.teacher.trust_remote_code, micro_batch_size=r.train.micro_batch_size,
                 world_size=rt.world_size)
@@ -151,8 +152,7 @@ class Trainer:
                     param.requires_grad_(True)
         self._attach_loss_modules(student)
         optimizer, scheduler = self._optimizer(student)
-        self.engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=self.ds_config)
+        self.engine = deepspeed_engine(student, optimizer, scheduler, self.ds_config)
         self.probe = self._gradmag_probe()
 
         corpus = open_corpus(r.data.train, corpus_bytes=r.data.train_bytes)
@@ -373,14 +373,11 @@ class Trainer:
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(r.to_dict(), sort_keys=False))
             if r.export.enabled:  # a bad export dir fails now, not after hours of training
                 check_export_dir(Path(r.export.dir), protected=[self.student_dir, self.teacher_dir])
-        found = checkpoint.latest_tag(self.ckpt_dir) if self.ckpt_dir.exists() else None
-        if found and not r.train.resume:
-            raise TransplantError(f"{self.ckpt_dir} holds checkpoints of an earlier run; pass --resume to continue "
-                                  "it, or choose another output_dir")
-        restored = checkpoint.load(self.engine, self.ckpt_dir, self.rt.rank) if r.train.resume else None
+        tag = checkpoint.check_resume(self.ckpt_dir, r.train.resume)
+        restored = checkpoint.load(self.engine, self.ckpt_dir, tag, self.rt.rank) if tag else None
         if restored:
-            self.step, loader_state = restored
-            self.loader.load_state_dict(loader_state)
+            self.step, state = restored
+            self.loader.load_state_dict(state["loader"])
             if self.rt.is_main and self.metrics_path.exists():  # drop records the killed run wrote after it
                 kept = [line for line in self.metrics_path.read_text().splitlines()
                         if line and json.loads(line).get("step", 0) <= self.step]
@@ -422,11 +419,10 @@ class Trainer:
         return {"steps": self.step, "history": self.history, "export": exported}
 
     def save_checkpoint(self) -> None:
-        checkpoint.save(self.engine, self.ckpt_dir, self.step, self.loader.state_dict(), self.rt.rank)
-        if self.rt.world_size > 1:
-            torch.distributed.barrier()
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, {"loader": self.loader.state_dict()},
+                              self.rt.rank, self.rt.world_size)
         if self.rt.is_main:
-            checkpoint.prune(self.ckpt_dir, self.recipe.checkpoint.keep)
+            checkpoint.prune(self.ckpt_dir, self.recipe.checkpoint.keep, tag)
 
     def export(self) -> Path | None:
         state = gather_state_dict(self.engine, self.stage, self.rt.is_main)
@@ -450,6 +446,11 @@ def _check_vocab(vocab: Any, config: Any, role: str, directory: Path) -> None:
                               f"{rows} embedding rows; use the tokenizer saved with that model")
 
 
-def run(recipe: Recipe) -> dict[str, Any]:
-    """Set up and train; the entry point for `distill` (distill.main) and the tests."""
+def run(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
+    """Set up and train (the `distill` command's function): `resume` overrides `train.resume`. Checkpoints are
+    checked first, so a `--resume` with nothing (or something broken) to resume from fails before any model
+    loads. Returns {"steps", "history", "export"}."""
+    if resume is not None:
+        recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, resume=resume))
+    checkpoint.check_resume(Path(recipe.checkpoint.dir), recipe.train.resume)
     return Trainer(recipe).setup().train()

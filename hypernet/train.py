@@ -8,10 +8,14 @@ random windows of the block, tokenize them, predict rows for the batch's tokens 
 base tokens (the auxiliary loss) in ONE hypernetwork call, and score them (`hypernet.losses`).
 
 Scale:
-- DeepSpeed (the engine the distillation trainer uses) wraps the hypernetwork: ZeRO 0-2 (`zero_stage`), bf16
-  on GPUs (`dtype: auto`), gradient accumulation and clipping. The frozen base LM is not part of that engine:
-  it is replicated on every process (`lm_shard: none`) or sharded by a ZeRO-3 engine of its own (`zero3`,
-  `offload`); its embedding matrices are gathered once (the hypernetwork reads base rows by id).
+- The training stack is the distillation trainer's: processes, device and dtype (`distill.runtime`), the frozen
+  LM's loading (`distill.teacher.load_frozen`) and checkpoints (`distill.checkpoint`). DeepSpeed wraps the
+  hypernetwork: ZeRO 0-2 (`zero_stage`), bf16 on GPUs (`dtype: auto`), gradient accumulation and clipping. The
+  frozen base LM is not part of that engine: it is replicated on every process (`lm_shard: none`) or sharded by
+  a ZeRO-3 engine of its own (`zero3`, `offload`); its embedding matrices are gathered once (the hypernetwork
+  reads base rows by id).
+- `<output_dir>/checkpoint/` keeps the newest checkpoint (the trainer state is the step, the tokenizer round,
+  the corpus position at that round's start and the log) and next to it a usable `hypernet.safetensors`.
 - Data parallel: every process reads the same block and samples the same tokenizer (both are pure functions of
   the seed and the round), then takes its own micro-batches: global micro-batch `a * world + rank` at
   accumulation index `a`, drawn from an RNG keyed by (seed, step, that index). So N processes with
@@ -25,18 +29,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from hypernet import checkpoint
+from distill import checkpoint
+from distill.runtime import Runtime, deepspeed_engine, engine_config, peak_memory, start_runtime
+from distill.teacher import load_frozen
 from hypernet.config import HypernetRecipe
 from hypernet.data import CorpusStream, corpus_sources, cut_windows, mix_seed
 from hypernet.lm import lm_parts
@@ -51,88 +54,15 @@ from transplant.tokenizers.vocab import TokenKind, Vocab
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Runtime:
-    rank: int
-    world_size: int
-    device: torch.device
-    dtype: torch.dtype
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def start_runtime(recipe: HypernetRecipe) -> Runtime:
-    """Process group (gloo on CPU, NCCL on GPUs; a world of one without a launcher), device and dtype."""
-    from distill.runtime import prepare_environment, resolve_dtype
-
-    cuda = recipe.device != "cpu" and torch.cuda.is_available()
-    if recipe.device == "cuda" and not cuda:
-        from transplant.errors import TransplantError
-
-        raise TransplantError("recipe key device=cuda but torch sees no CUDA GPU; use device=auto or cpu")
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick the GPU on its own
-    prepare_environment()
-    import deepspeed
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = torch.device("cpu")
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-    return Runtime(rank, world, device, resolve_dtype(recipe.dtype, device))
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    """Checkpoints (`distill.checkpoint`'s format) plus a usable `hypernet.safetensors` + `config.json`."""
+    return Path(output_dir) / "checkpoint"
 
 
 def deepspeed_config(recipe: HypernetRecipe, rt: Runtime) -> dict[str, Any]:
-    return {
-        "train_micro_batch_size_per_gpu": recipe.batch_size,
-        "gradient_accumulation_steps": recipe.grad_accum,
-        "train_batch_size": recipe.batch_size * recipe.grad_accum * rt.world_size,
-        "gradient_clipping": float(recipe.grad_clip),
-        "zero_optimization": {"stage": recipe.zero_stage},
-        "bf16": {"enabled": rt.dtype == torch.bfloat16},
-        "fp16": {"enabled": rt.dtype == torch.float16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def load_lm(model_dir: Any, recipe: HypernetRecipe, rt: Runtime) -> tuple[torch.nn.Module, Any]:
-    """The frozen base LM (eval, no grads) and, when sharded, the ZeRO-3 engine that owns it (keep it referenced).
-
-    Sharded, it is loaded partitioned (`zero.Init` through HfDeepSpeedConfig), so no process holds it whole;
-    its forward AND backward gather one layer at a time (the loss backpropagates through the frozen LM into the
-    predicted rows). Every process runs the same number of LM forwards (one per micro-batch, `lm_every` is
-    global), as ZeRO-3 requires."""
-    from transformers import AutoModelForCausalLM
-
-    if recipe.lm_shard == "none":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=rt.dtype)
-        return model.to(rt.device).eval().requires_grad_(False), None
-    import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    zero: dict[str, Any] = {"stage": 3, "stage3_param_persistence_threshold": 0}
-    if recipe.lm_shard == "offload":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": rt.device.type == "cuda"}
-    config = {"train_micro_batch_size_per_gpu": recipe.batch_size, "train_batch_size": recipe.batch_size * rt.world_size,
-              "zero_optimization": zero, "bf16": {"enabled": rt.dtype == torch.bfloat16},
-              "fp16": {"enabled": rt.dtype == torch.float16}, "steps_per_print": 10**9}
-    hf_config = HfDeepSpeedConfig(config)  # from_pretrained partitions the weights as it loads them
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=rt.dtype).requires_grad_(False)
-        engine, _, _, _ = deepspeed.initialize(model=model, config=config)
-    finally:
-        del hf_config
-        unset_hf_deepspeed_config()
-    return engine.module.eval(), engine
+    return engine_config({"zero_optimization": {"stage": recipe.zero_stage}, "zero_allow_untested_optimizer": True},
+                         micro_batch_size=recipe.batch_size, grad_accum=recipe.grad_accum,
+                         world_size=rt.world_size, grad_clip=recipe.grad_clip, dtype=rt.dtype)
 
 
 def aux_population(base: Vocab) -> list[int]:
@@ -147,22 +77,16 @@ def stack_pieces(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
     return ids, mask
 
 
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
-
-
 class HypernetTrainer:
     def __init__(self, recipe: HypernetRecipe, runtime: Runtime | None = None):
         self.recipe = recipe
-        self.rt = runtime or start_runtime(recipe)
+        self.rt = runtime or start_runtime(recipe.device, recipe.dtype, tf32=False)  # matmuls stay full fp32
         self.out = Path(recipe.output_dir)
-        self.ckpt = checkpoint.checkpoint_dir(self.out)
+        self.ckpt = checkpoint_dir(self.out)
         self.step, self.round, self.saved_step = 0, -1, -1
         self.history: list[dict[str, Any]] = []
 
     def setup(self) -> HypernetTrainer:
-        import deepspeed
-
         from transplant.assets.catalog import resolve_model
 
         r, rt = self.recipe, self.rt
@@ -172,7 +96,8 @@ class HypernetTrainer:
         if rt.is_main:
             claim_output_dir(self.out, protected=[base_dir])
         self.base = load_vocab(base_dir)
-        self.lm, self.lm_engine = load_lm(base_dir, r, rt)
+        self.lm, self.lm_engine = load_frozen(base_dir, r.lm_shard, rt.dtype, rt.device, key="lm_shard",
+                                              micro_batch_size=r.batch_size, world_size=rt.world_size)
         self.parts = lm_parts(self.lm)
         dim = self.parts.base_input.shape[1]
         self.config = HypernetConfig(base_dim=dim, base_vocab_size=self.parts.base_input.shape[0],
@@ -181,8 +106,7 @@ class HypernetTrainer:
         net = Hypernet(self.config, *base_stats(self.parts.base_input, self.parts.base_output))
         opt = torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, r.warmup)))
-        self.engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, lr_scheduler=sched,
-                                                    config=deepspeed_config(r, rt))
+        self.engine = deepspeed_engine(net, opt, sched, deepspeed_config(r, rt))
         self.real = [real_tokenizer(load_vocab(spec)) for spec in r.real_tokenizers]
         self._real_pieces: dict[str, TokenizerPieces] = {}
         self.sources = corpus_sources(r.corpus)
@@ -285,7 +209,7 @@ class HypernetTrainer:
                 record[key] = round(total / count, 5)
         record["tokens_per_s"] = round(local[2, 0].item() / seconds, 1)
         record["step_seconds"] = round(seconds, 3)
-        record["peak_rss_mb"] = peak_rss_mb()
+        record["peak_rss_mb"] = peak_memory()["peak_rss_mb"]
         return record
 
     def _should_stop(self, started: float) -> bool:
@@ -300,22 +224,22 @@ class HypernetTrainer:
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
         self.saved_step = self.step
-        client = {"step": self.step, "round": self.round, "round_state": self.round_state, "history": self.history}
-        checkpoint.save(self.engine, self.ckpt, self.step, client, self.rt.rank)
-        if self.rt.world_size > 1:
-            torch.distributed.barrier()
+        state = {"round": self.round, "round_state": self.round_state, "history": self.history}
+        tag = checkpoint.save(self.engine, self.ckpt, self.step, state, self.rt.rank, self.rt.world_size)
         if self.rt.is_main:
             save_hypernet(self.engine.module, self.ckpt)
-            checkpoint.prune(self.ckpt)
+            checkpoint.prune(self.ckpt, 1, tag)
 
     def resume(self) -> None:
-        client = checkpoint.load(self.engine, self.ckpt, self.rt.rank)
-        if client is None:
-            log.info("no checkpoint in %s: starting from step 0", self.ckpt)
+        """`resume: true` continues from the last checkpoint when there is one (a warning says when there is
+        none); a broken one is refused (`distill.checkpoint.check_resume`)."""
+        tag = checkpoint.check_resume(self.ckpt, True, missing="warn")
+        if tag is None:
             return
-        self.step, self.history = int(client["step"]), list(client["history"])
-        self.stream.load_state_dict(client["round_state"])
-        self.start_round(int(client["round"]))
+        self.step, state = checkpoint.load(self.engine, self.ckpt, tag, self.rt.rank)
+        self.history = list(state["history"])
+        self.stream.load_state_dict(state["round_state"])
+        self.start_round(int(state["round"]))
 
     # ------------------------------------------------------------------------------------------ loop
     def run(self) -> Path:
