@@ -52,7 +52,8 @@ def _default_eval_texts(n_bytes: int) -> dict[str, str]:
 @click.option("--device", default="auto", show_default=True, type=DEVICE,
               help="Where the solvers run: cpu, cuda, cuda:N, mps, or auto (CUDA when torch sees one, else CPU).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Store weights in this dtype.")
-@click.option("--pad-to-multiple-of", type=click.IntRange(min=1), help="Pad the vocabulary to a multiple (e.g. 64).")
+@click.option("--pad-to-multiple-of", type=click.IntRange(min=1, max=65536),
+              help="Pad the vocabulary to a multiple (e.g. 64; at most 65536).")
 @click.option("--overwrite", is_flag=True, help="Replace the output dir if it exists.")
 @click.option("--eval-bytes", default=4096, show_default=True, type=click.IntRange(min=0),
               help="Bytes per held-out slice (english, code) for BPB before/after; 0 skips it.")
@@ -80,6 +81,10 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
     from transplant.tokenizers.control import parse_token_map
 
     options = parse_settings(settings)
+    if output is not None and options:  # a hypernetwork or corpus given through --set is an input as well
+        from transplant.io.atomic import check_output, existing_paths
+
+        check_output(output, overwrite=overwrite, protected=existing_paths(options.values()))
     map_tokens = parse_token_map(map_token)
     eval_texts = functools.partial(_default_eval_texts, eval_bytes) if eval_bytes else None
     result = transplant(base, donor, method=method, output=output, device=device, dtype=dtype,
@@ -100,7 +105,9 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
     if "warning" in stats:
         click.echo(f"  warning: {stats['warning']}", err=True)
     if result.bpb_before is not None:
-        click.echo(f"  bits/byte on held-out english+code: {result.bpb_before:.3f} before, {result.bpb_after:.3f} after")
+        compared = result.extra.get("report", {}).get("bits_per_byte", {})  # slices both tokenizers reproduce
+        click.echo(f"  bits/byte on held-out {'+'.join(compared) or 'text'}: {result.bpb_before:.3f} before, "
+                   f"{result.bpb_after:.3f} after")
     if "chat" in result.extra:
         click.echo(f"  chat: {result.extra['chat'].summary()}")
     click.echo(f"  output: {result.output}")

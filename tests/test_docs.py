@@ -17,12 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "CONTRIBUTING.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]
 # distill/losses documents the loss contract; its losses are found through the registry.
 PACKAGES_LISTING_MODULES = [
-    p for p in sorted(ROOT.glob("*/**/__init__.py"))
+    p
+    for p in sorted(ROOT.glob("*/**/__init__.py"))
     if p.parts[len(ROOT.parts)] in ("transplant", "distill", "hypernet") and p.parent.name != "losses"
 ]
 # A path-like citation: dirs/file.ext with one of the project's own extensions.
-CITED_PATH = re.compile(r"(?<![\w./-])((?:transplant|distill|hypernet|bench|tests|recipes|docs)/[\w./-]+"
-                        r"\.(?:py|md|yaml|json|sh))")
+CITED_PATH = re.compile(
+    r"(?<![\w./-])((?:transplant|distill|hypernet|bench|tests|recipes|docs)/[\w./-]+"
+    r"\.(?:py|md|yaml|json|sh))"
+)
 
 
 def _cited_paths(text: str) -> set[str]:
@@ -49,7 +52,12 @@ def test_no_citation_of_an_outside_design_note():
 def test_design_sections_cited_by_number_exist():
     headings = re.findall(r"^## (\d+)\. ", (ROOT / "docs/design.md").read_text(), flags=re.M)
     cited = set()
-    sources = [*ROOT.glob("transplant/**/*.py"), *ROOT.glob("bench/*"), *ROOT.glob("*.md"), *ROOT.glob("docs/*")]
+    sources = [
+        *ROOT.glob("transplant/**/*.py"),
+        *ROOT.glob("bench/*"),
+        *ROOT.glob("*.md"),
+        *ROOT.glob("docs/*"),
+    ]
     for path in sources:
         if path.is_file():
             cited |= set(re.findall(r"design\.md\)? §(\d+)", path.read_text(errors="replace")))

@@ -4,7 +4,8 @@ Public API: `transplant.transplant(base, donor, ...)`, `transplant.extend_vocab(
 `transplant.eval.bpb.bits_per_byte(...)`. Imported lazily so `import transplant.tokenizers.vocab` stays light.
 
 Layers, bottom up (docs/architecture.md): `errors`, `cache`, `dtypes`, `version`, `recipes` (typed YAML and
-`--set`) import nothing of the project; then `solvers`, `tokenizers`, `assets`, `io`, `init`, `eval`; on top
+`--set`) and `options` (typed registry options, entry-point discovery) import nothing of the project but each
+other; then `solvers`, `tokenizers`, `assets`, `io`, `init`, `eval`; on top
 `pipeline` (`transplant()`) and `extend` (`extend_vocab()`). The command lines are `cli.py`'s.
 """
 

@@ -25,12 +25,30 @@ from pathlib import Path
 from typing import Any
 
 from transplant.assets import load_vocab
-from transplant.errors import TransplantError
-from transplant.io.atomic import check_output
+from transplant.errors import TransplantError, shorten
+from transplant.io.atomic import check_output, existing_paths
 from transplant.io.surgery import estimate_output_bytes
 from transplant.tokenizers.vocab import Vocab
 
 log = logging.getLogger(__name__)
+
+# A merge chain for a token of L symbols holds pieces of every length up to L: O(L²) bytes (a 100 kB token
+# asked for 20 GB). Real tokens are words, markers and code pieces, ~100 bytes at the longest.
+MAX_TOKEN_BYTES = 1024
+
+
+def check_requested_tokens(tokens: list[str] | None, specials: list[str] | None) -> None:
+    """Refuse an empty or over-long `--token`/`--special` before any work, naming it by a short prefix."""
+    for flag, items in (("--token", tokens or []), ("--special", specials or [])):
+        for token in items:
+            if not token:
+                example = " tokentransplant" if flag == "--token" else "<|tool_call|>"
+                raise TransplantError(f"{flag}: the token is empty, which adds nothing; give its text, e.g. "
+                                      f"{flag} {example!r}")
+            size = len(token.encode("utf-8", "surrogatepass"))
+            if size > MAX_TOKEN_BYTES:
+                raise TransplantError(f"{flag} {shorten(token, 40)!r} is {size:,} bytes long; a token may "
+                                      f"have at most {MAX_TOKEN_BYTES} bytes, pass a shorter one")
 
 
 def _bpe_model(tokenizer_json: dict[str, Any]) -> dict[str, Any]:
@@ -150,10 +168,12 @@ def _check_atomic(extended: Vocab, tokens: list[str]) -> None:
         ids = extended.encode(token)
         if len(ids) != 1:
             pieces = extended.tokenizer.convert_ids_to_tokens(ids)
+            shown = pieces[:6] + (["..."] if len(pieces) > 6 else [])
+            special = f"--special {token!r}" if len(token) <= 60 else "--special"  # a long one: named once
             raise TransplantError(
-                f"--token {token!r} would still be split into {len(ids)} tokens {pieces} by this tokenizer's "
-                "pre-tokenizer, which cuts text before any merge; add it as a special token with "
-                f"--special {token!r} (never split) or choose a token without spaces or punctuation inside"
+                f"--token {shorten(token, 60)!r} would still be split into {len(ids)} tokens {shown} by this "
+                "tokenizer's pre-tokenizer, which cuts text before any merge; add it as a special token "
+                f"with {special} (never split) or choose a token without spaces or punctuation inside"
             )
 
 
@@ -189,6 +209,7 @@ def extend_tokenizer(vocab: Vocab, *, new_tokens: list[str] | None = None, corpu
     `new_tokens` (or `corpus` + `n`) become BPE merges, checked to encode as one token each; `special_tokens`
     become special added tokens (any tokenizer type), never split."""
     specials = list(special_tokens or [])
+    check_requested_tokens(new_tokens, specials)
     if new_tokens is not None and corpus is not None or not (new_tokens or corpus is not None or specials):
         raise TransplantError("pass new_tokens=[...] or corpus=... (with n=...), and/or special_tokens=[...], "
                               "to extend a vocabulary")
@@ -230,8 +251,10 @@ def extend_vocab(model: str | Path, tokenizer: str | Path | None = None, *, new_
     from transplant.assets.sources import resolve_source
     from transplant.pipeline import transplant
 
+    check_requested_tokens(new_tokens, special_tokens)
     source = resolve_source(model, need_model=True, revision=revision)
-    inputs = [source.model_dir, *([Path(tokenizer)] if tokenizer and Path(tokenizer).exists() else [])]
+    inputs = [source.model_dir, *([Path(tokenizer)] if tokenizer and Path(tokenizer).exists() else []),
+              *existing_paths((options or {}).values())]  # a hypernetwork or corpus given through --set
     if output:  # before learning merges from a large corpus; the default name needs the count learned
         check_output(output, overwrite=overwrite, protected=inputs)
     base_vocab = load_vocab(tokenizer or source.tokenizer_spec, trust_remote_code=trust_remote_code)

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from transplant.errors import TransplantError
+from transplant.errors import TransplantError, shorten
 
 T = TypeVar("T")
 
@@ -44,6 +44,12 @@ TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 _REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 _MAX_REFERENCE_DEPTH = 10
+# Recipes hold names, paths and numbers: a few hundred values of at most a path's length. The caps refuse a
+# YAML alias bomb ("billion laughs": nine lines that expand to 10^9 nodes) or a 50 MB string in one line,
+# before anything walks or copies the tree.
+MAX_RECIPE_NODES = 100_000
+MAX_STRING_CHARS = 4096  # PATH_MAX
+_MAX_INTERPOLATION_WORK = 1_000_000  # values visited plus characters made, for the whole recipe
 
 
 # ---------------------------------------------------------------- words and assignments
@@ -74,12 +80,49 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise TransplantError(f"--set {text!r} is not key=value; write it as --set {key or 'KEY'}=VALUE")
+        raise TransplantError(f"--set {shorten(text)!r} is not key=value; write it as --set "
+                              f"{shorten(key or 'KEY', 40)}=VALUE")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        raise TransplantError(f"--set {text!r}: the value is not valid YAML; quote it, e.g. --set '{key}=\"...\"'") from None
+        raise TransplantError(f"--set {shorten(text)!r}: the value is not valid YAML; quote it, e.g. "
+                              f"--set '{shorten(key, 40)}=\"...\"'") from None
+    check_size(value, f"--set {shorten(key, 40)}")
     return key, value
+
+
+def check_size(tree: Any, what: str) -> None:
+    """Refuse a YAML value that would expand past `MAX_RECIPE_NODES` nodes (aliases count once per use: a
+    shared subtree is measured once and multiplied, so a bomb is caught without expanding it) or that holds a
+    string longer than `MAX_STRING_CHARS`."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: Any) -> int:
+        if isinstance(node, str) and len(node) > MAX_STRING_CHARS:
+            raise TransplantError(f"{what} holds a string of {len(node):,} characters "
+                                  f"({shorten(node, 40)!r}); recipe values are names and paths of at most "
+                                  f"{MAX_STRING_CHARS}, shorten it")
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in open_nodes:
+            raise TransplantError(f"{what} holds a YAML alias inside its own anchor (a value that contains "
+                                  "itself); remove it")
+        if id(node) not in sizes:
+            open_nodes.add(id(node))
+            children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+            total = 1
+            for child in children:
+                total += size(child)
+                if total > MAX_RECIPE_NODES:
+                    raise TransplantError(f"{what} expands to more than {MAX_RECIPE_NODES:,} values (YAML "
+                                          "aliases multiply them); a recipe needs a few hundred, remove the "
+                                          "aliases")
+            sizes[id(node)] = total
+            open_nodes.discard(id(node))
+        return sizes[id(node)]
+
+    size(tree)
 
 
 # ---------------------------------------------------------------- typing
@@ -205,6 +248,18 @@ def _check_key(cls: type, dotted: str) -> None:
         section = inner
 
 
+def _check_keys(cls: type, data: Mapping[str, Any], where: str = "") -> None:
+    """Every key of `data` is a field of `cls`, section by section (as `_build` checks, without coercing)."""
+    fields = _field_types(cls)
+    unknown = sorted(map(str, set(data) - set(fields)))
+    if unknown:
+        raise _unknown_key(unknown[0], where, fields)
+    for key, value in data.items():
+        section = _dataclass_of(fields[key])
+        if section is not None and isinstance(value, dict):
+            _check_keys(section, value, f"{where}.{key}" if where else key)
+
+
 def _build(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     fields = _field_types(cls)
     unknown = sorted(set(data) - set(fields))
@@ -254,18 +309,34 @@ def _lookup(tree: dict, dotted: str) -> Any:
     return node
 
 
-def _interpolate(node: Any, root: dict, depth: int = 0) -> Any:
+def _interpolate(node: Any, root: dict, depth: int = 0, budget: list[int] | None = None) -> Any:
+    """`node` with every `${dotted.key}` replaced. `budget` counts the work (references followed, characters
+    made) so values that reference each other ten times per level cannot grow 10^10-fold."""
+    budget = [_MAX_INTERPOLATION_WORK] if budget is None else budget
+    budget[0] -= 1
     if depth > _MAX_REFERENCE_DEPTH:
         raise TransplantError("recipe references ${...} refer to each other in a circle; fix them")
+    if budget[0] < 0:
+        raise TransplantError(f"recipe references ${{...}} expand to more than {_MAX_INTERPOLATION_WORK:,} "
+                              "values or characters; fix them")
     if isinstance(node, dict):
-        return {k: _interpolate(v, root, depth) for k, v in node.items()}
+        return {k: _interpolate(v, root, depth, budget) for k, v in node.items()}
     if isinstance(node, list):
-        return [_interpolate(v, root, depth) for v in node]
+        return [_interpolate(v, root, depth, budget) for v in node]
     if isinstance(node, str) and "${" in node:
         whole = _REFERENCE.fullmatch(node)
         if whole:  # a bare reference keeps the referenced value's type
-            return _interpolate(_lookup(root, whole.group(1)), root, depth + 1)
-        return _REFERENCE.sub(lambda m: str(_interpolate(_lookup(root, m.group(1)), root, depth + 1)), node)
+            return _interpolate(_lookup(root, whole.group(1)), root, depth + 1, budget)
+
+        def resolve(match: re.Match) -> str:
+            return str(_interpolate(_lookup(root, match.group(1)), root, depth + 1, budget))
+
+        text = _REFERENCE.sub(resolve, node)
+        budget[0] -= len(text)
+        if len(text) > MAX_STRING_CHARS or budget[0] < 0:
+            raise TransplantError(f"recipe references ${{...}} in {shorten(node, 40)!r} expand to more than "
+                                  f"{MAX_STRING_CHARS} characters; fix them")
+        return text
     return node
 
 
@@ -298,6 +369,7 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise TransplantError(f"recipe {path} must hold `key: value` lines at the top level, not a {type(data).__name__}")
+    check_size(data, f"recipe {path}")
     return data
 
 
@@ -316,6 +388,7 @@ def load_recipe(cls: type[T], path: str | Path | None = None, overrides: Iterabl
         key, value = parse_assignment(text)
         _check_key(cls, key)
         _set_dotted(merged, key, value)
+    _check_keys(cls, merged)  # a typo is named as such, before any reference under it is followed
     return _build(cls, _interpolate(merged, merged))
 
 

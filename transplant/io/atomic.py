@@ -7,9 +7,11 @@ share one set of guarantees:
   filesystem, so the final rename is atomic) and removed on any error, including SIGTERM. A SIGKILLed run
   leaves its temp dir behind; the next run that writes into the same folder sweeps it, since the name says
   which process owned it and that process is gone.
-* Overwrite only what we wrote: every output holds a `tokentransplant.json` marker listing its files. With
-  `overwrite`, a directory is replaced only if it is empty or carries the marker and holds no other files;
-  never the current directory, home, `/`, a parent of either, or an input (base, donor) or a parent of one.
+* Overwrite only what we wrote: every output holds a `tokentransplant.json` marker listing its files with
+  their size and modification time (nanoseconds; cheap for multi-GB shards, and any rewrite or replacement
+  changes it). With `overwrite`, a directory is replaced only if it is empty or carries the marker, holds no
+  other files and none of its files changed since; never the current directory, home, `/`, a parent of
+  either, or an input (base, donor, a path given through `--set`) or a parent of one.
 * Checked early: `check_output` finds an unwritable location, a name that may not be replaced or too little
   free space before any solving, so a long run never fails at its last step.
 * Normal permissions: directories are made with mode 0o777 masked by the umask (mkdtemp's 0o700 made outputs
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import logging
 import os
 import re
@@ -32,17 +33,20 @@ import shutil
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from transplant.errors import TransplantError
+from transplant.errors import TransplantError, shorten
+from transplant.io.marker import MARKER, changed_files, files_below, read_marker, write_marker
 
 log = logging.getLogger(__name__)
 
-MARKER = "tokentransplant.json"  # visible on purpose: it says where the folder came from
+__all__ = ["MARKER", "read_marker", "write_marker", "atomic_output", "atomic_file", "check_output",
+           "check_file_output", "check_path_length", "existing_paths", "sweep_stale", "os_error_message",
+           "Terminated"]
+
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 _SCRATCH = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]+$")
 # errno -> (what happened, what to do); all are the user's to fix, so they become one-line errors
@@ -79,23 +83,8 @@ def _forbidden_reason(out: Path, protected: Iterable[Path]) -> str | None:
     return None
 
 
-def read_marker(directory: Path) -> dict[str, Any] | None:
-    """The parsed `tokentransplant.json` marker of `directory`, or None when absent or not ours."""
-    try:
-        data = json.loads((Path(directory) / MARKER).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    if not (isinstance(data, dict) and data.get("tool") == "tokentransplant" and isinstance(data.get("files"), list)):
-        return None
-    return data
-
-
-def _files_below(directory: Path) -> list[str]:
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir())
-
-
 def _not_replaceable_reason(out: Path) -> str | None:
-    """None when `out` is empty or a previous output of ours with nothing added; else why not."""
+    """None when `out` is empty or a previous output of ours with nothing added or changed; else why not."""
     if out.is_symlink():
         return "is a symbolic link"
     if not out.is_dir():
@@ -106,9 +95,12 @@ def _not_replaceable_reason(out: Path) -> str | None:
     if marker is None:
         return f"was not written by tokentransplant (no {MARKER} marker)"
     ours = {*marker["files"], MARKER}
-    extra = [f for f in _files_below(out) if f not in ours]
+    extra = [f for f in files_below(out) if f not in ours]
     if extra:
         return f"holds files tokentransplant did not write ({', '.join(extra[:3])})"
+    changed = changed_files(out, marker.get("stat"))
+    if changed:
+        return f"holds files changed since tokentransplant wrote them ({', '.join(changed[:3])})"
     return None
 
 
@@ -144,6 +136,34 @@ def _check_destination_folder(out: Path, estimate_bytes: int) -> None:
                               f"{folder} has {free / 2**30:.2f} GiB free; free space or choose another --output")
 
 
+def existing_paths(values: Iterable[Any]) -> list[Path]:
+    """The values that name an existing file or folder (`--set hypernet=DIR`, `--set corpus=FILE`): inputs of
+    the run, to be passed as `protected` so that no output replaces them."""
+    found = []
+    for value in values:
+        if isinstance(value, (str, os.PathLike)) and 0 < len(os.fspath(value)) < 4096:
+            try:
+                if Path(value).expanduser().exists():
+                    found.append(Path(value).expanduser())
+            except (OSError, ValueError):  # a name too long or with a NUL byte is no path of an input
+                continue
+    return found
+
+
+def check_path_length(out: Path) -> None:
+    """Refuse a path the filesystem cannot hold before it is used (a 50 MB `-o` failed with a traceback after
+    the models had loaded), naming it by its first characters only."""
+    folder = _nearest_existing(Path(out.anchor or "/"))
+    try:
+        name_max, path_max = os.pathconf(folder, "PC_NAME_MAX"), os.pathconf(folder, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    longest = max((len(os.fsencode(part)) for part in out.parts), default=0)
+    if longest > name_max or len(os.fsencode(str(out))) >= path_max:
+        raise TransplantError(f"output path {shorten(out)} is too long ({len(str(out)):,} characters; a name "
+                              f"may have {name_max} bytes, a path {path_max}); choose a shorter --output")
+
+
 def check_output(path: str | os.PathLike, *, overwrite: bool, protected: Iterable[str | os.PathLike] = (),
                  estimate_bytes: int = 0) -> Path:
     """Fail now, with one line, if `path` could not be written at the end of the run; return it absolute.
@@ -153,6 +173,7 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, protected: Iterabl
     by dead runs in the destination's folder. It writes nothing that stays.
     """
     out = Path(path).expanduser().absolute()
+    check_path_length(out)
     if out.exists() or out.is_symlink():
         resolved = out.resolve()
         reason = _forbidden_reason(resolved, protected)
@@ -227,16 +248,6 @@ def _make_scratch(out: Path) -> Path:
         raise TransplantError(f"cannot write into {out.parent} ({exc.strerror or exc}); choose another "
                               "--output") from exc
     return tmp
-
-
-def write_marker(directory: Path, kind: str, info: dict[str, Any] | None = None) -> None:
-    """Record that tokentransplant wrote `directory` and which files, so `--overwrite` may replace it later."""
-    from transplant.version import __version__
-
-    marker = {"tool": "tokentransplant", "version": __version__, "kind": kind,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {}),
-              "files": [f for f in _files_below(directory) if f != MARKER]}
-    (Path(directory) / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
@@ -336,6 +347,7 @@ def check_file_output(path: str | os.PathLike, *, overwrite: bool, protected: It
     whether an existing file is an earlier output of ours that `overwrite` may replace. Refused too: a file
     inside an input (the model folder would then hold a file its marker does not list)."""
     out = Path(path).expanduser().absolute()
+    check_path_length(out)
     for item in protected:
         item = Path(item).expanduser().resolve()
         if _is_within(out.resolve(), item):

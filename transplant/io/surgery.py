@@ -132,7 +132,14 @@ def read_embeddings(model_dir: Path) -> BaseEmbeddings:
 # ---------------------------------------------------------------- new matrices
 
 
+MAX_PAD_MULTIPLE = 65536  # kernels ask for 8 to 128; 10^9 meant allocating 128 GB of padding rows
+
+
 def padded_rows(rows: int, pad_to_multiple_of: int | None) -> int:
+    """`rows` rounded up to a multiple of `pad_to_multiple_of` (refused above `MAX_PAD_MULTIPLE`)."""
+    if pad_to_multiple_of and pad_to_multiple_of > MAX_PAD_MULTIPLE:
+        raise TransplantError(f"pad_to_multiple_of={pad_to_multiple_of} is larger than {MAX_PAD_MULTIPLE}; "
+                              "pad to a small multiple such as 64")
     if not pad_to_multiple_of or pad_to_multiple_of <= 1:
         return rows
     return -(-rows // pad_to_multiple_of) * pad_to_multiple_of

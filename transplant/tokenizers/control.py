@@ -68,6 +68,9 @@ def parse_token_map(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
         new, sep, base = pair.rpartition("=")
         if not sep or not new or not base:
             raise TransplantError(f"--map-token {pair!r} is not NEW=BASE; write e.g. --map-token '[INST]=<|im_start|>'")
+        if mapping.get(new, base) != base:  # the last one silently won before
+            raise TransplantError(f"--map-token {new} is given twice, as {mapping[new]} and as {base}; "
+                                  "keep one")
         mapping[new] = base
     return mapping
 
