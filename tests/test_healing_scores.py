@@ -1,0 +1,73 @@
+"""Healing scores (distill.scores) and teacher agreement (distill.agreement), on hand-made numbers and tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distill.agreement import disagreement_bits_per_byte, heldout_alignment, teacher_agreement
+from distill.scores import (
+    format_mean_spread,
+    gap_closed_capped,
+    group_mean,
+    is_tie,
+    mean_spread,
+    overshoot,
+    slice_groups,
+)
+from tests.conftest import BASE_CORPUS
+
+
+def test_gap_closed_is_capped_at_the_teacher_and_overshoot_is_its_own_column():
+    # start 1.2, teacher 1.0: halfway = 50%; reaching the teacher = 100%; passing it still 100%, overshoot apart
+    assert gap_closed_capped(1.2, 1.1, 1.0) == pytest.approx(0.5)
+    assert gap_closed_capped(1.2, 1.0, 1.0) == pytest.approx(1.0)
+    assert gap_closed_capped(1.2, 0.7, 1.0) == pytest.approx(1.0)
+    assert overshoot(0.7, 1.0) == pytest.approx(0.3) and overshoot(1.1, 1.0) == 0.0
+    assert gap_closed_capped(1.2, 1.3, 1.0) == pytest.approx(-0.5)  # worse than the start counts in full
+    assert math.isnan(gap_closed_capped(0.9, 0.8, 1.0))  # the teacher is not better: nothing to heal towards
+
+
+def test_slices_group_by_training_source_and_groups_average_what_they_have():
+    groups = slice_groups(["english", "code", "python-docs", "spanish"], ["english", "code", "german"])
+    assert groups == {"in-domain": ["english", "code"], "untrained": ["python-docs", "spanish"]}
+    values = {"english": 0.6, "code": 0.8, "python-docs": 0.2, "spanish": math.nan}
+    assert group_mean(values, groups["in-domain"]) == pytest.approx(0.7)
+    assert group_mean(values, groups["untrained"]) == pytest.approx(0.2)  # NaN slice skipped
+    assert math.isnan(group_mean(values, ["german"]))
+
+
+def test_seed_spread_and_ties():
+    assert mean_spread([0.4, 0.5, 0.6]) == pytest.approx((0.5, 0.1))
+    assert mean_spread([0.4]) == (0.4, 0.0)
+    assert is_tie([0.40, 0.45, 0.50], [0.48, 0.50, 0.52])  # 0.45 ± 0.05 overlaps 0.50 ± 0.02
+    assert not is_tie([0.30, 0.31, 0.32], [0.48, 0.50, 0.52])
+    assert format_mean_spread([0.4, 0.5, 0.6], percent=True) == "50.0% ± 10.0"
+    assert format_mean_spread([math.nan]) == "n/a"
+
+
+def test_disagreement_by_hand():
+    # two valid chunks of 3 and 5 bytes, log-likelihood gaps ln 2 and 3 ln 2; the third chunk is invalid
+    teacher = torch.tensor([[-1.0, -2.0, -9.0]])
+    student = teacher - torch.tensor([[math.log(2), -3 * math.log(2), 100.0]])
+    valid = torch.tensor([[True, True, False]])
+    nbytes = torch.tensor([[3.0, 5.0, 0.0]])
+    assert disagreement_bits_per_byte(teacher, student, valid, nbytes) == pytest.approx((1 + 3) / 8)
+
+
+def test_a_model_agrees_with_itself_and_not_with_another(tiny_pair):
+    from transformers import AutoModelForCausalLM
+
+    from transplant.assets import load_vocab
+
+    vocab = load_vocab(tiny_pair["base_tied"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair["base_tied"]).eval()
+    other = AutoModelForCausalLM.from_pretrained(tiny_pair["base_untied"]).eval()
+    text = BASE_CORPUS[-600:]
+    slices = {"tail": heldout_alignment(text, vocab, vocab, max_length=64)}
+    assert int(slices["tail"].valid.sum()) > 10
+    assert teacher_agreement(model, model, slices)["tail"] == pytest.approx(0.0, abs=1e-6)
+    assert slices["tail"].teacher_logl is not None  # the teacher's side is kept for the next evaluation
+    assert teacher_agreement(other, model, slices)["tail"] > 0.01  # two random tiny models: near-uniform, yet apart
