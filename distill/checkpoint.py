@@ -1,11 +1,12 @@
 """Checkpoints that resume exactly, for both trainers (distillation and hypernetwork): DeepSpeed's model,
-optimizer and scheduler state, the trainer's own state (step, data position, ...) and, per rank, the RNG states.
+optimizer and scheduler state, the trainer's own state (step, data position, ...) and, per rank, the RNG
+states.
 
 One format. `<dir>/step_NNNNNNNN/` holds DeepSpeed's files, `trainer.json` (rank 0: the step and the trainer's
 state, also stored as DeepSpeed client state) and `trainer_rank<R>.pt` (that rank's torch/python/CUDA RNG).
-DeepSpeed writes `<dir>/latest` only after every shard of a checkpoint is on disk, so a run killed while saving
-resumes from the previous complete one; the trainer files are written into the tag folder before DeepSpeed
-saves, for the same reason. `prune` deletes older checkpoints only once `latest` names the one just saved, and
+DeepSpeed writes `<dir>/latest` only after every shard of a checkpoint is on disk, so a run killed while
+saving resumes from the previous complete one; the trainer files are written into the tag folder before
+DeepSpeed saves, for the same reason. `prune` deletes older checkpoints only once `latest` names the one just saved, and
 never one newer than it.
 
 Resume is checked before anything loads (`check_resume`): a `latest` naming a missing or incomplete tag, a
@@ -105,11 +106,11 @@ def has_checkpoints(directory: Path) -> bool:
 
 
 def resume_tag(directory: Path) -> str | None:
-    """The checkpoint to resume from: the one `latest` names, checked; None when there is none at all (a first
-    save killed midway leaves an incomplete folder and no `latest`: nothing to resume either). A `latest` naming
-    a missing, incomplete or corrupt checkpoint, or valid checkpoints without a `latest`, is a one-line error
-    naming the valid ones: the user picks, since resuming from elsewhere or from step 0 would silently repeat
-    or lose training."""
+    """The checkpoint to resume from: the one `latest` names, checked; None when there is none at all (a
+    first save killed midway leaves an incomplete folder and no `latest`: nothing to resume either). A
+    `latest` naming a missing, incomplete or corrupt checkpoint, or valid checkpoints without a `latest`, is a
+    one-line error naming the valid ones: the user picks, since resuming from elsewhere or from step 0 would
+    silently repeat or lose training."""
     directory = Path(directory)
     latest = directory / "latest"
     if not latest.is_file():
@@ -126,18 +127,18 @@ def resume_tag(directory: Path) -> str | None:
 def check_resume(directory: Path, resume: bool, missing: str = "error") -> str | None:
     """Before anything loads: the tag to resume from, or None to start at step 0. Without `resume`, an earlier
     run's checkpoints are refused (training from 0 would prune them); with it, a bad `latest` or checkpoint is
-    refused (`resume_tag`), and no checkpoint at all is an error (`missing="error"`, distill's `--resume`) or a
-    warning (`"warn"`, the hypernetwork's `resume: true` = continue when there is one)."""
+    refused (`resume_tag`), and no checkpoint at all is an error (`missing="error"`, distill's `--resume`) or
+    a warning (`"warn"`, the hypernetwork's `resume: true` = continue when there is one)."""
     if not resume:
         if has_checkpoints(directory):
-            raise TransplantError(f"{directory} holds checkpoints of an earlier run; pass --resume to continue it, "
-                                  "or choose another output_dir")
+            raise TransplantError(f"{directory} holds checkpoints of an earlier run; pass --resume to "
+                                  "continue it, or choose another output_dir")
         return None
     tag = resume_tag(directory)
     if tag is None:
         if missing == "error":
-            raise TransplantError(f"--resume: there is no checkpoint in {directory} to continue from; run without "
-                                  "--resume to start training")
+            raise TransplantError(f"--resume: there is no checkpoint in {directory} to continue from; run "
+                                  "without --resume to start training")
         log.warning("no checkpoint in %s to resume from: starting at step 0", directory)
     return tag
 
@@ -158,8 +159,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine: Any, directory: Path, step: int, state: dict[str, Any], rank: int, world_size: int) -> str:
-    """Collective: every rank calls it; returns the tag once every rank has saved. `state` is the trainer's own
-    (JSON-able, the same on every rank: data position, tokenizer round, ...)."""
+    """Collective: every rank calls it; returns the tag once every rank has saved. `state` is the trainer's
+    own (JSON-able, the same on every rank: data position, tokenizer round, ...)."""
     tag = tag_for(step)
     folder = Path(directory) / tag
     folder.mkdir(parents=True, exist_ok=True)
@@ -173,9 +174,9 @@ def save(engine: Any, directory: Path, step: int, state: dict[str, Any], rank: i
 
 
 def prune(directory: Path, keep: int, saved: str) -> None:
-    """Rank 0, after `save` returned `saved`: keep it and the newest `keep - 1` checkpoints older than it. Only
-    when `latest` names `saved` (a save that did not complete prunes nothing); newer tags (a run resumed from an
-    earlier one) are left alone."""
+    """Rank 0, after `save` returned `saved`: keep it and the newest `keep - 1` checkpoints older than it.
+    Only when `latest` names `saved` (a save that did not complete prunes nothing); newer tags (a run resumed
+    from an earlier one) are left alone."""
     if latest_tag(directory) != saved:
         log.warning("%s/latest does not name %s: no checkpoint pruned", directory, saved)
         return
@@ -235,8 +236,8 @@ def weights_only_loading() -> Iterator[None]:
 
 
 def load(engine: Any, directory: Path, tag: str, rank: int) -> tuple[int, dict[str, Any]]:
-    """Collective. Restores the engine and this rank's RNG from `tag` (from `check_resume`); returns (step, the
-    trainer's state). Every file is read weights-only (module docstring): a checkpoint cannot run code."""
+    """Collective. Restores the engine and this rank's RNG from `tag` (from `check_resume`); returns (step,
+    the trainer's state). Every file is read weights-only (module docstring): a checkpoint cannot run code."""
     folder = Path(directory) / tag
     try:
         with weights_only_loading():
@@ -251,7 +252,8 @@ def load(engine: Any, directory: Path, tag: str, rank: int) -> tuple[int, dict[s
     if rng is not None:
         set_rng_state(rng)
     else:  # world size changed (or a hypernetwork checkpoint from before the shared format)
-        log.warning("no RNG state for rank %d in %s (different world size?); data position restored", rank, tag)
+        log.warning("no RNG state for rank %d in %s (different world size?); data position restored",
+                    rank, tag)
     state = dict(client or {})
     step = int(state.pop("step"))
     log.info("resumed from %s (step %d)", folder, step)

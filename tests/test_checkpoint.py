@@ -1,6 +1,7 @@
-"""The shared checkpoint module (`distill.checkpoint`, used by both trainers): what a resume refuses and what a
-save may prune. Bad checkpoints on `distill --resume` are one line, exit 2, and leave every checkpoint as it was
-(issue 24: a dangling `latest`, a truncated DeepSpeed file, a corrupt trainer.json, nothing to resume from)."""
+"""The shared checkpoint module (`distill.checkpoint`, used by both trainers): what a resume refuses and what
+a save may prune. Bad checkpoints on `distill --resume` are one line, exit 2, and leave every checkpoint as it
+was (issue 24: a dangling `latest`, a truncated DeepSpeed file, a corrupt trainer.json, nothing to resume
+from)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def fake_checkpoint(directory: Path, step: int, *, latest: bool = True) -> str:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    return {str(p.relative_to(directory)): p.read_bytes() for p in files}
 
 
 def test_prune_waits_for_latest_and_never_deletes_newer_checkpoints(tmp_path):
@@ -40,7 +42,7 @@ def test_prune_waits_for_latest_and_never_deletes_newer_checkpoints(tmp_path):
     checkpoint.prune(tmp_path, 2, saved)
     assert checkpoint.tags(tmp_path) == [checkpoint.tag_for(s) for s in (1, 2, 3, 4, 5)]
     (tmp_path / "latest").write_text(saved)
-    checkpoint.prune(tmp_path, 2, saved)  # keeps step 4 and the newest older one; step 5 is not ours to delete
+    checkpoint.prune(tmp_path, 2, saved)  # keeps step 4 and the newest older one; step 5 is not its to delete
     assert checkpoint.tags(tmp_path) == [checkpoint.tag_for(s) for s in (3, 4, 5)]
 
 
@@ -50,7 +52,7 @@ def test_check_resume_says_what_is_there(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="distill.checkpoint"):
         assert checkpoint.check_resume(tmp_path, True, missing="warn") is None  # hypernet's `resume: true`
     assert "no checkpoint" in caplog.text
-    (tmp_path / checkpoint.tag_for(2)).mkdir()  # a first save killed midway: nothing to resume, nothing to guard
+    (tmp_path / checkpoint.tag_for(2)).mkdir()  # a first save killed midway: nothing to resume or guard
     assert checkpoint.check_resume(tmp_path, False) is None
     two = fake_checkpoint(tmp_path, 3, latest=False)
     with pytest.raises(TransplantError, match=f"no `latest` file; valid: {two}; write one of them into"):
@@ -69,7 +71,8 @@ def distill_error(recipe_path: Path, *args: str) -> str:
     result = CliRunner().invoke(distill_main, [str(recipe_path), *args])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
     return lines[0]
 
 
