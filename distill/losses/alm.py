@@ -3,7 +3,9 @@ Likelihood Matching").
 
 Two tokenizers rarely predict the same next token, but over an aligned chunk (same bytes on both sides) both
 models assign a likelihood to the same event: "the text continues with these bytes". ALM makes the student's
-chunk likelihoods match the teacher's, which is pure distillation with no next-token target.
+chunk likelihoods match the teacher's: the loss itself has no next-token target. As registered it is trained
+together with the student's own next-token CE (`ce_weight` 1.0, GradMag-balanced: `distill.losses.balance`),
+as the reference runs tokenizer transfer; `loss.ce_weight: 0` gives ALM alone.
 
 Per chunk and side, log L = sum of the log-probs of the chunk's tokens (a scatter-add over the token -> chunk
 index, i.e. the matmul with the one-hot token x chunk matrix). Chunks become compared *units* by merging and

@@ -1,7 +1,8 @@
 """Plain next-token cross-entropy on the student (SFT baseline, and the anchor term of hybrid objectives).
 
 As a baseline it is plain SFT on the training text: no teacher, no extra terms. ULD and MinED add it with their
-papers' weights (their registered `ce_weight`); ALM is pure distillation (`ce_weight` 0) unless a recipe adds it.
+papers' weights (their registered `ce_weight`); ALM adds it too (weight 1.0, GradMag-balanced, as its reference
+runs tokenizer transfer); `loss.ce_weight: 0` makes any of them pure distillation.
 """
 
 from __future__ import annotations
