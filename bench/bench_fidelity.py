@@ -92,7 +92,8 @@ def main() -> None:
     held_out = {name: texts.heldout(name, n_bytes=args.bytes) for name in args.slices}
     runs = [parse_run(spec) for spec in args.runs]
     base_src = resolve_source(args.base, need_model=True)
-    donor_src = resolve_source(args.donor, need_model=any(get_method(m).needs_donor for m, _ in runs), tokenizer_only_ok=True)
+    donor_src = resolve_source(args.donor, need_model=any(get_method(m).needs_donor for m, _ in runs),
+                               tokenizer_only_ok=True)
     base_vocab, new_vocab = load_vocab(base_src.tokenizer_spec), load_vocab(donor_src.tokenizer_spec)
     alignment = align(base_vocab, new_vocab)
     base_emb = surgery.read_embeddings(base_src.model_dir)

@@ -1,9 +1,9 @@
 """Adding a loss is one new module plus one entry point, and the real trainer runs it.
 
-The throwaway loss (tests/chunk_rate_plugin.py) is found the way an outside package's loss is: a fake installed
-distribution on sys.path declares it in the `tokentransplant.losses` entry-point group, and the registry
-imports it on the next lookup. It declares a per-pair table through `prepare`, which of its metrics are sums,
-and a typed option; the trainer is told nothing.
+The throwaway loss (tests/chunk_rate_plugin.py) is found the way an outside package's loss is: a fake
+installed distribution on sys.path declares it in the `tokentransplant.losses` entry-point group, and the
+registry imports it on the next lookup. It declares a per-pair table through `prepare`, which of its metrics
+are sums, and a typed option; the trainer is told nothing.
 """
 
 from __future__ import annotations
@@ -61,23 +61,27 @@ def test_an_entry_point_loss_runs_through_the_trainer(tmp_path, tiny_pair, plugi
 def test_plugin_options_are_typed_checked_and_complete(plugin_loss):
     assert [o.name for o in plugin_loss.options] == ["scale"]
     assert loss_options(NAME, {}) == {"scale": 1.0}  # the default lives in the Option
-    with pytest.raises(TransplantError, match=f"loss.options.{NAME}.scal is not an option of loss .*it takes: scale"):
+    typo = f"loss.options.{NAME}.scal is not an option of .*it takes: scale"
+    with pytest.raises(TransplantError, match=typo):
         loss_options(NAME, {NAME: {"scal": 2.0}})
-    with pytest.raises(TransplantError, match=rf"^loss.options.{NAME}.scale=11: out of range for loss '{NAME}'; "
-                                              r"scale \(float in \[0.0, 10.0\], default 1.0\): factor on the loss$"):
+    expected = (rf"^loss.options.{NAME}.scale=11: out of range for loss '{NAME}'; "
+                r"scale \(float in \[0.0, 10.0\], default 1.0\): factor on the loss$")
+    with pytest.raises(TransplantError, match=expected):
         loss_options(NAME, {NAME: {"scale": 11}})
 
 
 @pytest.mark.parametrize(("setting", "message"), [
-    ("loss.options.alm.temperature=hot", "loss.options.alm.temperature=hot: could not convert string to float: "
-                                         "'hot' for loss 'alm'; temperature (float in [0.0, ], default 100.0)"),
+    ("loss.options.alm.temperature=hot",
+     "loss.options.alm.temperature=hot: could not convert string to float: 'hot' for loss 'alm'; "
+     "temperature (float in [0.0, ], default 100.0)"),
     ("loss.options.alm.debias=sometimes", "loss.options.alm.debias=sometimes: not one of merge, append"),
     ("loss.options.uld.top_k=0", "loss.options.uld.top_k=0: out of range for loss 'uld'"),
     ("loss.name=nope", "unknown distillation loss 'nope'; choose one of: alm, alm-l1, ce, mined, uld"),
 ])
 def test_a_bad_loss_option_fails_when_the_recipe_is_read(tmp_path, setting, message):
     """Before any model loads: the models named here do not exist, and the error is about the loss."""
-    recipe = {"teacher": {"path": str(tmp_path / "no-teacher")}, "student": {"path": str(tmp_path / "no-student")},
+    recipe = {"teacher": {"path": str(tmp_path / "no-teacher")},
+              "student": {"path": str(tmp_path / "no-student")},
               "loss": {"name": "uld" if ".uld." in setting else "alm"}}
     with pytest.raises(TransplantError) as err:
         load_recipe(data=recipe, overrides=[setting])
@@ -89,7 +93,8 @@ def test_built_in_losses_declare_every_keyword_they_take():
         options = loss_options(name, {})
         assert options == {o.name: o.default for o in get_loss(name).options}
     assert "diff" in loss_options("alm", {}) and "diff" not in loss_options("alm-l1", {})
-    assert loss_options("alm", {"alm": {"debias": True, "temperature": 50}})["debias"] == "merge"  # older recipes
+    older = loss_options("alm", {"alm": {"debias": True, "temperature": 50}})  # booleans of older recipes
+    assert older["debias"] == "merge" and older["temperature"] == 50.0
 
     def undeclared(batch, *, num_items=None, scale=1.0):
         raise AssertionError("never registered, never called")

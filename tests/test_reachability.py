@@ -149,7 +149,8 @@ def _plan_with_space_copy(ctx: InitContext) -> InitPlan:
 @pytest.mark.parametrize("tied", [True, False])
 def test_near_copies_of_frequent_rows_fall_back_to_fvt_or_the_midpoint(tied):
     ctx = _dup_setup(tied)
-    new_input, new_output, plan = finish_embeddings(ctx, _plan_with_space_copy(ctx), resolve_method("fvt", {}))
+    fvt = resolve_method("fvt", {})
+    new_input, new_output, plan = finish_embeddings(ctx, _plan_with_space_copy(ctx), fvt)
     repairs = plan.notes["repairs"]
     found = {(d, m) for d, m, _ in repairs.duplicates}
     assert (5, 2) in found and (4, 1) in found  # " rare" ≈ " ", "isis" ≈ "is"
@@ -166,7 +167,8 @@ def test_near_copies_of_frequent_rows_fall_back_to_fvt_or_the_midpoint(tied):
 
 def test_dedup_can_be_switched_off():
     ctx = _dup_setup(True)
-    new_input, _, plan = finish_embeddings(ctx, _plan_with_space_copy(ctx), resolve_method("fvt", {"dedup_cosine": 1}))
+    fvt = resolve_method("fvt", {"dedup_cosine": 1})
+    new_input, _, plan = finish_embeddings(ctx, _plan_with_space_copy(ctx), fvt)
     assert plan.notes["repairs"].duplicates == []
     assert torch.allclose(new_input[4], ctx.base_input[3])
 

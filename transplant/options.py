@@ -1,9 +1,9 @@
 """What the two registries share: typed options and discovery through package entry points.
 
-Initializers (`transplant.init.registry`) and distillation losses (`distill.losses.registry`) are both plug-ins:
-each declares its options as `Option`s when it registers, so a bad value is refused with one line before any
-model loads, and each is found through an entry-point group (`tokentransplant.initializers`,
-`tokentransplant.losses` in pyproject.toml), so an outside package adds one the way the built-in ones are added.
+Initializers (`transplant.init.registry`) and distillation losses (`distill.losses.registry`) are both
+plug-ins: each declares its options as `Option`s when it registers, so a bad value is refused with one line
+before any model loads, and each is found through an entry-point group (`tokentransplant.initializers`,
+`tokentransplant.losses` in pyproject.toml), so an outside package adds one the way the built-in ones are.
 This module sits on the lowest layer so that both registries, in different layers, can import it.
 """
 
@@ -57,7 +57,8 @@ class Option:
         except (TypeError, ValueError) as err:
             raise TransplantError(f"{setting}: {err or 'bad value'} for {owner}; {self.describe()}") from None
         if not _finite_64bit(parsed):  # inf/nan, or an int torch and numpy cannot take (a seed of 10**22)
-            raise TransplantError(f"{setting}: not a finite number within 64 bits for {owner}; {self.describe()}")
+            raise TransplantError(f"{setting}: not a finite number within 64 bits for {owner}; "
+                                  f"{self.describe()}")
         if self.choices is not None and parsed not in self.choices:
             raise TransplantError(f"{setting}: not one of {', '.join(map(str, self.choices))}")
         low_ok = self.min is None or not isinstance(parsed, int | float) or parsed >= self.min
@@ -85,14 +86,14 @@ def _finite_64bit(value: Any) -> bool:
 
 def check_unique(kind: str, name: str, existing: Callable | None, fn: Callable) -> None:
     """Refuse a second `kind` named `name` (two modules would silently fight over it); the same function
-    registered again by a reloaded module (importlib.reload, `python -m`) is the same plug-in, not a second."""
+    registered again by a reloaded module (importlib.reload, `python -m`) is the same plug-in again."""
     if existing is None or existing is fn:
         return
     if (existing.__module__, existing.__qualname__) == (fn.__module__, fn.__qualname__):
         log.debug("%s %r re-registered by a reloaded module", kind, name)
         return
-    raise TransplantError(f"{kind} {name!r} is registered twice ({existing.__module__}.{existing.__qualname__} "
-                          f"and {fn.__module__}.{fn.__qualname__}); rename one of them")
+    first, second = f"{existing.__module__}.{existing.__qualname__}", f"{fn.__module__}.{fn.__qualname__}"
+    raise TransplantError(f"{kind} {name!r} is registered twice ({first} and {second}); rename one of them")
 
 
 def load_entry_points(group: str, builtin: str, kind: str) -> None:
@@ -105,8 +106,8 @@ def load_entry_points(group: str, builtin: str, kind: str) -> None:
     found = entry_points(group=group)
     if not any(entry.value.startswith(builtin) for entry in found):
         raise TransplantError(
-            f"no built-in {kind} of tokentransplant is registered (package metadata missing); install it with "
-            "`pip install -e .` from the repository root"
+            f"no built-in {kind} of tokentransplant is registered (package metadata missing); install it "
+            "with `pip install -e .` from the repository root"
         )
     for entry in found:
         own = entry.value.startswith(builtin)

@@ -59,7 +59,8 @@ def _special_ids(vocab: Vocab) -> dict[str, int | None]:
     return {f"{role}_token_id": vocab.roles.get(role) for role in ("bos", "eos", "pad", "unk")}
 
 
-def new_embeddings(ctx: InitContext, method: ResolvedMethod) -> tuple[torch.Tensor, torch.Tensor | None, InitPlan]:
+def new_embeddings(ctx: InitContext,
+                   method: ResolvedMethod) -> tuple[torch.Tensor, torch.Tensor | None, InitPlan]:
     """The new input and output matrices (float32; output None when the result stays tied) and the plan.
 
     The method builds its plan; the pipeline's own steps then refine it for every method alike. Benches call
@@ -86,7 +87,8 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     base_src = resolve_source(base, need_model=True, revision=revision)
     # a hub donor brings its tokenizer files, plus only the shards holding its embeddings unless the chosen
     # method needs no donor model
-    donor_src = resolve_source(donor, need_model=False, tokenizer_only_ok=chosen is not None and not chosen.needs_donor,
+    tokenizer_only_ok = chosen is not None and not chosen.needs_donor
+    donor_src = resolve_source(donor, need_model=False, tokenizer_only_ok=tokenizer_only_ok,
                                revision=donor_revision)
     chosen = chosen or resolve_method(default_method(donor_src.is_model), options)
     if chosen.needs_donor and not donor_src.is_model:

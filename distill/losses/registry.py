@@ -5,8 +5,8 @@ micro-batches and ranks, which options it takes, whether it reads hidden states,
 needs (MinED's vocabulary map, ALM's boundary masks), which trainable modules it adds (ALM's hidden-state
 projection) and with what weight its published recipe adds the student's own CE (ULD, MinED) are all
 declared here, next to the loss, by `register`. Options are typed `Option`s with bounds or choices and help
-(`transplant.options`, shared with the initializers), so `loss.options.alm.temperature=hot` is refused with one
-line when the recipe is read, before any model loads.
+(`transplant.options`, shared with the initializers), so `loss.options.alm.temperature=hot` is refused with
+one line when the recipe is read, before any model loads.
 
 Every loss, built-in or not, is an entry point of the group `tokentransplant.losses` (pyproject.toml:
 `alm = "distill.losses.alm"`; a user's own package the same way). On first lookup the registry imports each
@@ -122,11 +122,13 @@ def check_declared(name: str, fn: Callable, options: tuple[Option, ...]) -> None
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    keywords = {k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "num_items"}
+    keywords = {k: p.default for k, p in params.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "num_items"}
     declared = {opt.name: opt.default for opt in options}
     if keywords != declared:
-        raise TransplantError(f"loss {name!r}: {fn.__module__}.{fn.__qualname__} takes {keywords} but declares "
-                              f"options {declared}; declare one Option per keyword parameter, same default")
+        raise TransplantError(f"loss {name!r}: {fn.__module__}.{fn.__qualname__} takes {keywords} but "
+                              f"declares options {declared}; declare one Option per keyword parameter, "
+                              "same default")
 
 
 def register(name: str, *, count_items: Callable[[Mapping[str, Any]], int], needs_teacher: bool = True,
@@ -175,7 +177,8 @@ def get_loss(name: str) -> LossSpec:
     try:
         return LOSSES[name]
     except KeyError:
-        raise TransplantError(f"unknown distillation loss {name!r}; choose one of: {', '.join(sorted(LOSSES))}") from None
+        choices = ", ".join(sorted(LOSSES))
+        raise TransplantError(f"unknown distillation loss {name!r}; choose one of: {choices}") from None
 
 
 def loss_options(name: str, per_loss: Mapping[str, Any]) -> dict[str, Any]:

@@ -49,7 +49,8 @@ ULD_OPTIONS = (
 )
 
 
-@register("uld", count_items=count_chunk_items, sum_metrics=("uld",), ce_weight=ULD_CE_WEIGHT, options=ULD_OPTIONS)
+@register("uld", count_items=count_chunk_items, sum_metrics=("uld",), ce_weight=ULD_CE_WEIGHT,
+          options=ULD_OPTIONS)
 def uld_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
              temperature: float = 1.0, top_k: int | None = None,
              weight: float = ULD_WEIGHT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -7,11 +7,11 @@ segmentation of the digit string instead: the mean of the pieces' rows, in the i
 FVT's row for that token, kept in the sparse plan.
 
 Whether that beats a method's own rows is measured per method (bench/RESULTS.md, "Unreachable rows and fidelity
-fixes"), and each method declares its default when it registers (`register(..., number_rows=True)`; absent:
-off); `--set numbers=true|false` overrides it. It pays for methods that know nothing of a token's bytes (`mean`), not for
-byte-pool, and is a no-op for fvt. The output row used to be the FIRST piece's row ("predicting 123 is
-predicting 1"); that makes every `1xx` token an exact copy of `1`'s output row, so each digit's probability
-was split over ~110 tokens, and it measured worse than the mean, so it is gone.
+fixes"), and each method declares its default when it registers (`register(..., number_rows=True)`;
+absent: off); `--set numbers=true|false` overrides it. It pays for methods that know nothing of a token's
+bytes (`mean`), not for byte-pool, and is a no-op for fvt. The output row used to be the FIRST piece's row
+("predicting 123 is predicting 1"); that makes every `1xx` token an exact copy of `1`'s output row, so each
+digit's probability was split over ~110 tokens, and it measured worse than the mean, so it is gone.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ from transplant.errors import TransplantError
 from transplant.init.base import InitContext, InitPlan
 from transplant.options import Option, check_unique, load_entry_points
 
-__all__ = ["DONOR_OPTIONS", "METHODS", "PIPELINE_OPTIONS", "Method", "Option", "ResolvedMethod", "available_methods",
-           "get_initializer", "get_method", "parse_options", "register", "resolve_method"]
+__all__ = ["DONOR_OPTIONS", "METHODS", "PIPELINE_OPTIONS", "Method", "Option", "ResolvedMethod",
+           "available_methods", "get_initializer", "get_method", "parse_options", "register",
+           "resolve_method"]
 
 Initializer = Callable[[InitContext], InitPlan]
 ENTRY_POINT_GROUP = "tokentransplant.initializers"
@@ -86,12 +87,12 @@ class ResolvedMethod:
 
     @property
     def needs_donor(self) -> bool:
-        """Whether the method reads the donor's embeddings (so a hub donor must be fetched with its weights)."""
+        """Whether the method reads the donor's embeddings (a hub donor is then fetched with its weights)."""
         return self.spec.needs_donor
 
     @property
     def number_rows(self) -> bool:
-        """Whether the `numbers` step runs: `--set numbers=...` when given, else the method's declared default."""
+        """Whether the `numbers` step runs: `--set numbers=...` if given, else the method's default."""
         chosen = self.options["numbers"]
         return self.spec.number_rows if chosen is None else bool(chosen)
 
@@ -137,8 +138,8 @@ def get_method(name: str) -> Method:
 
 
 def resolve_method(name: str, raw: Mapping[str, Any] | None) -> ResolvedMethod:
-    """Method `name` with its options checked (`parse_options`): unknown names, typos and bad values fail here,
-    before anything loads."""
+    """Method `name` with its options checked (`parse_options`): unknown names, typos and bad values fail
+    here, before anything loads."""
     return ResolvedMethod(get_method(name), parse_options(name, raw))
 
 
