@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "cpu_smoke_smollm2_mistral.yaml"
 
 
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 RUNNER = ("import sys; from distill.config import load_recipe; from distill.trainer import run; "
           "run(load_recipe(sys.argv[1], sys.argv[2:]))")
 
@@ -63,7 +64,9 @@ def run_one(variant: str, args: argparse.Namespace, work: Path, seed: int = 0) -
         import shutil
 
         shutil.rmtree(out)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    # a world of its own: the interleaved timing's process group (same process) left RANK/MASTER_PORT set
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env["OMP_NUM_THREADS"] = str(args.threads)
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO, env=env, check=True)
     print(f"{variant} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
