@@ -168,7 +168,10 @@ def test_two_gloo_processes_equal_one_with_accumulation(tmp_path, tiny_pair, dee
     """Each of the 2 ranks packs only its own windows (window index); under ZeRO-3 the teacher is sharded too
     and ALM's hidden-state term trains a projection (teacher 32 wide, student 48), sharded with the student."""
     sharded = deepspeed_json == ZERO3
-    loss = {"name": "alm", "options": {"alm": {"hidden_weight": 0.5}}} if sharded else {"name": "alm"}
+    # ZeRO-3 takes GradMag's norms at the logits (its partitioned block has no full gradient): the one-process
+    # reference is asked for the same place
+    loss = {"name": "alm", "options": {"alm": {"hidden_weight": 0.5}}, "gradmag_at": "logits"} if sharded \
+        else {"name": "alm"}
     one = make_recipe(tmp_path, tiny_pair, "one", train={"steps": 4, "grad_accum": 2}, loss=loss)
     trainer, _ = run_in_process(one)
     assert trainer.loader.index is None  # one rank: no index pass
@@ -317,7 +320,9 @@ def test_recipe_overrides_interpolation_and_errors(tmp_path):
         load_recipe(path, ["train.steps=many"])
     with pytest.raises(TransplantError, match="key=value"):
         load_recipe(path, ["train.steps"])
-    assert loss_options("uld", {"alm": {"temperature": 100.0}, "uld": {"top_k": 8}}) == {"top_k": 8}
+    # typed and complete: each default from the loss's Option, another loss's block left alone
+    assert loss_options("uld", {"alm": {"temperature": 100.0}, "uld": {"top_k": "8"}}) == {
+        "temperature": 1.0, "top_k": 8, "weight": 1.5}
     with pytest.raises(TransplantError, match="keyed by loss name"):
         loss_options("alm", {"temperature": 100.0})
     with pytest.raises(TransplantError, match="not an option of loss 'uld'"):
