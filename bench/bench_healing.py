@@ -73,6 +73,15 @@ def run_one(variant: str, args: argparse.Namespace, work: Path, seed: int = 0) -
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
+def finished(variant: str, args: argparse.Namespace, work: Path, seed: int) -> bool:
+    """Whether `run_one` would reuse this run (for `--report-only` on a sweep still running)."""
+    steps = next((int(o.split("=", 1)[1]) for o in variant.split("/")[1:] if o.startswith("train.steps=")),
+                 args.steps)
+    metrics = work / (variant.replace("/", "__").replace("=", "-") + f"__seed{seed}") / "metrics.jsonl"
+    return metrics.exists() and any(json.loads(line).get("step") == steps and "loss" in json.loads(line)
+                                    for line in metrics.read_text().splitlines())
+
+
 def summarise(loss: str, records: list[dict]) -> dict:
     """Per-run summary; `bpb` is the first eval text (english) per step, `per_text` every text per step."""
     steps = [r for r in records if "step_time" in r]
@@ -343,6 +352,8 @@ def main() -> int:
     parser.add_argument("--work", default=str(REPO / "bench" / "_work" / "healing"))
     parser.add_argument("--plot", default=str(REPO / "bench" / "healing.png"))
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs in --work")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only report the finished runs in --work (implies --reuse); nothing is trained")
     parser.add_argument("--ab-steps", type=int, default=0,
                         help="rounds of interleaved step timing (all losses on one trainer); 0 = skip")
     parser.add_argument("--skip-runs", action="store_true", help="only the interleaved timing")
@@ -353,6 +364,7 @@ def main() -> int:
     parser.add_argument("--share-model", action="store_true", help="also run the teacher to merge as ALM does")
     parser.add_argument("--threshold", type=float, default=0.1, help="boundary_threshold of debias=merge")
     args = parser.parse_args()
+    args.reuse = args.reuse or args.report_only
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.debias_share:
@@ -369,8 +381,12 @@ def main() -> int:
         arms: dict[str, list[dict]] = {arm: [] for arm in args.losses}
         for seed in args.seeds:  # seed-major: an interrupted sweep has every arm at the same seeds
             for arm in args.losses:
+                if args.report_only and not finished(arm, args, work, seed):
+                    continue
                 arms[arm].append(summarise(arm, run_one(arm, args, work, seed)))
-                (work / "summary.json").write_text(json.dumps(arms, indent=2))
+                if not args.report_only:
+                    (work / "summary.json").write_text(json.dumps(arms, indent=2))
+        arms = {arm: runs for arm, runs in arms.items() if runs}
         timing = json.loads((work / "timing.json").read_text()) if (work / "timing.json").exists() else None
         from distill.config import load_recipe
 
