@@ -47,7 +47,8 @@ def build_byte_bpe(directory: Path, corpus: str, vocab_size: int, specials: list
     return directory
 
 
-def build_tiny_llama(directory: Path, tokenizer_dir: Path, *, tied: bool, hidden: int = 32, seed: int = 0) -> Path:
+def build_tiny_llama(directory: Path, tokenizer_dir: Path, *, tied: bool, hidden: int = 32,
+                     seed: int = 0) -> Path:
     """A 2-layer Llama sized to the tokenizer, saved with safetensors next to its tokenizer files."""
     import shutil
 
@@ -73,7 +74,8 @@ def tiny_pair(tmp_path_factory):
     """(base model dir tied, base model dir untied, donor tokenizer dir, donor model dir)."""
     root = tmp_path_factory.mktemp("tiny")
     base_tok = build_byte_bpe(root / "base_tok", BASE_CORPUS, 400, ["<s>", "</s>", "<pad>"])
-    donor_tok = build_byte_bpe(root / "donor_tok", DONOR_CORPUS + BASE_CORPUS[:300], 450, ["<s>", "</s>", "<pad>"])
+    donor_tok = build_byte_bpe(root / "donor_tok", DONOR_CORPUS + BASE_CORPUS[:300], 450,
+                               ["<s>", "</s>", "<pad>"])
     return {
         "base_tied": build_tiny_llama(root / "base_tied", base_tok, tied=True),
         "base_untied": build_tiny_llama(root / "base_untied", base_tok, tied=False, seed=1),

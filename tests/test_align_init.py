@@ -64,7 +64,8 @@ def test_segment_prefers_base_tokenizer_and_falls_back_on_invalid_utf8(vocabs):
 def _ctx(base, new, dim=4, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
     emb = torch.randn(len(base), dim, generator=g)
-    return InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=emb, base_output=None, **kw)
+    return InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=emb,
+                       base_output=None, **kw)
 
 
 @pytest.mark.parametrize("method", ["zero", "mean", "random", "fvt"])
@@ -106,8 +107,8 @@ def test_random_matches_base_statistics_and_is_not_collapsed():
     new = make_vocab([b"x" * (i + 2) for i in range(4000)], [N] * 4000, {})
     g = torch.Generator().manual_seed(1)
     emb = torch.randn(256, 8, generator=g) @ torch.randn(8, 8, generator=g) + 3.0
-    ctx = InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=emb, base_output=None,
-                      options={"seed": 7})
+    ctx = InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=emb,
+                      base_output=None, options={"seed": 7})
     out = build_embedding(get_initializer("random")(ctx), "input", emb)
     assert torch.allclose(out.mean(0), emb.mean(0), atol=0.25)
     assert torch.allclose(torch.cov(out.T), torch.cov(emb.T), atol=0.35 * torch.cov(emb.T).abs().max())

@@ -1,4 +1,5 @@
-"""Asset registry: resolution of what users type, hub errors, text splits, GGUF conversion of the real models."""
+"""Asset registry: resolution of what users type, hub errors, text splits, GGUF conversion of the real
+models."""
 
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def test_every_offline_equivalent_exists_and_a_base_is_offered_only_a_model():
     err = OSError("no network")
     base = str(catalog.hub_error("llama", "meta-llama/Llama-3.2-1B", err, role="base"))
     assert "llama3" not in base.split("(tokenizers)")[-1] and "no offline model stands in for it" in base
-    assert "'gemma3-270m' is the same model offline" in str(catalog.hub_error("gemma", "google/gemma-3-270m", err,
+    assert "'gemma3-270m' is the same model offline" in str(catalog.hub_error("gemma",
+                                                                              "google/gemma-3-270m", err,
                                                                                role="base"))
     assert "at revision 'v2'" in str(catalog.hub_error("org/x", "org/x", err, revision="v2"))
 
@@ -95,15 +97,18 @@ def test_hub_error_is_one_line_and_names_the_way_out(monkeypatch):
     err = catalog.hub_error("llama", "meta-llama/Llama-3.2-1B",
                            OSError("We couldn't connect to 'https://huggingface.co'\nlong traceback text"))
     message = str(err)
-    assert message.startswith("could not reach the Hugging Face hub for 'meta-llama/Llama-3.2-1B' (alias 'llama'): "
-                              "We couldn't connect to 'https://huggingface.co'; offline, use a local path or an "
-                              "offline alias: smollm2-135m, gemma3-270m (models), llama3, mistral-v3")
+    assert message.startswith("could not reach the Hugging Face hub for 'meta-llama/Llama-3.2-1B' "
+                              "(alias 'llama'): We couldn't connect to 'https://huggingface.co'; offline, "
+                              "use a local path or an offline alias: smollm2-135m, gemma3-270m (models), "
+                              "llama3, mistral-v3")
     assert "'llama3' is its tokenizer offline" in message and "\n" not in message
     plain = str(catalog.hub_error("org/x", "org/x", RuntimeError("")))
     assert "(alias" not in plain and "RuntimeError" in plain
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    offline = str(catalog.hub_error("mistral", "mistralai/Mistral-7B-v0.3", OSError("a long offline message")))
-    assert ": HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set; offline, use" in offline and "'mistral-v3'" in offline
+    offline = str(catalog.hub_error("mistral", "mistralai/Mistral-7B-v0.3",
+                                    OSError("a long offline message")))
+    assert (": HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set; offline, use" in offline
+            and "'mistral-v3'" in offline)
 
 
 def test_hub_offline_from_environment(monkeypatch):
@@ -180,7 +185,8 @@ def test_legacy_config_keys_for_transformers_4():
     llama = add_legacy_config_keys({"rope_parameters": {"rope_theta": 1e5, "rope_type": "default"},
                                     "dtype": "float32"})
     assert llama["rope_theta"] == 1e5 and llama["rope_scaling"] is None and llama["torch_dtype"] == "float32"
-    gemma = add_legacy_config_keys({"rope_parameters": {"full_attention": {"rope_theta": 1e6, "rope_type": "default"},
+    gemma = add_legacy_config_keys({"rope_parameters": {"full_attention": {"rope_theta": 1e6,
+                                                                           "rope_type": "default"},
                                                         "sliding_attention": {"rope_theta": 1e4,
                                                                               "rope_type": "default"}}})
     assert gemma["rope_theta"] == 1e6 and gemma["rope_local_base_freq"] == 1e4
@@ -197,7 +203,8 @@ def test_tokenizer_files_load_as_plain_fast_tokenizer(tmp_path):
     out.mkdir()
     write_tokenizer_files(tokenizer, out, model_max_length=512, chat_template="{{ messages }}")
     config = json.loads((out / "tokenizer_config.json").read_text())
-    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["chat_template"] == "{{ messages }}"
+    assert (config["tokenizer_class"] == "PreTrainedTokenizerFast"
+            and config["chat_template"] == "{{ messages }}")
     reloaded = AutoTokenizer.from_pretrained(out)
     assert reloaded.encode(BASE_CORPUS[:200]) == tokenizer.encode(BASE_CORPUS[:200])
     assert reloaded.eos_token == "</s>" and "token_type_ids" not in reloaded("a b")
@@ -221,7 +228,8 @@ def test_heldout_and_training_regions_are_disjoint_prefixes(monkeypatch):
 
 def test_osis_markup_to_plain_text():
     raw = ('<chapter n="1" osisID="Gen.1" sID="Gen.1"/><title type="x-heading">Creation</title>'
-           '<w lemma="strong:H0430">God</w><note placement="foot">The Hebrew word “God”.</note><w>created</w> '
+           '<w lemma="strong:H0430">God</w><note placement="foot">The Hebrew word '
+           '“God”.</note><w>created</w> '
            'light &amp; dark. <div sID="g1" type="x-p"/>Next  paragraph.')
     assert texts._osis_to_text(raw) == "God created light & dark.\nNext paragraph.\n"
 
@@ -277,13 +285,15 @@ def test_real_model_dir_loads_with_stock_transformers(real_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name, directory = real_model
-    assert json.loads((directory / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (json.loads((directory / "tokenizer_config.json").read_text())["tokenizer_class"]
+            == "PreTrainedTokenizerFast")
     assert "quantization_config" not in json.loads((directory / "config.json").read_text())
     assert (directory / "generation_config.json").exists() and list(directory.glob("*.safetensors"))
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory).eval()
     if name == "smollm2-135m":
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+        prompt = tokenizer.apply_chat_template([{"role": "user",
+                                                 "content": "What is the capital of France?"}],
                                                add_generation_prompt=True, tokenize=False)
     else:
         prompt = "The Eiffel Tower is in the city of"
@@ -326,7 +336,8 @@ def test_real_tokenizers_round_trip_real_text(real_model):
 
 @pytest.mark.slow
 def test_gemma_tokenizer_matches_sentencepiece():
-    """The saved Gemma tokenizer gives sentencepiece's ids (model rebuilt from the GGUF's pieces and scores)."""
+    """The saved Gemma tokenizer gives sentencepiece's ids (model rebuilt from the GGUF's pieces and
+    scores)."""
     from transformers import AutoTokenizer
 
     from transplant.assets.gguf import sentencepiece_reference
@@ -334,7 +345,8 @@ def test_gemma_tokenizer_matches_sentencepiece():
     directory = catalog.fetch_model("gemma3-270m")
     tokenizer = AutoTokenizer.from_pretrained(directory)
     reference = sentencepiece_reference(catalog.MODELS["gemma3-270m"].gguf_path)
-    samples = [texts.heldout(name, 32768) for name in texts.TEXTS] + [SAMPLE_TEXT, "a" + " " * 70 + "b\n\n\n  x"]
+    samples = ([texts.heldout(name, 32768) for name in texts.TEXTS]
+               + [SAMPLE_TEXT, "a" + " " * 70 + "b\n\n\n  x"])
     for sample in samples:
         assert tokenizer.encode(sample, add_special_tokens=False) == reference.encode(sample)
 

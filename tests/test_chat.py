@@ -15,7 +15,8 @@ from transplant.pipeline import transplant
 from transplant.tokenizers.control import parse_token_map
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ "
+          "'<|im_start|>assistant\n' }}{% endif %}")
 MESSAGES = [{"role": "user", "content": "the cat sat on the mat"}]
 
 
@@ -26,7 +27,8 @@ def chat_base(tmp_path_factory) -> Path:
     tok = build_byte_bpe(root / "tok", BASE_CORPUS, 400, ["<|endoftext|>", "<|im_end|>", "<|im_start|>"])
     config_path = tok / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    config.update(chat_template=CHATML, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>")
+    config.update(chat_template=CHATML, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                  pad_token="<|im_end|>")
     config_path.write_text(json.dumps(config))
     return build_tiny_llama(root / "model", tok, tied=True, seed=3)
 
@@ -45,7 +47,8 @@ def test_markers_carried_with_base_rows_and_chat_works(chat_base, tiny_pair, tmp
     tok = AutoTokenizer.from_pretrained(out)
     start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert sorted([start, end]) == [len(donor), len(donor) + 1]  # appended; donor ids unchanged
-    assert tok.convert_ids_to_tokens(list(range(len(donor)))) == donor.convert_ids_to_tokens(list(range(len(donor))))
+    assert (tok.convert_ids_to_tokens(list(range(len(donor))))
+            == donor.convert_ids_to_tokens(list(range(len(donor)))))
     new_rows, base_rows = _rows(out), _rows(chat_base)
     for text, idx in (("<|im_start|>", start), ("<|im_end|>", end)):
         assert torch.equal(new_rows[idx], base_rows[base.convert_tokens_to_ids(text)])
@@ -67,9 +70,11 @@ def test_donor_methods_accept_carried_markers(chat_base, tiny_pair, tmp_path, me
     """Carried markers are appended after the donor's ids, so the donor model has no rows for them; methods
     that read donor rows must not call that a model/tokenizer mismatch (it stopped omp on every chat base)."""
     out = tmp_path / method
-    result = transplant(chat_base, tiny_pair["donor_model"], method=method, output=out, options={"k": 4} if method == "omp" else None)
+    result = transplant(chat_base, tiny_pair["donor_model"], method=method, output=out,
+                        options={"k": 4} if method == "omp" else None)
     assert result.extra["chat"].carried == ["<|im_end|>", "<|im_start|>"]
-    donor_rows = load_file(str(tiny_pair["donor_model"] / "model.safetensors"))["model.embed_tokens.weight"].shape[0]
+    donor_weights = load_file(str(tiny_pair["donor_model"] / "model.safetensors"))
+    donor_rows = donor_weights["model.embed_tokens.weight"].shape[0]
     assert _rows(out).shape[0] == donor_rows + 2
 
 
@@ -77,7 +82,8 @@ def test_map_token_copies_the_named_base_row(chat_base, tiny_pair, tmp_path):
     from transformers import AutoTokenizer
 
     out = tmp_path / "out"
-    transplant(chat_base, tiny_pair["donor_tok"], method="fvt", output=out, map_tokens={"<pad>": "<|im_start|>"})
+    transplant(chat_base, tiny_pair["donor_tok"], method="fvt", output=out,
+               map_tokens={"<pad>": "<|im_start|>"})
     tok, base = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(chat_base)
     assert torch.equal(_rows(out)[tok.convert_tokens_to_ids("<pad>")],
                        _rows(chat_base)[base.convert_tokens_to_ids("<|im_start|>")])
@@ -86,9 +92,12 @@ def test_map_token_copies_the_named_base_row(chat_base, tiny_pair, tmp_path):
 def test_template_choices(chat_base, tiny_pair, tmp_path):
     from transformers import AutoTokenizer
 
-    none = transplant(chat_base, tiny_pair["donor_tok"], method="fvt", output=tmp_path / "none", chat_template="none")
-    assert none.extra["chat"].carried == [] and not AutoTokenizer.from_pretrained(tmp_path / "none").chat_template
-    donor = transplant(chat_base, tiny_pair["donor_tok"], method="fvt", output=tmp_path / "d", chat_template="donor")
+    none = transplant(chat_base, tiny_pair["donor_tok"], method="fvt", output=tmp_path / "none",
+                      chat_template="none")
+    assert (none.extra["chat"].carried == []
+            and not AutoTokenizer.from_pretrained(tmp_path / "none").chat_template)
+    donor = transplant(chat_base, tiny_pair["donor_tok"], method="fvt", output=tmp_path / "d",
+                       chat_template="donor")
     assert donor.extra["chat"].template_source == "base"  # the donor has none: the base's is carried
     with pytest.raises(TransplantError, match="no chat template"):
         transplant(tiny_pair["base_tied"], tiny_pair["donor_tok"], method="fvt", output=tmp_path / "b",
@@ -125,8 +134,10 @@ def test_cli_says_what_it_did_and_refuses_a_bad_map(chat_base, tiny_pair, tmp_pa
 
     from cli import transplant_main
 
-    args = ["--base", str(chat_base), "--donor", str(tiny_pair["donor_tok"]), "--method", "fvt", "--eval-bytes", "0"]
-    ok = CliRunner().invoke(transplant_main, [*args, "-o", str(tmp_path / "o"), "--map-token", "<pad>=<|im_end|>"])
+    args = ["--base", str(chat_base), "--donor", str(tiny_pair["donor_tok"]), "--method", "fvt",
+            "--eval-bytes", "0"]
+    ok = CliRunner().invoke(transplant_main,
+                            [*args, "-o", str(tmp_path / "o"), "--map-token", "<pad>=<|im_end|>"])
     assert ok.exit_code == 0, ok.output
     assert "chat: chat template from the base; carried control tokens <|im_end|>, <|im_start|>" in ok.output
     assert "mapped <pad><-<|im_end|>" in ok.output

@@ -1,4 +1,5 @@
-"""Chunk alignment between two tokenizations: hand-made byte vocabularies, then real tokenizer pairs (slow)."""
+"""Chunk alignment between two tokenizations: hand-made byte vocabularies, then real tokenizer pairs
+(slow)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class GreedyTokenizer:
         return out
 
 
-def make_vocab(pieces: list[bytes], specials: tuple[str, ...] = ("bos", "eos"), prefix: bool = False) -> Vocab:
+def make_vocab(pieces: list[bytes], specials: tuple[str, ...] = ("bos", "eos"),
+               prefix: bool = False) -> Vocab:
     """Normal tokens `pieces`, single non-ASCII bytes as byte-fallback tokens, then one special per role."""
     pieces = list(pieces)
     kinds = [TokenKind.BYTE if len(p) == 1 and p[0] >= 0x80 else TokenKind.NORMAL for p in pieces]
@@ -43,8 +45,8 @@ def make_vocab(pieces: list[bytes], specials: tuple[str, ...] = ("bos", "eos"), 
         roles[role] = len(pieces)
         pieces.append(b"")
         kinds.append(TokenKind.SPECIAL)
-    return Vocab(tokenizer=GreedyTokenizer(pieces, kinds, prefix), token_bytes=pieces, kinds=kinds, roles=roles,
-                 name="tiny", adds_prefix_space=prefix)
+    return Vocab(tokenizer=GreedyTokenizer(pieces, kinds, prefix), token_bytes=pieces, kinds=kinds,
+                 roles=roles, name="tiny", adds_prefix_space=prefix)
 
 
 def ids_of(vocab: Vocab, *tokens) -> list[int]:
@@ -145,8 +147,8 @@ def test_truncation_keeps_only_chunks_complete_on_both_sides():
 def test_batch_padding_and_max_chunks():
     teacher = make_vocab([b"a", b"b", b"c", b"d"], specials=("bos", "eos", "pad"))
     student = make_vocab([b"ab", b"cd", b"c", b"d"])
-    a = align_batch([teacher.encode("abcd"), teacher.encode("ab")], [student.encode("abcd"), student.encode("ab")],
-                    teacher, student)
+    a = align_batch([teacher.encode("abcd"), teacher.encode("ab")],
+                    [student.encode("abcd"), student.encode("ab")], teacher, student)
     assert a.teacher_input_ids.shape == (2, 4) and a.student_input_ids.shape == (2, 2)
     assert a.teacher_input_ids[1, 2:].tolist() == [teacher.roles["pad"]] * 2
     assert a.teacher_attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
@@ -189,7 +191,8 @@ def test_random_segmentations_give_exact_chunks():
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))).encode()
 
         def split(data: bytes) -> list[bytes]:
-            cuts = sorted(rng.sample(range(1, len(data)), k=rng.randint(0, len(data) - 1))) if len(data) > 1 else []
+            cuts = (sorted(rng.sample(range(1, len(data)), k=rng.randint(0, len(data) - 1))) if len(data)
+                    > 1 else [])
             return [data[i:j] for i, j in zip([0] + cuts, cuts + [len(data)])]
 
         t_pieces, s_pieces = split(text), split(text)
@@ -203,7 +206,8 @@ def test_random_segmentations_give_exact_chunks():
         assert all(prev[1] == cur[0] for prev, cur in zip(spans, spans[1:]))
         t_ends, s_ends = np.cumsum([len(p) for p in t_pieces]), np.cumsum([len(p) for p in s_pieces])
         assert [e for _, e in spans] == sorted(set(t_ends) & set(s_ends))
-        for vocab, ids, index in ((teacher, t, a.teacher_chunk_index[0]), (student, s, a.student_chunk_index[0])):
+        for vocab, ids, index in ((teacher, t, a.teacher_chunk_index[0]),
+                                  (student, s, a.student_chunk_index[0])):
             for chunk, (start, end) in enumerate(spans):
                 members = [vocab.token_bytes[i] for i, c in zip(ids, index.tolist()) if c == chunk]
                 assert b"".join(members) == text[start:end]
@@ -213,8 +217,8 @@ def test_tokenize_pair_truncates_to_a_common_boundary():
     teacher = make_vocab([b"one", b" two", b" three", b" t"])
     student = make_vocab([b" on", b"on", b"e", b" t", b"wo", b" th", b"ree"], prefix=True)
     pair = tokenize_pair("one two three", teacher, student, max_length=(3, 4))
-    # length cuts leave teacher [bos, one, " two"] (ends 3, 7) and student [bos, " on", e, " t"] (ends 2, 3, 5):
-    # the last shared end is 3
+    # length cuts leave teacher [bos, one, " two"] (ends 3, 7) and student [bos, " on", e, " t"] (ends 2, 3,
+    # 5): the last shared end is 3
     assert [teacher.token_bytes[i] for i in pair.teacher_ids] == [b"", b"one"]
     assert [student.token_bytes[i] for i in pair.student_ids] == [b"", b" on", b"e"]
     assert pair.num_bytes == 3
@@ -240,17 +244,19 @@ def test_phantom_flag_overrides_the_dummy_prefix_rule():
     teacher = make_vocab([b"Hi", b" there"])
     student = make_vocab([b" Hi", b" there", b"Hi"], prefix=True)
     t, s = ids_of(teacher, b"Hi", b" there"), ids_of(student, b" Hi", b" there")
-    # " Hi there" cut out of a longer text: the student's first space is real, the teacher's side starts with it
+    # " Hi there" cut out of a longer text: the student's first space is real, the teacher's side starts with
+    # it
     real = align_batch([ids_of(teacher, b" there")], [ids_of(student, b" there")], teacher, student,
                        phantom=[(None, False)])
     assert chunk_texts(real, 0, b" there") == [b" there"]
     guessed = align_batch([ids_of(teacher, b" there")], [ids_of(student, b" there")], teacher, student)
-    assert guessed.chunk_mask.sum().item() == 0  # the dummy-prefix rule strips the real space: no shared bytes
+    # the dummy-prefix rule strips the real space: no shared bytes
+    assert guessed.chunk_mask.sum().item() == 0
     assert chunk_texts(align_batch([t], [s], teacher, student, phantom=[(False, True)]), 0, b"Hi there") == \
         [b"Hi", b" there"]
 
 
-# ----------------------------------------------------------------------------------------------- real tokenizers
+# -------------------------------------------------------------------------------------------- real tokenizers
 
 SAMPLE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.\n\n    def f(x):\n\t\treturn x  *  2   \n",
@@ -259,8 +265,8 @@ SAMPLE_TEXTS = [
     "Русский текст и ελληνικά. Emoji: 🙂👍🏽🧑‍💻🇩🇪 and rare CJK 𠜎𠜱.",
     "   leading spaces, trailing tabs\t\t\nnumbers 1234567890 3.14159 2026-11-24",
 ]
-PAIRS = [("llama3", "mistral-v3"), ("mistral-v3", "gpt2"), ("llama3", "qwen"), ("smollm2-135m", "gemma3-270m"),
-         ("gemma3-270m", "mistral-v1")]
+PAIRS = [("llama3", "mistral-v3"), ("mistral-v3", "gpt2"), ("llama3", "qwen"),
+         ("smollm2-135m", "gemma3-270m"), ("gemma3-270m", "mistral-v1")]
 
 
 def _load(name):
@@ -280,7 +286,8 @@ def test_real_tokenizer_pairs_chunk_bytes_match(teacher_name, student_name):
         assert pair.num_bytes == len(data), (teacher_name, student_name, text)
         a = align_batch([pair.teacher_ids], [pair.student_ids], teacher, student)
         spans = [(s, e) for s, e in zip(a.chunk_byte_start[0].tolist(), a.chunk_byte_end[0].tolist())]
-        spans = [sp for sp, m, sp_special in zip(spans, a.chunk_mask[0].tolist(), a.chunk_is_special[0].tolist())
+        spans = [sp for sp, m, sp_special in zip(spans, a.chunk_mask[0].tolist(),
+                                                 a.chunk_is_special[0].tolist())
                  if m and not sp_special]
         assert spans[0][0] == 0 and spans[-1][1] == len(data)
         assert all(prev[1] == cur[0] for prev, cur in zip(spans, spans[1:]))

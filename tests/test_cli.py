@@ -1,5 +1,6 @@
-"""The three command lines in one style: `--set` everywhere, one-line user errors (exit 2), help on everything,
-and an initializer registered from this test module that runs through `transplant` like a built-in one."""
+"""The three command lines in one style: `--set` everywhere, one-line user errors (exit 2), help on
+everything, and an initializer registered from this test module that runs through `transplant` like a built-in
+one."""
 
 from __future__ import annotations
 
@@ -62,9 +63,11 @@ def test_unknown_set_key_on_each_command(tiny_pair, tmp_path, distill_recipe, hy
     assert_user_error(result, "unknown option kk for method 'fvt'", "valid options: numbers")
     assert not (tmp_path / "o").exists()
     result = run(distill_main, distill_recipe, "--set", "train.stepz=3")
-    assert_user_error(result, "unknown recipe key train.stepz", "valid keys in train: steps, micro_batch_size")
+    assert_user_error(result, "unknown recipe key train.stepz",
+                      "valid keys in train: steps, micro_batch_size")
     result = run(hypernet_main, "train", hypernet_recipe, "--set", "model.layerz=3")
-    assert_user_error(result, "unknown recipe key model.layerz", "valid keys in model: d_model, layers, heads")
+    assert_user_error(result, "unknown recipe key model.layerz",
+                      "valid keys in model: d_model, layers, heads")
 
 
 def test_bad_set_values_are_one_line(tiny_pair, tmp_path, distill_recipe, hypernet_recipe):
@@ -102,10 +105,11 @@ def test_print_recipe_shows_the_resolved_recipe(distill_recipe, hypernet_recipe)
 
 
 def test_module_entry_runs_each_command_as_launchers_call_it(distill_recipe, hypernet_recipe, monkeypatch):
-    """`python -m cli distill ...` is what torchrun -m and deepspeed --module run; deepspeed puts --local_rank=N
-    before the command name, and the runtime reads it as LOCAL_RANK."""
+    """`python -m cli distill ...` is what torchrun -m and deepspeed --module run; deepspeed puts
+    --local_rank=N before the command name, and the runtime reads it as LOCAL_RANK."""
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    result = run(main, "--local_rank=3", "distill", distill_recipe, "--set", "train.steps=7", "--print-recipe")
+    result = run(main, "--local_rank=3", "distill", distill_recipe, "--set", "train.steps=7",
+                 "--print-recipe")
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.stdout)["train"]["steps"] == 7
     import os
@@ -130,7 +134,8 @@ def test_hypernet_help_lists_train_and_apply_is_gone():
     result = run(hypernet_main, "--help")
     assert result.exit_code == 0 and "train" in result.output.split("Commands:")[1]
     assert "--method hypernet --set hypernet=DIR" in " ".join(result.output.split())
-    assert_user_error(run(hypernet_main, "apply", "a", "b", "c"), "No such command 'apply'; see hypernet --help")
+    assert_user_error(run(hypernet_main, "apply", "a", "b", "c"),
+                      "No such command 'apply'; see hypernet --help")
 
 
 def test_click_usage_errors_and_old_bare_overrides_are_one_line(distill_recipe, hypernet_recipe):
@@ -138,7 +143,8 @@ def test_click_usage_errors_and_old_bare_overrides_are_one_line(distill_recipe, 
                       "unexpected argument 'steps=3'; write it as --set steps=3")
     assert_user_error(run(distill_main, distill_recipe, "extra.yaml"), "unexpected argument 'extra.yaml'")
     assert_user_error(run(distill_main), "Missing argument 'RECIPE'; see distill --help")
-    assert_user_error(run(transplant_main, "methods", "--fast"), "No such option '--fast'; see transplant methods --help")
+    assert_user_error(run(transplant_main, "methods", "--fast"),
+                      "No such option '--fast'; see transplant methods --help")
     assert_user_error(run(transplant_main, "--dtype", "f8"), "Invalid value for '--dtype'")
 
 
@@ -147,7 +153,8 @@ def test_transplant_methods_shows_summaries_donor_needs_and_options():
     assert result.exit_code == 0, result.output
     blocks = {block.split(" ", 1)[0].rstrip(":"): block for block in result.output.strip().split("\n\n")}
     assert set(registry.available_methods()) <= set(blocks)
-    assert "needs a donor model" in blocks["omp"] and "--set k (int in [1, 4096], default 64)" in blocks["omp"]
+    assert ("needs a donor model" in blocks["omp"]
+            and "--set k (int in [1, 4096], default 64)" in blocks["omp"])
     assert "needs only the donor's tokenizer" in blocks["fvt"] and "--set numbers (bool" in blocks["fvt"]
     assert "Fast Vocabulary Transfer" in blocks["fvt"]
     assert_user_error(run(transplant_main, "methods", "nope"), "unknown method 'nope'")
@@ -204,7 +211,8 @@ def test_device_is_checked_before_anything_loads():
     if torch.cuda.is_available():
         assert "--device" not in result.output
     else:
-        assert_user_error(result, "--device cuda: this torch build sees no CUDA GPU", "use --device cpu or auto")
+        assert_user_error(result, "--device cuda: this torch build sees no CUDA GPU",
+                          "use --device cpu or auto")
     assert_user_error(run(transplant_main, "eval", "x", "--device", "tpu"), "--device tpu: not a device")
 
 
@@ -239,7 +247,8 @@ def test_an_initializer_registered_here_runs_through_the_cli(tiny_pair, tmp_path
     assert "--set scale (float in [0.0, 10.0], default 1.0): factor on the anchor row" in listed.output
     base = [str(tiny_pair["base_tied"]), "--donor", str(tiny_pair["donor_tok"]), "--method", throwaway_method]
     result = run(transplant_main, "--base", *base, "--set", "scale=0.5", "--set", "numbers=off",
-                 "--set", "dedup_cosine=1", "-o", tmp_path / "o", "--eval-bytes", "0")  # its rows copy one row
+                 "--set", "dedup_cosine=1", "-o", tmp_path / "o", "--eval-bytes",
+                 "0")  # its rows copy one row
     assert result.exit_code == 0, result.output
     assert f"with {throwaway_method}" in result.output and SEEN["scale"] == 0.5
     new_rows, base_rows = read_embeddings(tmp_path / "o").input, read_embeddings(tiny_pair["base_tied"]).input
@@ -270,6 +279,7 @@ def test_trust_remote_code_reaches_the_eval_loaders_only_when_passed(tiny_pair, 
     for flags, expected in (([], False), (["--trust-remote-code"], True)):
         seen.clear()
         result = CliRunner().invoke(transplant_main, ["eval", str(tiny_pair["base_tied"]), *flags, "--text",
-                                                      str(text), "--max-length", "16"], catch_exceptions=False)
+                                                      str(text), "--max-length", "16"],
+                                    catch_exceptions=False)
         assert result.exit_code == 0, result.output
         assert seen and set(seen) == {expected}

@@ -1,4 +1,5 @@
-"""Distillation data: documents, packing on both tokenizers, stitched alignments, deterministic sharded order."""
+"""Distillation data: documents, packing on both tokenizers, stitched alignments, deterministic sharded
+order."""
 
 from __future__ import annotations
 
@@ -44,8 +45,10 @@ def _check_chunks(alignment, teacher, student) -> int:
     checked = 0
     for row in range(alignment.chunk_mask.shape[0]):
         for chunk in torch.nonzero(alignment.chunk_mask[row])[:, 0].tolist():
-            t = _chunk_bytes(alignment.teacher_input_ids[row], alignment.teacher_chunk_index[row], teacher, chunk)
-            s = _chunk_bytes(alignment.student_input_ids[row], alignment.student_chunk_index[row], student, chunk)
+            t = _chunk_bytes(alignment.teacher_input_ids[row], alignment.teacher_chunk_index[row],
+                             teacher, chunk)
+            s = _chunk_bytes(alignment.student_input_ids[row], alignment.student_chunk_index[row],
+                             student, chunk)
             assert t == s, (row, chunk, t, s)
             first, last = alignment.teacher_chunk_first[row, chunk], alignment.teacher_chunk_last[row, chunk]
             assert (alignment.teacher_chunk_index[row, first:last + 1] == chunk).all()
@@ -98,7 +101,8 @@ def test_stitch_of_single_pieces_equals_align_batch(vocabs):
     windows = [packer.next_window() for _ in range(3)]
     assert all(len(w) == 1 for w in windows)
     ours = stitch(windows, teacher, student)
-    ref = align_batch([w[0].teacher_ids for w in windows], [w[0].student_ids for w in windows], teacher, student)
+    ref = align_batch([w[0].teacher_ids for w in windows], [w[0].student_ids for w in windows],
+                      teacher, student)
     for field in dataclasses.fields(ref):  # every field, so a field added to ChunkAlignment fails here first
         assert torch.equal(getattr(ours, field.name), getattr(ref, field.name)), field.name
 
@@ -123,7 +127,8 @@ def test_iteration_is_deterministic_and_resumes_from_state(vocabs):
         got = third.step_batches()[0]
         assert torch.equal(got.student_input_ids, expected.student_input_ids)
     other_seed = DistillLoader(Packer(docs, teacher, student, max_length=32, seed=8), micro_batch_size=2)
-    assert not torch.equal(other_seed.step_batches()[0].teacher_input_ids[:, :8], batches[0].teacher_input_ids[:, :8])
+    assert not torch.equal(other_seed.step_batches()[0].teacher_input_ids[:, :8],
+                           batches[0].teacher_input_ids[:, :8])
 
 
 def test_epochs_reshuffle_and_continue(vocabs):
@@ -141,12 +146,14 @@ def test_ranks_share_the_global_batch_like_accumulation(vocabs):
     teacher, student = vocabs
     docs = split_text(BASE_CORPUS, 300)
     single = DistillLoader(Packer(docs, teacher, student, max_length=32), micro_batch_size=2, grad_accum=2)
-    ranks = [DistillLoader(Packer(docs, teacher, student, max_length=32), micro_batch_size=2, rank=r, world_size=2)
+    ranks = [DistillLoader(Packer(docs, teacher, student, max_length=32), micro_batch_size=2, rank=r,
+                           world_size=2)
              for r in range(2)]
     for _ in range(3):
         accumulated = single.step_batches()
         for rank, loader in enumerate(ranks):
-            assert torch.equal(loader.step_batches()[0].teacher_input_ids, accumulated[rank].teacher_input_ids)
+            assert torch.equal(loader.step_batches()[0].teacher_input_ids,
+                               accumulated[rank].teacher_input_ids)
 
 
 def test_chat_markup_is_unaligned_and_content_is_aligned(vocabs):
@@ -158,7 +165,8 @@ def test_chat_markup_is_unaligned_and_content_is_aligned(vocabs):
         assert template_markup(teacher.tokenizer, CHAT) is None
         assert plain_markup(CHAT) == ["user: ", "\n\nassistant: ", ""]
         for mode in ("auto", "plain", "student"):
-            window = Packer([CHAT], teacher, student, max_length=128, chat_template=mode, pack=False).next_window()
+            window = Packer([CHAT], teacher, student, max_length=128, chat_template=mode,
+                            pack=False).next_window()
             alignment = stitch([window], teacher, student)
             shared = [b"".join(teacher.token_bytes[i] for i in p.teacher_ids) for p in window if p.aligned]
             # one shared piece per message, inside its content (a token straddling markup and content, like
@@ -177,26 +185,28 @@ def test_chat_markup_is_unaligned_and_content_is_aligned(vocabs):
 
 @pytest.fixture(scope="module")
 def sp_vocab(tmp_path_factory):
-    """A SentencePiece BPE (dummy prefix, byte fallback, [INST]/[/INST] control symbols) trained in the test."""
+    """A SentencePiece BPE (dummy prefix, byte fallback, [INST]/[/INST] control symbols) trained in the
+    test."""
     from tests.test_vocab import train_sentencepiece
 
     return load_vocab(train_sentencepiece(tmp_path_factory.mktemp("sp"), "chat"))
 
 
-MISTRAL_LIKE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST]{{ m['content'] }}[/INST]"
-                "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+MISTRAL_LIKE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST]{{ "
+                "m['content'] }}[/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
 
 
 @pytest.mark.parametrize("sp_side", ["student", "teacher"])
 def test_chat_is_tokenized_once_per_side_as_at_use(vocabs, sp_vocab, sp_side):
     """A conversation is rendered and tokenized once per side: the window holds exactly the ids the model gets
-    at use (SentencePiece: no dummy prefix before every turn, only where the tokenizer itself puts one), and the
-    contents found by byte offsets are aligned chunks that spell the same bytes on both sides."""
+    at use (SentencePiece: no dummy prefix before every turn, only where the tokenizer itself puts one), and
+    the contents found by byte offsets are aligned chunks that spell the same bytes on both sides."""
     byte_level = vocabs[0]
     teacher, student = (byte_level, sp_vocab) if sp_side == "student" else (sp_vocab, byte_level)
     sp_vocab.tokenizer.chat_template = MISTRAL_LIKE
     try:
-        chat = CHAT + [{"role": "user", "content": "And the dog?"}, {"role": "assistant", "content": "Asleep."}]
+        chat = CHAT + [{"role": "user", "content": "And the dog?"},
+                       {"role": "assistant", "content": "Asleep."}]
         window = Packer([chat], teacher, student, max_length=256, pack=False).next_window()
         rendered = sp_vocab.tokenizer.apply_chat_template(chat, tokenize=False)
         sp_ids = [i for p in window for i in (p.student_ids if sp_side == "student" else p.teacher_ids)]
@@ -244,7 +254,8 @@ def test_packed_documents_start_with_bos_in_no_chunk(vocabs):
     assert len(window) >= 2  # several documents in one sequence
     alignment = stitch([window], teacher, student)
     for prefix, vocab in (("teacher", teacher), ("student", student)):
-        ids, index = getattr(alignment, f"{prefix}_input_ids")[0], getattr(alignment, f"{prefix}_chunk_index")[0]
+        ids, index = (getattr(alignment, f"{prefix}_input_ids")[0],
+                      getattr(alignment, f"{prefix}_chunk_index")[0])
         bos = ids == vocab.roles["bos"]
         assert bos.sum() >= 2 and (index[bos] == -1).all()
 
@@ -257,7 +268,7 @@ def test_long_conversation_is_truncated_not_dropped(vocabs):
     assert any(p.aligned for p in window)
 
 
-# ------------------------------------------------------------------------------------------- streaming corpora
+# ------------------------------------------------------------------------------------------ streaming corpora
 def test_corpus_streams_txt_jsonl_and_gz_in_blocks(tmp_path):
     folder = tmp_path / "corpus"
     (folder / "sub").mkdir(parents=True)
@@ -280,7 +291,8 @@ def test_corpus_streams_txt_jsonl_and_gz_in_blocks(tmp_path):
     for epoch in (0, 1):
         shuffled = [corpus.document(5, epoch, k) for k in range(len(corpus))]
         assert sorted(map(str, shuffled)) == sorted(map(str, expected)) and shuffled != expected
-        gz_docs = [d for d in shuffled if d in expected[-8:] and isinstance(d, str) and (folder / "sub").exists()]
+        gz_docs = [d for d in shuffled if d in expected[-8:] and isinstance(d, str)
+                   and (folder / "sub").exists()]
         assert gz_docs  # the gz file's documents are there
     blocks, _ = corpus._order(5, 0, True)
     gz = corpus.sources.index(next(s for s in corpus.sources if s.compressed))
@@ -288,11 +300,12 @@ def test_corpus_streams_txt_jsonl_and_gz_in_blocks(tmp_path):
     assert (np.diff(gz_blocks) > 0).all()  # a compressed file is read forwards within an epoch
 
 
-# ------------------------------------------------------------------------------------------------ window index
+# ----------------------------------------------------------------------------------------------- window index
 def test_window_index_lets_each_rank_pack_only_its_windows(vocabs, tmp_path):
     teacher, student = vocabs
     docs = split_text(BASE_CORPUS + DONOR_CORPUS, 300)
-    single = DistillLoader(Packer(docs, teacher, student, max_length=32, seed=4), micro_batch_size=2, grad_accum=2)
+    single = DistillLoader(Packer(docs, teacher, student, max_length=32, seed=4), micro_batch_size=2,
+                           grad_accum=2)
     expected = [single.step_batches() for _ in range(3)]
     path = tmp_path / "index.json"
     index = shared_window_index(Packer(docs, teacher, student, max_length=32, seed=4), 12, path, "fp", True,
@@ -313,7 +326,8 @@ def test_window_index_lets_each_rank_pack_only_its_windows(vocabs, tmp_path):
         for step in range(3):
             got = loader.step_batches()[0]
             for field in dataclasses.fields(got):
-                assert torch.equal(getattr(got, field.name), getattr(expected[step][rank], field.name)), field.name
+                assert torch.equal(getattr(got, field.name),
+                                   getattr(expected[step][rank], field.name)), field.name
         assert len(calls) == 3 * 2  # its own 2 windows per step, not the global 4
         state = loader.state_dict()
         assert state["windows"] == 12 and state == dataclasses.asdict(index.state(12))
@@ -327,7 +341,8 @@ def test_a_small_mixed_corpus_is_mixed_from_the_first_documents(tmp_path):
     """Several small sources (one block each) are shuffled as one pool: a short run sees all of them. Before,
     blocks were shuffled as units and 30 healing steps read only the German source."""
     for name in ("english", "german", "code", "numbers"):
-        (tmp_path / f"{name}.txt").write_text("\n\n".join(f"{name} document {i} " + "x" * 40 for i in range(60)))
+        (tmp_path / f"{name}.txt").write_text("\n\n".join(f"{name} document {i} " + "x" * 40
+                                                          for i in range(60)))
     corpus = open_corpus([str(tmp_path / f"{n}.txt") for n in ("english", "german", "code", "numbers")],
                          doc_bytes=50, block_docs=100)
     first = [corpus.document(seed=0, epoch=0, position=i).split()[0] for i in range(24)]

@@ -1,4 +1,5 @@
-"""Issue 13, item 2: `extend --special` adds never-split tokens; a `--token` merges cannot make whole is an error."""
+"""Issue 13, item 2: `extend --special` adds never-split tokens; a `--token` merges cannot make whole is an
+error."""
 
 from __future__ import annotations
 
@@ -41,10 +42,12 @@ def test_special_token_is_one_id_in_the_written_tokenizer(tiny_pair, tmp_path):
     assert tokenizer.encode(TOOL, add_special_tokens=False) == [new_id]
     text = f"call{TOOL}{{'name': 'x'}} and the cat"
     ids = tokenizer.encode(text, add_special_tokens=False)
-    assert ids.count(new_id) == 1 and tokenizer.decode(ids, skip_special_tokens=True) == text.replace(TOOL, "")
-    # every existing id is unchanged, so is every existing row; the new rows are finite and not copies of a token
-    assert tokenizer.encode("the cat sat", add_special_tokens=False) == base_tokenizer.encode("the cat sat",
-                                                                                             add_special_tokens=False)
+    assert (ids.count(new_id) == 1 and tokenizer.decode(ids, skip_special_tokens=True)
+            == text.replace(TOOL, ""))
+    # every existing id is unchanged, so is every existing row; the new rows are finite and not copies of a
+    # token
+    assert (tokenizer.encode("the cat sat", add_special_tokens=False)
+            == base_tokenizer.encode("the cat sat", add_special_tokens=False))
     for new, old in ((model.get_input_embeddings(), base_model.get_input_embeddings()),
                      (model.get_output_embeddings(), base_model.get_output_embeddings())):
         assert torch.equal(new.weight[: len(base_tokenizer)], old.weight)
@@ -74,7 +77,8 @@ def test_existing_specials_are_kept_and_normal_tokens_are_not_promoted(tiny_pair
 def test_cli_special_and_token_errors(tiny_pair, tmp_path):
     runner = CliRunner()
     out = tmp_path / "out"
-    done = runner.invoke(transplant_main, ["extend", str(tiny_pair["base_tied"]), "--special", TOOL, "-o", str(out)])
+    done = runner.invoke(transplant_main,
+                         ["extend", str(tiny_pair["base_tied"]), "--special", TOOL, "-o", str(out)])
     assert done.exit_code == 0, done.output
     assert TOOL in done.output and (out / "config.json").exists()
     refused = runner.invoke(transplant_main, ["extend", str(tiny_pair["base_tied"]), "--token", TOOL, "-o",

@@ -30,8 +30,8 @@ def make_vocab(pieces: list[bytes], kinds: list[TokenKind]) -> Vocab:
 LETTERS = [bytes([c]) for c in b"abcdefghijklmnopqrstuvwxyz .\n"]
 WORDS = [b" the", b" cat", b" dog", b" sat", b" ran", b" on", b" to", b" mat", b" park", b" rug"]
 BASE = make_vocab([b""] + LETTERS + WORDS, [S] + [N] * (len(LETTERS) + len(WORDS)))
-# new: the shared words, plus " kitten" (used exactly like " cat"), " cats" (never in the text: spelling only),
-# "zqx" (never in the text, no n-gram in common with it: FVT's row) and a new special without bytes
+# new: the shared words, plus " kitten" (used exactly like " cat"), " cats" (never in the text: spelling
+# only), "zqx" (never in the text, no n-gram in common with it: FVT's row) and a new special without bytes
 NEW_PIECES = [b""] + LETTERS + WORDS + [b" kitten", b" cats", b"zqx", b""]
 NEW = make_vocab(NEW_PIECES, [S] + [N] * (len(NEW_PIECES) - 2) + [S])
 KITTEN, CATS, ZQX = (NEW_PIECES.index(p) for p in (b" kitten", b" cats", b"zqx"))
@@ -50,7 +50,8 @@ def corpus(n_lines: int = 1500, seed: int = 0) -> str:
         elif r < 0.7:
             lines.append("the dog ran to the park.")
         else:
-            lines.append(" ".join("".join(rng.choice("abdfgijklmnopqrsuvwy") for _ in range(rng.randint(2, 6)))
+            lines.append(" ".join("".join(rng.choice("abdfgijklmnopqrsuvwy")
+                                          for _ in range(rng.randint(2, 6)))
                                   for _ in range(8)))
     return "\n".join(lines) + "\n"
 
@@ -98,7 +99,8 @@ def test_focus_weights_are_exact_sparsemax_of_cosines_to_every_overlapping_token
     ctx = focus_ctx(corpus_file)
     plan = get_initializer("focus")(ctx)
     model, _ = static.load_or_train(NEW, corpus_file.read_text(), static.FastTextSettings(dim=16, epochs=30,
-                                                                                          min_count=1, seed=0))
+                                                                                          min_count=1,
+                                                                                          seed=0))
     words = static.token_words(NEW)
     shared = [i for i in ctx.alignment.shared_new_ids.tolist() if words[i] and words[i] in model.words]
     anchors, _ = static.token_vectors(model, [words[i] for i in shared])
@@ -192,8 +194,9 @@ def test_sparsemax_knn_is_sparsemax_over_top_m_donor_neighbours():
     donor_in[-1] = 2.5 * donor_in[new_pieces.index(b"cd")]  # "gh" points exactly along "cd" in the donor
     alignment = align(base, new)
     ctx = InitContext(base_vocab=base, new_vocab=new, alignment=alignment,
-                      base_input=torch.randn(len(base), 4, generator=g), base_output=None, donor_input=donor_in,
-                      donor_output=donor_out, options={"top_m": 4, "temperature": 0.5, "numbers": False})
+                      base_input=torch.randn(len(base), 4, generator=g), base_output=None,
+                      donor_input=donor_in, donor_output=donor_out,
+                      options={"top_m": 4, "temperature": 0.5, "numbers": False})
     plan = get_initializer("sparsemax-knn")(ctx)
     assert plan.output_weights is not None  # the donor's own lm_head space gives the output rows
     anchors = [i for i in alignment.shared_new_ids.tolist() if i != 0]
@@ -226,6 +229,7 @@ def test_focus_transplant_with_a_tokenizer_only_donor(tiny_pair, tmp_path, monke
     transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_tok"], method="focus", output=out,
                           options={"corpus": str(text), "dim": 8, "epochs": 2, "min_count": 1})
     notes = json.loads((out / "report.json").read_text())["method_notes"]
-    assert notes["new_from_corpus"] > 0 and notes["overlapping_used"] > 0 and notes["fasttext_cached"] is False
+    assert (notes["new_from_corpus"] > 0 and notes["overlapping_used"] > 0
+            and notes["fasttext_cached"] is False)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(model.get_input_embeddings().weight).all()

@@ -17,8 +17,8 @@ N, S = TokenKind.NORMAL, TokenKind.SPECIAL
 def _pair():
     # base pieces: " cat" (1), "alog" (2), "do" (3), "g" (4), "zz"(5); new adds " catalog" (5) and "dog" (6)
     base = make_vocab([b"", b" cat", b"alog", b"do", b"g", b"zz"], [S, N, N, N, N, N], {"bos": 0}, {0: "<s>"})
-    new = make_vocab([b"", b" cat", b"alog", b"do", b"g", b" catalog", b"dog", b"dozz"], [S, N, N, N, N, N, N, N],
-                     {"bos": 0}, {0: "<s>"})
+    new = make_vocab([b"", b" cat", b"alog", b"do", b"g", b" catalog", b"dog", b"dozz"],
+                     [S, N, N, N, N, N, N, N], {"bos": 0}, {0: "<s>"})
     g = torch.Generator().manual_seed(0)
     base_rows = torch.randn(6, 8, generator=g)
     donor = torch.randn(8, 12, generator=g)
@@ -66,7 +66,8 @@ def test_ridge_weights_padding_and_shrinkage():
         a = rows[b, valid[b]]
         s2 = (a * a).sum(1).mean()
         m = a.shape[0]
-        expected = torch.linalg.solve(a @ a.T + 0.5 * s2 * torch.eye(m), a @ target[b] + 0.5 * s2 * prior[b, valid[b]])
+        expected = torch.linalg.solve(a @ a.T + 0.5 * s2 * torch.eye(m),
+                                      a @ target[b] + 0.5 * s2 * prior[b, valid[b]])
         assert torch.allclose(w[b, valid[b]], expected, atol=1e-5)
 
 

@@ -41,7 +41,8 @@ def _tensor(reader, name):
 
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory):
-    """A tiny Llama with a SentencePiece-style vocabulary: byte fallback, [INST] control pieces, a user piece."""
+    """A tiny Llama with a SentencePiece-style vocabulary: byte fallback, [INST] control pieces, a user
+    piece."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests.test_vocab import train_sentencepiece
@@ -78,7 +79,8 @@ def test_byte_level_llama_round_trips_through_gguf_and_transformers(tiny_pair, t
                                                               .read_text())["model"]["merges"][:3]]
     assert fields[MARKER_KEY] and fields["general.architecture"] == "llama"
     weights = load_file(str(tiny_pair["base_untied"] / "model.safetensors"))
-    for gguf_name, hf_name in (("token_embd.weight", "model.embed_tokens.weight"), ("output.weight", "lm_head.weight")):
+    for gguf_name, hf_name in (("token_embd.weight", "model.embed_tokens.weight"),
+                               ("output.weight", "lm_head.weight")):
         assert torch.equal(_tensor(reader, gguf_name)[1], weights[hf_name])
     # transformers reads the file back (undoing the rotary permutation) to the same model and tokenizer
     gguf_model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name).eval()
@@ -87,7 +89,8 @@ def test_byte_level_llama_round_trips_through_gguf_and_transformers(tiny_pair, t
     with torch.no_grad():
         assert torch.allclose(gguf_model(ids).logits, model(ids).logits, atol=1e-5)
     gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
-    assert gguf_tokenizer.encode(TEXT, add_special_tokens=False) == tokenizer.encode(TEXT, add_special_tokens=False)
+    assert (gguf_tokenizer.encode(TEXT, add_special_tokens=False)
+            == tokenizer.encode(TEXT, add_special_tokens=False))
 
 
 @pytest.mark.parametrize("outtype, qtype, atol", [("f16", "F16", 1e-3), ("q8_0", "Q8_0", 2e-2)])
@@ -114,20 +117,24 @@ def test_sentencepiece_vocab_types_scores_and_padding(spm_model, tmp_path):
     assert kind["<unk>"] == UNKNOWN and kind["<tool>"] == USER_DEFINED and kind["<0x0A>"] == BYTE
     assert Counter(types)[BYTE] == 256 and types[-8:] == [UNUSED] * 8 and tokens[-1].startswith("[PAD")
     assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_bos_token"] is True
-    assert fields["tokenizer.ggml.add_space_prefix"] is True and len(fields["tokenizer.ggml.scores"]) == len(tokens)
+    assert (fields["tokenizer.ggml.add_space_prefix"] is True
+            and len(fields["tokenizer.ggml.scores"]) == len(tokens))
     # the scores reproduce our merge order: transformers rebuilds the tokenizer from them with the same ids
     ours = AutoTokenizer.from_pretrained(spm_model)
     theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
     for text in ("The quick brown fox jumps", "Über straße café naïve", "for i in range(10):\n\tprint(i)"):
-        assert theirs.encode(text, add_special_tokens=False) == ours.encode(text, add_special_tokens=False), text
+        assert (theirs.encode(text, add_special_tokens=False)
+                == ours.encode(text, add_special_tokens=False)), text
 
 
 def test_refusals_are_one_line_and_write_nothing(tiny_pair, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(gpt2)
-    with pytest.raises(TransplantError, match="GPT2LMHeadModel; export-gguf supports LlamaForCausalLM") as info:
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2,
+                               n_positions=32)).save_pretrained(gpt2)
+    with pytest.raises(TransplantError,
+                       match="GPT2LMHeadModel; export-gguf supports LlamaForCausalLM") as info:
         export_gguf(gpt2, tmp_path / "a.gguf")
     assert "\n" not in str(info.value) and not (tmp_path / "a.gguf").exists()
     with pytest.raises(TransplantError, match="inside an input"):
@@ -143,16 +150,18 @@ def test_refusals_are_one_line_and_write_nothing(tiny_pair, tmp_path):
         export_gguf(tiny_pair["base_tied"], ours)
     export_gguf(tiny_pair["base_tied"], ours, outtype="f16", overwrite=True)  # an earlier export: replaced
     assert _fields(ours)[1]["general.file_type"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "ours.gguf", "stranger.gguf"]  # no temp files
+    # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "ours.gguf", "stranger.gguf"]
 
 
 def test_cli_export_gguf(tiny_pair, tmp_path):
     runner = CliRunner()
-    done = runner.invoke(transplant_main, ["export-gguf", str(tiny_pair["base_tied"]), "-o", str(tmp_path / "m.gguf"),
-                                           "--outtype", "q8_0"])
+    done = runner.invoke(transplant_main, ["export-gguf", str(tiny_pair["base_tied"]), "-o",
+                                           str(tmp_path / "m.gguf"), "--outtype", "q8_0"])
     assert done.exit_code == 0, done.output
     assert "q8_0" in done.output and "3 control" in done.output
-    refused = runner.invoke(transplant_main, ["export-gguf", str(tmp_path / "missing"), "-o", str(tmp_path / "x.gguf")])
+    refused = runner.invoke(transplant_main,
+                            ["export-gguf", str(tmp_path / "missing"), "-o", str(tmp_path / "x.gguf")])
     assert refused.exit_code == 2 and refused.output.startswith("error: ") and refused.output.count("\n") == 1
 
 
@@ -163,7 +172,8 @@ def test_llama3_rope_factors_match_transformers():
     scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
     config = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_parameters=scaling)
-    default, _ = ROPE_INIT_FUNCTIONS["default"](config, "cpu") if "default" in ROPE_INIT_FUNCTIONS else (None, None)
+    default, _ = (ROPE_INIT_FUNCTIONS["default"](config, "cpu") if "default" in ROPE_INIT_FUNCTIONS
+                  else (None, None))
     if default is None:
         default = 1.0 / (500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")

@@ -1,8 +1,8 @@
 """Issue 13, item 5: the hub without surprises, with `huggingface_hub` replaced by a local fake (no network).
 
 What is checked is which files are requested: a donor brings its tokenizer, plus only the shard(s) holding its
-embeddings for donor methods; a base brings everything; `--revision` reaches every request; `--trust-remote-code`
-reaches transformers; offline aliases offer a model only for a model.
+embeddings for donor methods; a base brings everything; `--revision` reaches every request;
+`--trust-remote-code` reaches transformers; offline aliases offer a model only for a model.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def hub(tiny_pair, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     sharded = tmp_path / "remote" / "donor"  # the donor with its weights in many shards, as big models are
-    AutoModelForCausalLM.from_pretrained(tiny_pair["donor_model"]).save_pretrained(sharded, max_shard_size="60KB")
+    AutoModelForCausalLM.from_pretrained(tiny_pair["donor_model"]).save_pretrained(sharded,
+                                                                                   max_shard_size="60KB")
     for item in tiny_pair["donor_tok"].iterdir():
         shutil.copy(item, sharded / item.name)
     (sharded / "README.md").write_text("model card")
@@ -66,7 +67,8 @@ def _shards(names):
 
 
 def test_tokenizer_only_method_downloads_tokenizer_files_only(hub, tiny_pair, tmp_path):
-    transplant.transplant(tiny_pair["base_tied"], "org/donor", method="fvt", output=tmp_path / "out", eval_texts=None)
+    transplant.transplant(tiny_pair["base_tied"], "org/donor", method="fvt", output=tmp_path / "out",
+                          eval_texts=None)
     got = hub.files("org/donor")
     assert not _shards(got) and "model.safetensors.index.json" not in got and "README.md" not in got
     assert {"tokenizer.json", "tokenizer_config.json"} <= got
@@ -77,16 +79,17 @@ def test_donor_method_downloads_only_the_embedding_shards(hub, tiny_pair, tmp_pa
     index = json.loads((hub.repos["org/donor"] / "model.safetensors.index.json").read_text())["weight_map"]
     wanted = {index["model.embed_tokens.weight"], index["lm_head.weight"]}
     assert len(set(index.values())) > len(wanted)  # the test means something only if some shards stay behind
-    result = transplant.transplant(tiny_pair["base_tied"], "org/donor", method=method, output=tmp_path / "out",
-                                   eval_texts=None, options={"k": 4} if method == "omp" else {})
+    result = transplant.transplant(tiny_pair["base_tied"], "org/donor", method=method,
+                                   output=tmp_path / "out", eval_texts=None,
+                                   options={"k": 4} if method == "omp" else {})
     assert result.method == (method or "fvt-ls")  # with a donor model the default reads donor embeddings too
     got = hub.files("org/donor")
     assert _shards(got) == wanted and "model.safetensors.index.json" in got and "README.md" not in got
 
 
 def test_base_from_hub_downloads_everything_at_the_revision(hub, tiny_pair, tmp_path):
-    transplant.transplant("org/base", tiny_pair["donor_tok"], method="fvt", output=tmp_path / "out", eval_texts=None,
-                          revision="v1.0")
+    transplant.transplant("org/base", tiny_pair["donor_tok"], method="fvt", output=tmp_path / "out",
+                          eval_texts=None, revision="v1.0")
     got = hub.files("org/base")
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= got
     assert {rev for repo, _, rev in hub.requests if repo == "org/base"} == {"v1.0"}
@@ -96,16 +99,16 @@ def test_base_from_hub_downloads_everything_at_the_revision(hub, tiny_pair, tmp_
 def test_donor_revision_reaches_the_donor_only(hub, tiny_pair, tmp_path):
     runner = CliRunner()
     done = runner.invoke(transplant_main, ["--base", str(tiny_pair["base_tied"]), "--donor", "org/donor",
-                                           "--method", "fvt", "--donor-revision", "abc123", "--eval-bytes", "0",
-                                           "-o", str(tmp_path / "out")])
+                                           "--method", "fvt", "--donor-revision", "abc123", "--eval-bytes",
+                                           "0", "-o", str(tmp_path / "out")])
     assert done.exit_code == 0, done.output
     assert {rev for _, _, rev in hub.requests} == {"abc123"}
 
 
 def test_revision_for_a_local_path_is_refused(tiny_pair, tmp_path):
     with pytest.raises(TransplantError, match="--revision v2 applies to hub ids only") as info:
-        transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_tok"], method="fvt", output=tmp_path / "o",
-                              revision="v2")
+        transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_tok"], method="fvt",
+                              output=tmp_path / "o", revision="v2")
     assert "\n" not in str(info.value)
 
 
@@ -140,7 +143,8 @@ def test_remote_code_refusal_names_the_flag(monkeypatch):
     from transplant.tokenizers.load import load_pretrained
 
     def refuse(*args, **kwargs):
-        raise ValueError("The repository org/x contains custom code which must be executed; set trust_remote_code=True")
+        raise ValueError("The repository org/x contains custom code which must be executed; set "
+                         "trust_remote_code=True")
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
     with pytest.raises(TransplantError, match="pass --trust-remote-code"):
@@ -158,7 +162,8 @@ def test_offline_base_alias_never_suggests_a_tokenizer(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    done = runner.invoke(transplant_main, ["--base", "llama", "--donor", "mistral-v3", "-o", str(tmp_path / "o")])
+    done = runner.invoke(transplant_main,
+                         ["--base", "llama", "--donor", "mistral-v3", "-o", str(tmp_path / "o")])
     assert done.exit_code == 2 and done.output.count("\n") == 1
     assert "no offline model stands in for it" in done.output and "'llama3' is" not in done.output
     donor = runner.invoke(transplant_main, ["--base", str(tmp_path / "missing"), "--donor", "llama"])

@@ -93,8 +93,8 @@ def test_gpt4_style_samples_the_token_shapes_of_llama3_family_tokenizers():
 
 def test_untrained_hypernet_is_fvt(tiny_pair):
     emb = read_embeddings(tiny_pair["base_untied"])
-    net = Hypernet(HypernetConfig(base_dim=emb.input.shape[1], base_vocab_size=emb.input.shape[0], untied=True,
-                                  d_model=16, layers=1, heads=2))
+    net = Hypernet(HypernetConfig(base_dim=emb.input.shape[1], base_vocab_size=emb.input.shape[0],
+                                  untied=True, d_model=16, layers=1, heads=2))
     ids = torch.tensor([[5, 7, 0]])
     mask = torch.tensor([[True, True, False]])
     rows_in, rows_out = net(ids, mask, emb.input, emb.output)
@@ -118,7 +118,8 @@ def _fixed_losses(net, tiny_pair):
                                 parts.base_output)
         lm_part = lm_loss(parts, pieces, batch, rows_in, rows_out, bos_id=0, predict_shared=False)
         pop = torch.tensor(aux_population(base)[:200])
-        pred_in, pred_out = net(*decompose_without_self(base, pop.tolist(), 8), parts.base_input, parts.base_output)
+        pred_in, pred_out = net(*decompose_without_self(base, pop.tolist(), 8), parts.base_input,
+                                parts.base_output)
         aux_part = aux_loss(pred_in, pred_out, pop, parts)
     return float(lm_part), float(aux_part)
 
@@ -138,8 +139,10 @@ def test_training_reduces_loss_saves_resumes_and_applies(tiny_pair, tmp_path):
     assert (out / "checkpoint" / "latest").read_text().strip() == "step_00000040"
     resumed = train(_recipe(tiny_pair, tmp_path, steps=45, resume=True))
     assert (resumed / "checkpoint" / "latest").read_text().strip() == "step_00000045"
-    assert [h["step"] for h in json.loads((resumed / "history.json").read_text())][-6:] == [40, 41, 42, 43, 44, 45]
-    assert sorted(p.name for p in (resumed / "checkpoint").glob("step_*")) == ["step_00000045"]  # only the newest
+    assert ([h["step"] for h in json.loads((resumed / "history.json").read_text())][-6:]
+            == [40, 41, 42, 43, 44, 45])
+    # only the newest
+    assert sorted(p.name for p in (resumed / "checkpoint").glob("step_*")) == ["step_00000045"]
     net = load_hypernet(out)
 
     result = transplant.transplant(tiny_pair["base_untied"], tiny_pair["donor_tok"], method="hypernet",
@@ -155,8 +158,10 @@ def test_training_reduces_loss_saves_resumes_and_applies(tiny_pair, tmp_path):
     donor, base = load_vocab(tiny_pair["donor_tok"]), load_vocab(tiny_pair["base_untied"])
     shared = [(i, base.bytes_to_id[b]) for i, b in enumerate(donor.token_bytes) if b in base.bytes_to_id]
     for new_id, old_id in shared[:30]:  # shared tokens are copied, not predicted
-        assert torch.equal(model.get_input_embeddings().weight[new_id], base_model.get_input_embeddings().weight[old_id])
-    new_ids = [i for i, b in enumerate(donor.token_bytes) if b.strip().isalpha() and b not in base.bytes_to_id]
+        assert torch.equal(model.get_input_embeddings().weight[new_id],
+                           base_model.get_input_embeddings().weight[old_id])
+    new_ids = [i for i, b in enumerate(donor.token_bytes) if b.strip().isalpha()
+               and b not in base.bytes_to_id]
     predicted, _ = net(*decompose(base, [donor.token_bytes[new_ids[0]]], 8), *(
         read_embeddings(tiny_pair["base_untied"]).input, read_embeddings(tiny_pair["base_untied"]).output))
     assert torch.allclose(model.get_input_embeddings().weight[new_ids[0]], predicted[0], atol=1e-5)
@@ -201,17 +206,19 @@ def test_byte_pool_learned_fit_and_apply(tiny_pair, tmp_path, monkeypatch):
     _, stats = bpl.fit_pooler(base, rows, None, steps=150, dim=32, lr=5e-3)
     assert stats["heldout_error_after"] < stats["heldout_error_before"]
     monkeypatch.setenv("TOKENTRANSPLANT_CACHE", str(tmp_path / "cache"))
-    result = transplant.transplant(tiny_pair["base_untied"], tiny_pair["donor_tok"], method="byte-pool-learned",
-                                   output=tmp_path / "m", options={"steps": 30, "dim": 16},
-                                   eval_texts={"sample": TEXT})
+    result = transplant.transplant(tiny_pair["base_untied"], tiny_pair["donor_tok"],
+                                   method="byte-pool-learned", output=tmp_path / "m",
+                                   options={"steps": 30, "dim": 16}, eval_texts={"sample": TEXT})
     assert result.extra["notes"]["predicted"] > 0 and result.bpb_after is not None
     assert list((tmp_path / "cache" / "byte_pool").glob("*.safetensors"))
-    again = transplant.transplant(tiny_pair["base_untied"], tiny_pair["donor_tok"], method="byte-pool-learned",
-                                  output=tmp_path / "m2", options={"steps": 30, "dim": 16})
+    again = transplant.transplant(tiny_pair["base_untied"], tiny_pair["donor_tok"],
+                                  method="byte-pool-learned", output=tmp_path / "m2",
+                                  options={"steps": 30, "dim": 16})
     assert "cached" in again.extra["notes"]
 
 
-@pytest.mark.parametrize("recipe_path", sorted((Path(__file__).parents[1] / "recipes").glob("hypernet_*.yaml")),
+@pytest.mark.parametrize("recipe_path",
+                         sorted((Path(__file__).parents[1] / "recipes").glob("hypernet_*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_recipes_are_valid_and_documented(recipe_path):
     text = recipe_path.read_text()

@@ -1,7 +1,7 @@
 """The hypernetwork on any causal-LM base: tiny Llama, Gemma-3 (sqrt(d) embedding scale, logit soft-capping),
-GPT-2 (position embeddings, an output bias) and GPT-NeoX models built here. The hypernetwork's LM path is checked
-against each model's own forward on the same ids, fed the model's own rows and exact-FVT rows; then each
-trains a few steps and applies through `transplant --method hypernet`."""
+GPT-2 (position embeddings, an output bias) and GPT-NeoX models built here. The hypernetwork's LM path is
+checked against each model's own forward on the same ids, fed the model's own rows and exact-FVT rows; then
+each trains a few steps and applies through `transplant --method hypernet`."""
 
 from __future__ import annotations
 
@@ -45,16 +45,17 @@ def build_model(arch: str, vocab_size: int, bos: int, eos: int, pad: int, seed: 
                                             tie_word_embeddings=False, **ids))
     if arch == "gemma3":
         return Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                  head_dim=8, final_logit_softcapping=2.0, sliding_window=8, **ids))
+                                                  num_hidden_layers=2, num_attention_heads=4,
+                                                  num_key_value_heads=2, head_dim=8,
+                                                  final_logit_softcapping=2.0, sliding_window=8, **ids))
     if arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=1024,
-                                           **ids))
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4,
+                                           n_positions=1024, **ids))
         model.lm_head.bias = torch.nn.Parameter(torch.randn(vocab_size))  # an output bias to honour
         return model
     return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=4, tie_word_embeddings=False,
-                                            **ids))
+                                            num_hidden_layers=2, num_attention_heads=4,
+                                            tie_word_embeddings=False, **ids))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,8 @@ def test_own_rows_through_the_hypernet_path_equal_the_models_forward(arch, base_
     ids = _ids(len(base_vocab))
     rows_out = parts.base_output if parts.base_output is not None else parts.base_input
     with torch.no_grad():
-        hidden = hidden_states(parts, embed(parts, parts.base_input, ids), torch.ones_like(ids, dtype=torch.bool))
+        hidden = hidden_states(parts, embed(parts, parts.base_input, ids),
+                               torch.ones_like(ids, dtype=torch.bool))
         logits = output_logits(parts, hidden, rows_out, parts.output_bias)
         expected = model(input_ids=ids).logits
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
@@ -92,8 +94,9 @@ def test_own_rows_through_the_hypernet_path_equal_the_models_forward(arch, base_
 
 
 def _reference_model(arch: str, model, pieces: TokenizerPieces, bos: int):
-    """The same body with a vocabulary of the sampled tokenizer's ids plus one (the base BOS), whose rows ARE the
-    exact FVT rows (mean of the base pieces' rows; output bias copied for shared tokens, else averaged)."""
+    """The same body with a vocabulary of the sampled tokenizer's ids plus one (the base BOS), whose rows ARE
+    the exact FVT rows (mean of the base pieces' rows; output bias copied for shared tokens, else
+    averaged)."""
     parts = lm_parts(model)
     size = len(pieces.tok) + 1
     ref = build_model(arch, size, bos, bos, bos, seed=1).eval()
@@ -121,14 +124,16 @@ def _reference_model(arch: str, model, pieces: TokenizerPieces, bos: int):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fvt_rows_through_the_lm_loss_equal_the_fvt_models_forward(arch, base_vocab, tiny_pair):
     """An untrained hypernetwork is FVT; with every token predicted (predict_shared) and the softmax subset
-    covering the whole sampled vocabulary (so the sampled-softmax correction is log 1 = 0), the LM loss must be
-    the cross-entropy of a model whose rows ARE the FVT rows, run by its own forward on the same ids."""
+    covering the whole sampled vocabulary (so the sampled-softmax correction is log 1 = 0), the LM loss must
+    be the cross-entropy of a model whose rows ARE the FVT rows, run by its own forward on the same ids."""
     model = _model(arch, base_vocab)
     parts = lm_parts(model)
-    tok = real_tokenizer(load_vocab(tiny_pair["donor_tok"]))  # another tokenizer: its FVT rows are not the base's
+    # another tokenizer: its FVT rows are not the base's
+    tok = real_tokenizer(load_vocab(tiny_pair["donor_tok"]))
     pieces = TokenizerPieces(tok, base_vocab, max_pieces=8)
-    net = Hypernet(HypernetConfig(base_dim=32, base_vocab_size=len(base_vocab), untied=not parts.tied, d_model=16,
-                                  layers=1, heads=2), *base_stats(parts.base_input, parts.base_output))
+    net = Hypernet(HypernetConfig(base_dim=32, base_vocab_size=len(base_vocab), untied=not parts.tied,
+                                  d_model=16, layers=1, heads=2),
+                   *base_stats(parts.base_input, parts.base_output))
     ids = torch.tensor([seq[:20] for seq in tok.encode_batch([BASE_CORPUS[:150], DONOR_CORPUS[:150]])])
     subset = torch.nonzero(pieces.has_pieces).flatten()
     seen = torch.zeros(len(tok), dtype=torch.bool)
@@ -178,16 +183,20 @@ def test_trains_and_applies_on_each_family(arch, base_vocab, tiny_pair, tmp_path
     net = load_hypernet(out)
     parts = lm_parts(model)
     assert net.config.untied == (parts.base_output is not None)
-    moved = any(p.abs().sum() > 0 for n, p in net.named_parameters() if n.startswith(("input_head", "output_head")))
+    moved = any(p.abs().sum() > 0 for n, p in net.named_parameters()
+                if n.startswith(("input_head", "output_head")))
     assert moved  # the zero-initialised heads left FVT
-    result = transplant.transplant(model_dir, tiny_pair["donor_tok"], method="hypernet", output=tmp_path / "model",
-                                   options={"hypernet": str(out)}, eval_texts={"sample": DONOR_CORPUS[:300]})
+    result = transplant.transplant(model_dir, tiny_pair["donor_tok"], method="hypernet",
+                                   output=tmp_path / "model", options={"hypernet": str(out)},
+                                   eval_texts={"sample": DONOR_CORPUS[:300]})
     assert result.extra["notes"]["predicted"] > 0 and result.bpb_after is not None
     donor = load_vocab(tiny_pair["donor_tok"])
-    new = [i for i, b in enumerate(donor.token_bytes) if b.strip().isalpha() and b not in base_vocab.bytes_to_id][0]
+    new = [i for i, b in enumerate(donor.token_bytes) if b.strip().isalpha()
+           and b not in base_vocab.bytes_to_id][0]
     from transformers import AutoModelForCausalLM
 
     applied = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     with torch.no_grad():
-        predicted, _ = net(*decompose(base_vocab, [donor.token_bytes[new]], 8), parts.base_input, parts.base_output)
+        predicted, _ = net(*decompose(base_vocab, [donor.token_bytes[new]], 8), parts.base_input,
+                           parts.base_output)
     torch.testing.assert_close(applied.get_input_embeddings().weight[new], predicted[0], atol=1e-5, rtol=1e-5)

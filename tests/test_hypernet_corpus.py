@@ -29,7 +29,8 @@ def make_folder(root: Path) -> dict[str, str]:
     texts = {"a.txt": "alpha line one\nalpha line two ünïcödé\n" * 50,
              "b.jsonl": "".join(json.dumps({"text": f"bravo record {i}"}) + "\n" for i in range(40)),
              "c.txt.gz": "charlie gz text\n" * 60,
-             "d.jsonl.gz": "".join(json.dumps({"messages": [{"role": "user", "content": f"delta {i}"}]}) + "\n"
+             "d.jsonl.gz": "".join(json.dumps({"messages": [{"role": "user", "content": f"delta {i}"}]})
+                                   + "\n"
                                    for i in range(30))}
     for name, text in texts.items():
         if name.endswith(".gz"):
@@ -61,7 +62,8 @@ def test_stream_reads_every_file_mixes_them_and_resumes_exactly(tmp_path):
     seen = "".join(piece for block in blocks for piece in block)
     for marker in ("alpha line two ünïcödé", "bravo record 39", "charlie gz text", "delta 29"):
         assert marker in seen
-    assert any(sum(m in "".join(block) for m in ("alpha", "bravo", "charlie", "delta")) >= 2 for block in blocks)
+    assert any(sum(m in "".join(block) for m in ("alpha", "bravo", "charlie", "delta")) >= 2
+               for block in blocks)
     assert max(stream.passes) >= 1  # small files start over
     # a fresh stream put at the saved position reads the same block
     state = stream.state_dict()
@@ -128,10 +130,10 @@ def _write_corpus(root: Path, copies: int, giant_line_mb: int) -> int:
 
 
 def _peak_rss(tiny_pair, tmp_path: Path, name: str, corpus: Path) -> float:
-    recipe = {"base": str(tiny_pair["base_untied"]), "output_dir": str(tmp_path / name), "corpus": str(corpus),
-              "steps": 16, "resample_every": 1, "block_bytes": 300_000, "batch_size": 2, "seq_len": 24,
-              "vocab_size": [1000, 2000], "negatives": 32, "aux_tokens": 32, "save_every": 100, "log_every": 1,
-              "model": {"d_model": 16, "layers": 1, "heads": 2}}
+    recipe = {"base": str(tiny_pair["base_untied"]), "output_dir": str(tmp_path / name),
+              "corpus": str(corpus), "steps": 16, "resample_every": 1, "block_bytes": 300_000,
+              "batch_size": 2, "seq_len": 24, "vocab_size": [1000, 2000], "negatives": 32, "aux_tokens": 32,
+              "save_every": 100, "log_every": 1, "model": {"d_model": 16, "layers": 1, "heads": 2}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
@@ -146,8 +148,9 @@ def _peak_rss(tiny_pair, tmp_path: Path, name: str, corpus: Path) -> float:
 
 @pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_corpus(tiny_pair, tmp_path):
-    """~2 MB and ~230 MB on disk (text, jsonl, gzip, a 120 MB single line): the same training run's peak RSS may
-    differ by noise, not by the corpus (the old reader held the whole corpus and its substring Counter)."""
+    """~2 MB and ~230 MB on disk (text, jsonl, gzip, a 120 MB single line): the same training run's peak RSS
+    may differ by noise, not by the corpus (the old reader held the whole corpus and its substring
+    Counter)."""
     small_size = _write_corpus(tmp_path / "small", copies=100, giant_line_mb=1)
     large_size = _write_corpus(tmp_path / "large", copies=10000, giant_line_mb=120)
     try:
@@ -158,5 +161,6 @@ def test_peak_memory_does_not_grow_with_the_corpus(tiny_pair, tmp_path):
         for folder in ("small", "large"):
             for item in (tmp_path / folder).iterdir():
                 item.unlink()
-    print(f"peak RSS: {small} MB on {small_size / 2**20:.1f} MB of corpus, {large} MB on {large_size / 2**20:.0f} MB")
+    print(f"peak RSS: {small} MB on {small_size / 2**20:.1f} MB of corpus, {large} MB on "
+          f"{large_size / 2**20:.0f} MB")
     assert large - small < 40, (small, large)  # MB; the large corpus alone is ~230 MB

@@ -29,9 +29,9 @@ def recipe(tiny_pair, tmp_path: Path, name: str, **extra) -> dict:
     if not corpus.exists():
         corpus.write_text(BASE_CORPUS + DONOR_CORPUS)
     return {"base": str(tiny_pair["base_untied"]), "output_dir": str(tmp_path / name), "corpus": str(corpus),
-            "steps": 6, "batch_size": 2, "vocab_size": [300, 600], "negatives": 32, "aux_tokens": 32, "seq_len": 24,
-            "resample_every": 2, "block_bytes": 8000, "save_every": 100, "log_every": 1, "lr": 1e-2, "warmup": 2,
-            "model": {"d_model": 16, "layers": 1, "heads": 2}, **extra}
+            "steps": 6, "batch_size": 2, "vocab_size": [300, 600], "negatives": 32, "aux_tokens": 32,
+            "seq_len": 24, "resample_every": 2, "block_bytes": 8000, "save_every": 100, "log_every": 1,
+            "lr": 1e-2, "warmup": 2, "model": {"d_model": 16, "layers": 1, "heads": 2}, **extra}
 
 
 def weights(output_dir: str) -> dict[str, torch.Tensor]:
@@ -49,7 +49,8 @@ def losses(output_dir: str) -> list[tuple]:
 def test_stop_and_resume_equals_uninterrupted(tiny_pair, tmp_path):
     straight = recipe(tiny_pair, tmp_path, "straight")
     train(load_recipe(data=straight))
-    split = recipe(tiny_pair, tmp_path, "split", steps=3)  # stops inside a tokenizer round (rounds of 2 steps)
+    # stops inside a tokenizer round (rounds of 2 steps)
+    split = recipe(tiny_pair, tmp_path, "split", steps=3)
     train(load_recipe(data=split))
     train(load_recipe(data={**split, "steps": 6, "resume": True}))
     assert losses(split["output_dir"]) == losses(straight["output_dir"])
@@ -84,7 +85,8 @@ def test_two_gloo_processes_equal_one_with_accumulation(tiny_pair, tmp_path, lm_
 
 
 def test_bf16_trains_and_saves_fp32(tiny_pair, tmp_path):
-    out = train(load_recipe(data=recipe(tiny_pair, tmp_path, "bf16", steps=2, dtype="bfloat16", zero_stage=1)))
+    out = train(load_recipe(data=recipe(tiny_pair, tmp_path, "bf16", steps=2, dtype="bfloat16",
+                                        zero_stage=1)))
     saved = weights(str(out))
     assert all(t.dtype == torch.float32 for t in saved.values() if t.is_floating_point())
     assert all(torch.isfinite(torch.tensor(h["aux"])) for h in history(str(out)))

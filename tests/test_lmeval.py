@@ -1,7 +1,7 @@
 """Stock lm-eval on the project's local tasks (tt_bpb_*, tt_mc_small), on tiny models built here.
 
-lm-eval is slow to start, so one module-scoped run serves most tests. It runs with every socket connect refused:
-local tasks and local models must never touch the hub.
+lm-eval is slow to start, so one module-scoped run serves most tests. It runs with every socket connect
+refused: local tasks and local models must never touch the hub.
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ SAMPLE_TEXT = (
     "Numbers like 42, 1999 and 3.5 show up in ordinary prose.\n"
     "Über die Brücke gingen drei Kinder nach Hause.\n"
 ) * 6
-DOC_BYTES = 160  # every document fits one 256-token window of the tiny models, so both scorers see the same thing
+# every document fits one 256-token window of the tiny models, so both scorers see the same thing
+DOC_BYTES = 160
 MC_LIMIT = 12
 
 
 def _with_bos_added(src, dst):
-    """A copy of a tiny model whose tokenizer prepends <s> on encode, as SentencePiece Llama/Mistral ones do."""
+    """A copy of a tiny model whose tokenizer prepends <s> on encode, as SentencePiece Llama/Mistral ones
+    do."""
     from tokenizers import Tokenizer, processors
 
     shutil.copytree(src, dst)
@@ -55,8 +57,9 @@ def run(models):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket.socket, "connect", _refuse_connect)
         patch.setattr(socket, "create_connection", _refuse_connect)
-        results = lmeval.run_lm_eval([str(models["plain"]), str(models["bos"])], ["tt_mc_small", "tt_bpb_sample"],
-                                     limit=MC_LIMIT, texts={"sample": SAMPLE_TEXT}, doc_bytes=DOC_BYTES)
+        results = lmeval.run_lm_eval([str(models["plain"]), str(models["bos"])],
+                                     ["tt_mc_small", "tt_bpb_sample"], limit=MC_LIMIT,
+                                     texts={"sample": SAMPLE_TEXT}, doc_bytes=DOC_BYTES)
     return results
 
 
@@ -100,7 +103,8 @@ def test_table_has_one_row_per_model_and_task_metric_columns(run, models):
                       "tt_bpb_sample/bits_per_byte"]
     row = [cell.strip() for cell in lines[2].strip("|").split("|")]
     assert row[0] == str(models["plain"])
-    assert float(row[4]) == pytest.approx(run[str(models["plain"])]["tt_bpb_sample"]["bits_per_byte"], abs=1e-4)
+    assert (float(row[4])
+            == pytest.approx(run[str(models["plain"])]["tt_bpb_sample"]["bits_per_byte"], abs=1e-4))
     assert "±" in row[1]  # acc carries its standard error
     only_bpb = lmeval.format_table(run, metrics=["bits_per_byte"]).splitlines()[0]
     assert "acc" not in only_bpb and "tt_bpb_sample/bits_per_byte" in only_bpb
@@ -124,10 +128,12 @@ def test_prepare_local_tasks_writes_absolute_paths_and_reuses_dir(tmp_path):
     for task in ("tt_bpb_sample", "tt_mc_small"):
         config = yaml.safe_load((first / f"{task}.yaml").read_text())
         data_file = config["dataset_kwargs"]["data_files"]["test"]
-        assert config["task"] == task and data_file.startswith("/") and (first / f"{task}.jsonl").samefile(data_file)
+        assert (config["task"] == task and data_file.startswith("/")
+                and (first / f"{task}.jsonl").samefile(data_file))
     other = lmeval.prepare_local_tasks(["tt_bpb_sample"], texts={"sample": "other text\n"}, root=tmp_path)
     assert other != first
-    assert [json.loads(line)["text"] for line in (other / "tt_bpb_sample.jsonl").read_text().splitlines()] == [
+    assert [json.loads(line)["text"]
+            for line in (other / "tt_bpb_sample.jsonl").read_text().splitlines()] == [
         "other text\n"]
 
 
@@ -162,7 +168,8 @@ def test_errors_name_the_problem(tiny_pair, tmp_path, monkeypatch):
 
 def test_tt_bpb_expands_to_every_slice():
     every = [f"tt_bpb_{name}" for name in lmeval.bpb_slices()]
-    assert lmeval._expand_tasks(["tt_bpb", "tt_mc_small"], {"mine": "x"}) == every + ["tt_bpb_mine", "tt_mc_small"]
+    assert (lmeval._expand_tasks(["tt_bpb", "tt_mc_small"], {"mine": "x"})
+            == every + ["tt_bpb_mine", "tt_mc_small"])
     assert lmeval._expand_tasks("tt_mc_small,tt_bpb_code", None) == ["tt_mc_small", "tt_bpb_code"]
 
 
@@ -176,7 +183,8 @@ def test_smollm2_above_chance_and_bpb_near_reference():
     assert scores["tt_mc_small"]["samples"] == 80
     assert scores["tt_mc_small"]["acc"] > 0.25 + 3 * scores["tt_mc_small"]["acc_stderr"]  # chance is 0.25
     bpb = scores["tt_bpb_english"]["bits_per_byte"]
-    assert 0.85 < bpb < 1.3  # measured 0.936 (9 documents of ~2 KB); `transplant eval` on the whole slice: 0.896
+    # measured 0.936 (9 documents of ~2 KB); `transplant eval` on the whole slice: 0.896
+    assert 0.85 < bpb < 1.3
     model, tokenizer = load_for_eval(model_dir)
     docs = lmeval.heldout_documents("english", n_bytes=16384)
     assert bpb == pytest.approx(bits_per_byte(model, tokenizer, docs), rel=1e-4)

@@ -13,11 +13,11 @@ from transplant.pipeline import transplant
 from transplant.tokenizers.family import FAMILY_FAST_CLASSES, GENERIC_CLASS, saved_class
 from transplant.tokenizers.load import load_vocab
 
-# The fast family classes transformers 4.x ships (as `<name>Fast`, chosen by AutoTokenizer for `<name>`): a fixed
-# list, since 4.x is not installed next to 5.x here.
-TRANSFORMERS_4_FAST = {"LlamaTokenizerFast", "CodeLlamaTokenizerFast", "GemmaTokenizerFast", "GPT2TokenizerFast",
-                       "Qwen2TokenizerFast", "GPTNeoXTokenizerFast", "BloomTokenizerFast", "CohereTokenizerFast",
-                       "PreTrainedTokenizerFast"}
+# The fast family classes transformers 4.x ships (as `<name>Fast`, chosen by AutoTokenizer for `<name>`): a
+# fixed list, since 4.x is not installed next to 5.x here.
+TRANSFORMERS_4_FAST = {"LlamaTokenizerFast", "CodeLlamaTokenizerFast", "GemmaTokenizerFast",
+                       "GPT2TokenizerFast", "Qwen2TokenizerFast", "GPTNeoXTokenizerFast",
+                       "BloomTokenizerFast", "CohereTokenizerFast", "PreTrainedTokenizerFast"}
 TEXTS = ["Hello world", "def add(a, b):\n    return a + b", " the cat  sat", "café 123"]
 
 
@@ -43,7 +43,8 @@ def test_model_card_metadata(tiny_pair, tmp_path):
     meta = card.data.to_dict()["tokentransplant"]
     assert meta["method"] == "fvt" and meta["options"]["numbers"] is False
     assert card.data.base_model is None  # a local folder is no Hub id
-    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # fvt has no donor model, still a plot
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # fvt has no donor model, still a
+    #                                                                       plot
 
 
 def test_hub_base_model_and_catalog_license():

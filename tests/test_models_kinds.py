@@ -81,10 +81,11 @@ def roberta(tmp_path_factory):
     models = {}
     for tied in (True, False):
         torch.manual_seed(3)
-        config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                               intermediate_size=64, max_position_embeddings=70, type_vocab_size=1,
-                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=tied)
+        config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=4, intermediate_size=64, max_position_embeddings=70,
+                               type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               tie_word_embeddings=tied)
         model = RobertaForMaskedLM(config)
         with torch.no_grad():  # a bias of zeros would hide a wrong mapping
             model.lm_head.bias.copy_(torch.randn(len(tokenizer)))
@@ -101,7 +102,8 @@ def test_masked_lm_bias_is_rebuilt_and_the_output_loads(roberta, tmp_path, kind)
 
     out = tmp_path / "out"
     transplant.transplant(roberta[kind], roberta["donor_tok"], method="fvt", output=out,
-                          eval_texts={"english": "The cat sat on the mat."})  # not a causal LM: BPB is skipped
+                          eval_texts={"english": "The cat sat on the mat."})  # not a causal LM: BPB is
+                          #                                                     skipped
     base_vocab, new_vocab = load_vocab(roberta[kind]), load_vocab(roberta["donor_tok"])
     model = AutoModelForMaskedLM.from_pretrained(out)  # refuses any size mismatch
     assert model.lm_head.bias.shape == (len(new_vocab),)
@@ -125,7 +127,8 @@ def test_masked_lm_bias_is_rebuilt_and_the_output_loads(roberta, tmp_path, kind)
             checked += 1
     assert checked > 10
     config = json.loads((out / "config.json").read_text())
-    assert config["pad_token_id"] == new_vocab.roles["pad"] and config["bos_token_id"] == new_vocab.roles["bos"]
+    assert (config["pad_token_id"] == new_vocab.roles["pad"]
+            and config["bos_token_id"] == new_vocab.roles["bos"])
     assert json.loads((out / "report.json").read_text())["bits_per_byte"] == {}  # skipped, not made up
 
 
@@ -177,13 +180,14 @@ def _tiny_llava(directory, tokenizer_dir):
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=28, patch_size=14, projection_dim=16)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=28, patch_size=14, projection_dim=16)
     config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=4,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
     LlavaForConditionalGeneration(config).save_pretrained(directory)
     _copy_tokenizer(tokenizer_dir, directory)
-    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": 28},
+                       crop_size={"height": 28, "width": 28}).save_pretrained(directory)
     (directory / "processor_config.json").write_text(json.dumps({"processor_class": "LlavaProcessor",
                                                                  "image_token": "<image>", "patch_size": 14}))
     (directory / "chat_template.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))

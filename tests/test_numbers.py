@@ -28,7 +28,8 @@ def test_digit_scheme_labels():
 def test_number_rows_are_the_mean_of_digit_pieces_in_both_roles():
     base, new = _vocabs()
     emb, out_emb = torch.randn(len(base), 6), torch.randn(len(base), 6)
-    ctx = InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=emb, base_output=out_emb)
+    ctx = InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=emb,
+                      base_output=out_emb)
     plan = compose_number_rows(get_initializer("zero")(ctx), ctx)
     assert plan.notes["number_tokens_composed"] == 2
     new_in = build_embedding(plan, "input", emb)
@@ -65,7 +66,8 @@ def test_each_method_declares_its_numbers_default():
 def test_tied_base_keeps_one_matrix_and_dense_rows_do_not_undo_numbers():
     base, new = _vocabs()
     emb = torch.randn(len(base), 6)
-    ctx = InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=emb, base_output=None)
+    ctx = InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=emb,
+                      base_output=None)
     plan = compose_number_rows(get_initializer("mean")(ctx), ctx)
     assert plan.output_weights is None
     new_in = build_embedding(plan, "input", emb)

@@ -40,7 +40,8 @@ def test_transplant_tokenizer_only_donor(tiny_pair, tmp_path, base_key, method):
             assert torch.equal(tensor, model.state_dict()[name]), name
     # shared tokens are copied exactly
     base_vocab = load_vocab(tiny_pair[base_key])
-    shared = [(i, base_vocab.bytes_to_id[b]) for i, b in enumerate(donor.token_bytes) if b in base_vocab.bytes_to_id]
+    shared = [(i, base_vocab.bytes_to_id[b]) for i, b in enumerate(donor.token_bytes)
+              if b in base_vocab.bytes_to_id]
     new_emb, old_emb = model.get_input_embeddings().weight, base_model.get_input_embeddings().weight
     for new_id, old_id in shared[:50]:
         assert torch.equal(new_emb[new_id], old_emb[old_id])
@@ -49,15 +50,17 @@ def test_transplant_tokenizer_only_donor(tiny_pair, tmp_path, base_key, method):
     assert generated.shape[1] >= 3
     assert result.bpb_before is not None and result.bpb_after is not None and result.bpb_after > 0
     report = json.loads((out / "report.json").read_text())
-    assert report["method"] == method and report["statistics"]["shared"] == len(shared) + 3  # + bos, eos, pad by role
+    # + bos, eos, pad by role
+    assert report["method"] == method and report["statistics"]["shared"] == len(shared) + 3
     assert (out / "report.md").exists() and (out / "README.md").read_text().count("tokentransplant") >= 1
 
 
-@pytest.mark.parametrize("method,options", [("omp", {"k": 4}), ("knn", {"k": 4}), ("sparsemax-knn", {"top_m": 4})])
+@pytest.mark.parametrize("method,options",
+                         [("omp", {"k": 4}), ("knn", {"k": 4}), ("sparsemax-knn", {"top_m": 4})])
 def test_donor_model_methods(tiny_pair, tmp_path, method, options):
     out = tmp_path / "out"
-    result = transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_model"], method=method, output=out,
-                                   options=options)
+    result = transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_model"], method=method,
+                                   output=out, options=options)
     report = json.loads((out / "report.json").read_text())
     assert report["reconstruction_error"]["n"] > 0
     assert 0 <= report["reconstruction_error"]["median"] <= 1.0 + 1e-6
@@ -69,8 +72,10 @@ def test_donor_model_methods(tiny_pair, tmp_path, method, options):
 
 
 def test_default_method_is_fvt_ls_with_donor_model_and_fvt_without(tiny_pair, tmp_path):
-    assert transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_model"], output=tmp_path / "a").method == "fvt-ls"
-    assert transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_tok"], output=tmp_path / "b").method == "fvt"
+    assert transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_model"],
+                                 output=tmp_path / "a").method == "fvt-ls"
+    assert transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_tok"],
+                                 output=tmp_path / "b").method == "fvt"
 
 
 def test_pad_to_multiple_and_dtype(tiny_pair, tmp_path):
@@ -98,7 +103,8 @@ def test_extend_vocab_keeps_ids_and_shortens_domain_text(tiny_pair, tmp_path):
     assert tokenizer.encode(ordinary, add_special_tokens=False) == base_vocab.encode(ordinary)
     old_model, _ = _load(tiny_pair["base_untied"])
     n_old = len(base_vocab)
-    assert torch.equal(model.get_input_embeddings().weight[:n_old], old_model.get_input_embeddings().weight[:n_old])
+    assert torch.equal(model.get_input_embeddings().weight[:n_old],
+                       old_model.get_input_embeddings().weight[:n_old])
 
 
 def test_extend_vocab_given_tokens(tiny_pair, tmp_path):
@@ -150,10 +156,11 @@ def test_cli_user_errors_one_line_exit_2(tiny_pair, tmp_path, args, message):
 def test_cli_existing_output_needs_overwrite(tiny_pair, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
-    result = _cli(["--base", tiny_pair["base_tied"], "--donor", tiny_pair["donor_tok"], "-o", out, "--eval-bytes", "0"])
+    result = _cli(["--base", tiny_pair["base_tied"], "--donor", tiny_pair["donor_tok"], "-o", out,
+                   "--eval-bytes", "0"])
     assert result.exit_code == 2 and "--overwrite" in result.output
-    ok = _cli(["--base", tiny_pair["base_tied"], "--donor", tiny_pair["donor_tok"], "-o", out, "--eval-bytes", "0",
-               "--overwrite"])
+    ok = _cli(["--base", tiny_pair["base_tied"], "--donor", tiny_pair["donor_tok"], "-o", out, "--eval-bytes",
+               "0", "--overwrite"])
     assert ok.exit_code == 0, ok.output
 
 
@@ -165,8 +172,8 @@ def test_cli_corrupt_tokenizer(tiny_pair, tmp_path):
 
 
 def test_console_script_exit_code(tiny_pair, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", "from cli import transplant_main; transplant_main()", "--base",
-                           "/nonexistent", "--donor", "x"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", "from cli import transplant_main; transplant_main()",
+                           "--base", "/nonexistent", "--donor", "x"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
 
 
@@ -186,7 +193,8 @@ def test_cli_eval_with_lm_eval_tasks(tiny_pair):
 
 
 def test_failed_evaluation_leaves_no_output(tiny_pair, tmp_path, monkeypatch):
-    """The report and BPB are made on the finished temp folder, so a crash there leaves nothing half-written."""
+    """The report and BPB are made on the finished temp folder, so a crash there leaves nothing
+    half-written."""
     import transplant.eval.bpb
 
     def broken(*args, **kwargs):
@@ -217,12 +225,14 @@ def test_hub_donor_fetches_weights_only_when_the_method_needs_them(tiny_pair, tm
 
     asked = []
 
-    def fake_download(hub_id, spec, *, need_model, tokenizer_only, revision):  # tests/test_hub.py: which files
+    # tests/test_hub.py: which files
+    def fake_download(hub_id, spec, *, need_model, tokenizer_only, revision):
         asked.append(tokenizer_only)
         raise TransplantError("offline")
 
     real_resolve = catalog.resolve_model
-    monkeypatch.setattr(catalog, "resolve_model", lambda s: "org/donor" if s == "org/donor" else real_resolve(s))
+    monkeypatch.setattr(catalog, "resolve_model",
+                        lambda s: "org/donor" if s == "org/donor" else real_resolve(s))
     monkeypatch.setattr(sources, "_from_hub", fake_download)
     with pytest.raises(TransplantError, match="offline"):
         transplant.transplant(tiny_pair["base_tied"], "org/donor", method=method, output=tmp_path / "out")

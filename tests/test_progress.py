@@ -47,7 +47,8 @@ def recorder(monkeypatch):
 
 
 def _planned(count: int, rows: int = 64) -> list[safetensors.PlannedTensor]:
-    return [safetensors.plan_tensor(f"t{i}", lambda i=i: torch.full((rows, 8), float(i)), torch.float32, (rows, 8))
+    return [safetensors.plan_tensor(f"t{i}", lambda i=i: torch.full((rows, 8), float(i)),
+                                    torch.float32, (rows, 8))
             for i in range(count)]
 
 
@@ -60,7 +61,8 @@ def test_shard_writing_counts_every_byte_and_is_shown_only_for_large_outputs(rec
     monkeypatch.setattr(safetensors, "PROGRESS_MIN_BYTES", 1)
     (tmp_path / "big").mkdir()
     safetensors.write_shards(tmp_path / "big", shards, {"format": "pt"})
-    assert recorder.bars[-1].disable is None and sum(recorder.bars[-1].updates) == total  # None: on a terminal
+    # None: on a terminal
+    assert recorder.bars[-1].disable is None and sum(recorder.bars[-1].updates) == total
 
 
 def test_bits_per_byte_bar_follows_the_scored_windows(recorder, tiny_pair):

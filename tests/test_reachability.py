@@ -35,14 +35,15 @@ def sp_path(tmp_path_factory):
     return train_sentencepiece(tmp_path_factory.mktemp("sp"), "fallback")
 
 
-# ---------------------------------------------------------------------------------------- which ids are unreachable
+# ---------------------------------------------------------------------------------- which ids are unreachable
 
 
 def test_byte_twins_are_never_emitted_and_other_fallback_bytes_are(sp_path):
     vocab = load_vocab(sp_path)
     twins = set(byte_twins(vocab))
     normal = {p for p, k in zip(vocab.token_bytes, vocab.kinds) if k is TokenKind.NORMAL}
-    byte_a = next(i for i, (p, k) in enumerate(zip(vocab.token_bytes, vocab.kinds)) if k is TokenKind.BYTE and p == b"a")
+    byte_a = next(i for i, (p, k) in enumerate(zip(vocab.token_bytes, vocab.kinds)) if k is TokenKind.BYTE
+                  and p == b"a")
     assert byte_a in twins
     assert all(vocab.token_bytes[i] in normal or vocab.token_bytes[i][0] >= 0xC0 for i in twins)
     emitted = set()
@@ -51,7 +52,8 @@ def test_byte_twins_are_never_emitted_and_other_fallback_bytes_are(sp_path):
     assert not emitted & twins
     assert not emitted & set(unreachable_ids(vocab).tolist())
     assert any(vocab.kinds[i] is TokenKind.BYTE for i in emitted)  # fallback bytes of 龘 are reachable
-    assert all(vocab.token_bytes[i][0] not in (0xC0, 0xC1, 0xFF) for i in emitted if vocab.kinds[i] is TokenKind.BYTE)
+    assert all(vocab.token_bytes[i][0] not in (0xC0, 0xC1, 0xFF) for i in emitted
+               if vocab.kinds[i] is TokenKind.BYTE)
 
 
 def test_every_piece_the_tokenizer_emits_is_reachable(sp_path):
@@ -77,7 +79,7 @@ def test_a_piece_no_merge_can_build_is_unreachable():
     assert vocab.encode("abc") == [3, 2]
 
 
-# ---------------------------------------------------------------------------- transplant onto a byte-fallback vocab
+# ---------------------------------------------------------------------- transplant onto a byte-fallback vocab
 
 
 def _twin_and_piece(vocab: Vocab) -> list[tuple[int, int]]:
@@ -106,7 +108,8 @@ def test_unreachable_rows_take_no_output_mass(tiny_pair, sp_path, tmp_path, base
     base_logits = hidden @ base_head[normal].T
     twin_logit = hidden @ head[twins[0]]
     assert torch.allclose(twin_logit, base_logits.mean(1), atol=1e-4)
-    assert bool((twin_logit <= torch.logsumexp(base_logits, 1) - torch.log(torch.tensor(float(len(normal))))).all())
+    assert bool((twin_logit
+                 <= torch.logsumexp(base_logits, 1) - torch.log(torch.tensor(float(len(normal))))).all())
     if base_key == "base_untied":  # the input row is never read, so it stays the copy of its piece
         embed = model.get_input_embeddings().weight
         assert torch.equal(embed[twins], embed[pieces])
@@ -118,31 +121,33 @@ def test_unreachable_rows_take_no_output_mass(tiny_pair, sp_path, tmp_path, base
 
 def test_keep_leaves_the_twin_copies(tiny_pair, sp_path, tmp_path):
     out = tmp_path / "out"
-    transplant.transplant(tiny_pair["base_tied"], sp_path, method="fvt", output=out, options={"unreachable": "keep"})
+    transplant.transplant(tiny_pair["base_tied"], sp_path, method="fvt", output=out,
+                          options={"unreachable": "keep"})
     head = AutoModelForCausalLM.from_pretrained(out).get_output_embeddings().weight
     twin, piece = _twin_and_piece(load_vocab(sp_path))[0]
     assert torch.equal(head[twin], head[piece])
 
 
-# ------------------------------------------------------------------------------------------------ near-duplicates
+# -------------------------------------------------------------------------------------------- near-duplicates
 
 
 def _dup_setup(tied: bool, seed: int = 0):
-    base = make_vocab([b"", b"i", b"s", b"is", b" ", b" the", b"x", b"q", b"ra", b"re"], [S] + [N] * 9, {"bos": 0},
-                      {0: "<s>"})
+    base = make_vocab([b"", b"i", b"s", b"is", b" ", b" the", b"x", b"q", b"ra", b"re"], [S] + [N] * 9,
+                      {"bos": 0}, {0: "<s>"})
     new = make_vocab([b"", b"is", b" ", b" the", b"isis", b" rare", b"x", b"q"], [S] + [N] * 7, {"bos": 0},
                      {0: "<s>"})
     g = torch.Generator().manual_seed(seed)
     emb = torch.randn(len(base), 16, generator=g)
     out = None if tied else torch.randn(len(base), 16, generator=g)
-    ctx = InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=emb, base_output=out,
-                      options=parse_options("fvt", {}))
+    ctx = InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=emb,
+                      base_output=out, options=parse_options("fvt", {}))
     return ctx
 
 
 def _plan_with_space_copy(ctx: InitContext) -> InitPlan:
     """A method that writes a near-copy of ` ` onto ` rare` (what omp did to `▁LGAGEmoji`)."""
-    rows, cols, vals = [0, 1, 2, 3, 6, 7, 4, 5, 5], [0, 3, 4, 5, 6, 7, 3, 4, 7], [1, 1, 1, 1, 1, 1, 1, 1.0, 0.02]
+    rows, cols, vals = ([0, 1, 2, 3, 6, 7, 4, 5, 5], [0, 3, 4, 5, 6, 7, 3, 4, 7],
+                        [1, 1, 1, 1, 1, 1, 1, 1.0, 0.02])
     return InitPlan(sparse_rows(rows, cols, vals, (len(ctx.new_vocab), len(ctx.base_vocab))))
 
 
@@ -181,12 +186,13 @@ def test_near_duplicate_search_matches_exact_cosines():
     matrix[900] = matrix[8] + 0.3 * torch.randn(256, generator=g)  # cosine ≈ 0.96: not a duplicate
     ids = torch.arange(100, 3000)
     found, matched, cos = near_duplicates(matrix, ids, reference, 0.99)
-    exact = torch.nn.functional.normalize(matrix[ids], dim=1) @ torch.nn.functional.normalize(matrix[:100], dim=1).T
+    exact = (torch.nn.functional.normalize(matrix[ids], dim=1)
+             @ torch.nn.functional.normalize(matrix[:100], dim=1).T)
     assert found.tolist() == (ids[exact.max(1).values > 0.99]).tolist() == [500]
     assert matched.tolist() == [7] and float(cos[0]) > 0.99
 
 
-# ------------------------------------------------------------------------------------ norms, ties, special literals
+# ------------------------------------------------------------------------------ norms, ties, special literals
 
 
 @pytest.mark.parametrize("mode", ["pieces", "median"])
@@ -205,11 +211,11 @@ def test_rescale_norm(mode):
 
 
 def test_tied_base_stays_tied_unless_asked(tiny_pair, tmp_path):
-    transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_model"], method="omp", output=tmp_path / "a",
-                          options={"k": 4})
+    transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_model"], method="omp",
+                          output=tmp_path / "a", options={"k": 4})
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "a").config.tie_word_embeddings is True
-    transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_model"], method="omp", output=tmp_path / "b",
-                          options={"k": 4, "untie": True})
+    transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_model"], method="omp",
+                          output=tmp_path / "b", options={"k": 4, "untie": True})
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "b")
     assert model.config.tie_word_embeddings is False
     assert not torch.equal(model.get_input_embeddings().weight, model.get_output_embeddings().weight)
@@ -228,7 +234,8 @@ def test_literal_special_match_wins_over_role():
 
 @pytest.mark.slow
 def test_real_mistral_v3_twins_get_the_mean_row():
-    """SmolLM2-135M <- Mistral v3 (the README demo pair): 125 byte-fallback twins + 13 bytes never in UTF-8."""
+    """SmolLM2-135M <- Mistral v3 (the README demo pair): 125 byte-fallback twins + 13 bytes never in
+    UTF-8."""
     from transplant.assets.sources import resolve_source
     from transplant.io import surgery
     from transplant.pipeline import new_embeddings

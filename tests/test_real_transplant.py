@@ -18,7 +18,8 @@ def transplanted(tmp_path_factory):
     from transplant.assets import texts
 
     eval_texts = {"english": texts.heldout("english", n_bytes=4096)}
-    return transplant.transplant("smollm2-135m", "mistral-v3", method="fvt", output=out, eval_texts=eval_texts)
+    return transplant.transplant("smollm2-135m", "mistral-v3", method="fvt", output=out,
+                                 eval_texts=eval_texts)
 
 
 def test_demo_output_loads_generates_and_tokenizes_like_sentencepiece(transplanted):
@@ -31,10 +32,12 @@ def test_demo_output_loads_generates_and_tokenizes_like_sentencepiece(transplant
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     # Mistral v3's 32,768 ids, then the base's two chat control tokens carried as specials (issue 13)
-    assert model.config.vocab_size == 32768 + 2 and model.config.bos_token_id == 1 and model.config.eos_token_id == 2
+    assert (model.config.vocab_size == 32768 + 2 and model.config.bos_token_id == 1
+            and model.config.eos_token_id == 2)
     assert tokenizer.convert_ids_to_tokens([32768, 32769]) == ["<|im_start|>", "<|im_end|>"]
     sp = spm.SentencePieceProcessor(model_file=str(fetch_tokenizer_file("mistral-v3")))
-    sample = (pytest.importorskip("pathlib").Path(__file__).parent / "data" / "multilingual_sample.txt").read_text()
+    sample = (pytest.importorskip("pathlib").Path(__file__).parent / "data"
+              / "multilingual_sample.txt").read_text()
     assert tokenizer.encode(sample, add_special_tokens=False) == sp.encode(sample)
     inputs = tokenizer("The capital of France is", return_tensors="pt")
     generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)

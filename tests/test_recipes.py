@@ -80,7 +80,8 @@ def test_a_mapping_field_is_one_value_replaced_whole(tmp_path):
 
 
 def test_interpolation_keeps_types_and_reports_bad_references(tmp_path):
-    toy = load_recipe(Toy, _write(tmp_path, "steps: 7\noptim: {warmup: '${steps}'}\nfiles: ['${output_dir}/x']\n"))
+    toy = load_recipe(Toy,
+                      _write(tmp_path, "steps: 7\noptim: {warmup: '${steps}'}\nfiles: ['${output_dir}/x']\n"))
     assert toy.optim.warmup == 7 and toy.files == ["out/toy/x"]
     assert "${nothing} names no key" in _error(tmp_path, "checkpoints: '${nothing}/ck'\n")
     assert "circle" in _error(tmp_path, "output_dir: '${checkpoints}'\n")
@@ -88,7 +89,8 @@ def test_interpolation_keeps_types_and_reports_bad_references(tmp_path):
 
 @pytest.mark.parametrize("text, overrides, expected", [
     ("stepz: 3\n", [], "unknown recipe key stepz; valid keys at the top level: output_dir, steps, verbose"),
-    ("optim: {lr: 1, beta: 2}\n", [], "unknown recipe key optim.beta; valid keys in optim: lr, betas, warmup"),
+    ("optim: {lr: 1, beta: 2}\n", [],
+     "unknown recipe key optim.beta; valid keys in optim: lr, betas, warmup"),
     ("", ["optim.lrr=1"], "unknown recipe key optim.lrr; valid keys in optim: lr, betas, warmup"),
     ("", ["steps.value=1"], "steps is a int, not a section; set steps=VALUE instead"),
     ("", ["steps=many"], "recipe key steps='many' is not a valid int; fix the value"),
@@ -167,7 +169,8 @@ def test_distill_and_hypernet_share_the_loader(tmp_path):
 
 
 def test_hypernet_recipe_defaults_follow_the_model_config():
-    """Unset sizes come from the preset (the 2M CPU one by default); the rest from HypernetConfig's defaults."""
+    """Unset sizes come from the preset (the 2M CPU one by default); the rest from HypernetConfig's
+    defaults."""
     defaults = {f.name: f.default for f in dataclasses.fields(HypernetConfig)}
     arch = HypernetRecipe().model.architecture(576)
     assert {k: arch[k] for k in ("max_pieces", "pooling", "dropout")} == {

@@ -1,10 +1,10 @@
 """The bad-input matrix of issue 12, end to end through the command lines on tiny models built here.
 
 Every user error is one line on stderr and exit code 2, with nothing written and nothing lost: each case
-snapshots its whole scratch folder (inputs, user files, the output's parent) before the run and compares after.
-The cases are the rows of the table in README.md's Errors section. What must work instead (overwriting an
-earlier output, honest bits per byte, cleanup after SIGTERM/SIGKILL, permissions, a tampered checkpoint that
-does not run) is in tests/test_reliability_outputs.py.
+snapshots its whole scratch folder (inputs, user files, the output's parent) before the run and compares
+after. The cases are the rows of the table in README.md's Errors section. What must work instead (overwriting
+an earlier output, honest bits per byte, cleanup after SIGTERM/SIGKILL, permissions, a tampered checkpoint
+that does not run) is in tests/test_reliability_outputs.py.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def edit_config(model: Path, **changes) -> Path:
 
 
 def rewrite_header(path: Path, change: Callable[[dict], object]) -> None:
-    """Apply `change` to a safetensors file's parsed header and write it back (bytes of the data unchanged)."""
+    """Apply `change` to a safetensors file's parsed header and write it back (bytes of the data
+    unchanged)."""
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + length])
@@ -107,7 +108,8 @@ def write_gguf(path: Path) -> Path:
 
     writer = gguf.GGUFWriter(str(path), arch="llama")
     writer.add_tokenizer_model("llama")
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + ["▁the", "▁a", "t", "h", "e", "▁"]
+    tokens = (["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+              + ["▁the", "▁a", "t", "h", "e", "▁"])
     writer.add_token_list(tokens)
     writer.add_token_scores([0.0] * len(tokens))
     writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * 6)
@@ -149,7 +151,8 @@ def unk_tokenizer(directory: Path) -> Path:
 def empty_tokenizer(directory: Path) -> Path:
     directory.mkdir()
     model = {"type": "BPE", "vocab": {}, "merges": [], "unk_token": None, "dropout": None,
-             "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False}
+             "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+             "byte_fallback": False}
     (directory / "tokenizer.json").write_text(json.dumps({
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
         "pre_tokenizer": None, "post_processor": None, "decoder": None, "model": model}))
@@ -287,20 +290,23 @@ CASES = {  # name: (build, fragment of the one-line error, command); README's Er
     "-o <parent of base> --overwrite": (_parent_of_base, "contains an input of this run", transplant_main),
     "output is a symlink": (_symlink, "symbolic link", transplant_main),
     "output under a file": (_under_a_file, "is a file, not a directory", transplant_main),
-    "output not writable": (_patched(atomic.os, "mkdir", _raise(errno.EACCES)), "Permission denied", transplant_main),
-    "not enough free space": (_patched(atomic.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 1)),
+    "output not writable": (_patched(atomic.os, "mkdir", _raise(errno.EACCES)), "Permission denied",
+                            transplant_main),
+    "not enough free space": (_patched(atomic.shutil, "disk_usage",
+                                       lambda p: shutil._ntuple_diskusage(1, 1, 1)),
                               "disk full", transplant_main),
     "EFBIG mid-write (ulimit -f)": (_patched(safetensors, "_copy_range", _raise(errno.EFBIG)), "ulimit -f",
                                     transplant_main),
-    "ENOSPC mid-write": (_patched(safetensors, "write_shard", _raise(errno.ENOSPC)), "disk full while writing",
-                         transplant_main),
+    "ENOSPC mid-write": (_patched(safetensors, "write_shard", _raise(errno.ENOSPC)),
+                         "disk full while writing", transplant_main),
     "shard with overlapping tensors": (_base_with(lambda b: rewrite_header(
         split_in_two_shards(b) / "model-00002-of-00002.safetensors", overlap)), "overlaps", transplant_main),
     "shard with bytes of no tensor": (_base_with(lambda b: (b / "model.safetensors").write_bytes(
         (b / "model.safetensors").read_bytes() + b"\0" * 8)), "belong to no tensor", transplant_main),
     "dtype x shape != bytes": (_base_with(lambda b: rewrite_header(b / "model.safetensors", lambda h: h[
         "model.norm.weight"].update(dtype="F16"))), "bytes for shape", transplant_main),
-    "header nested 200k deep": (_base_with(lambda b: rewrite_header(b / "model.safetensors", lambda h: NESTED)),
+    "header nested 200k deep": (_base_with(lambda b: rewrite_header(b / "model.safetensors",
+                                                                    lambda h: NESTED)),
                                 "nested too deeply", transplant_main),
     "truncated shard": (_base_with(lambda b: (b / "model.safetensors").write_bytes(
         (b / "model.safetensors").read_bytes()[:-100])), "truncated", transplant_main),
@@ -312,29 +318,33 @@ CASES = {  # name: (build, fragment of the one-line error, command); README's Er
                                         "tie_word_embeddings must be", transplant_main),
     "empty donor vocabulary": (_donor_file(lambda t: empty_tokenizer(t / "empty")), "empty vocabulary",
                                transplant_main),
-    "GGUF string length lies": (_donor_file(lambda t: lie_in_gguf(write_gguf(t / "v.gguf"), b"tokenizer.ggml.model",
-                                                                  4, 2**62)), "not a valid GGUF", transplant_main),
-    "GGUF array count lies": (_donor_file(lambda t: lie_in_gguf(write_gguf(t / "v.gguf"), b"tokenizer.ggml.scores",
-                                                                8, 2**40)), "not a valid GGUF", transplant_main),
-    "12 GB GGUF donor": (_donor_file(lambda t: sparse_file(t / "big.gguf", b"GGUF", 12 << 30)), "not a valid GGUF",
-                         transplant_main),
+    "GGUF string length lies": (_donor_file(lambda t: lie_in_gguf(write_gguf(t / "v.gguf"),
+                                                                  b"tokenizer.ggml.model", 4, 2**62)),
+                                "not a valid GGUF", transplant_main),
+    "GGUF array count lies": (_donor_file(lambda t: lie_in_gguf(write_gguf(t / "v.gguf"),
+                                                                b"tokenizer.ggml.scores", 8, 2**40)),
+                              "not a valid GGUF", transplant_main),
+    "12 GB GGUF donor": (_donor_file(lambda t: sparse_file(t / "big.gguf", b"GGUF", 12 << 30)),
+                         "not a valid GGUF", transplant_main),
     "600 MB non-GGUF donor": (_donor_file(lambda t: sparse_file(t / "big.json", b"{", 600 << 20)),
                               "too large for a tokenizer file", transplant_main),
-    "corrupt tokenizer.json": (_donor_file(lambda t: write(t / "tokenizer.json", b'{"model": ')), "not valid JSON",
-                               transplant_main),
+    "corrupt tokenizer.json": (_donor_file(lambda t: write(t / "tokenizer.json", b'{"model": ')),
+                               "not valid JSON", transplant_main),
     "--set k=abc": (_omp_set("k=abc"), "k=abc", transplant_main),
     "--set k=-1": (_omp_set("k=-1"), "out of range", transplant_main),
     "--set k=100000000": (_omp_set("k=100000000"), "out of range", transplant_main),
     "--set kk=3 (unknown key)": (_omp_set("kk=3"), "unknown option kk", transplant_main),
-    "--device banana": (lambda c: [*c.transplant(), "--device", "banana"], "--device banana", transplant_main),
+    "--device banana": (lambda c: [*c.transplant(), "--device", "banana"], "--device banana",
+                        transplant_main),
     "--device cuda on a CPU build": (lambda c: [*c.transplant(), "--device", "cuda"], "--device cuda",
                                      transplant_main),
     "eval: truncated model": (_eval(_truncated), "not a valid safetensors file", transplant_main),
     "eval: empty text": (_eval(lambda c: _text(c, b"")), "empty", transplant_main),
     "eval: binary --text": (_eval(lambda c: _text(c, BINARY)), "UTF-8", transplant_main),
-    "eval: tokenizer maps text to [UNK]": (_eval(_lossy_model), "does not reproduce the text", transplant_main),
-    "extend: binary --corpus": (lambda c: ["extend", c.pair["base_tied"], "--corpus", _text(c, BINARY)[1], "-n", "3",
-                                           "-o", c.out()], "UTF-8", transplant_main),
+    "eval: tokenizer maps text to [UNK]": (_eval(_lossy_model), "does not reproduce the text",
+                                           transplant_main),
+    "extend: binary --corpus": (lambda c: ["extend", c.pair["base_tied"], "--corpus", _text(c, BINARY)[1],
+                                           "-n", "3", "-o", c.out()], "UTF-8", transplant_main),
     "extend: overwrite a folder of user files": (lambda c: _user_dir(c) and [
         "extend", c.pair["base_tied"], "--token", " catalog", "-o", c.out(), "--overwrite"],
         "not written by tokentransplant", transplant_main),

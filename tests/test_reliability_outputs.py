@@ -65,7 +65,8 @@ def test_home_and_root_are_never_replaced(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    for target, fragment in ((home, "home directory"), (Path("/"), "filesystem root"), (tmp_path, "home directory")):
+    for target, fragment in ((home, "home directory"), (Path("/"), "filesystem root"),
+                             (tmp_path, "home directory")):
         with pytest.raises(atomic.TransplantError, match=fragment):
             atomic.check_output(target, overwrite=True)
 
@@ -93,7 +94,8 @@ def test_memory_check_refuses_before_allocating(monkeypatch):
     monkeypatch.setattr(memory_check, "available_bytes", lambda device="cpu": 8 << 30)
     memory_check.check_fits(1 << 30, what="small", fix="-")
     need = memory_check.omp_bytes(200_000, 46_000, 576, 100_000_000)
-    with pytest.raises(memory_check.TransplantError, match=r"OMP at k=100000000 needs .* GiB but cpu has 8.0 GiB"):
+    with pytest.raises(memory_check.TransplantError,
+                       match=r"OMP at k=100000000 needs .* GiB but cpu has 8.0 GiB"):
         memory_check.check_fits(need, what="OMP at k=100000000", fix="use a smaller --set k")
 
 
@@ -115,7 +117,8 @@ def interrupted_writer(tmp_path: Path, sig: int) -> int:
     (tmp_path / "out").mkdir()
     ready = tmp_path / "ready"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "out" / "out"), str(ready)], env=env)
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "out" / "out"),
+                                str(ready)], env=env)
     deadline = time.monotonic() + 60
     while not ready.exists():
         assert process.poll() is None and time.monotonic() < deadline
@@ -159,7 +162,8 @@ def test_lossy_donor_cannot_report_a_better_bpb(tiny_pair, tmp_path):
     result = transplant.transplant(tiny_pair["base_tied"], donor, method="fvt", output=tmp_path / "out",
                                    eval_texts={"english": CORPUS})
     assert result.bpb_before is None and result.bpb_after is None
-    assert result.stats["new_tokenizer_unknown_tokens"] > 0.5 and result.stats["new_tokenizer_bytes_lost"] > 0.5
+    assert (result.stats["new_tokenizer_unknown_tokens"] > 0.5
+            and result.stats["new_tokenizer_bytes_lost"] > 0.5)
     assert "does not reproduce the held-out text" in result.stats["warning"]
     assert result.extra["report"]["bits_per_byte"] == {}
     model, tokenizer = load_for_eval(tmp_path / "out")
@@ -244,10 +248,11 @@ def test_tampered_checkpoint_does_not_run_on_resume(tiny_pair, tmp_path):
     Trainer(load_recipe(data=recipe)).setup().train()
     [states] = (tmp_path / "run" / "checkpoints").glob("step_*/*model_states.pt")
     plant(states, tmp_path / "pwned")
-    (tmp_path / "heal.yaml").write_text(yaml.safe_dump({**recipe, "train": {**recipe["train"], "stop_after": 0}}))
+    (tmp_path / "heal.yaml").write_text(yaml.safe_dump({**recipe,
+                                                        "train": {**recipe["train"], "stop_after": 0}}))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS} | {"PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "cli", "distill", str(tmp_path / "heal.yaml"), "--resume"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "cli", "distill", str(tmp_path / "heal.yaml"), "--resume"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert not (tmp_path / "pwned").exists()
     assert "Traceback" not in done.stderr

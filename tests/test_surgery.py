@@ -56,13 +56,15 @@ def transplant(base: Path, out: Path, *, untie: bool | None = None, seed: int = 
     want_output = (not emb.tied) if untie is None else untie
     new_output = torch.randn(NEW_VOCAB, HIDDEN, generator=gen) if want_output else None
     kwargs.setdefault("special_ids", {"bos": 5, "eos": 6, "pad": None})
-    path = write_transplanted(base, out, new_input=new_input, new_output=new_output, save_tokenizer=write_marker,
+    path = write_transplanted(base, out, new_input=new_input, new_output=new_output,
+                              save_tokenizer=write_marker,
                               model_card="# card\n", **kwargs)
     return emb, new_input, new_output, path
 
 
 def no_leftovers(parent: Path) -> bool:
-    return not [p for p in parent.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)]
+    return not [p for p in parent.iterdir() if p.name.startswith(".")
+                and (".tmp-" in p.name or ".old-" in p.name)]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +117,8 @@ def test_transplant_loads_in_transformers(bases, tmp_path, kind, untie):
     generated = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > 4 and int(generated.max()) < NEW_VOCAB
     generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["bos_token_id"] == 5 and generation["eos_token_id"] == 6 and generation["pad_token_id"] is None
+    assert (generation["bos_token_id"] == 5 and generation["eos_token_id"] == 6
+            and generation["pad_token_id"] is None)
     assert (out / "README.md").read_text() == "# card\n" and (out / "LICENSE").exists()
     assert (out / "tokenizer_marker.txt").exists() and not (out / "tokenizer.json").exists()
     assert no_leftovers(tmp_path)
@@ -129,7 +132,8 @@ def test_sharded_base_keeps_shards(bases, tmp_path):
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and files == sorted(p.name for p in out.glob("*.safetensors"))
     assert set(index["weight_map"]) == set(all_tensors(out))
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in all_tensors(out).values())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in all_tensors(out).values())
     for path in out.glob("*.safetensors"):
         with safe_open(str(path), "pt") as handle:
             assert handle.metadata() == {"format": "pt"}
@@ -146,7 +150,8 @@ def test_padding_and_dtype_cast(bases, tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in written.values())
     emb, head = written["model.embed_tokens.weight"], written["lm_head.weight"]
     assert emb.shape == head.shape == (192, HIDDEN)
-    assert torch.equal(emb[:NEW_VOCAB], new_input.bfloat16()) and torch.equal(head[:NEW_VOCAB], new_output.bfloat16())
+    assert (torch.equal(emb[:NEW_VOCAB], new_input.bfloat16())
+            and torch.equal(head[:NEW_VOCAB], new_output.bfloat16()))
     for written_matrix, given in ((emb, new_input), (head, new_output)):  # padded rows = mean row
         mean_row = given.bfloat16().float().mean(0).bfloat16()
         assert torch.equal(written_matrix[NEW_VOCAB:], mean_row.expand(192 - NEW_VOCAB, -1))
@@ -297,7 +302,8 @@ def test_disk_full_cleans_up(bases, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(safetensors, "write_shard", full)
-    with pytest.raises(TransplantError, match="disk full while writing .*free space or choose another --output"):
+    with pytest.raises(TransplantError,
+                       match="disk full while writing .*free space or choose another --output"):
         transplant(bases["untied"], tmp_path / "out")
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
 
@@ -324,8 +330,8 @@ def test_tokenizer_failure_cleans_up(bases, tmp_path):
         raise RuntimeError("tokenizer bug")
 
     with pytest.raises(RuntimeError, match="tokenizer bug"):
-        write_transplanted(bases["tied"], tmp_path / "out", new_input=torch.zeros(10, HIDDEN), new_output=None,
-                           save_tokenizer=broken, special_ids={}, model_card="")
+        write_transplanted(bases["tied"], tmp_path / "out", new_input=torch.zeros(10, HIDDEN),
+                           new_output=None, save_tokenizer=broken, special_ids={}, model_card="")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -390,14 +396,16 @@ def test_missing_shard_in_index(bases, tmp_path):
 
 def test_bad_matrices_are_rejected_before_writing(bases, tmp_path):
     with pytest.raises(ValueError, match="new_input"):
-        write_transplanted(bases["tied"], tmp_path / "out", new_input=torch.zeros(10, HIDDEN + 1), new_output=None,
-                           save_tokenizer=write_marker, special_ids={}, model_card="")
+        write_transplanted(bases["tied"], tmp_path / "out", new_input=torch.zeros(10, HIDDEN + 1),
+                           new_output=None, save_tokenizer=write_marker, special_ids={}, model_card="")
     with pytest.raises(ValueError, match="NaN or inf"):
-        write_transplanted(bases["tied"], tmp_path / "out", new_input=torch.full((10, HIDDEN), 1e6), new_output=None,
-                           save_tokenizer=write_marker, special_ids={}, model_card="", dtype=torch.float16)
+        write_transplanted(bases["tied"], tmp_path / "out", new_input=torch.full((10, HIDDEN), 1e6),
+                           new_output=None, save_tokenizer=write_marker, special_ids={}, model_card="",
+                           dtype=torch.float16)
     with pytest.raises(ValueError, match="outside the new vocabulary"):
-        write_transplanted(bases["tied"], tmp_path / "out", new_input=torch.zeros(10, HIDDEN), new_output=None,
-                           save_tokenizer=write_marker, special_ids={"eos": 10}, model_card="")
+        write_transplanted(bases["tied"], tmp_path / "out", new_input=torch.zeros(10, HIDDEN),
+                           new_output=None, save_tokenizer=write_marker, special_ids={"eos": 10},
+                           model_card="")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -406,8 +414,10 @@ def test_extra_files_and_stale_generation_keys(bases, tmp_path):
     generation = json.loads((base / "generation_config.json").read_text())
     generation.update({"forced_bos_token_id": 1, "eos_token_id": [2, 3], "temperature": 0.7})
     (base / "generation_config.json").write_text(json.dumps(generation))
-    _, _, _, out = transplant(base, tmp_path / "out", extra_files={"report.json": '{"ok": true}', "sub/x.bin": b"\x01"})
-    assert json.loads((out / "report.json").read_text()) == {"ok": True} and (out / "sub/x.bin").read_bytes() == b"\x01"
+    _, _, _, out = transplant(base, tmp_path / "out",
+                              extra_files={"report.json": '{"ok": true}', "sub/x.bin": b"\x01"})
+    assert (json.loads((out / "report.json").read_text()) == {"ok": True}
+            and (out / "sub/x.bin").read_bytes() == b"\x01")
     new_generation = json.loads((out / "generation_config.json").read_text())
     assert "forced_bos_token_id" not in new_generation and new_generation["eos_token_id"] == 6
     assert new_generation["temperature"] == 0.7
