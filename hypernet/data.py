@@ -9,8 +9,8 @@ Why it is shaped this way:
   tokenizer is drawn from and trained on, ZeTT-style); a block is `CHUNK_BYTES` pieces, each piece the next
   lines of one file, the file drawn with probability proportional to its text size, so a folder of sources
   mixes from the first step instead of being read file after file. A file that ends starts over.
-- The stream's position is a few integers per file (`state_dict`): a checkpoint stores the position at the start
-  of the current block and resume re-reads the same block, so a resumed run sees exactly the text the
+- The stream's position is a few integers per file (`state_dict`): a checkpoint stores the position at the
+  start of the current block and resume re-reads the same block, so a resumed run sees exactly the text the
   uninterrupted one would have. Which file each piece comes from is a pure function of (seed, block index).
 - At most `MAX_OPEN` files are open at once (least recently used closed); a gzip file reopened later seeks by
   decompressing up to its position, once.
@@ -80,7 +80,8 @@ def corpus_sources(spec: dict[str, int] | str) -> list[Source]:
         sources = []
         for name, n_bytes in spec.items():
             data = train_text(name, int(n_bytes)).encode("utf-8")
-            sources.append(Source(f"texts:{name}", max(1, len(data)), lambda data=data: io.BytesIO(data), False))
+            sources.append(Source(f"texts:{name}", max(1, len(data)),
+                                  lambda data=data: io.BytesIO(data), False))
         if not sources:
             raise TransplantError("recipe key corpus is empty; give {name: bytes} of built-in text or a path")
         return sources
@@ -88,12 +89,13 @@ def corpus_sources(spec: dict[str, int] | str) -> list[Source]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p))
         if not files:
-            raise TransplantError(f"corpus folder {path} holds no {', '.join(SUFFIXES)} files; add some or pass a file")
+            raise TransplantError(f"corpus folder {path} holds no {', '.join(SUFFIXES)} files; add "
+                                  "some or pass a file")
     elif path.is_file():
         files = [path]
     else:
-        raise TransplantError(f"corpus {spec} does not exist; give a .txt/.jsonl(.gz) file, a folder of them, or "
-                              "{name: bytes} of built-in text")
+        raise TransplantError(f"corpus {spec} does not exist; give a .txt/.jsonl(.gz) file, a "
+                              "folder of them, or {name: bytes} of built-in text")
     return [_file_source(p) for p in files]
 
 
@@ -106,7 +108,8 @@ def _record_text(line: bytes, where: str) -> str:
         return record["text"]
     if isinstance(record, dict) and isinstance(record.get("messages"), list):
         return "\n".join(str(m.get("content", "")) for m in record["messages"] if isinstance(m, dict))
-    raise TransplantError(f"{where} has neither a `text` string nor a `messages` list; give each line one of them")
+    raise TransplantError(f"{where} has neither a `text` string nor a `messages` list; give each "
+                          "line one of them")
 
 
 def _missing_utf8(data: bytes) -> int:
@@ -148,8 +151,10 @@ class CorpusStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["offsets"]) != len(self.sources):
-            raise TransplantError(f"the checkpoint was written for a corpus of {len(state['offsets'])} files, this "
-                                  f"one has {len(self.sources)}; resume with the same corpus or start a new run")
+            raise TransplantError("the checkpoint was written for a corpus of "
+                                  f"{len(state['offsets'])} files, this "
+                                  f"one has {len(self.sources)}; resume with the same corpus or "
+                                  "start a new run")
         self.close()
         self.offsets, self.passes = list(state["offsets"]), list(state["passes"])
 
@@ -179,7 +184,8 @@ class CorpusStream:
             handle = self._handle(index)
             where = f"{source.name} (offset {self.offsets[index]})"
             line = handle.readline() if source.jsonl else handle.readline(self.chunk_bytes - size)
-            if line and not line.endswith(b"\n") and not source.jsonl:  # cut inside a long line: end on a character
+            # cut inside a long line: end on a character
+            if line and not line.endswith(b"\n") and not source.jsonl:
                 line += handle.read(_missing_utf8(line))
             if not line:
                 if wrapped:  # a whole pass gave nothing: an empty file
@@ -210,8 +216,8 @@ class CorpusStream:
             if not piece:
                 empty += 1
                 if empty > 8 * len(self.sources):
-                    raise TransplantError(f"corpus {', '.join(s.name for s in self.sources[:3])} has no text; "
-                                          "give non-empty .txt/.jsonl files")
+                    raise TransplantError(f"corpus {', '.join(s.name for s in self.sources[:3])} has no "
+                                          "text; give non-empty .txt/.jsonl files")
                 continue
             pieces.append(piece)
             size += len(piece)

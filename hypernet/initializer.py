@@ -1,12 +1,12 @@
 """`hypernet`: rows of new tokens predicted by a trained ZeTT-style hypernetwork (`--set hypernet=PATH`).
 
 The one way to apply a hypernetwork is `transplant --base B --donor TOKENIZER --method hypernet --set
-hypernet=DIR` (`hypernet train` only trains). Registered through the `tokentransplant.initializers` entry point
-(pyproject.toml), so `transplant/` never imports `hypernet/`.
+hypernet=DIR` (`hypernet train` only trains). Registered through the `tokentransplant.initializers` entry
+point (pyproject.toml), so `transplant/` never imports `hypernet/`.
 
-Shared tokens are copied by the sparse part of the plan; the hypernetwork's predictions arrive through the plan's
-dense-row hook. `--set predict_shared=true` predicts the shared tokens too (ZeTT's original setting). Tokens with
-no bytes (new specials) get the mean base row.
+Shared tokens are copied by the sparse part of the plan; the hypernetwork's predictions arrive through the
+plan's dense-row hook. `--set predict_shared=true` predicts the shared tokens too (ZeTT's original setting).
+Tokens with no bytes (new specials) get the mean base row.
 """
 
 from __future__ import annotations
@@ -23,22 +23,25 @@ from transplant.tokenizers.vocab import Vocab
 
 OPTIONS = (
     Option("hypernet", str, None, "dir of a trained hypernetwork (`hypernet train`)"),
-    Option("predict_shared", bool, False, "predict shared tokens too instead of copying them (ZeTT's setting)"),
+    Option("predict_shared", bool, False,
+           "predict shared tokens too instead of copying them (ZeTT's setting)"),
 )
 
 
 def check_fits(net: Hypernet, base_input: torch.Tensor, base_output: torch.Tensor | None, where: str) -> None:
-    """A hypernetwork reads the base's own rows, so it only fits the base (dimension, vocab, tie) it was trained on."""
+    """A hypernetwork reads the base's own rows, so it only fits the base (dimension, vocab, tie) it was
+    trained on."""
     cfg = net.config
     if base_input.shape[1] != cfg.base_dim or base_input.shape[0] < cfg.base_vocab_size:
         raise TransplantError(
-            f"hypernetwork {where} was trained for a base with {cfg.base_vocab_size}x{cfg.base_dim} embeddings "
+            f"hypernetwork {where} was trained for a base with {cfg.base_vocab_size}x{cfg.base_dim} "
+            "embeddings "
             f"({cfg.base_name or 'unknown base'}), this base has {tuple(base_input.shape)}; "
             "train a hypernetwork for this base with `hypernet train RECIPE.yaml`"
         )
     if cfg.untied and base_output is None:
-        raise TransplantError(f"hypernetwork {where} expects an untied base (separate lm_head) but this base is tied; "
-                              "train one for this base")
+        raise TransplantError(f"hypernetwork {where} expects an untied base (separate lm_head) but "
+                              "this base is tied; train one for this base")
 
 
 def load_for_base(path: str | Path, base_input: torch.Tensor, base_output: torch.Tensor | None) -> Hypernet:
@@ -49,8 +52,10 @@ def load_for_base(path: str | Path, base_input: torch.Tensor, base_output: torch
 
 @torch.no_grad()
 def predict_rows(net: Hypernet, base: Vocab, token_bytes: list[bytes], base_input: torch.Tensor,
-                 base_output: torch.Tensor | None, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(positions with pieces, input rows, output rows) for the given byte strings; empty ones are left out."""
+                 base_output: torch.Tensor | None,
+                 batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions with pieces, input rows, output rows) for the given byte strings; empty ones are left
+    out."""
     ids, mask = decompose(base, token_bytes, net.config.max_pieces)
     where = torch.nonzero(mask.any(1)).flatten()
     device = base_input.device
@@ -80,7 +85,8 @@ def hypernet_init(ctx: InitContext) -> InitPlan:
         target = torch.unique(torch.cat([target, ctx.alignment.unshared_new_ids]))
     else:
         target = ctx.alignment.unshared_new_ids
-    where, rows_in, rows_out = predict_rows(net, ctx.base_vocab, [ctx.new_vocab.token_bytes[i] for i in target.tolist()],
+    where, rows_in, rows_out = predict_rows(net, ctx.base_vocab,
+                                            [ctx.new_vocab.token_bytes[i] for i in target.tolist()],
                                             ctx.base_input, ctx.base_output)
     predicted = target[where]
     unfilled = target[~torch.isin(target, predicted)]
@@ -93,5 +99,5 @@ def hypernet_init(ctx: InitContext) -> InitPlan:
         return ids, torch.cat([chosen.to(base.device), mean.expand(int(unfilled.numel()), -1)])
 
     return InitPlan(weights, dense_rows=dense,
-                    notes={"hypernet": str(path), "predicted": int(predicted.numel()), "mean_filled": int(unfilled.numel()),
-                           "predict_shared": predict_shared})
+                    notes={"hypernet": str(path), "predicted": int(predicted.numel()),
+                           "mean_filled": int(unfilled.numel()), "predict_shared": predict_shared})

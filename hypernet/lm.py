@@ -1,7 +1,7 @@
 """The frozen base LM run on *predicted* embedding rows, for any transformers causal LM.
 
-Training scores a sampled tokenizer by feeding the hypernetwork's rows through the base model, so the rows must
-enter and leave the model exactly where the model's own rows do:
+Training scores a sampled tokenizer by feeding the hypernetwork's rows through the base model, so the rows
+must enter and leave the model exactly where the model's own rows do:
 - Input: through the model's own input-embedding module, with its weight swapped for the predicted rows
   (`torch.func.functional_call`). Gemma-family modules scale by sqrt(d) inside `forward`, which
   `inputs_embeds=` would bypass (a silent ~25x error on gemma3-270m); GPT-2/OPT add position embeddings in
@@ -48,14 +48,15 @@ class LMParts:
         return self.base_output is None
 
 
-HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+              "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+              "_backward_pre_hooks")
 
 
 def _shell(module: nn.Module) -> nn.Module:
     """A shallow copy whose own attributes can be changed without touching the model (parameters shared), and
-    without the model's hooks: the shell only ever runs on rows we pass in, so ZeRO-3's gather hooks (a sharded
-    LM) must not fire on it."""
+    without the model's hooks: the shell only ever runs on rows we pass in, so ZeRO-3's gather hooks (a
+    sharded LM) must not fire on it."""
     shell = copy.copy(module)
     for name in HOOK_DICTS:
         if name in shell.__dict__:
@@ -66,7 +67,8 @@ def _shell(module: nn.Module) -> nn.Module:
 
 
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
-    """A detached full copy of a parameter, gathered first when ZeRO-3 holds only this process's shard of it."""
+    """A detached full copy of a parameter, gathered first when ZeRO-3 holds only this process's shard of
+    it."""
     if hasattr(param, "ds_id"):
         import deepspeed
 
@@ -115,7 +117,8 @@ def hidden_states(parts: LMParts, embeds: torch.Tensor, attention_mask: torch.Te
 
 def output_logits(parts: LMParts, hidden: torch.Tensor, rows: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits over `rows` through the model's own output module, soft-capped and scaled as its forward does."""
+    """Logits over `rows` through the model's own output module, soft-capped and scaled as its forward
+    does."""
     params: dict[str, Any] = {"weight": rows}
     if parts.output_bias is not None:
         params["bias"] = bias if bias is not None else torch.zeros(rows.shape[0], dtype=rows.dtype,

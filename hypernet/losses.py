@@ -1,5 +1,5 @@
-"""The hypernetwork's two losses, as functions of rows it already predicted (one hypernetwork call per micro-batch
-serves both, so DeepSpeed sees one forward and one backward).
+"""The hypernetwork's two losses, as functions of rows it already predicted (one hypernetwork call per
+micro-batch serves both, so DeepSpeed sees one forward and one backward).
 
 LM loss: the frozen base LM reads the predicted input rows of a batch tokenized with a sampled tokenizer and
 scores the next token against the predicted output rows of a *vocabulary subset*: the batch's tokens plus
@@ -32,7 +32,8 @@ from transplant.tokenizers.vocab import Vocab
 
 
 class TokenizerPieces:
-    """A sampled tokenizer with its ids decomposed into base pieces once (the per-step work is then indexing)."""
+    """A sampled tokenizer with its ids decomposed into base pieces once (the per-step work is then
+    indexing)."""
 
     def __init__(self, tok: TrainTokenizer, base: Vocab, max_pieces: int):
         self.tok = tok
@@ -55,7 +56,8 @@ class LMBatch:
 
 def make_lm_batch(pieces: TokenizerPieces, texts: list[str], seq_len: int, negatives: int,
                   gen: torch.Generator) -> LMBatch | None:
-    """Tokenize `texts` with the sampled tokenizer, pad, and draw the negatives (None if nothing to predict)."""
+    """Tokenize `texts` with the sampled tokenizer, pad, and draw the negatives (None if nothing to
+    predict)."""
     seqs = [ids[:seq_len] for ids in pieces.tok.encode_batch(texts)]
     seqs = [s for s in seqs if len(s) >= 2]
     if not seqs:
@@ -81,8 +83,8 @@ def _fvt_bias(bias: torch.Tensor, piece_ids: torch.Tensor, mask: torch.Tensor) -
     return (bias[piece_ids] * maskf).sum(1) / maskf.sum(1).clamp_min(1.0)
 
 
-def lm_loss(parts: LMParts, pieces: TokenizerPieces, batch: LMBatch, rows_in: torch.Tensor, rows_out: torch.Tensor,
-            *, bos_id: int | None, predict_shared: bool) -> torch.Tensor:
+def lm_loss(parts: LMParts, pieces: TokenizerPieces, batch: LMBatch, rows_in: torch.Tensor,
+            rows_out: torch.Tensor, *, bos_id: int | None, predict_shared: bool) -> torch.Tensor:
     """Next-token cross-entropy of the frozen LM over the batch-vocabulary subset (see module docstring).
 
     `rows_in`/`rows_out` are the predicted rows of `batch.subset`, in its order."""
@@ -124,7 +126,8 @@ def lm_loss(parts: LMParts, pieces: TokenizerPieces, batch: LMBatch, rows_in: to
     return F.cross_entropy(logits, targets[tmask])
 
 
-def aux_loss(pred_in: torch.Tensor, pred_out: torch.Tensor, base_ids: torch.Tensor, parts: LMParts) -> torch.Tensor:
+def aux_loss(pred_in: torch.Tensor, pred_out: torch.Tensor, base_ids: torch.Tensor,
+             parts: LMParts) -> torch.Tensor:
     """Normalised MSE + cosine distance of predicted rows of base tokens to their true rows."""
     ids = base_ids.to(pred_in.device)
     loss = _regression(pred_in.float(), parts.base_input[ids].float())

@@ -1,13 +1,14 @@
 """The ZeTT-style hypernetwork: a new token's embedding predicted from the base pieces its bytes split into.
 
 A target token is first decomposed the way the base model would have seen its bytes (the base tokenizer's own
-segmentation, `segment_with_base`), so the network reads the token in the base model's own "language". The pieces
-are embedded with the FROZEN base embeddings (input and output rows concatenated when the model is untied), read
-by a small transformer encoder and pooled; two heads predict the input and output rows.
+segmentation, `segment_with_base`), so the network reads the token in the base model's own "language". The
+pieces are embedded with the FROZEN base embeddings (input and output rows concatenated when the model is
+untied), read by a small transformer encoder and pooled; two heads predict the input and output rows.
 
-The prediction is a residual on FVT: `row = mean(piece rows) + std · head(h)`, with the heads zero-initialised.
-So an untrained hypernetwork is exactly FVT, training can only move away from it where the loss says so, and the
-head's output lives on the scale of the base embeddings (`std` is their global standard deviation).
+The prediction is a residual on FVT: `row = mean(piece rows) + std · head(h)`, with the heads
+zero-initialised. So an untrained hypernetwork is exactly FVT, training can only move away from it where the
+loss says so, and the head's output lives on the scale of the base embeddings (`std` is their global standard
+deviation).
 
 Checkpoints are a directory with `hypernet.safetensors` and `config.json` (no pickle).
 """
@@ -34,7 +35,8 @@ CONFIG_FILE = "config.json"
 class HypernetConfig:
     base_dim: int  # hidden size of the base model's embeddings
     base_vocab_size: int
-    untied: bool = False  # base has a separate lm_head: pieces carry both rows, a second head predicts outputs
+    # base has a separate lm_head: pieces carry both rows, a second head predicts outputs
+    untied: bool = False
     d_model: int = 256
     layers: int = 2
     heads: int = 4
@@ -110,15 +112,17 @@ def pad_pieces(pieces: list[list[int]], max_pieces: int) -> tuple[torch.Tensor, 
 
 
 def decompose(base: Vocab, token_bytes: list[bytes], max_pieces: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Base pieces of each target token (the base tokenizer's segmentation), padded: ids [N, P], mask [N, P]."""
+    """Base pieces of each target token (the base tokenizer's segmentation), padded: ids [N, P], mask [N,
+    P]."""
     return pad_pieces(segment_with_base(base, token_bytes), max_pieces)
 
 
-def decompose_without_self(base: Vocab, token_ids: list[int], max_pieces: int) -> tuple[torch.Tensor, torch.Tensor]:
+def decompose_without_self(base: Vocab, token_ids: list[int],
+                           max_pieces: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pieces of base tokens that exclude the token itself (longest strictly shorter pieces first).
 
-    The base tokenizer maps a base token to itself, which teaches nothing; splitting it into shorter base pieces
-    turns the base vocabulary into free (pieces -> known row) training pairs for the auxiliary loss."""
+    The base tokenizer maps a base token to itself, which teaches nothing; splitting it into shorter base
+    pieces turns the base vocabulary into free (pieces -> known row) training pairs for the auxiliary loss."""
     table = base.bytes_to_id
     pieces = []
     for idx in token_ids:

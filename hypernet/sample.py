@@ -39,7 +39,8 @@ WORD = re.compile(r" ?[^\W\d_]+| ?\d{1,3}| ?[^\s\w]+|\s+(?!\S)|\s+| ?_+")
 # letter, `[^\W_]` a letter or digit).
 PRETOKENIZERS = {
     "gpt2": (WORD, None),  # what every hypernetwork before the gpt4 style was trained with
-    "gpt4": (re.compile(r"(?:[^\r\n\w]|_)?[^\W\d_]+|\d{1,3}| ?(?:[^\s\w]|_)+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "gpt4": (re.compile(r"(?:[^\r\n\w]|_)?[^\W\d_]+|\d{1,3}| "
+                        r"?(?:[^\s\w]|_)+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
              r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
 }
 MAX_WORD_BYTES = 64  # longer "words" (base64, URLs, long runs of symbols) contribute only their first bytes
@@ -75,15 +76,18 @@ def substring_counts(text: str, max_len: int = 16, styles: tuple[str, ...] = ("g
 
 
 class TokenizerSampler:
-    """Draws random Unigram tokenizers from the substring statistics of one (bounded) text, and real tokenizers
-    if given. Training builds one per text block (`sampler: batch`) or one for the run (`sampler: corpus`)."""
+    """Draws random Unigram tokenizers from the substring statistics of one (bounded) text, and real
+    tokenizers if given. Training builds one per text block (`sampler: batch`) or one for the run (`sampler:
+    corpus`)."""
 
-    def __init__(self, text: str | Counter, *, size_range: tuple[int, int] = (4000, 32000), noise: float = 1.0,
-                 min_count: int = 2, max_len: int = 16, real: list[Vocab | TrainTokenizer] | None = None,
-                 real_prob: float = 0.0, seed: int = 0, styles: tuple[str, ...] = ("gpt2",)):
+    def __init__(self, text: str | Counter, *, size_range: tuple[int, int] = (4000, 32000),
+                 noise: float = 1.0, min_count: int = 2, max_len: int = 16,
+                 real: list[Vocab | TrainTokenizer] | None = None, real_prob: float = 0.0, seed: int = 0,
+                 styles: tuple[str, ...] = ("gpt2",)):
         unknown = [style for style in styles if style not in PRETOKENIZERS]
         if unknown or not styles:
-            raise ValueError(f"pre-tokenizer styles {unknown or '[]'} unknown; use some of {sorted(PRETOKENIZERS)}")
+            raise ValueError(f"pre-tokenizer styles {unknown or '[]'} unknown; use some of "
+                             f"{sorted(PRETOKENIZERS)}")
         self.styles = tuple(styles)
         counts = substring_counts(text, max_len, self.styles) if isinstance(text, str) else text
         self.candidates = [(piece, count) for piece, count in counts.most_common() if count >= min_count]
@@ -147,5 +151,6 @@ def real_tokenizer(vocab: Vocab) -> TrainTokenizer:
             return [enc.ids for enc in backend.encode_batch(texts, add_special_tokens=False)]
         return [vocab.encode(t) for t in texts]
 
-    token_bytes = [b if kind is not TokenKind.SPECIAL else b"" for b, kind in zip(vocab.token_bytes, vocab.kinds)]
+    token_bytes = [b if kind is not TokenKind.SPECIAL else b""
+                   for b, kind in zip(vocab.token_bytes, vocab.kinds)]
     return TrainTokenizer(vocab.name or "real", token_bytes, encode_batch)

@@ -1,19 +1,20 @@
-"""Train a hypernetwork for a frozen base LM on randomly sampled tokenizers (ZeTT's recipe), on one CPU process or
-many GPUs: the same loop, the recipe decides.
+"""Train a hypernetwork for a frozen base LM on randomly sampled tokenizers (ZeTT's recipe), on one CPU
+process or many GPUs: the same loop, the recipe decides.
 
 Per tokenizer round (`resample_every` optimizer steps): read the next text block of the streamed corpus
 (`hypernet.data`), draw a tokenizer from that block's substring counts (`sampler: batch`, ZeTT) or from one
-bounded corpus sample (`sampler: corpus`), and decompose its tokens into base pieces once. Per micro-batch: cut
-random windows of the block, tokenize them, predict rows for the batch's tokens (plus negatives) and for some
-base tokens (the auxiliary loss) in ONE hypernetwork call, and score them (`hypernet.losses`).
+bounded corpus sample (`sampler: corpus`), and decompose its tokens into base pieces once. Per micro-batch:
+cut random windows of the block, tokenize them, predict rows for the batch's tokens (plus negatives) and for
+some base tokens (the auxiliary loss) in ONE hypernetwork call, and score them (`hypernet.losses`).
 
 Scale:
-- The training stack is the distillation trainer's: processes, device and dtype (`distill.runtime`), the frozen
-  LM's loading (`distill.teacher.load_frozen`) and checkpoints (`distill.checkpoint`). DeepSpeed wraps the
+- The training stack is the distillation trainer's: processes, device and dtype (`distill.runtime`), the
+  frozen LM's loading (`distill.teacher.load_frozen`) and checkpoints (`distill.checkpoint`). DeepSpeed wraps
+  the
   hypernetwork: ZeRO 0-2 (`zero_stage`), bf16 on GPUs (`dtype: auto`), gradient accumulation and clipping. The
-  frozen base LM is not part of that engine: it is replicated on every process (`lm_shard: none`) or sharded by
-  a ZeRO-3 engine of its own (`zero3`, `offload`); its embedding matrices are gathered once (the hypernetwork
-  reads base rows by id).
+  frozen base LM is not part of that engine: it is replicated on every process (`lm_shard: none`) or sharded
+  by a ZeRO-3 engine of its own (`zero3`, `offload`); its embedding matrices are gathered once (the
+  hypernetwork reads base rows by id).
 - `<output_dir>/checkpoint/` keeps the newest checkpoint (the trainer state is the step, the tokenizer round,
   the corpus position at that round's start and the log) and next to it a usable `hypernet.safetensors`.
 - Data parallel: every process reads the same block and samples the same tokenizer (both are pure functions of
@@ -60,13 +61,15 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 
 
 def deepspeed_config(recipe: HypernetRecipe, rt: Runtime) -> dict[str, Any]:
-    return engine_config({"zero_optimization": {"stage": recipe.zero_stage}, "zero_allow_untested_optimizer": True},
+    return engine_config({"zero_optimization": {"stage": recipe.zero_stage},
+                          "zero_allow_untested_optimizer": True},
                          micro_batch_size=recipe.batch_size, grad_accum=recipe.grad_accum,
                          world_size=rt.world_size, grad_clip=recipe.grad_clip, dtype=rt.dtype)
 
 
 def aux_population(base: Vocab) -> list[int]:
-    return [i for i, (b, k) in enumerate(zip(base.token_bytes, base.kinds)) if k is TokenKind.NORMAL and len(b) >= 2]
+    return [i for i, (b, k) in enumerate(zip(base.token_bytes, base.kinds)) if k is TokenKind.NORMAL
+            and len(b) >= 2]
 
 
 def stack_pieces(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +104,8 @@ class HypernetTrainer:
         self.parts = lm_parts(self.lm)
         dim = self.parts.base_input.shape[1]
         self.config = HypernetConfig(base_dim=dim, base_vocab_size=self.parts.base_input.shape[0],
-                                     untied=not self.parts.tied, base_name=str(r.base), **r.model.architecture(dim))
+                                     untied=not self.parts.tied, base_name=str(r.base),
+                                     **r.model.architecture(dim))
         torch.manual_seed(r.seed)
         net = Hypernet(self.config, *base_stats(self.parts.base_input, self.parts.base_output))
         opt = torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
@@ -112,7 +116,8 @@ class HypernetTrainer:
         self.sources = corpus_sources(r.corpus)
         self.stream = CorpusStream(self.sources, seed=r.seed)
         self.corpus_sampler = None
-        if r.sampler == "corpus":  # one bounded sample, read by its own stream (the training position is untouched)
+        # one bounded sample, read by its own stream (the training position is untouched)
+        if r.sampler == "corpus":
             sample = CorpusStream(self.sources, seed=r.seed + 1)
             self.corpus_sampler = self._sampler(self._counts(sample.read_block(0, r.stats_bytes)), 0)
             sample.close()
@@ -120,8 +125,8 @@ class HypernetTrainer:
         self.bos_id = self.base.roles.get("bos", self.base.roles.get("eos"))
         params = sum(p.numel() for p in net.parameters())
         log.info("hypernetwork %.2fM parameters for %s (%s, ZeRO-%d, %d process(es), %s, LM shard: %s); "
-                 "corpus: %d source(s)", params / 1e6, r.base, rt.dtype, r.zero_stage, rt.world_size, rt.device,
-                 r.lm_shard, len(self.sources))
+                 "corpus: %d source(s)", params / 1e6, r.base, rt.dtype, r.zero_stage, rt.world_size,
+                 rt.device, r.lm_shard, len(self.sources))
         return self
 
     # ------------------------------------------------------------------------------------------ tokenizers
@@ -172,7 +177,8 @@ class HypernetTrainer:
         if not chunks:
             return {}
         ids, mask = stack_pieces(chunks)
-        rows_in, rows_out = self.engine(ids.to(rt.device), mask.to(rt.device), parts.base_input, parts.base_output)
+        rows_in, rows_out = self.engine(ids.to(rt.device), mask.to(rt.device), parts.base_input,
+                                        parts.base_output)
         loss = rows_in.new_zeros((), dtype=torch.float32)
         metrics: dict[str, float] = {}
         n_lm = chunks[0][0].shape[0] if batch is not None else 0
@@ -197,7 +203,8 @@ class HypernetTrainer:
             self.start_round(self.step // r.resample_every)
         per_micro = [self.micro_step(a) for a in range(r.grad_accum)]
         keys = ("lm", "aux", "tokens")
-        local = torch.tensor([[sum(m.get(k, 0.0) for m in per_micro), sum(k in m for m in per_micro)] for k in keys],
+        local = torch.tensor([[sum(m.get(k, 0.0) for m in per_micro), sum(k in m for m in per_micro)]
+                              for k in keys],
                              dtype=torch.float64, device=self.rt.device)
         if self.rt.world_size > 1:
             torch.distributed.all_reduce(local)
@@ -248,7 +255,8 @@ class HypernetTrainer:
             self.resume()
         started = time.perf_counter()
         ema: dict[str, float] = {}
-        bar = tqdm(total=r.steps, initial=self.step, desc="hypernet", disable=not self.rt.is_main, dynamic_ncols=True)
+        bar = tqdm(total=r.steps, initial=self.step, desc="hypernet", disable=not self.rt.is_main,
+                   dynamic_ncols=True)
         self.engine.train()
         while self.step < r.steps:
             record = self.train_step()
