@@ -2,9 +2,10 @@
 
 An instruct base was trained on its own chat markers (SmolLM2's `<|im_start|>`, `<|im_end|>`); those rows are
 the most trained rows of the model for chatting. A donor tokenizer usually lacks them, so the markers of the
-template we keep are added to the new tokenizer as special tokens at the end of its vocabulary (ids of existing
-tokens never move), and `align` then joins them to the base rows by literal text: their rows are exact copies.
-`--map-token NEW=BASE` lets a user pair a donor marker with a base one (Mistral `[INST]` <- `<|im_start|>`).
+template we keep are added to the new tokenizer as special tokens at the end of its vocabulary (ids of
+existing tokens never move), and `align` then joins them to the base rows by literal text: their rows are
+exact copies. `--map-token NEW=BASE` lets a user pair a donor marker with a base one (Mistral `[INST]` <-
+`<|im_start|>`).
 
 Which template the output carries (`--chat-template`):
 - `auto` (default): the base's when the base has one, else the donor's.
@@ -61,13 +62,14 @@ class ChatPlan:
 
 
 def parse_token_map(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """`["[INST]=<|im_start|>"]` -> {"[INST]": "<|im_start|>"}; the split is at the last `=` (a marker may hold
-    one, e.g. `<a=b>` is rare but `=` as a BASE token is rarer)."""
+    """`["[INST]=<|im_start|>"]` -> {"[INST]": "<|im_start|>"}; the split is at the last `=` (a marker may
+    hold one, e.g. `<a=b>` is rare but `=` as a BASE token is rarer)."""
     mapping: dict[str, str] = {}
     for pair in pairs:
         new, sep, base = pair.rpartition("=")
         if not sep or not new or not base:
-            raise TransplantError(f"--map-token {pair!r} is not NEW=BASE; write e.g. --map-token '[INST]=<|im_start|>'")
+            raise TransplantError(f"--map-token {pair!r} is not NEW=BASE; write e.g. --map-token "
+                                  "'[INST]=<|im_start|>'")
         if mapping.get(new, base) != base:  # the last one silently won before
             raise TransplantError(f"--map-token {new} is given twice, as {mapping[new]} and as {base}; "
                                   "keep one")
@@ -88,12 +90,14 @@ def _template_of(vocab: Vocab) -> str | None:
 def choose_template(base: Vocab, new: Vocab, choice: str) -> tuple[str | None, str]:
     """(template, "base" | "donor" | "none") for `--chat-template choice`."""
     if choice not in CHAT_TEMPLATE_CHOICES:
-        raise TransplantError(f"--chat-template {choice!r} is unknown; use one of {', '.join(CHAT_TEMPLATE_CHOICES)}")
+        raise TransplantError(f"--chat-template {choice!r} is unknown; use one of "
+                              f"{', '.join(CHAT_TEMPLATE_CHOICES)}")
     base_t, donor_t = _template_of(base), _template_of(new)
     if choice == "none":
         return None, "none"
     if choice == "base" and base_t is None:
-        raise TransplantError("--chat-template base, but the base has no chat template; use --chat-template donor or auto")
+        raise TransplantError("--chat-template base, but the base has no chat template; use "
+                              "--chat-template donor or auto")
     if choice == "donor" and donor_t is None:
         if base_t is not None:
             log.warning("the donor has no chat template; carrying the base's instead")
@@ -113,11 +117,12 @@ def with_added_specials(vocab: Vocab, texts: list[str], template: str | None) ->
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in texts])
     for offset, text in enumerate(texts):
         if backend.token_to_id(text) != len(vocab) + offset:
-            raise TransplantError(f"could not append control token {text!r} to {vocab.name!r} after its last id; "
-                                  "pass --chat-template donor or none")
+            raise TransplantError(f"could not append control token {text!r} to {vocab.name!r} "
+                                  "after its last id; pass --chat-template donor or none")
     names = {f"{role}_token": vocab.special_texts[idx] for role, idx in vocab.roles.items()
              if role in ("bos", "eos", "unk", "pad") and idx in vocab.special_texts}
-    rebuilt = vocab_from_converted(formats.Converted(backend, names, vocab.source_format, template), vocab.name)
+    rebuilt = vocab_from_converted(formats.Converted(backend, names, vocab.source_format,
+                                                     template), vocab.name)
     if not template:
         rebuilt.tokenizer.chat_template = None
     max_len = getattr(vocab.tokenizer, "model_max_length", None)
@@ -127,7 +132,8 @@ def with_added_specials(vocab: Vocab, texts: list[str], template: str | None) ->
     return rebuilt
 
 
-def prepare_new_vocab(base: Vocab, new: Vocab, *, chat_template: str = "auto", map_tokens: dict[str, str] | None = None,
+def prepare_new_vocab(base: Vocab, new: Vocab, *, chat_template: str = "auto",
+                      map_tokens: dict[str, str] | None = None,
                       tokenizer_spec: str | os.PathLike | None = None) -> tuple[Vocab, ChatPlan]:
     """The new vocabulary with the kept template's markers added, and what was done.
 
@@ -145,7 +151,8 @@ def prepare_new_vocab(base: Vocab, new: Vocab, *, chat_template: str = "auto", m
             donor_id = new.roles.get(role) if role else None
             if text in donor_texts:
                 continue
-            if donor_id is not None and donor_id in new.special_texts and role not in ("bos", "eos", "pad", "unk"):
+            if donor_id is not None and donor_id in new.special_texts and role not in ("bos", "eos",
+                                                                                       "pad", "unk"):
                 plan.renamed[text] = new.special_texts[donor_id]
                 template = template.replace(text, new.special_texts[donor_id])
             else:
@@ -156,7 +163,8 @@ def prepare_new_vocab(base: Vocab, new: Vocab, *, chat_template: str = "auto", m
     return with_added_specials(new, plan.carried, template), plan
 
 
-def apply_token_map(alignment: Alignment, base: Vocab, new: Vocab, map_tokens: dict[str, str] | None) -> Alignment:
+def apply_token_map(alignment: Alignment, base: Vocab, new: Vocab,
+                    map_tokens: dict[str, str] | None) -> Alignment:
     """`alignment` with each NEW token copying the row of its BASE token (`--map-token NEW=BASE`)."""
     if not map_tokens:
         return alignment
@@ -167,10 +175,12 @@ def apply_token_map(alignment: Alignment, base: Vocab, new: Vocab, map_tokens: d
         new_id = new_ids.get(new_text, _normal_id(new, new_text))
         base_id = base_ids.get(base_text, _normal_id(base, base_text))
         if new_id is None:
-            raise TransplantError(f"--map-token {new_text}={base_text}: the new tokenizer has no token {new_text!r}; "
+            raise TransplantError(f"--map-token {new_text}={base_text}: the new tokenizer has no "
+                                  f"token {new_text!r}; "
                                   "name one of its tokens (e.g. [INST])")
         if base_id is None:
-            raise TransplantError(f"--map-token {new_text}={base_text}: the base tokenizer has no token {base_text!r}; "
+            raise TransplantError(f"--map-token {new_text}={base_text}: the base tokenizer has no token "
+                                  f"{base_text!r}; "
                                   "name one of its tokens (e.g. <|im_start|>)")
         new_to_base[new_id] = base_id
         log.info("token %r (id %d) copies base token %r (id %d)", new_text, new_id, base_text, base_id)

@@ -2,9 +2,9 @@
 
 Tools that branch on the class (mergekit, for one) misread a Llama-family tokenizer saved as
 `PreTrainedTokenizerFast`, so the donor's family class is kept when it is safe: the class must exist as a
-fast (tokenizer.json-reading) tokenizer in transformers 4.x (`LlamaTokenizerFast`, picked by AutoTokenizer from
-`LlamaTokenizer`) and 5.x (`LlamaTokenizer`, tokenizers-backed), and the saved folder must give the same ids
-when loaded back. Anything else is saved as `PreTrainedTokenizerFast`, which both versions load verbatim.
+fast (tokenizer.json-reading) tokenizer in transformers 4.x (`LlamaTokenizerFast`, picked by AutoTokenizer
+from `LlamaTokenizer`) and 5.x (`LlamaTokenizer`, tokenizers-backed), and the saved folder must give the same
+ids when loaded back. Anything else is saved as `PreTrainedTokenizerFast`, which both versions load verbatim.
 """
 
 from __future__ import annotations
@@ -50,14 +50,15 @@ def saved_class(family: str | None) -> tuple[str, str]:
     if not family or family in (GENERIC_CLASS, "PreTrainedTokenizer", "TokenizersBackend"):
         return GENERIC_CLASS, "the donor's files name no family tokenizer class"
     if family not in FAMILY_FAST_CLASSES:
-        return GENERIC_CLASS, (f"the donor's class {family} is not a fast family class that transformers 4.x and "
-                               "5.x both load from tokenizer.json")
+        return GENERIC_CLASS, (f"the donor's class {family} is not a fast family class that "
+                               "transformers 4.x and 5.x both load from tokenizer.json")
     return family, f"the donor's own family class {family}"
 
 
 def special_flags(backend: Any, roles: dict[str, int]) -> dict[str, bool]:
-    """`add_bos_token`/`add_eos_token` as the saved tokenizer.json behaves: family classes (Llama, Gemma) rebuild
-    their post-processor from these flags on load, so they must say what tokenizer.json already does."""
+    """`add_bos_token`/`add_eos_token` as the saved tokenizer.json behaves: family classes (Llama, Gemma)
+    rebuild their post-processor from these flags on load, so they must say what tokenizer.json already
+    does."""
     ids = backend.encode("a", add_special_tokens=True).ids
     return {"add_bos_token": bool(ids) and ids[0] == roles.get("bos"),
             "add_eos_token": len(ids) > 1 and ids[-1] == roles.get("eos")}
@@ -70,7 +71,8 @@ def loads_same(directory: Path, backend: Any) -> str | None:
     try:
         loaded = AutoTokenizer.from_pretrained(str(directory))
     except Exception as err:  # any failure to load means the class is not usable here
-        return f"AutoTokenizer could not load it ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        return (f"AutoTokenizer could not load it ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''})")
     for specials in (False, True):
         want = backend.encode(PROBE_TEXT, add_special_tokens=specials).ids
         got = list(loaded(PROBE_TEXT, add_special_tokens=specials)["input_ids"])

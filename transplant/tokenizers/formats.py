@@ -3,7 +3,8 @@
 Why our own converters: transformers' SentencePiece conversion drops a leading space and orders merges by id
 instead of score, and its tiktoken path needs the pattern and specials that only the model's own package
 knows. Each builder here returns a `Converted` (the fast tokenizer plus the special-token names a HF config
-needs); the byte view of the vocabulary is derived later, from the tokenizer alone, by `transplant.tokenizers.vocab`.
+needs); the byte view of the vocabulary is derived later, from the tokenizer alone, by
+`transplant.tokenizers.vocab`.
 
 Equivalences the builders rely on:
 - tiktoken merges the adjacent pair whose concatenation has the lowest rank. A BPE whose merges are every

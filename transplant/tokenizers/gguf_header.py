@@ -18,7 +18,8 @@ from transplant.errors import TransplantError
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
-SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+# GGUF value type -> bytes
+SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 STRING, ARRAY = 8, 9
 MAX_DIMS = 8  # ggml uses 4
 MAX_ARRAY_NESTING = 4
@@ -105,4 +106,5 @@ def check_gguf(path: Path) -> None:
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 _walk(_Cursor(data, path))
     except OSError as exc:
-        raise TransplantError(f"cannot read {path} ({exc.strerror or exc}); check the path and permissions") from exc
+        raise TransplantError(f"cannot read {path} ({exc.strerror or exc}); check the path "
+                              "and permissions") from exc

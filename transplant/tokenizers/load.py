@@ -148,13 +148,15 @@ def sniff_format(path: Path) -> str:
                 return "tiktoken"
             data = head + handle.read()
     except OSError as err:
-        raise TransplantError(f"cannot read {path} ({err.strerror or err}); check the path and permissions") from err
+        raise TransplantError(f"cannot read {path} ({err.strerror or err}); check the path "
+                              "and permissions") from err
     if data.lstrip()[:1] == b"{":
         try:
             keys = set(json.loads(data))
         except (ValueError, RecursionError) as err:
             reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
-            raise TransplantError(f"{path} is not valid JSON ({reason}); pass an intact tokenizer file") from err
+            raise TransplantError(f"{path} is not valid JSON ({reason}); pass an "
+                                  "intact tokenizer file") from err
         if "model" in keys:
             return "tokenizer.json"
         if {"config", "vocab"} <= keys:
@@ -235,7 +237,8 @@ def _from_tokenizer_json(path: Path, names: dict[str, str], template: str | None
         raise TransplantError(
             f"{path} is not a valid tokenizer.json ({reason}); pass an intact file"
         ) from err
-    return vocab_from_converted(formats.Converted(backend, names, fmt, template), path.parent.name or path.name)
+    return vocab_from_converted(formats.Converted(backend, names, fmt, template),
+                                path.parent.name or path.name)
 
 
 def _load_dir(directory: Path, trust_remote_code: bool) -> Vocab:
@@ -402,8 +405,8 @@ def load_pretrained(spec: str, trust_remote_code: bool = False) -> Vocab:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         if "trust_remote_code" in str(err) and not trust_remote_code:
             raise TransplantError(
-                f"tokenizer {spec!r} runs its own code from the hub, which is off by default; read that code, then "
-                "pass --trust-remote-code (trust_remote_code=True) to allow it"
+                f"tokenizer {spec!r} runs its own code from the hub, which is off by default; read that "
+                "code, then pass --trust-remote-code (trust_remote_code=True) to allow it"
             ) from err
         raise TransplantError(
             f"cannot load tokenizer {spec!r} ({reason}); pass a local tokenizer dir or file, "

@@ -1,10 +1,10 @@
 """Split a new token's bytes into base-vocabulary pieces.
 
 FVT, byte pooling, number composition and the hypernetwork all start from "how would the base model have seen
-these bytes". The base tokenizer's own segmentation is the faithful answer; where it cannot be asked (bytes that
-are not valid UTF-8, e.g. half of a multi-byte character, or a SentencePiece dummy prefix that would add a space)
-we fall back to greedy longest-match over the base vocabulary's bytes, which always succeeds when the base has
-all 256 single bytes (byte-level BPE or byte fallback).
+these bytes". The base tokenizer's own segmentation is the faithful answer; where it cannot be asked (bytes
+that are not valid UTF-8, e.g. half of a multi-byte character, or a SentencePiece dummy prefix that would add
+a space) we fall back to greedy longest-match over the base vocabulary's bytes, which always succeeds when the
+base has all 256 single bytes (byte-level BPE or byte fallback).
 """
 
 from __future__ import annotations
@@ -58,4 +58,5 @@ def segment_with_base(base: Vocab, pieces: list[bytes]) -> list[list[int]]:
         for (idx, _), ids in zip(queries, encoded):
             if ids and b"".join(base.token_bytes[i] for i in ids) == pieces[idx]:
                 result[idx] = list(ids)
-    return [ids if ids is not None else greedy_segment(piece, table, max_len) for ids, piece in zip(result, pieces)]
+    return [ids if ids is not None else greedy_segment(piece, table, max_len)
+            for ids, piece in zip(result, pieces)]

@@ -96,8 +96,8 @@ class Vocab:
         ids.
 
         Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json. The config names the family
-        class of `tokenizer_class` when 4.x and 5.x both load it from tokenizer.json and it loads back with the
-        same ids here (`transplant.tokenizers.family`), else PreTrainedTokenizerFast (5.x's own
+        class of `tokenizer_class` when 4.x and 5.x both load it from tokenizer.json and it loads back with
+        the same ids here (`transplant.tokenizers.family`), else PreTrainedTokenizerFast (5.x's own
         `TokenizersBackend` is unknown to 4.x), with the reason logged. Other tokenizer
         files already in `directory` (tokenizer.model, vocab.json, chat_template.jinja, ...) would be stale
         and some are preferred by transformers, so they are removed.
@@ -109,7 +109,8 @@ class Vocab:
             )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        roles = ("bos", "eos", "unk", "pad", "cls", "sep", "mask")  # what AutoTokenizer reads as named specials
+        # what AutoTokenizer reads as named specials
+        roles = ("bos", "eos", "unk", "pad", "cls", "sep", "mask")
         special = {f"{role}_token": self._text_of(role) for role in roles}
         special = {key: text for key, text in special.items() if text is not None}
         class_name, why = family.saved_class(self.tokenizer_class)
@@ -143,7 +144,8 @@ class Vocab:
         if failure is None:
             log.info("tokenizer_config.json names %s (%s)", class_name, why)
             return
-        log.warning("tokenizer_config.json names %s instead of %s: %s", family.GENERIC_CLASS, class_name, failure)
+        log.warning("tokenizer_config.json names %s instead of %s: %s", family.GENERIC_CLASS,
+                    class_name, failure)
         config["tokenizer_class"] = family.GENERIC_CLASS
         for key in ("add_bos_token", "add_eos_token"):
             config.pop(key, None)
