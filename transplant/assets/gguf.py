@@ -1,20 +1,21 @@
 """Turn a GGUF checkpoint into a plain Hugging Face model dir (safetensors + tokenizer files).
 
-The offline reference models ship only as quantized GGUF files. transformers can load a GGUF (`gguf_file=`) and
-dequantizes it, but the loaded model keeps a `quantization_config` and refuses `save_pretrained`; every other
-module of this project wants an ordinary dir that stock `AutoModelForCausalLM`/`AutoTokenizer` read. So we
-dequantize once, move the tensors into a fresh model built from the same config without the quantization entry,
-save with safetensors and check that the saved dir gives the same logits as the GGUF model.
+The offline reference models ship only as quantized GGUF files. transformers can load a GGUF (`gguf_file=`)
+and dequantizes it, but the loaded model keeps a `quantization_config` and refuses `save_pretrained`; every
+other module of this project wants an ordinary dir that stock `AutoModelForCausalLM`/`AutoTokenizer` read. So
+we dequantize once, move the tensors into a fresh model built from the same config without the quantization
+entry, save with safetensors and check that the saved dir gives the same logits as the GGUF model.
 
 Tokenizers need care too:
 - transformers 5.x saves `tokenizer_class: TokenizersBackend`, which 4.x cannot load; we write our own
   `tokenizer_config.json` naming `PreTrainedTokenizerFast`, which both read.
-- llama.cpp's converter turned SentencePiece user-defined whitespace tokens (`▁▁`, `▁▁▁`, ...) into literal spaces,
-  and transformers' GGUF converter then treats them as ordinary BPE pieces reached by merges, so a run of 38
-  spaces becomes 16+22 instead of sentencepiece's greedy 31+7. `whitespace_runs` restores them as added tokens.
+- llama.cpp's converter turned SentencePiece user-defined whitespace tokens (`▁▁`, `▁▁▁`, ...) into literal
+  spaces, and transformers' GGUF converter then treats them as ordinary BPE pieces reached by merges, so a run
+  of 38 spaces becomes 16+22 instead of sentencepiece's greedy 31+7. `whitespace_runs` restores them as added
+  tokens.
 - SmolLM2's own tokenizer splits digits one by one before byte-level BPE (llama.cpp pre-tokenizer "smollm");
-  transformers' GGUF converter drops that step (harmless for this vocab, which has no multi-digit tokens, but we
-  restore it so the file says what the model was trained with).
+  transformers' GGUF converter drops that step (harmless for this vocab, which has no multi-digit tokens, but
+  we restore it so the file says what the model was trained with).
 
 The conversion is checked, not assumed: saved logits equal the GGUF model's and the tokenizers give
 sentencepiece's ids (tests/test_assets.py; timings and memory in bench/RESULTS.md).
@@ -53,7 +54,8 @@ def apply_tokenizer_fixes(backend, fixes: tuple[str, ...]) -> None:
                 pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
             ])
         elif fix == "whitespace_runs":
-            runs = sorted((tok for tok in backend.get_vocab() if len(tok) >= 2 and set(tok) == {"▁"}), key=len)
+            runs = sorted((tok for tok in backend.get_vocab() if len(tok) >= 2 and set(tok)
+                           == {"▁"}), key=len)
             backend.add_tokens([AddedToken(tok, normalized=True, special=False) for tok in runs])
             log.info("restored %d whitespace-run tokens as user-defined (added) tokens", len(runs))
         else:
@@ -85,7 +87,8 @@ def check_round_trip(tokenizer, text: str = SAMPLE_TEXT) -> None:
 def write_tokenizer_files(tokenizer, dest: Path, *, model_max_length: int, chat_template: str | None) -> None:
     """tokenizer.json + a tokenizer_config.json that transformers 4.x and 5.x both load."""
     tokenizer.backend_tokenizer.save(str(dest / "tokenizer.json"))
-    # model_input_names: 4.x's PreTrainedTokenizerFast otherwise returns token_type_ids, which generate() rejects.
+    # model_input_names: 4.x's PreTrainedTokenizerFast otherwise returns token_type_ids, which generate()
+    # rejects.
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
               "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
@@ -96,15 +99,18 @@ def write_tokenizer_files(tokenizer, dest: Path, *, model_max_length: int, chat_
     if template:
         config["chat_template"] = template
     (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    special_map = {key: config[key] for key in ("bos_token", "eos_token", "unk_token", "pad_token") if key in config}
-    (dest / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
+    special_map = {key: config[key] for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+                   if key in config}
+    (dest / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, ensure_ascii=False)
+                                                  + "\n")
 
 
 def add_legacy_config_keys(config: dict) -> dict:
-    """Add the pre-5.0 spellings (rope_theta, rope_local_base_freq, torch_dtype) next to 5.x's rope_parameters.
+    """Add the pre-5.0 spellings (rope_theta, rope_local_base_freq, torch_dtype) next to 5.x's
+    rope_parameters.
 
-    transformers 4.x ignores `rope_parameters` and would fall back to its default rope base (10,000 for Llama),
-    silently changing the model; 5.x reads `rope_parameters` and accepts the extra keys.
+    transformers 4.x ignores `rope_parameters` and would fall back to its default rope base (10,000 for
+    Llama), silently changing the model; 5.x reads `rope_parameters` and accepts the extra keys.
     """
     rope = config.get("rope_parameters")
     if isinstance(rope, dict):
@@ -143,17 +149,19 @@ def _load_gguf_model(gguf_path: Path, dtype: torch.dtype):
         return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype)
     except (ValueError, KeyError, NotImplementedError, OSError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise TransplantError(f"transformers cannot load the weights of {gguf_path} ({reason}); pass the model's "
-                              "Hugging Face folder (config.json + safetensors) instead") from err
+        raise TransplantError(f"transformers cannot load the weights of {gguf_path} ({reason}); "
+                              "pass the model's Hugging Face folder (config.json + "
+                              "safetensors) instead") from err
 
 
 def convert_gguf(gguf_path: Path, dest: Path, *, tokenizer_fixes: tuple[str, ...] = (),
                  chat_template: str | None = None, generation: dict | None = None,
                  dtype: torch.dtype = torch.float32, tokenizer=None) -> Path:
-    """Write `dest` (a plain HF model dir) from `gguf_path`; nothing appears at `dest` unless every check passes.
+    """Write `dest` (a plain HF model dir) from `gguf_path`; nothing appears at `dest` unless every check
+    passes.
 
-    float32 is the default storage dtype: the dequantized values are not bf16-representable, so only fp32 keeps
-    the saved model bit-identical to the GGUF model (SmolLM2 517 MB, Gemma-3-270M 1.07 GB on disk).
+    float32 is the default storage dtype: the dequantized values are not bf16-representable, so only fp32
+    keeps the saved model bit-identical to the GGUF model (SmolLM2 517 MB, Gemma-3-270M 1.07 GB on disk).
     `tokenizer` (a fast tokenizer) replaces transformers' reading of the GGUF vocabulary (user GGUFs get ours,
     `transplant.tokenizers.load`, which rebuilds SentencePiece-style vocabularies exactly).
     """
@@ -172,7 +180,8 @@ def convert_gguf(gguf_path: Path, dest: Path, *, tokenizer_fixes: tuple[str, ...
             tokenizer = load_gguf_tokenizer(gguf_path, tokenizer_fixes)
         check_round_trip(tokenizer)
 
-        log.info("[2/4] loading and dequantizing the weights (%.0f MB GGUF)", gguf_path.stat().st_size / 2**20)
+        log.info("[2/4] loading and dequantizing the weights (%.0f MB GGUF)",
+                 gguf_path.stat().st_size / 2**20)
         quantized = _load_gguf_model(gguf_path, dtype)
         ids = torch.tensor([tokenizer.encode(SAMPLE_TEXT, add_special_tokens=True)[:64]])
         with torch.no_grad():
@@ -182,13 +191,15 @@ def convert_gguf(gguf_path: Path, dest: Path, *, tokenizer_fixes: tuple[str, ...
 
         log.info("[3/4] saving safetensors (%s) to %s", str(dtype).replace("torch.", ""), tmp)
         if generation:
-            model.generation_config = GenerationConfig(**{**model.generation_config.to_diff_dict(), **generation})
+            model.generation_config = GenerationConfig(**{**model.generation_config.to_diff_dict(),
+                                                          **generation})
         model.save_pretrained(tmp, safe_serialization=True)
         model_max_length = int(getattr(model.config, "max_position_embeddings", 2048))
         del model
         gc.collect()
         config_path = tmp / "config.json"
-        config_path.write_text(json.dumps(add_legacy_config_keys(json.loads(config_path.read_text())), indent=2) + "\n")
+        config_path.write_text(json.dumps(add_legacy_config_keys(json.loads(config_path.read_text())),
+                                          indent=2) + "\n")
         write_tokenizer_files(tokenizer, tmp, model_max_length=model_max_length, chat_template=chat_template)
         for item in tmp.iterdir():
             item.chmod(0o644)
@@ -204,7 +215,8 @@ def convert_gguf(gguf_path: Path, dest: Path, *, tokenizer_fixes: tuple[str, ...
             shutil.rmtree(tmp)
         else:
             tmp.rename(dest)
-        log.info("converted %s in %.0f s (max |logit diff| %.2g)", gguf_path.name, time.perf_counter() - start, diff)
+        log.info("converted %s in %.0f s (max |logit diff| %.2g)", gguf_path.name,
+                 time.perf_counter() - start, diff)
         return dest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -212,11 +224,12 @@ def convert_gguf(gguf_path: Path, dest: Path, *, tokenizer_fixes: tuple[str, ...
 
 
 def sentencepiece_reference(gguf_path: Path, *, unescape_user_defined: bool = True):
-    """A `sentencepiece` processor rebuilt from a llama-style GGUF vocab: the reference the HF tokenizer must match.
+    """A `sentencepiece` processor rebuilt from a llama-style GGUF vocab: the reference the HF tokenizer must
+    match.
 
-    GGUF keeps pieces, scores and types but not the normalizer spec; we use what Gemma and Llama ship: identity
-    normalization, whitespace escaped to ▁, no extra-whitespace removal, byte fallback. `unescape_user_defined`
-    undoes llama.cpp's rewriting of ▁ to spaces in user-defined pieces.
+    GGUF keeps pieces, scores and types but not the normalizer spec; we use what Gemma and Llama ship:
+    identity normalization, whitespace escaped to ▁, no extra-whitespace removal, byte fallback.
+    `unescape_user_defined` undoes llama.cpp's rewriting of ▁ to spaces in user-defined pieces.
     """
     import numpy as np
     import sentencepiece as spm

@@ -1,15 +1,15 @@
 """A GGUF file as a base or donor: dequantized once into a cached folder the rest of the project reads.
 
-* Base: the whole model is dequantized through `transplant.assets.gguf.convert_gguf` (transformers' GGUF loader,
-  then a plain safetensors folder checked to give the same logits), with our own tokenizer reading of the file
-  (`transplant.tokenizers.load`, exact for SentencePiece-style vocabularies). Stored float32: the dequantized
-  values are what the quantized model computes with; the quantization error stays in them.
+* Base: the whole model is dequantized through `transplant.assets.gguf.convert_gguf` (transformers' GGUF
+  loader, then a plain safetensors folder checked to give the same logits), with our own tokenizer reading of
+  the file (`transplant.tokenizers.load`, exact for SentencePiece-style vocabularies). Stored float32: the
+  dequantized values are what the quantized model computes with; the quantization error stays in them.
 * Donor model (donor methods need its embeddings): only `token_embd` (and `output`, when untied) are read and
   dequantized with the `gguf` package, any architecture, without loading the rest of the model.
 
-Both are cached by the file's content hash under `cache_dir()/gguf/`, so the minutes a large base takes are paid
-once. The note that the weights were dequantized is logged at WARNING: the user should know the base's quality
-is that of the quantized file, not of the original model.
+Both are cached by the file's content hash under `cache_dir()/gguf/`, so the minutes a large base takes are
+paid once. The note that the weights were dequantized is logged at WARNING: the user should know the base's
+quality is that of the quantized file, not of the original model.
 """
 
 from __future__ import annotations
@@ -65,16 +65,16 @@ def gguf_model_dir(path: Path) -> Path:
 
     check_gguf(path)
     dest = cache_dir() / "gguf" / "models" / _content_key(path)
-    log.warning("GGUF base %s: its weights are dequantized to float32 (the quantization error stays in them); "
-                "cached in %s", path.name, dest)
+    log.warning("GGUF base %s: its weights are dequantized to float32 (the quantization error "
+                "stays in them); cached in %s", path.name, dest)
     if (dest / "config.json").exists():
         return dest
     vocab = load_vocab(path)
     try:
         return convert_gguf(path, dest, tokenizer=vocab.tokenizer)
     except RuntimeError as err:  # the saved folder did not reproduce the GGUF model: say so, in one line
-        raise TransplantError(f"cannot convert {path} faithfully ({err}); pass the model's Hugging Face folder "
-                              "instead") from err
+        raise TransplantError(f"cannot convert {path} faithfully ({err}); pass the model's "
+                              "Hugging Face folder instead") from err
 
 
 def _dequantized(reader, name: str):
@@ -87,15 +87,16 @@ def _dequantized(reader, name: str):
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as err:
-        raise TransplantError(f"the gguf package cannot dequantize {name} ({tensor.tensor_type.name}); pass the "
+        raise TransplantError(f"the gguf package cannot dequantize {name} "
+                              f"({tensor.tensor_type.name}); pass the "
                               "donor's Hugging Face folder instead") from err
     rows = int(tensor.shape[-1])  # GGUF lists dimensions innermost first: (hidden, vocab)
     return torch.from_numpy(values.reshape(rows, -1).copy())
 
 
 def gguf_embeddings_dir(path: Path) -> Path:
-    """A small folder holding only the donor's embedding matrices (dequantized) and tokenizer (module docstring):
-    what `transplant.io.surgery.read_embeddings` and `load_vocab` read from a donor."""
+    """A small folder holding only the donor's embedding matrices (dequantized) and tokenizer (module
+    docstring): what `transplant.io.surgery.read_embeddings` and `load_vocab` read from a donor."""
     from gguf import GGUFReader
     from safetensors.torch import save_file
 
@@ -110,8 +111,9 @@ def gguf_embeddings_dir(path: Path) -> Path:
     reader = GGUFReader(path)
     embed, output = _dequantized(reader, TOKEN_EMBD), _dequantized(reader, OUTPUT)
     if embed is None:
-        raise TransplantError(f"{path} has no {TOKEN_EMBD} tensor; pass a GGUF model (not a vocabulary-only file) "
-                              "or use a method that needs only the donor's tokenizer (--method fvt)")
+        raise TransplantError(f"{path} has no {TOKEN_EMBD} tensor; pass a GGUF model (not a "
+                              "vocabulary-only file) or use a method that needs only the donor's "
+                              "tokenizer (--method fvt)")
     field = reader.get_field("general.architecture")
     arch = field.contents() if field is not None else "unknown"
     tensors = {"model.embed_tokens.weight": embed.contiguous()}
@@ -122,8 +124,9 @@ def gguf_embeddings_dir(path: Path) -> Path:
     tmp.mkdir(parents=True)
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = {"vocab_size": embed.shape[0], "hidden_size": embed.shape[1], "tie_word_embeddings": output is None,
-                  "gguf_architecture": arch, "note": "embedding matrices only, dequantized from a GGUF file"}
+        config = {"vocab_size": embed.shape[0], "hidden_size": embed.shape[1],
+                  "tie_word_embeddings": output is None, "gguf_architecture": arch,
+                  "note": "embedding matrices only, dequantized from a GGUF file"}
         (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
         load_vocab(path).save(tmp)
         shutil.rmtree(dest, ignore_errors=True)

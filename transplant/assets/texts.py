@@ -2,17 +2,19 @@
 
 Bits per byte only compares tokenizers fairly when every model reads the same bytes, so each text has a fixed
 split: the **held-out region** is the last `HELDOUT_BYTES` (64 KiB) of the stored text, starting at the first
-paragraph or line start inside that window (see `_split`), and the **training region** is everything before it. `heldout(name, n)` and
-`train_text(name, n)` return prefixes of those regions that end at a line break, so training never sees
-held-out text and the same `n` always gives the same string.
+paragraph or line start inside that window (see `_split`), and the **training region** is everything before
+it. `heldout(name, n)` and `train_text(name, n)` return prefixes of those regions that end at a line break, so
+training never sees held-out text and the same `n` always gives the same string.
 
 | name | source | what is kept |
 |---|---|---|
 | english | World English Bible (`sword-text-web`) | verse text, footnotes and headings dropped |
 | spanish | Reina-Valera 1909 (`sword-text-sparv`) | same |
-| german | German quotations (`fortunes-de`, file `zitate`) | quotes with their attributions, `%` lines dropped |
+| german | German quotations (`fortunes-de`, file `zitate`) | quotes with their attributions, `%` lines
+dropped |
 | python-docs | Python 3.11 docs (`python3.11-doc`, info) | from the tutorial on, info menus/headers dropped |
-| debian-reference | Debian Reference, English (`debian-reference-en`, plain text) | from chapter 1 on (no contents) |
+| debian-reference | Debian Reference, English (`debian-reference-en`, plain text) | from chapter 1 on (no
+contents) |
 | quotes | English quotations (`fortunes`, files in `QUOTE_FILES`) | quotes, `%` lines dropped |
 | code | the running interpreter's stdlib | `CODE_MODULES` in order, one header line per file |
 | numbers | generated here (seeded) | arithmetic, tables, dates, prices, phone-like numbers |
@@ -68,8 +70,9 @@ class TextAsset:
 def _debian_packages(packages: tuple[str, ...], dest: Path) -> dict[str, str]:
     """`apt-get download` + `dpkg-deb -x` into `dest`; returns {package: version}."""
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        raise TransplantError("the text assets come from Debian packages but apt-get/dpkg-deb are missing; run on "
-                              "Debian/Ubuntu, or evaluate on your own files (`transplant eval --text FILE`)")
+        raise TransplantError("the text assets come from Debian packages but apt-get/dpkg-deb are "
+                              "missing; run on Debian/Ubuntu, or evaluate on your own files (`transplant "
+                              "eval --text FILE`)")
     debs = dest / "debs"
     debs.mkdir(parents=True)
     result = subprocess.run(["apt-get", "download", *packages], cwd=debs, capture_output=True, text=True)
@@ -113,7 +116,8 @@ def _sword_verses(module_dir: Path):
 
 _NOTE = re.compile(r"<note\b[^>]*(?<!/)>.*?</note>", re.S)
 _TITLE = re.compile(r"<title\b[^>]*(?<!/)>.*?</title>", re.S)
-_BREAK = re.compile(r"<(?:div\b[^>]*type=\"x-p\"[^>]*|lb\b[^>]*|l\b[^>]*eID[^>]*|/l|chapter\b[^>]*sID[^>]*)/?>")
+_BREAK = re.compile(r"<(?:div\b[^>]*type=\"x-p\"[^>]*|lb\b[^>]*|l\b[^>]*eID[^>]*|/l"
+                    r"|chapter\b[^>]*sID[^>]*)/?>")
 
 
 def _osis_to_text(raw: str) -> str:
@@ -143,7 +147,8 @@ def _german_quotes(root: Path) -> str:
 
 
 # English quotation files of the `fortunes` package: prose-like, and in no training corpus of the project.
-QUOTE_FILES = ("art", "education", "food", "humorists", "love", "platitudes", "politics", "science", "work", "people",
+QUOTE_FILES = ("art", "education", "food", "humorists", "love", "platitudes", "politics", "science",
+               "work", "people",
                "wisdom")  # the held-out region is the tail: people and wisdom
 
 
@@ -163,7 +168,8 @@ def _debian_reference(root: Path) -> str:
     not Python's (the other documentation slice)."""
     import gzip
 
-    text = gzip.decompress((root / "usr/share/debian-reference/debian-reference.en.txt.gz").read_bytes()).decode()
+    text = gzip.decompress((root / "usr/share/debian-reference/debian-reference.en.txt.gz")
+                           .read_bytes()).decode()
     text = text.replace("\u00a0", " ")  # the edition writes "Chapter\u00a01." and pads notes with NBSP
     text = text[text.index("\nChapter 1. ") + 1:]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in text.split("\n")))
@@ -189,12 +195,12 @@ CODE_MODULES = (
     "abc.py", "argparse.py", "ast.py", "base64.py", "bisect.py", "calendar.py", "collections/__init__.py",
     "configparser.py", "contextlib.py", "copy.py", "csv.py", "dataclasses.py", "difflib.py", "enum.py",
     "email/message.py", "fnmatch.py", "fractions.py", "functools.py", "gettext.py", "glob.py", "graphlib.py",
-    "heapq.py", "hmac.py", "html/parser.py", "http/cookies.py", "inspect.py", "ipaddress.py", "json/decoder.py",
-    "json/encoder.py", "locale.py", "logging/__init__.py", "numbers.py", "operator.py", "optparse.py",
-    "pprint.py", "queue.py", "random.py", "sched.py", "secrets.py", "selectors.py", "shlex.py", "shutil.py",
-    "socketserver.py", "statistics.py", "string.py", "subprocess.py", "tarfile.py", "tempfile.py",
-    "textwrap.py", "threading.py", "timeit.py", "tokenize.py", "trace.py", "traceback.py", "types.py",
-    "typing.py", "uuid.py", "warnings.py", "weakref.py", "wave.py", "zipapp.py",
+    "heapq.py", "hmac.py", "html/parser.py", "http/cookies.py", "inspect.py", "ipaddress.py",
+    "json/decoder.py", "json/encoder.py", "locale.py", "logging/__init__.py", "numbers.py", "operator.py",
+    "optparse.py", "pprint.py", "queue.py", "random.py", "sched.py", "secrets.py", "selectors.py", "shlex.py",
+    "shutil.py", "socketserver.py", "statistics.py", "string.py", "subprocess.py", "tarfile.py",
+    "tempfile.py", "textwrap.py", "threading.py", "timeit.py", "tokenize.py", "trace.py", "traceback.py",
+    "types.py", "typing.py", "uuid.py", "warnings.py", "weakref.py", "wave.py", "zipapp.py",
 )
 
 
@@ -209,12 +215,13 @@ def _code(_: Path) -> str:
 
 
 def _numbers(_: Path) -> str:
-    """Seeded synthetic text of numbers in many formats (random.Random's integer API is stable across versions)."""
+    """Seeded synthetic text of numbers in many formats (random.Random's integer API is stable across
+    versions)."""
     import random
 
     rng = random.Random(20261124)
-    months = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-              "November", "December"]
+    months = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+              "October", "November", "December"]
     items = ["widget", "bolt", "cable", "lamp", "chair", "paper", "filter", "battery", "valve", "sensor"]
 
     def money(cents: int) -> str:
@@ -234,13 +241,16 @@ def _numbers(_: Path) -> str:
             return "  ".join(f"{n}×{k}={n * k}" for k in range(1, 11))
         year, month, day = rng.randrange(1900, 2100), rng.randrange(1, 13), rng.randrange(1, 29)
         if kind == 3:
-            return (f"{year}-{month:02d}-{day:02d}, {day:02d}.{month:02d}.{year}, {months[month - 1]} {day}, {year}, "
+            return (f"{year}-{month:02d}-{day:02d}, {day:02d}.{month:02d}.{year}, {months[month - 1]} "
+                    f"{day}, {year}, "
                     f"{rng.randrange(24):02d}:{rng.randrange(60):02d}:{rng.randrange(60):02d}")
         if kind == 4:
             cents = rng.randrange(1, 500_000)
-            return f"price ${money(cents)}, €{money(cents * 92 // 100).replace('.', ',')}, £{money(cents * 79 // 100)}"
+            return (f"price ${money(cents)}, €{money(cents * 92 // 100).replace('.', ',')}, "
+                    f"£{money(cents * 79 // 100)}")
         if kind == 5:
-            return (f"+1 ({rng.randrange(200, 1000)}) {rng.randrange(100, 1000)}-{rng.randrange(10_000):04d}, "
+            return (f"+1 ({rng.randrange(200, 1000)}) "
+                    f"{rng.randrange(100, 1000)}-{rng.randrange(10_000):04d}, "
                     f"+49 {rng.randrange(30, 90)} {rng.randrange(1_000_000, 10_000_000)}")
         if kind == 6:
             rows = ["item,qty,unit_price,total"]
@@ -250,9 +260,11 @@ def _numbers(_: Path) -> str:
             return "\n".join(rows)
         if kind == 7:
             big = rng.randrange(1_000, 10**10)
-            return f"{big:,} ({big}) = {big / 1e6:.3f} million; {rng.randrange(1, 100)}.{rng.randrange(100):02d}%"
+            return (f"{big:,} ({big}) = {big / 1e6:.3f} million; "
+                    f"{rng.randrange(1, 100)}.{rng.randrange(100):02d}%")
         if kind == 8:
-            return f"v{rng.randrange(10)}.{rng.randrange(30)}.{rng.randrange(100)}, 0x{a * b:x}, {a}e{rng.randrange(-9, 10)}"
+            return (f"v{rng.randrange(10)}.{rng.randrange(30)}.{rng.randrange(100)}, 0x{a * b:x}, "
+                    f"{a}e{rng.randrange(-9, 10)}")
         return " ".join(str(rng.randrange(10 ** rng.randrange(1, 8))) for _ in range(rng.randrange(3, 12)))
 
     lines, size = [], 0
@@ -278,7 +290,8 @@ TEXTS: dict[str, TextAsset] = {
                   ("debian-reference-en",), _debian_reference, "GPL-2+"),
         TextAsset("quotes", "English quotations (fortunes: literature, wisdom, people, ...)", ("fortunes",),
                   _english_quotes, "see /usr/share/doc/fortunes/copyright"),
-        TextAsset("code", "Python stdlib source of the running interpreter (fixed module list)", (), _code, "PSF"),
+        TextAsset("code", "Python stdlib source of the running interpreter (fixed module list)", (),
+                  _code, "PSF"),
         TextAsset("numbers", "generated (seeded): arithmetic, tables, dates, prices, phone-like numbers", (),
                   _numbers, "generated"),
     ]
@@ -326,8 +339,8 @@ def fetch_text(name: str) -> Path:
             raise RuntimeError(f"text {name!r} came out too short ({len(content)} chars); the source changed")
         tmp = work / dest.name
         tmp.write_text(content, encoding="utf-8")
-        meta = {"name": name, "packages": versions, "bytes": len(content.encode("utf-8")), "license": asset.license,
-                "python": sys.version.split()[0] if name == "code" else None}
+        meta = {"name": name, "packages": versions, "bytes": len(content.encode("utf-8")),
+                "license": asset.license, "python": sys.version.split()[0] if name == "code" else None}
         dest.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
         tmp.rename(dest)
     finally:
@@ -351,7 +364,8 @@ def _split(content: str) -> int:
 
 
 def _prefix(region: str, n_bytes: int) -> str:
-    """Longest prefix of `region` with at most n_bytes UTF-8 bytes that ends at a line break (else a character)."""
+    """Longest prefix of `region` with at most n_bytes UTF-8 bytes that ends at a line break (else a
+    character)."""
     data = region.encode("utf-8")
     if len(data) <= n_bytes:
         return region
@@ -363,7 +377,8 @@ def _prefix(region: str, n_bytes: int) -> str:
 def heldout(name: str, n_bytes: int = 16384) -> str:
     """The first ~n_bytes of the held-out region (never in `train_text`); at most HELDOUT_BYTES."""
     if n_bytes > HELDOUT_BYTES:
-        raise TransplantError(f"held-out slices are at most {HELDOUT_BYTES} bytes, got {n_bytes}; ask for less")
+        raise TransplantError(f"held-out slices are at most {HELDOUT_BYTES} bytes, got "
+                              f"{n_bytes}; ask for less")
     content = text(name)
     return _prefix(content[_split(content):], n_bytes)
 

