@@ -1,8 +1,9 @@
 """Batched exact Orthogonal Matching Pursuit (Batch-OMP).
 
 OMP writes each new token's embedding as a k-sparse combination of anchor embeddings. Plain batched OMP
-recomputes every anchor's correlation with the residual at every step, one GEMM of O(B·N·D) per step: mergekit's
-`batch_omp` needs 4.0 ms/target at k=8 and 34 ms at k=64 on a 210k × 46k × 640 problem on 2 CPU cores, ours
+recomputes every anchor's correlation with the residual at every step, one GEMM of O(B·N·D) per step:
+mergekit's `batch_omp` needs 4.0 ms/target at k=8 and 34 ms at k=64 on a 210k × 46k × 640 problem on 2 CPU
+cores, ours
 0.95 / 13.0 ms exact (bench/bench_solver_vs_mergekit.py). Here the pursuit is the same greedy
 algorithm (pick the atom with the largest |correlation| with the residual, then least squares on the chosen
 set), computed the way Rubinstein, Zibulevsky & Elad (2008) do:
@@ -27,12 +28,13 @@ set), computed the way Rubinstein, Zibulevsky & Elad (2008) do:
   exact with c0 alone, +7% refreshed, 3x faster than exact) but costs more than exact Batch-OMP at small k
   (k=8: exact 7.0 ms/target, refreshed 8-12, c0-only 3.4 at +4% error), so it is on for k > 16 only.
 
-* `screen_dtype=torch.bfloat16` (opt-in; meant for GPUs, where it is not yet timed) computes each step's residual correlations as one bf16
-  GEMM on tensor cores (~16x the fp32 rate on an H200) and keeps the selection exact with a certificate: the
-  bf16 value of every correlation is within `bound = ‖r‖·(2u + u² + D·2⁻²⁴)` of the fp32 one (unit atoms, u =
-  2⁻⁸), so after re-checking the top `screen_top` screened atoms in fp32, the best of them is the exact argmax
-  whenever it beats the next screened value by more than `bound`; rows that fail the certificate (near-ties)
-  redo that step's correlations in fp32. Same supports as the fp32 pursuit, no Gram, O(k·N·D) at bf16 speed.
+* `screen_dtype=torch.bfloat16` (opt-in; meant for GPUs, where it is not yet timed) computes each step's
+  residual correlations as one bf16 GEMM on tensor cores (~16x the fp32 rate on an H200) and keeps the
+  selection exact with a certificate: the bf16 value of every correlation is within `bound = ‖r‖·(2u + u² +
+  D·2⁻²⁴)` of the fp32 one (unit atoms, u = 2⁻⁸), so after re-checking the top `screen_top` screened atoms in
+  fp32, the best of them is the exact argmax whenever it beats the next screened value by more than `bound`;
+  rows that fail the certificate (near-ties) redo that step's correlations in fp32. Same supports as the fp32
+  pursuit, no Gram, O(k·N·D) at bf16 speed.
 
 Selection uses correlations with unit-normalised atoms (|aᵢ·r| / ‖aᵢ‖), i.e. the scale of an embedding row
 does not make it more likely to be chosen; the returned coefficients apply to the original (unnormalised)
@@ -166,8 +168,8 @@ def omp(
         all_indices.append(chosen.to(out_device))
         all_coefs.append(coefs.to(out_device))
     if screened is not None:
-        logger.info("OMP: %d of %d target-steps re-ran their correlations in fp32 (near-ties)", screened.redone,
-                    n_targets * steps)
+        logger.info("OMP: %d of %d target-steps re-ran their correlations in fp32 (near-ties)",
+                    screened.redone, n_targets * steps)
     indices, coefs = torch.cat(all_indices), torch.cat(all_coefs)
     if steps < k:
         indices = torch.cat([indices, empty[0][:, steps:]], dim=1)

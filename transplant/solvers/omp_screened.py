@@ -1,8 +1,8 @@
 """Exact OMP with reduced-precision screening: the GPU path of `transplant.solvers.omp.omp` (see its module
-docstring). Each step's correlations with all N atoms are one bf16 GEMM on tensor cores; the top few are re-checked
-in fp32 and a rounding-error bound certifies that the best of them is the fp32 argmax, else the row redoes the
-step in fp32. Plain OMP pays an fp32 GEMM per step (mergekit's `batch_omp`); Batch-OMP's Gram updates read
-N·k²/2 values per target, memory-bound at large k on a GPU (bench/RESULTS.md, "GPU")."""
+docstring). Each step's correlations with all N atoms are one bf16 GEMM on tensor cores; the top few are
+re-checked in fp32 and a rounding-error bound certifies that the best of them is the fp32 argmax, else the row
+redoes the step in fp32. Plain OMP pays an fp32 GEMM per step (mergekit's `batch_omp`); Batch-OMP's Gram
+updates read N·k²/2 values per target, memory-bound at large k on a GPU (bench/RESULTS.md, "GPU")."""
 
 from __future__ import annotations
 
@@ -25,14 +25,15 @@ class ScreenedPursuit:
         self.redone = 0  # target-steps that fell back to fp32 correlations
 
     def batch_size(self, device: torch.device) -> int:
-        """Targets per batch: [B, N] fp32 scores + [B, top, D] gathers + [B, k, D] chosen atoms in the budget."""
+        """Targets per batch: [B, N] fp32 scores + [B, top, D] gathers + [B, k, D] chosen atoms in the
+        budget."""
         n_atoms, dim = self.atoms.shape
         per_target = 4 * (2 * n_atoms + (self.top + self.steps + 2) * dim) + 2 * dim
         return max(1, BATCH_BUDGET_BYTES["cuda" if device.type == "cuda" else "cpu"] // per_target)
 
     def __call__(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        chosen, kept, gamma, redone = _pursue_screened(x, self.atoms, self.screen_atoms, self.valid, self.steps,
-                                                       self.top, self.rel_bound)
+        chosen, kept, gamma, redone = _pursue_screened(x, self.atoms, self.screen_atoms, self.valid,
+                                                       self.steps, self.top, self.rel_bound)
         self.redone += redone
         return chosen, kept, gamma
 
@@ -72,13 +73,15 @@ def _pursue_screened(x: Tensor, atoms: Tensor, screen_atoms: Tensor, valid: Tens
             best[redo], pick[redo] = full.max(dim=1)
         done |= best <= stop_rtol * x_norm
         atom = atoms[pick]
-        keep = grow_cholesky(chol, forward, chosen_atoms, atom, (x * atom).sum(dim=1), step, done, dependent_tol)
+        keep = grow_cholesky(chol, forward, chosen_atoms, atom, (x * atom).sum(dim=1), step, done,
+                             dependent_tol)
         chosen[:, step] = pick * keep
         kept[:, step] = keep
         blocked[rows, pick] = True
         if step + 1 < steps:
             size = step + 1
-            gamma = torch.linalg.solve_triangular(chol[:, :size, :size].mT, forward[:, :size, None], upper=True)
+            gamma = torch.linalg.solve_triangular(chol[:, :size, :size].mT,
+                                                  forward[:, :size, None], upper=True)
             residual = x - torch.bmm(gamma.mT, chosen_atoms[:, :size])[:, 0]
     gamma = torch.linalg.solve_triangular(chol.mT, forward[:, :, None], upper=True)[:, :, 0]
     return chosen, kept, gamma, redone
