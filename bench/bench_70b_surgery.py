@@ -62,7 +62,8 @@ def generate_base(base: Path, layers: int) -> int:
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     safetensors.write_shards(base, shards, {"format": "pt"})
-    (base / "config.json").write_text(json.dumps(llama_config(VOCAB, HIDDEN, INTERMEDIATE, layers, HEADS, KV_HEADS), indent=2))
+    (base / "config.json").write_text(json.dumps(llama_config(VOCAB, HIDDEN, INTERMEDIATE, layers, HEADS,
+                                                              KV_HEADS), indent=2))
     load_vocab("llama3").save(base)
     return 2 * VOCAB * HIDDEN * 2
 
@@ -70,7 +71,8 @@ def generate_base(base: Path, layers: int) -> int:
 def timed(cmd: list[str]) -> tuple[float, float, str]:
     """Wall seconds, peak RSS (GB) and stdout of a command, from GNU time."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
-        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", stats.name, *cmd], capture_output=True, text=True)
+        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", stats.name, *cmd],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
         wall, rss_kb = stats.read().split()[-2:]
@@ -78,7 +80,8 @@ def timed(cmd: list[str]) -> tuple[float, float, str]:
 
 
 def check(base: Path, out: Path) -> str:
-    """Output shards are indexed, embeddings have the new vocabulary, a layer tensor is byte-equal to the base's."""
+    """Output shards are indexed, embeddings have the new vocabulary, a layer tensor is byte-equal to the
+    base's."""
     from safetensors import safe_open
 
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
@@ -91,8 +94,10 @@ def check(base: Path, out: Path) -> str:
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
         with safe_open(out / index[key], "pt") as handle:
             rows[key] = handle.get_slice(key).get_shape()
-    return (f"{len(set(index.values()))} shards, vocab {config['vocab_size']}, embed {rows['model.embed_tokens.weight']}, "
-            f"lm_head {rows['lm_head.weight']}, untied {not config.get('tie_word_embeddings')}, layer 0 byte-equal {same_layer}")
+    return (f"{len(set(index.values()))} shards, vocab {config['vocab_size']}, embed "
+            f"{rows['model.embed_tokens.weight']}, "
+            f"lm_head {rows['lm_head.weight']}, untied {not config.get('tie_word_embeddings')}, layer 0 "
+            f"byte-equal {same_layer}")
 
 
 def main() -> None:
@@ -100,19 +105,22 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="of the real 80 (~2 GB each on disk)")
     parser.add_argument("--donor", default="mistral-v3")
     parser.add_argument("--method", default="fvt")
-    parser.add_argument("--keep", action="store_true", help="keep bench/_work/surgery70b (multi-GB) afterwards")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep bench/_work/surgery70b (multi-GB) afterwards")
     args = parser.parse_args()
     base, out = WORK / "base", WORK / "out"
     embedding_bytes = generate_base(base, args.layers)
     transplant = str(Path(sys.executable).parent / "transplant")
     try:
-        wall, rss_gb, stdout = timed([transplant, "--base", str(base), "--donor", args.donor, "--method", args.method,
-                                      "-o", str(out), "--overwrite", "--eval-bytes", "0"])
+        wall, rss_gb, stdout = timed([transplant, "--base", str(base), "--donor", args.donor, "--method",
+                                      args.method, "-o", str(out), "--overwrite", "--eval-bytes", "0"])
         print(stdout)
         emb_gb = embedding_bytes / 2**30
-        print("| base | donor | method | wall s | peak RSS GB | embeddings GB (in + out, bf16) | RSS / embeddings | output |")
+        print("| base | donor | method | wall s | peak RSS GB | embeddings GB (in + out, bf16) | RSS / "
+              "embeddings | output |")
         print("|---|---|---|---|---|---|---|---|")
-        print(f"| Llama-3-70B shape, {args.layers} of 80 layers | {args.donor} | {args.method} | {wall:.1f} | {rss_gb:.2f} "
+        print(f"| Llama-3-70B shape, {args.layers} of 80 layers | {args.donor} | {args.method} | {wall:.1f} "
+              f"| {rss_gb:.2f} "
               f"| {emb_gb:.2f} | {rss_gb / emb_gb:.2f}x | {check(base, out)} |")
     finally:
         if not args.keep:

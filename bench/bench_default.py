@@ -1,6 +1,7 @@
-"""Which training-free method should be the default? Every candidate on the same pair, measured in memory.
+r"""Which training-free method should be the default? Every candidate on the same pair, measured in memory.
 
-    python bench/bench_default.py --pair smollm2-135m:gemma3-270m --configs fvt fvt-ls sparsemax-knn "omp:k=8,prefilter=0"
+    python bench/bench_default.py --pair smollm2-135m:gemma3-270m \
+        --configs fvt fvt-ls sparsemax-knn "omp:k=8,prefilter=0"
     python bench/bench_default.py --pair gemma3-270m:smollm2-135m --configs fvt fvt-ls --bytes 8192
 
 Loads the two vocabularies, the embedding matrices and the base model once; for each config it runs the same
@@ -81,9 +82,10 @@ def main() -> None:
     print("|" + "---|" * (4 + len(args.slices)), flush=True)
     if args.original:
         model = AutoModelForCausalLM.from_pretrained(base_src.model_dir, dtype=torch.float32).eval()
-        scores = {n: bits_per_byte(model, base_vocab.tokenizer, t, max_length=512) for n, t in held_out.items()}
-        print(f"| {args.pair} | original | — | — | " + " | ".join(f"{scores[s]:.4f}" for s in args.slices) + " |",
-              flush=True)
+        scores = {n: bits_per_byte(model, base_vocab.tokenizer, t, max_length=512)
+                  for n, t in held_out.items()}
+        print(f"| {args.pair} | "
+              "original | — | — | " + " | ".join(f"{scores[s]:.4f}" for s in args.slices) + " |", flush=True)
     for config in args.configs:
         method, raw = parse_config(config)
         chosen = resolve_method(method, raw)
@@ -97,7 +99,8 @@ def main() -> None:
         seconds = time.perf_counter() - started
         model = AutoModelForCausalLM.from_pretrained(base_src.model_dir, dtype=torch.float32).eval()
         swap_embeddings(model, new_input, new_output)
-        scores = {n: bits_per_byte(model, new_vocab.tokenizer, t, max_length=512) for n, t in held_out.items()}
+        scores = {n: bits_per_byte(model, new_vocab.tokenizer, t, max_length=512)
+                  for n, t in held_out.items()}
         print(f"| {args.pair} | {config} | {seconds:.1f} | {peak_rss_mb():.0f} | "
               + " | ".join(f"{scores[s]:.4f}" for s in args.slices) + " |", flush=True)
         del model

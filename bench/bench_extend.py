@@ -40,7 +40,8 @@ def main() -> None:
     base_dir = resolve_source(args.model, need_model=True).model_dir
     model, tokenizer = load_for_eval(base_dir)
     base_tokens = len(tokenizer.encode(held_out, add_special_tokens=False))
-    print(f"| model | added | method | learn+init s | tokens / 1k bytes | length change | BPB ({args.domain} held-out) |")
+    print("| model | added | method | learn+init s | tokens / 1k bytes | length change | BPB "
+          f"({args.domain} held-out) |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {args.model} | 0 | — | — | {1000 * base_tokens / n_bytes:.1f} | — | "
           f"{bits_per_byte(model, tokenizer, held_out, max_length=512):.4f} |", flush=True)
@@ -48,15 +49,16 @@ def main() -> None:
         for method in args.methods:
             with tempfile.TemporaryDirectory(dir=WORK) as tmp:
                 start = time.perf_counter()
-                result = transplant.extend_vocab(base_dir, corpus=corpus, n=n, method=method, output=Path(tmp) / "m")
+                result = transplant.extend_vocab(base_dir, corpus=corpus, n=n, method=method,
+                                                 output=Path(tmp) / "m")
                 seconds = time.perf_counter() - start
                 model, tokenizer = load_for_eval(result.output)
                 tokens = len(tokenizer.encode(held_out, add_special_tokens=False))
                 assert tokenizer.decode(tokenizer.encode(held_out, add_special_tokens=False)) == held_out
                 bpb = bits_per_byte(model, tokenizer, held_out, max_length=512)
             print(f"| {args.model} | {len(result.extra['added_tokens'])} | {method} | {seconds:.1f} | "
-                  f"{1000 * tokens / n_bytes:.1f} | {100 * (tokens - base_tokens) / base_tokens:+.1f}% | {bpb:.4f} |",
-                  flush=True)
+                  f"{1000 * tokens / n_bytes:.1f} | "
+                  f"{100 * (tokens - base_tokens) / base_tokens:+.1f}% | {bpb:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

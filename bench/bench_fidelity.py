@@ -1,16 +1,19 @@
-"""Unreachable rows and fidelity fixes: held-out BPB per slice and where the output mass goes, per variant.
+r"""Unreachable rows and fidelity fixes: held-out BPB per slice and where the output mass goes, per variant.
 
     python bench/bench_fidelity.py --donor gemma3-270m --runs fvt:unreachable=keep,dedup_cosine=1 fvt
-    python bench/bench_fidelity.py --donor llama3 --slices numbers english --runs byte-pool byte-pool:numbers=true
+    python bench/bench_fidelity.py --donor llama3 --slices numbers english \
+        --runs byte-pool byte-pool:numbers=true
 
 Each run is `method[:key=value,...]` (the `--set` options of `transplant`). The base model is loaded once and
 each variant's embeddings are swapped into it, so a variant costs its initializer plus the evaluation, not a
 1 GB write and reload. The rows come from the steps `transplant()` runs (`pipeline.new_embeddings` = the
-initializer, then `init.apply.finish_embeddings`); the initializer runs once per method and method options, and
-runs differing only in pipeline options (numbers, untie, unreachable, dedup_*, rescale_norm) share its plan.
+initializer, then `init.apply.finish_embeddings`); the initializer runs once per method and method options,
+and runs differing only in pipeline options (numbers, untie, unreachable, dedup_*, rescale_norm) share its
+plan.
 Columns: BPB per held-out slice (`texts.heldout`, max_length 512 as in bench_transplant.py), then on the
 `--mass-slice` the mean share of next-token probability on tokens the base never had (`new`) and on tokens the
-new tokenizer can never emit (`unreach.`), and the repair counts. Prints a markdown table for bench/RESULTS.md.
+new tokenizer can never emit (`unreach.`), and the repair counts. Prints a markdown table for
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def bpb_and_mass(model, tokenizer, text: str, groups: dict[str, torch.Tensor],
         for name, group in groups.items():
             totals[name] += float(probs[:, group].sum())
         count += seq.shape[1] - 1
-    return nats / math.log(2) / len(text.encode()), {name: total / max(count, 1) for name, total in totals.items()}
+    return nats / math.log(2) / len(text.encode()), {name: total / max(count, 1)
+                                                     for name, total in totals.items()}
 
 
 def main() -> None:
@@ -102,12 +106,13 @@ def main() -> None:
     unreachable = unreachable_ids(new_vocab)
     groups = {"new": alignment.unshared_new_ids, "unreach.": unreachable}
 
-    head = "| run | s | " + " | ".join(args.slices) + f" | new mass ({args.mass_slice}) | unreach. mass | unreachable | near-dup |"
+    head = ("| run | s | " + " | ".join(args.slices)
+            + f" | new mass ({args.mass_slice}) | unreach. mass | unreachable | near-dup |")
     print(head + "\n|" + "---|" * (head.count("|") - 1), flush=True)
     if not args.no_original:
         scores = [bits_per_byte(model, base_tokenizer, held_out[s], max_length=512) for s in args.slices]
-        print(f"| {args.base} (original) | — | " + " | ".join(f"{x:.4f}" for x in scores) + " | — | — | — | — |",
-              flush=True)
+        print(f"| {args.base} "
+              "(original) | — | " + " | ".join(f"{x:.4f}" for x in scores) + " | — | — | — | — |", flush=True)
     examples: list[str] = []
     plans: dict[tuple, tuple] = {}  # an initializer runs once per method and method options
     for method, raw in runs:
@@ -124,7 +129,8 @@ def main() -> None:
             plans[(method, own)] = (plan, time.perf_counter() - started)
         plan, init_seconds = plans[(method, own)]
         started = time.perf_counter()
-        variant = replace(plan, notes=dict(plan.notes))  # the pipeline's steps rebind fields, never mutate them
+        # the pipeline's steps rebind fields, never mutate them
+        variant = replace(plan, notes=dict(plan.notes))
         new_input, new_output, variant = finish_embeddings(ctx, variant, chosen)
         seconds = init_seconds + time.perf_counter() - started
         install(model, new_input, new_output)
@@ -144,7 +150,8 @@ def main() -> None:
               + f" | {mass['new']:.1%} | {mass['unreach.']:.1%} | {len(repairs.unreachable)} | "
               f"{len(repairs.duplicates)} |", flush=True)
         show = [f"{new_vocab.token_bytes[d]!r}≈{new_vocab.token_bytes[m]!r} ({c:.3f})"
-                for d, m, c in repairs.duplicates[:: max(1, len(repairs.duplicates) // max(args.examples, 1))]]
+                for d, m, c in repairs.duplicates[:: max(1,
+                                                         len(repairs.duplicates) // max(args.examples, 1))]]
         examples.append(f"{label}: " + ", ".join(show[: args.examples]))
     for line in examples if args.examples else []:
         print(line)

@@ -1,10 +1,12 @@
-"""Held-out bits/byte of a base given unseen tokenizers by hypernet, fvt and other methods (methods that need a
-donor model, e.g. `--methods omp`, run only for donors that are models); or, with `--time-steps`, the speed of
-hypernetwork training steps on this machine (tokens/s of the LM loss).
+r"""Held-out bits/byte of a base given unseen tokenizers by hypernet, fvt and other methods (methods that
+need a donor model, e.g. `--methods omp`, run only for donors that are models); or, with `--time-steps`, the
+speed of hypernetwork training steps on this machine (tokens/s of the LM loss).
 
     python bench/bench_hypernet.py --hypernet out/hn-short --donors llama3 --bytes 4096
-    python bench/bench_hypernet.py --base gemma3-270m --hypernet out/hn-gemma --donors mistral-v3 --methods fvt hypernet
-    python bench/bench_hypernet.py --time-steps 5 --base gemma3-270m --recipe recipes/hypernet_smollm2_cpu.yaml
+    python bench/bench_hypernet.py --base gemma3-270m --hypernet out/hn-gemma --donors mistral-v3 \
+        --methods fvt hypernet
+    python bench/bench_hypernet.py --time-steps 5 --base gemma3-270m \
+        --recipe recipes/hypernet_smollm2_cpu.yaml
 
 Prints a markdown table (donor, method, transplant seconds, BPB per held-out slice) for the `## Hypernetwork`
 section of bench/RESULTS.md.
@@ -39,7 +41,8 @@ def time_steps(args: argparse.Namespace) -> None:
         trainer.engine.train()
         records = [trainer.train_step() for _ in range(args.time_steps + 1)][1:]
     seconds = statistics.median(r["step_seconds"] for r in records)
-    print(f"| {args.base} | {trainer.rt.device} | {trainer.rt.dtype} | {trainer.recipe.batch_size}x{trainer.recipe.seq_len} "
+    print(f"| {args.base} | {trainer.rt.device} | {trainer.rt.dtype} | "
+          f"{trainer.recipe.batch_size}x{trainer.recipe.seq_len} "
           f"| {seconds:.3f} | {statistics.median(r['tokens_per_s'] for r in records):.0f} |")
 
 
@@ -50,7 +53,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["fvt", "hypernet", "byte-pool-learned"],
                         help="methods that need a donor model (omp) run only for donors that are models")
     parser.add_argument("--hypernet")
-    parser.add_argument("--slices", nargs="+", default=["english", "code"], help="held-out texts (texts.heldout)")
+    parser.add_argument("--slices", nargs="+", default=["english", "code"],
+                        help="held-out texts (texts.heldout)")
     parser.add_argument("--bytes", type=int, default=8192)
     parser.add_argument("--pool-steps", type=int, default=1500)
     parser.add_argument("--time-steps", type=int, default=0, help="time N training steps instead")
@@ -68,7 +72,8 @@ def main() -> None:
     base_dir = resolve_model(args.base)
     names = " | ".join(f"{name} BPB" for name in slices)
     print(f"| donor | method | seconds | {names} |\n|---|---|---|" + "---|" * len(slices))
-    print("| (base) | - | - | " + " | ".join(f"{model_bits_per_byte(base_dir, t):.4f}" for t in slices.values()) + " |",
+    print("| (base) | - | - | "
+          + " | ".join(f"{model_bits_per_byte(base_dir, t):.4f}" for t in slices.values()) + " |",
           flush=True)
     for donor in args.donors:
         donor_is_model = resolve_source(donor, need_model=False).is_model
@@ -83,7 +88,8 @@ def main() -> None:
                 transplant(args.base, donor, method=method, output=Path(tmp) / "m", options=options)
                 seconds = time.perf_counter() - started
                 bpb = [model_bits_per_byte(Path(tmp) / "m", t) for t in slices.values()]
-            print(f"| {donor} | {method} | {seconds:.0f} | " + " | ".join(f"{b:.4f}" for b in bpb) + " |", flush=True)
+            print(f"| {donor} | {method} | {seconds:.0f} | " + " | ".join(f"{b:.4f}" for b in bpb)
+                  + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,21 @@
-"""Our OMP solver vs mergekit's `batch_omp` on the SAME problem: a real pair's donor-space targets and anchors.
+r"""Our OMP solver vs mergekit's `batch_omp` on the SAME problem: a real pair's donor-space targets and
+anchors.
 
     python bench/bench_solver_vs_mergekit.py --pair smollm2-135m:gemma3-270m --k 8 64 --targets 4096
-    # on a GPU machine without the model assets: a synthetic problem of the same shape, mergekit's omp.py imported
-    # from a folder holding its `mergekit_omp` package (omp.py + rope_helpers.py + an empty __init__.py)
-    python bench/bench_solver_vs_mergekit.py --synthetic 46000x640 --total 216000 --device cuda --mergekit-src DIR
+    # on a GPU machine without the model assets: a synthetic problem of the same shape, mergekit's omp.py
+    # imported from a folder holding its `mergekit_omp` package (omp.py + rope_helpers.py + an empty
+    # __init__.py)
+    python bench/bench_solver_vs_mergekit.py --synthetic 46000x640 --total 216000 --device cuda \
+        --mergekit-src DIR
 
 Whole-tool runs (bench_vs_mergekit.py) compare two different problems: mergekit matches tokens by string, so
-on SmolLM2 <- Gemma-3 it finds 14,840 anchors where our byte-exact alignment finds 46k, and it approximates more
-tokens. This script isolates the solver: the exact targets [B, D] and anchor dictionary [N, D] our `omp` method
-builds for the pair, a seeded sample of B targets, mergekit 0.1.5's own `batch_omp` (run in its venv, in its
-default batches of 512) against `transplant.solvers.omp.omp` (exact, and prefiltered), same threads, one run.
-Time per target is projected to the pair's full target count; our one-off Gram build is timed separately and
-added to the projection. Quality: relative reconstruction error ‖t − Σ w·a‖/‖t‖ in the donor space.
+on SmolLM2 <- Gemma-3 it finds 14,840 anchors where our byte-exact alignment finds 46k, and it approximates
+more tokens. This script isolates the solver: the exact targets [B, D] and anchor dictionary [N, D] our `omp`
+method builds for the pair, a seeded sample of B targets, mergekit 0.1.5's own `batch_omp` (run in its venv,
+in its default batches of 512) against `transplant.solvers.omp.omp` (exact, and prefiltered), same threads,
+one run. Time per target is projected to the pair's full target count; our one-off Gram build is timed
+separately and added to the projection. Quality: relative reconstruction error ‖t − Σ w·a‖/‖t‖ in the donor
+space.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from mergekit.tokensurgeon.omp import batch_omp
 torch.set_num_threads(int(sys.argv[4]))
 data = load_file(sys.argv[1]); k = int(sys.argv[2]); batch = 512
 started = time.perf_counter()
-parts = [batch_omp(data["targets"][i:i + batch], data["dictionary"], k) for i in range(0, len(data["targets"]), batch)]
+parts = [batch_omp(data["targets"][i:i + batch], data["dictionary"], k)
+         for i in range(0, len(data["targets"]), batch)]
 seconds = time.perf_counter() - started
 save_file({"indices": torch.cat([p[0] for p in parts]), "coefs": torch.cat([p[1] for p in parts]).float(),
            "seconds": torch.tensor([seconds])}, sys.argv[3])
@@ -46,7 +51,8 @@ save_file({"indices": torch.cat([p[0] for p in parts]), "coefs": torch.cat([p[1]
 
 
 def pair_problem(base: str, donor: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(all target rows, anchor dictionary) in the donor input space, exactly as the `omp` method builds them."""
+    """(all target rows, anchor dictionary) in the donor input space, exactly as the `omp` method builds
+    them."""
     from transplant.assets import load_vocab
     from transplant.assets.sources import resolve_source
     from transplant.init.base import InitContext
@@ -115,9 +121,11 @@ def in_process(args: argparse.Namespace, targets: torch.Tensor, dictionary: torc
     targets, dictionary = targets.to(device), dictionary.to(device)
     gram_seconds, gram = synchronized_seconds(lambda: unit_gram(dictionary, torch.float32), device)
     print(f"problem: {total} targets (timed {targets.shape[0]}), {dictionary.shape[0]} anchors, "
-          f"D={dictionary.shape[1]}, device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}); "
+          f"D={dictionary.shape[1]}, device {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}); "
           f"our fp32 Gram built once in {gram_seconds:.2f} s\n")
-    print("| solver | k | ms/target | projected full s | median rel. error | same support as fp64 | speed-up vs mergekit |")
+    print("| solver | k | ms/target | projected full s | median rel. error | same support as fp64 | "
+          "speed-up vs mergekit |")
     print("|---|---|---|---|---|---|---|")
     check = targets[: args.check].double()
     for k in args.k:
@@ -126,12 +134,15 @@ def in_process(args: argparse.Namespace, targets: torch.Tensor, dictionary: torc
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
         ours = {  # name -> solver call (the Gram one-off is added to the Gram variant's projection only)
-            "ours exact Batch-OMP, fp32 Gram": (lambda k=k: omp(targets, dictionary, k, gram=gram, screen_dtype=None), True),
+            "ours exact Batch-OMP, fp32 Gram": (lambda k=k: omp(targets, dictionary, k, gram=gram,
+                                                                screen_dtype=None), True),
             "ours exact, bf16 screening + fp32 certificate": (lambda k=k: omp(targets, dictionary, k,
-                                                                          screen_dtype=torch.bfloat16), False),
+                                                                          screen_dtype=torch.bfloat16),
+                                                              False),
         }
         reference, _ = omp(check, dictionary.double(), k, gram_dtype=None)  # exact fp64, residual GEMMs
-        synchronized_seconds(lambda k=k: batch_omp(targets[:512], dictionary, k), device)  # warm-up (kernels, cuBLAS)
+        synchronized_seconds(lambda k=k: batch_omp(targets[:512], dictionary, k),
+                             device)  # warm-up (kernels, cuBLAS)
         for run, _ in ours.values():
             synchronized_seconds(run, device)
         times: dict[str, list[float]] = {"mergekit": [], **{name: [] for name in ours}}
@@ -171,9 +182,11 @@ def main() -> None:
     parser.add_argument("--prefilter", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--synthetic", help="NxD: a synthetic problem instead of --pair (no assets needed)")
-    parser.add_argument("--total", type=int, default=216_000, help="full target count to project to (--synthetic)")
+    parser.add_argument("--total", type=int, default=216_000,
+                        help="full target count to project to (--synthetic)")
     parser.add_argument("--device", default="cpu", help="with --mergekit-src: where both solvers run")
-    parser.add_argument("--mergekit-src", help="folder holding a `mergekit_omp` package: run mergekit in-process")
+    parser.add_argument("--mergekit-src",
+                        help="folder holding a `mergekit_omp` package: run mergekit in-process")
     parser.add_argument("--runs", type=int, default=3, help="interleaved runs per solver (in-process mode)")
     parser.add_argument("--check", type=int, default=512, help="targets checked against an fp64 exact OMP")
     args = parser.parse_args()
@@ -208,9 +221,10 @@ def main() -> None:
             mk = load_file(str(result))
             mk_ms = 1000 * float(mk["seconds"][0]) / targets.shape[0]
             mk_err = relative_error(targets, dictionary, mk["indices"], mk["coefs"])
-            print(f"| mergekit batch_omp | {k} | {mk_ms:.2f} | {mk_ms * total / 1000:.0f} | {mk_err:.4f} | 1.0× |",
-                  flush=True)
-            for name, prefilter in (("ours exact", None), (f"ours prefilter {args.prefilter}", args.prefilter)):
+            print(f"| mergekit batch_omp | {k} | {mk_ms:.2f} | {mk_ms * total / 1000:.0f} | "
+                  f"{mk_err:.4f} | 1.0× |", flush=True)
+            for name, prefilter in (("ours exact", None),
+                                    (f"ours prefilter {args.prefilter}", args.prefilter)):
                 started = time.perf_counter()
                 indices, coefs = omp(targets, dictionary, k, prefilter=prefilter, gram=gram)
                 ms = 1000 * (time.perf_counter() - started) / targets.shape[0]

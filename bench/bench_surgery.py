@@ -1,11 +1,11 @@
 """Streaming surgery vs. load-everything surgery on a synthetic 1B-class Llama (bf16, untied).
 
 Claim: `write_transplanted` needs memory for the embeddings, not the model, and is not slower than the usual
-`from_pretrained` + resize + `save_pretrained`. The base model (vocab 128,256 x 2048, 16 layers at hidden 2048 /
-intermediate 8192, GQA 32/8 heads, untied, random bf16 data, ~3.0 GB) is generated on disk with our own
-streaming writer in bench/_work/surgery (git-ignored) and deleted at the end. Both methods get the same new 32,768-row
-input and output matrices. Each measured step runs in a fresh subprocess; peak RSS is that process's
-ru_maxrss (from wait4), time is the step itself after imports. Outputs are checked tensor by tensor.
+`from_pretrained` + resize + `save_pretrained`. The base model (vocab 128,256 x 2048, 16 layers at hidden 2048
+/ intermediate 8192, GQA 32/8 heads, untied, random bf16 data, ~3.0 GB) is generated on disk with our own
+streaming writer in bench/_work/surgery (git-ignored) and deleted at the end. Both methods get the same new
+32,768-row input and output matrices. Each measured step runs in a fresh subprocess; peak RSS is that
+process's ru_maxrss (from wait4), time is the step itself after imports. Outputs are checked tensor by tensor.
 
     OMP_NUM_THREADS=2 python bench/bench_surgery.py --runs 3
 """
@@ -43,13 +43,18 @@ def llama_shapes(vocab: int, hidden: int = HIDDEN, intermediate: int = INTERMEDI
                  heads: int = HEADS, kv_heads: int = KV_HEADS) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of an untied Llama checkpoint."""
     kv = kv_heads * hidden // heads
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+              "model.norm.weight": (hidden,)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
-                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-                       p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
-                       p + "mlp.down_proj.weight": (hidden, intermediate), p + "input_layernorm.weight": (hidden,),
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p
+                       + "self_attn.k_proj.weight": (kv, hidden),
+                       p + "self_attn.v_proj.weight": (kv, hidden), p
+                       + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (intermediate, hidden), p
+                       + "mlp.up_proj.weight": (intermediate, hidden),
+                       p + "mlp.down_proj.weight": (hidden, intermediate), p
+                       + "input_layernorm.weight": (hidden,),
                        p + "post_attention_layernorm.weight": (hidden,)})
     return shapes
 
@@ -66,7 +71,8 @@ def generate_base() -> None:
     def maker(shape):
         return lambda: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
 
-    planned = [safetensors.plan_tensor(name, maker(shape), torch.bfloat16, shape) for name, shape in sorted(shapes.items())]
+    planned = [safetensors.plan_tensor(name, maker(shape), torch.bfloat16, shape)
+               for name, shape in sorted(shapes.items())]
     shutil.rmtree(BASE, ignore_errors=True)
     BASE.mkdir(parents=True)
     safetensors.write_shards(BASE, [planned], {"format": "pt"})
@@ -140,8 +146,8 @@ def run_generate(out: Path) -> float:
 
 STEPS = {"generate": run_generate, "streaming": run_streaming, "naive": run_naive, "idle": run_idle,
          "copy": run_copy, "check": run_check}
-LABELS = {"streaming": "streaming `write_transplanted`", "naive": "naive from_pretrained + resize + save_pretrained",
-          "copy": "reference: plain copy of the base file"}
+LABELS = {"streaming": "streaming `write_transplanted`", "naive": "naive from_pretrained + resize + "
+          "save_pretrained", "copy": "reference: plain copy of the base file"}
 
 
 def child(step: str, out: str) -> None:
@@ -196,7 +202,8 @@ def check_output(out: Path) -> str:
         return f"FAIL tensor names differ: {sorted(set(base) ^ set(new))[:3]}"
     bad = [name for name in base if name not in embeddings and not same_bytes(base[name], new[name])]
     given = dict(zip(["model.embed_tokens.weight", "lm_head.weight"], new_matrices()))
-    bad += [name for name, matrix in given.items() if not torch.equal(safetensors.load_tensor(new[name]), matrix)]
+    bad += [name for name, matrix in given.items()
+            if not torch.equal(safetensors.load_tensor(new[name]), matrix)]
     vocab = json.loads((out / "config.json").read_text())["vocab_size"]
     if bad or vocab != NEW_VOCAB:
         return f"FAIL {bad[:3]} vocab={vocab}"
@@ -213,7 +220,8 @@ def padding_rows_table() -> list[tuple[str, str, str, float, float, float]]:
     from transplant.assets.texts import fetch_text
 
     torch.set_grad_enabled(False)
-    texts = {name: Path(fetch_text(name)).read_text()[200_000:212_000] for name in ("english", "code", "german")}
+    texts = {name: Path(fetch_text(name)).read_text()[200_000:212_000]
+             for name in ("english", "code", "german")}
     rows = []
     for model_name in ("smollm2-135m", "gemma3-270m"):
         directory = fetch_model(model_name)
@@ -226,7 +234,8 @@ def padding_rows_table() -> list[tuple[str, str, str, float, float, float]]:
                                                            + 1e-12 * torch.eye(len(mean))).sample()
         fills = {"zero row": torch.zeros_like(mean), "mean row (ours)": mean, "HF resize sample": hf_sample}
         captured: list = []
-        model.get_output_embeddings().register_forward_hook(lambda m, i, o, store=captured: store.append(i[0][0]))
+        model.get_output_embeddings().register_forward_hook(lambda m, i, o,
+                                                            store=captured: store.append(i[0][0]))
         cap = getattr(model.config, "final_logit_softcapping", None)
         for text_name, text in texts.items():
             captured.clear()
@@ -257,8 +266,8 @@ Command: `OMP_NUM_THREADS=2 python bench/bench_surgery.py --padding`.
 
 The mean row scores exactly the mean real logit, so exp(mean) <= mean(exp) bounds each padded id by 1/V in
 every context; measured it is 3-5 orders of magnitude below that and never in the top 40% of tokens. A zero
-row has no such bound: on SmolLM2 it outranks every real token at some positions. `write_transplanted` uses the
-mean row for the input and the output matrix.
+row has no such bound: on SmolLM2 it outranks every real token at some positions. `write_transplanted` uses
+the mean row for the input and the output matrix.
 """
     _replace_section(section, "### Padded rows")
 
@@ -286,30 +295,31 @@ def _replace_section(body: str, marker: str) -> None:
     path.write_text(head + "\n\n" + "\n\n".join(sections) + "\n")
 
 
-def write_results(rows: list[tuple[str, float, float, float, str]], idle_rss: float, runs: int, gen_s: float) -> None:
+def write_results(rows: list[tuple[str, float, float, float, str]], idle_rss: float, runs: int,
+                  gen_s: float) -> None:
     size = sum(p.stat().st_size for p in BASE.iterdir()) / 1e9
     table = "\n".join(f"| {m} | {t:.1f} s | {r:.2f} GiB | {w:.2f} GB | {c} |" for m, t, r, w, c in rows)
     section = f"""## Surgery
 
-Claim: streaming surgery (`transplant.io.surgery.write_transplanted`) needs memory for the embedding matrices, not
-the model, and is faster than loading and saving the model. Synthetic 1B-class Llama (vocab 128,256 x 2048, 16 layers,
-hidden 2048 / intermediate 8192, untied, random bf16, one {size:.2f} GB safetensors file, written by our own
-streaming writer in {gen_s:.0f} s) gets new 32,768-row input and output embeddings (given matrices).
-Command: `OMP_NUM_THREADS=2 python bench/bench_surgery.py --runs {runs}` (machine: 2 CPU cores shared with
-other engineers, 24 GB RAM, no GPU, ext4 disk that sustains ~200 MB/s of writes; base file in the page cache
-and `os.sync()` before every step, both methods alike; neither method fsyncs, so time ends when the data is
-in the page cache). Time: median of {runs} runs of the step itself (after imports, with the new matrices
-already in memory: they are "given"); peak RSS: max ru_maxrss of the step's fresh process over the runs
-(importing torch + transformers + transplant alone: {idle_rss:.2f} GiB; the new matrices: 0.25 GiB).
+Claim: streaming surgery (`transplant.io.surgery.write_transplanted`) needs memory for the embedding matrices,
+not the model, and is faster than loading and saving the model. Synthetic 1B-class Llama (vocab 128,256 x
+2048, 16 layers, hidden 2048 / intermediate 8192, untied, random bf16, one {size:.2f} GB safetensors file,
+written by our own streaming writer in {gen_s:.0f} s) gets new 32,768-row input and output embeddings (given
+matrices). Command: `OMP_NUM_THREADS=2 python bench/bench_surgery.py --runs {runs}` (machine: 2 CPU cores
+shared with other engineers, 24 GB RAM, no GPU, ext4 disk that sustains ~200 MB/s of writes; base file in the
+page cache and `os.sync()` before every step, both methods alike; neither method fsyncs, so time ends when the
+data is in the page cache). Time: median of {runs} runs of the step itself (after imports, with the new
+matrices already in memory: they are "given"); peak RSS: max ru_maxrss of the step's fresh process over the
+runs (importing torch + transformers + transplant alone: {idle_rss:.2f} GiB; the new matrices: 0.25 GiB).
 
 | method | time | peak RSS | written | output check |
 |---|---|---|---|---|
 {table}
 
 Streaming reads the base embeddings (2 x 0.49 GiB, memory-mapped and touched, as the pipeline's initializers
-would) and copies every other tensor file-to-file in the kernel (`copy_file_range`) without making it a tensor,
-so its peak is imports + base embeddings + new matrices whatever the number of layers; the naive path holds
-the whole model. Timings are noisy: the load average was 10-15 on the 2 cores during these runs (other
+would) and copies every other tensor file-to-file in the kernel (`copy_file_range`) without making it a
+tensor, so its peak is imports + base embeddings + new matrices whatever the number of layers; the naive path
+holds the whole model. Timings are noisy: the load average was 10-15 on the 2 cores during these runs (other
 engineers' jobs, including a concurrent pip install writing to the same disk).
 """
     _replace_section(section, "## Surgery")
@@ -319,7 +329,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep bench/_work/surgery (multi-GB) afterwards")
-    parser.add_argument("--padding", action="store_true", help="measure padded-row fills on the offline models")
+    parser.add_argument("--padding", action="store_true",
+                        help="measure padded-row fills on the offline models")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

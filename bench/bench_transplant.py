@@ -1,7 +1,8 @@
-"""Held-out bits/byte of real transplants: every method on every model pair, one table.
+r"""Held-out bits/byte of real transplants: every method on every model pair, one table.
 
     python bench/bench_transplant.py --pairs smollm2-135m:mistral-v3 smollm2-135m:llama3 --methods fvt
-    python bench/bench_transplant.py --pairs smollm2-135m:gemma3-270m --methods fvt-ls omp fvt sparsemax-knn knn byte-pool
+    python bench/bench_transplant.py --pairs smollm2-135m:gemma3-270m \
+        --methods fvt-ls omp fvt sparsemax-knn knn byte-pool
 
 Prints a markdown table (pair, method, seconds, peak RSS of the transplant, BPB per held-out slice) that goes
 into bench/RESULTS.md with the command. Each transplant runs in a fresh subprocess so its peak RSS is its own.
@@ -25,7 +26,8 @@ def run_one(base: str, donor: str, method: str, options: dict, out: Path) -> dic
     start from the parent's RSS at fork, which holds a model here)."""
     code = (
         "import json, transplant; "
-        f"r = transplant.transplant({base!r}, {donor!r}, method={method!r}, output={str(out)!r}, overwrite=True, "
+        f"r = transplant.transplant({base!r}, {donor!r}, method={method!r}, output={str(out)!r}, "
+        "overwrite=True, "
         f"options={options!r}); print(json.dumps({{'seconds': r.seconds}}))"
     )
     with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
@@ -65,15 +67,17 @@ def main() -> None:
     for pair in args.pairs:
         base, donor = pair.split(":")
         original = bpb_row(resolve_source(base, need_model=True).model_dir, held_out)
-        print(f"| {base} (original) | — | — | — | — | " + " | ".join(f"{original[s]:.4f}" for s in args.slices) + " |",
-              flush=True)
+        print(f"| {base} (original) | "
+              "— | — | — | — | " + " | ".join(f"{original[s]:.4f}" for s in args.slices) + " |", flush=True)
         for method in args.methods:
             with tempfile.TemporaryDirectory(dir=WORK) as tmp:
                 out = Path(tmp) / "model"
                 info = run_one(base, donor, method, options, out)
                 scores = bpb_row(out, held_out)
-            print(f"| {base} ← {donor} | {method} | {json.dumps(options) if options else ''} | {info['seconds']:.1f} | "
-                  f"{info['rss_mb']:.0f} | " + " | ".join(f"{scores[s]:.4f}" for s in args.slices) + " |", flush=True)
+            print(f"| {base} ← {donor} | {method} | {json.dumps(options) if options else ''} | "
+                  f"{info['seconds']:.1f} | "
+                  f"{info['rss_mb']:.0f} | " + " | ".join(f"{scores[s]:.4f}" for s in args.slices)
+                  + " |", flush=True)
 
 
 if __name__ == "__main__":

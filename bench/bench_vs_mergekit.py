@@ -3,12 +3,12 @@
     python bench/bench_vs_mergekit.py --pairs gemma3-270m:smollm2-135m --k 8 64
     python bench/bench_vs_mergekit.py --pairs smollm2-135m:gemma3-270m --k 8 --mergekit-methods omp subword
 
-mergekit is installed from PyPI into its own venv (under the cache dir) the first time. It gets its best input:
-the model dirs as the hub ships them, i.e. with the family's tokenizer class in tokenizer_config.json
+mergekit is installed from PyPI into its own venv (under the cache dir) the first time. It gets its best
+input: the model dirs as the hub ships them, i.e. with the family's tokenizer class in tokenizer_config.json
 (`GPT2Tokenizer` for SmolLM2, `GemmaTokenizer` for Gemma-3; mergekit picks its word-start marker from that
-class and, given a generic class, matches a third of the shared tokens). Its own view of the problem (tokens it
-matches, counted with its own `normalized_vocabulary`) is printed beside ours, and a pair where the two differ
-by more than 3% is refused: then the tools would solve different problems.
+class and, given a generic class, matches a third of the shared tokens). Its own view of the problem (tokens
+it matches, counted with its own `normalized_vocabulary`) is printed beside ours, and a pair where the two
+differ by more than 3% is refused: then the tools would solve different problems.
 
 Every tool runs as a whole command in a fresh process under /usr/bin/time: wall seconds and peak RSS are the
 command's own, loading included. Quality is held-out bits/byte of each output model on the fixed slices.
@@ -62,8 +62,8 @@ def anchor_counts(base: str, donor: str, base_dir: Path, donor_dir: Path) -> tup
 
     ours = int(align(load_vocab(base), load_vocab(donor)).shared_mask.sum())
     python = mergekit_venv().parent / "python"
-    proc = subprocess.run([str(python), "-c", MERGEKIT_COUNT, str(base_dir), str(donor_dir)], capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run([str(python), "-c", MERGEKIT_COUNT, str(base_dir), str(donor_dir)],
+                          capture_output=True, text=True, check=True)
     count, cls = proc.stdout.split()
     return ours, int(count), cls
 
@@ -84,7 +84,8 @@ def mergekit_venv() -> Path:
 def timed(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of a command, from GNU time."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
-        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", stats.name] + cmd, capture_output=True, text=True)
+        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", stats.name] + cmd,
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
         wall, rss_kb = stats.read().split()[-2:]
@@ -96,11 +97,13 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", required=True, help="base:donor (model aliases or dirs)")
     parser.add_argument("--k", nargs="+", type=int, default=[8, 64])
     parser.add_argument("--ours", nargs="+", default=["omp", "omp-prefilter"], help="our omp variants per k")
-    parser.add_argument("--extra", nargs="+", default=["fvt", "fvt-ls", "sparsemax-knn", "byte-pool"], help="k-independent methods")
+    parser.add_argument("--extra", nargs="+", default=["fvt", "fvt-ls", "sparsemax-knn", "byte-pool"],
+                        help="k-independent methods")
     parser.add_argument("--prefilter", type=int, default=1024)
     parser.add_argument("--ours-only", action="store_true")
     parser.add_argument("--mergekit-methods", nargs="+", default=["omp", "subword", "common_interpolation"])
-    parser.add_argument("--mergekit-k", nargs="+", type=int, default=None, help="k for mergekit omp (default --k)")
+    parser.add_argument("--mergekit-k", nargs="+", type=int, default=None,
+                        help="k for mergekit omp (default --k)")
     parser.add_argument("--bytes", type=int, default=16384)
     args = parser.parse_args()
     from transplant.assets import texts
@@ -126,15 +129,18 @@ def main() -> None:
             hub_base, hub_donor = hub_like_dir(base, base_dir), hub_like_dir(donor, donor_dir)
             ours, theirs, cls = anchor_counts(base, donor, hub_base, hub_donor)
             gap = abs(ours - theirs) / max(ours, 1)
-            print(f"<!-- {pair}: shared tokens ours {ours}, mergekit {theirs} ({cls}), gap {gap:.1%} -->", flush=True)
+            print(f"<!-- {pair}: shared tokens ours {ours}, mergekit {theirs} ({cls}), "
+                  f"gap {gap:.1%} -->", flush=True)
             if gap > MAX_ANCHOR_GAP:
-                raise SystemExit(f"{pair}: mergekit matches {theirs} tokens, we match {ours} ({gap:.1%} apart): "
+                raise SystemExit(f"{pair}: mergekit matches {theirs} tokens, we match {ours} "
+                                 f"({gap:.1%} apart): "
                                  "the tools would solve different problems; fix its input before comparing")
             mergekit = [str(mergekit_venv()), str(hub_base), str(hub_donor), "{out}"]
             for method in args.mergekit_methods:
                 for k in (args.mergekit_k or args.k) if method == "omp" else ["—"]:
                     options = ["--k", str(k)] if method == "omp" else []
-                    runs.append(("mergekit", method, k, mergekit + options + ["--approximation-method", method]))
+                    runs.append(("mergekit", method, k,
+                                 mergekit + options + ["--approximation-method", method]))
         row(pair, "original", "—", "—", "—", "—", base_dir)
         for k in args.k:
             for variant in args.ours:
@@ -144,7 +150,8 @@ def main() -> None:
                 cmd += ["--set", f"prefilter={args.prefilter if variant == 'omp-prefilter' else 0}"]
                 runs.append(("ours", variant, k, cmd))
         for method in args.extra:
-            runs.append(("ours", method, "—", [transplant_exe, "--base", str(base_dir), "--donor", str(donor_dir),
+            runs.append(("ours", method, "—",
+                         [transplant_exe, "--base", str(base_dir), "--donor", str(donor_dir),
                                                "--method", method, "-o", "{out}", "--eval-bytes", "0"]))
         for tool, method, k, cmd in runs:
             with tempfile.TemporaryDirectory(dir=WORK) as tmp:

@@ -1,4 +1,4 @@
-"""Random-weight models of the real shapes, for GPU timing runs on a machine that cannot hold the real weights.
+"""Random-weight models of the real shapes, for GPU timing runs on a machine that cannot hold real weights.
 
 A GPU lease here carries at most 64 MiB and reaches no hub, while SmolLM2-135M is 98 MB even as a Q4 GGUF.
 Step time and tokens/s depend on shapes and dtypes, not on weight values, so the timing runs build models from
@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 
 def random_model(shape_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
-    """Write OUT_DIR: a model with the shape in SHAPE_DIR's config.json, seeded random weights, its tokenizer."""
+    """Write OUT_DIR: a model with the shape in SHAPE_DIR's config.json, seeded random weights, its
+    tokenizer."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config = AutoConfig.from_pretrained(shape_dir)
     torch.manual_seed(0)
