@@ -32,7 +32,8 @@ class AgreementSlice:
     alignment: ChunkAlignment  # the held-out text as aligned windows, both sides
     valid: torch.Tensor  # bool [B, C]: chunks complete on both sides with no token at position 0
     num_bytes: torch.Tensor  # float [B, C]: bytes of each chunk (0 where invalid)
-    teacher_logl: torch.Tensor | None = None  # float [B, C]: the teacher's chunk log-likelihoods, once computed
+    teacher_logl: torch.Tensor | None = None  # float [B, C]: the teacher's chunk log-likelihoods, once
+    #                                           computed
 
 
 def heldout_alignment(text: str, teacher: Vocab, student: Vocab, max_length: int) -> AgreementSlice:
@@ -56,7 +57,8 @@ def chunk_loglik(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     rows = []
     for start in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[start:start + batch_size].to(device)
-        logits = model(input_ids=ids, attention_mask=attention_mask[start:start + batch_size].to(device)).logits
+        logits = model(input_ids=ids,
+                       attention_mask=attention_mask[start:start + batch_size].to(device)).logits
         logp = token_logprobs(logits, ids).float()
         rows.append(chunk_sums(logp, chunk_index[start:start + batch_size].to(device), num_chunks).cpu())
     return torch.cat(rows)
@@ -71,16 +73,18 @@ def disagreement_bits_per_byte(teacher_logl: torch.Tensor, student_logl: torch.T
 
 def teacher_agreement(student: torch.nn.Module, teacher: torch.nn.Module,
                       slices: dict[str, AgreementSlice]) -> dict[str, float]:
-    """{slice: disagreement in bits/byte} of `student` against `teacher`; fills each slice's teacher side once."""
+    """{slice: disagreement in bits/byte} of `student` against `teacher`; fills each slice's teacher side
+    once."""
     results = {}
     for name, piece in slices.items():
         a = piece.alignment
         if piece.teacher_logl is None:
             piece.teacher_logl = chunk_loglik(teacher, a.teacher_input_ids, a.teacher_attention_mask,
                                               a.teacher_chunk_index, a.num_chunks)
-        student_logl = chunk_loglik(student, a.student_input_ids, a.student_attention_mask, a.student_chunk_index,
-                                    a.num_chunks)
-        results[name] = disagreement_bits_per_byte(piece.teacher_logl, student_logl, piece.valid, piece.num_bytes)
+        student_logl = chunk_loglik(student, a.student_input_ids, a.student_attention_mask,
+                                    a.student_chunk_index, a.num_chunks)
+        results[name] = disagreement_bits_per_byte(piece.teacher_logl, student_logl, piece.valid,
+                                                   piece.num_bytes)
     return results
 
 

@@ -42,7 +42,8 @@ def template_markup(tokenizer: Any, messages: list[dict]) -> list[str] | None:
     fake = [{"role": m["role"], "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
     try:
         rendered = tokenizer.apply_chat_template(fake, tokenize=False)
-    except Exception as err:  # templates raise anything (e.g. "roles must alternate"); the plain format still works
+    # templates raise anything (e.g. "roles must alternate"); the plain format still works
+    except Exception as err:
         log.debug("chat template failed (%s); using the plain format", err)
         return None
     parts, pos = [], 0
@@ -55,10 +56,13 @@ def template_markup(tokenizer: Any, messages: list[dict]) -> list[str] | None:
     return parts + [rendered[pos:]]
 
 
-def chat_markups(messages: list[dict], teacher: Vocab, student: Vocab, mode: str) -> tuple[list[str], list[str]]:
+def chat_markups(messages: list[dict], teacher: Vocab, student: Vocab,
+                 mode: str) -> tuple[list[str], list[str]]:
     """(teacher markup, student markup) pieces for `messages`; each list has len(messages) + 1 strings."""
-    own = {"teacher": template_markup(teacher.tokenizer, messages) if mode in ("auto", "own", "teacher") else None,
-           "student": template_markup(student.tokenizer, messages) if mode in ("auto", "own", "student") else None}
+    own = {"teacher": template_markup(teacher.tokenizer, messages)
+           if mode in ("auto", "own", "teacher") else None,
+           "student": template_markup(student.tokenizer, messages)
+           if mode in ("auto", "own", "student") else None}
     plain = plain_markup(messages)
     if mode == "teacher":
         return (own["teacher"] or plain,) * 2
@@ -82,7 +86,8 @@ class TokenSpans(NamedTuple):
     starts: np.ndarray  # int64 [T]: byte offset in the rendered text where each token starts
     ends: np.ndarray  # int64 [T]
     phantom: np.ndarray  # bool [T]: the token's leading space is not in the text (a dummy prefix)
-    mapped: int  # tokens [0, mapped) are mapped; from the first mismatch on (a normalizer rewrote bytes), none
+    mapped: int  # tokens [0, mapped) are mapped; from the first mismatch on (a normalizer rewrote bytes),
+    #              none
 
 
 def token_spans(ids: list[int], vocab: Vocab, text: bytes) -> TokenSpans:
@@ -124,16 +129,19 @@ def token_spans(ids: list[int], vocab: Vocab, text: bytes) -> TokenSpans:
 def _inside(spans: TokenSpans, special: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
     """[first, stop) token indices of the contiguous text tokens lying entirely in bytes [lo, hi)."""
     first = int(np.searchsorted(spans.starts[:spans.mapped], lo, side="left"))
-    empty = (spans.ends[first:spans.mapped] == spans.starts[first:spans.mapped]) & ~special[first:spans.mapped]
-    first += int(np.argmin(empty)) if not empty.all() else int(empty.size)  # a zero-length phantom "▁" is markup
+    empty = (spans.ends[first:spans.mapped]
+             == spans.starts[first:spans.mapped]) & ~special[first:spans.mapped]
+    # a zero-length phantom "▁" is markup
+    first += int(np.argmin(empty)) if not empty.all() else int(empty.size)
     ends, starts = spans.ends[first:spans.mapped], spans.starts[first:spans.mapped]
     inside = ~special[first:spans.mapped] & (ends <= hi) & (ends > starts)
     return first, first + (int(np.argmin(inside)) if not inside.all() else inside.size)
 
 
-def _common(t_rel: tuple[np.ndarray, np.ndarray], s_rel: tuple[np.ndarray, np.ndarray]) -> tuple[int, int, int, int]:
-    """Index ranges [t_lo, t_hi), [s_lo, s_hi) of two runs trimmed to the first offset where both start a token
-    and the last where both end one (offsets relative to the content start); empty ranges when none."""
+def _common(t_rel: tuple[np.ndarray, np.ndarray],
+            s_rel: tuple[np.ndarray, np.ndarray]) -> tuple[int, int, int, int]:
+    """Index ranges [t_lo, t_hi), [s_lo, s_hi) of two runs trimmed to the first offset where both start a
+    token and the last where both end one (offsets relative to the content start); empty ranges when none."""
     (t_starts, t_ends), (s_starts, s_ends) = t_rel, s_rel
     first = np.intersect1d(t_starts, s_starts)
     if not first.size:
@@ -172,8 +180,8 @@ def conversation_pieces(messages: list[dict], teacher: Vocab, student: Vocab, mo
                         room: tuple[int, int], min_room: int = 8) -> tuple[list[Piece], bool]:
     """A conversation as window pieces cut to `room` (tokens per side), and whether it fitted whole.
 
-    Markup pieces hold each side's own tokens between shared contents; a content piece that does not fit is cut
-    at the last byte offset both sides end a token at, and the conversation ends there."""
+    Markup pieces hold each side's own tokens between shared contents; a content piece that does not fit is
+    cut at the last byte offset both sides end a token at, and the conversation ends there."""
     t_markup, s_markup = chat_markups(messages, teacher, student, mode)
     (t_ids, t_spans, t_content), (s_ids, s_spans, s_content) = (_render(messages, t_markup, teacher),
                                                                  _render(messages, s_markup, student))
@@ -207,7 +215,8 @@ def conversation_pieces(messages: list[dict], teacher: Vocab, student: Vocab, mo
         phantom = (bool(t_spans.phantom[t_lo]), bool(s_spans.phantom[s_lo]))
         content = Piece(t_ids[t_lo:t_hi], s_ids[s_lo:s_hi], True, *phantom)
         if len(content.teacher_ids) > left[0] or len(content.student_ids) > left[1]:
-            cut = cut_pair(content.teacher_ids, content.student_ids, teacher, student, (left[0], left[1]), phantom)
+            cut = cut_pair(content.teacher_ids, content.student_ids, teacher, student,
+                           (left[0], left[1]), phantom)
             if cut.teacher_ids and cut.student_ids:
                 pieces.append(Piece(cut.teacher_ids, cut.student_ids, True, *phantom))
             return pieces, False

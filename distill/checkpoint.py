@@ -6,8 +6,8 @@ One format. `<dir>/step_NNNNNNNN/` holds DeepSpeed's files, `trainer.json` (rank
 state, also stored as DeepSpeed client state) and `trainer_rank<R>.pt` (that rank's torch/python/CUDA RNG).
 DeepSpeed writes `<dir>/latest` only after every shard of a checkpoint is on disk, so a run killed while
 saving resumes from the previous complete one; the trainer files are written into the tag folder before
-DeepSpeed saves, for the same reason. `prune` deletes older checkpoints only once `latest` names the one just saved, and
-never one newer than it.
+DeepSpeed saves, for the same reason. `prune` deletes older checkpoints only once `latest` names the one just
+saved, and never one newer than it.
 
 Resume is checked before anything loads (`check_resume`): a `latest` naming a missing or incomplete tag, a
 corrupt `trainer.json` or (while loading) a truncated DeepSpeed file is a one-line error that names the valid
@@ -208,9 +208,9 @@ def weights_only_load(path: Any, map_location: Any = None, **_: Any) -> Any:
                 raise _unreadable(path, exc) from None
             detail = next(line.strip() for line in text.splitlines() if "GLOBAL" in line or "global" in line)
             raise TransplantError(
-                f"checkpoint file {path} holds more than weights ({detail[:160]}); it was not written by this "
-                "trainer or was tampered with, so it is not loaded: delete that checkpoint folder and resume from "
-                "an earlier one"
+                f"checkpoint file {path} holds more than weights ({detail[:160]}); it was not written by "
+                "this trainer or was tampered with, so it is not loaded: delete that checkpoint folder and "
+                "resume from an earlier one"
             ) from None
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
             raise _unreadable(path, exc) from None

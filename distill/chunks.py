@@ -2,10 +2,10 @@
 
 Cross-tokenizer distillation can only compare the two models where their predictions are about the same
 bytes. Both tokenizations are laid on the text's byte axis (each token spans `len(token_bytes)` bytes); a
-*chunk boundary* is a byte offset where both sequences end a token. Between two consecutive boundaries each side
-holds a contiguous run of tokens spelling exactly the same bytes, so the chunk's likelihood is the product of its
-tokens' probabilities on either side and the two are directly comparable (ALM), and the positions just before a
-boundary predict the same next bytes on both sides (ULD, MinED, hidden-state losses).
+*chunk boundary* is a byte offset where both sequences end a token. Between two consecutive boundaries each
+side holds a contiguous run of tokens spelling exactly the same bytes, so the chunk's likelihood is the
+product of its tokens' probabilities on either side and the two are directly comparable (ALM), and the
+positions just before a boundary predict the same next bytes on both sides (ULD, MinED, hidden-state losses).
 
 Details that matter:
 - SentencePiece's dummy prefix (`Vocab.adds_prefix_space`): the first text token's leading space is not in the
@@ -13,22 +13,23 @@ Details that matter:
   (after any leading specials). Callers that know better (a chat turn cut out of one tokenized conversation,
   `distill.tokenize.map_to_text`) say per sequence whether the first text token carries a phantom space
   (`align_batch(..., phantom=...)`).
-- Specials have zero length. A special on one side is paired with a special on the other side with the same role
-  (or, without a role, the same literal text) at the same byte offset; each pair is its own chunk, placed after the
-  text chunk that ends at that offset. Specials without a counterpart belong to no chunk (masked out).
-- BOS is never paired (the role "bos" is no pairing key): packing puts one before every document, mid-sequence,
-  where the model never sees one at use, and its likelihood says nothing about the text. An id holding several
-  roles (GPT-2's <|endoftext|> is bos, eos and unk) still pairs through its other roles.
-- Truncation and padding: boundaries are only taken up to the bytes *both* sides cover, so a chunk is complete on
-  both sides or absent. With `check_bytes` (default) the two byte strings are also compared and boundaries stop at
-  the first byte where they differ (e.g. a normalizer rewrote the text on one side).
-- Byte-fallback, whitespace runs, emoji need no special case: a multibyte character split into byte tokens on one
-  side simply has no shared boundary inside it.
+- Specials have zero length. A special on one side is paired with a special on the other side with the same
+  role (or, without a role, the same literal text) at the same byte offset; each pair is its own chunk, placed
+  after the text chunk that ends at that offset. Specials without a counterpart belong to no chunk (masked
+  out).
+- BOS is never paired (the role "bos" is no pairing key): packing puts one before every document,
+  mid-sequence, where the model never sees one at use, and its likelihood says nothing about the text. An id
+  holding several roles (GPT-2's <|endoftext|> is bos, eos and unk) still pairs through its other roles.
+- Truncation and padding: boundaries are only taken up to the bytes *both* sides cover, so a chunk is complete
+  on both sides or absent. With `check_bytes` (default) the two byte strings are also compared and boundaries
+  stop at the first byte where they differ (e.g. a normalizer rewrote the text on one side).
+- Byte-fallback, whitespace runs, emoji need no special case: a multibyte character split into byte tokens on
+  one side simply has no shared boundary inside it.
 
-Representation: every token carries the index of its chunk (`*_chunk_index`, -1 = none). Each token is in at most
-one chunk, so this index is a lossless encoding of the boolean token x chunk matrix; it costs O(B*T) instead of
-O(B*T*C) and turns the chunk-sum matmul into a scatter-add. The dense matrices are materialised on demand
-(`teacher_token_to_chunk`, `student_token_to_chunk`).
+Representation: every token carries the index of its chunk (`*_chunk_index`, -1 = none). Each token is in at
+most one chunk, so this index is a lossless encoding of the boolean token x chunk matrix; it costs O(B*T)
+instead of O(B*T*C) and turns the chunk-sum matmul into a scatter-add. The dense matrices are materialised on
+demand (`teacher_token_to_chunk`, `student_token_to_chunk`).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def vocab_tables(vocab: Vocab) -> VocabTables:
     for role, idx in vocab.roles.items():  # one id may hold several roles (GPT-2: bos = eos = unk)
         keys[int(idx)].add(f"role:{role}")
     bos = vocab.roles.get("bos")
-    if bos is not None:  # BOS pairs with nothing: drop its role key and, unless another role names it, its text
+    # BOS pairs with nothing: drop its role key and, unless another role names it, its text
+    if bos is not None:
         keys[int(bos)] = {k for k in keys[int(bos)] if k.startswith("role:") and k[5:] not in UNPAIRED_ROLES}
     keys = {i: frozenset(k) for i, k in keys.items() if 0 <= i < len(vocab) and is_special[i] and k}
     pad_id = vocab.roles.get("pad", vocab.roles.get("eos", 0))
@@ -106,8 +108,8 @@ def boundary_mask(vocab: Vocab) -> torch.Tensor:
 def word_start_mask(vocab: Vocab) -> torch.Tensor:
     """Bool [V]: tokens whose first byte is ASCII whitespace (`WHITESPACE_BYTES`), byte-fallback included.
 
-    This is the event "the next token begins a new word" used to debias chunk likelihoods: after a chunk that is
-    followed by whitespace in the text, both models must put their next token in this set, whatever their
+    This is the event "the next token begins a new word" used to debias chunk likelihoods: after a chunk that
+    is followed by whitespace in the text, both models must put their next token in this set, whatever their
     segmentation of the following word. Specials are never in it.
     """
     first = np.fromiter((b[0] if b else 256 for b in vocab.token_bytes), dtype=np.int64, count=len(vocab))
@@ -222,7 +224,8 @@ def _align_one(t_ids: np.ndarray, s_ids: np.ndarray, tt: VocabTables, st: VocabT
         # A non-special token starting at `start` is in the text chunk (bounds[k-1], bounds[k]] with
         # k = #bounds <= start (no shared boundary can fall strictly inside a token).
         k = np.searchsorted(bounds, off.starts, side="right")
-        chunk = np.where((k < n_text) & ~off.special, rank[np.minimum(k, max(n_text - 1, 0))] if n_text else -1, -1)
+        chunk = np.where((k < n_text) & ~off.special,
+                         rank[np.minimum(k, max(n_text - 1, 0))] if n_text else -1, -1)
         if special_positions:
             chunk[np.asarray(special_positions)] = rank[n_text:]
         return chunk.astype(np.int64)
@@ -230,7 +233,8 @@ def _align_one(t_ids: np.ndarray, s_ids: np.ndarray, tt: VocabTables, st: VocabT
     teacher_chunk = token_chunks(t, [p[1] for p in pairs])
     student_chunk = token_chunks(s, [p[2] for p in pairs])
     byte_end = np.concatenate([bounds, special_offsets])[order]
-    byte_start = np.concatenate([np.concatenate([[0], bounds[:-1]]) if n_text else bounds, special_offsets])[order]
+    byte_start = np.concatenate([np.concatenate([[0], bounds[:-1]]) if n_text else bounds,
+                                 special_offsets])[order]
     is_special = np.concatenate([np.zeros(n_text, bool), np.ones(len(pairs), bool)])[order]
     following = _next_bytes(t.text, s.text, byte_end)
     followed_by_ws = np.isin(following, _WHITESPACE_CODES) & ~is_special
@@ -256,7 +260,8 @@ class ChunkAlignment:
     chunk_is_special: torch.Tensor  # bool [B, C]: a paired special (bos<->bos, ...), zero bytes
     chunk_byte_start: torch.Tensor  # long [B, C]: text byte span [start, end)
     chunk_byte_end: torch.Tensor  # long [B, C]
-    chunk_followed_by_whitespace: torch.Tensor  # bool [B, C]: the text byte right after the chunk is whitespace
+    chunk_followed_by_whitespace: torch.Tensor  # bool [B, C]: the text byte right after the chunk is
+    #                                             whitespace
     teacher_chunk_first: torch.Tensor  # long [B, C]: position of the chunk's first teacher token
     teacher_chunk_last: torch.Tensor  # long [B, C]: position of its last teacher token
     student_chunk_first: torch.Tensor  # long [B, C]
@@ -308,10 +313,12 @@ def align_batch(teacher_ids: list[list[int]], student_ids: list[list[int]], teac
     prefix rule). The work is one vectorised numpy pass per sequence (no per-token Python).
     """
     if len(teacher_ids) != len(student_ids):
-        raise ValueError(f"batch sizes differ: {len(teacher_ids)} teacher vs {len(student_ids)} student sequences")
+        raise ValueError(f"batch sizes differ: {len(teacher_ids)} teacher vs {len(student_ids)} "
+                         "student sequences")
     tt, st = vocab_tables(teacher_vocab), vocab_tables(student_vocab)
     flags = list(phantom) if phantom is not None else [(None, None)] * len(teacher_ids)
-    ones = [_align_one(np.asarray(t, dtype=np.int64), np.asarray(s, dtype=np.int64), tt, st, check_bytes, flag)
+    ones = [_align_one(np.asarray(t, dtype=np.int64), np.asarray(s, dtype=np.int64), tt, st,
+                       check_bytes, flag)
             for t, s, flag in zip(teacher_ids, student_ids, flags)]
     batch = len(ones)
     t_len = max((len(t) for t in teacher_ids), default=0)
@@ -346,10 +353,13 @@ def align_batch(teacher_ids: list[list[int]], student_ids: list[list[int]], teac
         teacher_attention_mask=torch.from_numpy(t_mask), student_attention_mask=torch.from_numpy(s_mask),
         teacher_chunk_index=t_chunk_t, student_chunk_index=s_chunk_t, chunk_mask=mask,
         chunk_is_special=torch.from_numpy(chunk_cols["special"]),
-        chunk_byte_start=torch.from_numpy(chunk_cols["start"]), chunk_byte_end=torch.from_numpy(chunk_cols["end"]),
+        chunk_byte_start=torch.from_numpy(chunk_cols["start"]),
+        chunk_byte_end=torch.from_numpy(chunk_cols["end"]),
         chunk_followed_by_whitespace=torch.from_numpy(chunk_cols["ws"]),
-        teacher_chunk_first=torch.where(mask, t_first, zero), teacher_chunk_last=torch.where(mask, t_last, zero),
-        student_chunk_first=torch.where(mask, s_first, zero), student_chunk_last=torch.where(mask, s_last, zero),
+        teacher_chunk_first=torch.where(mask, t_first, zero),
+        teacher_chunk_last=torch.where(mask, t_last, zero),
+        student_chunk_first=torch.where(mask, s_first, zero),
+        student_chunk_last=torch.where(mask, s_last, zero),
     )
 
 
@@ -369,9 +379,10 @@ def _cut(ids: list[int], off: Offsets, cut: int) -> list[int]:
 
 
 def cut_pair(teacher_ids: list[int], student_ids: list[int], teacher_vocab: Vocab, student_vocab: Vocab,
-             max_length: tuple[int, int], phantom: tuple[bool | None, bool | None] = (None, None)) -> TokenizedPair:
-    """Truncate two tokenizations of the same text (from its start) to their lengths, then back to the last byte
-    offset where both end a token, so that no chunk is left half-covered."""
+             max_length: tuple[int, int],
+             phantom: tuple[bool | None, bool | None] = (None, None)) -> TokenizedPair:
+    """Truncate two tokenizations of the same text (from its start) to their lengths, then back to the last
+    byte offset where both end a token, so that no chunk is left half-covered."""
     tt, st = vocab_tables(teacher_vocab), vocab_tables(student_vocab)
     t_ids, s_ids = list(teacher_ids[: max_length[0]]), list(student_ids[: max_length[1]])
     t = text_offsets(np.asarray(t_ids, np.int64), tt, phantom[0])

@@ -32,25 +32,30 @@ class ModelConfig:
     dtype: str = "auto"  # auto = bf16 on GPUs that support it, else fp32
     trust_remote_code: bool = False
     prepare: PrepareConfig | None = None  # student only: build it first if `path` does not exist
-    shard: str = "none"  # teacher only: none (replicated) | zero3 (1/N per rank) | offload (weights in CPU RAM)
+    shard: str = "none"  # teacher only: none (replicated) | zero3 (1/N per rank) | offload (weights in CPU
+    #                      RAM)
 
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # .txt/.jsonl(.gz) files, dirs of them (read lazily), texts:NAME
+    train: list[str] = field(default_factory=list)  # .txt/.jsonl(.gz) files, dirs of them (read lazily),
+    #                                                 texts:NAME
     train_bytes: int = 2_000_000  # bytes taken from each `texts:NAME` corpus
     max_length: int = 256  # tokens per packed sequence, per side
     chat_template: str = "auto"  # auto | own | plain: how jsonl `messages` are rendered (see distill.data)
     shuffle: bool = True
     pack: bool = True  # several documents per sequence (no padding waste) vs one document per sequence
     prefetch: bool = True  # build the next step's batches in a thread while this step computes
-    window_index: str = "auto"  # auto (when >1 rank) | always | never: each rank tokenizes only its own windows
+    window_index: str = "auto"  # auto (when >1 rank) | always | never: each rank tokenizes only its own
+    #                             windows
 
 
 @dataclass
 class LossConfig:
-    name: str = "alm"  # a registered loss (distill.losses; `distill --help` lists them, a bad name lists them)
-    options: dict[str, Any] = field(default_factory=dict)  # per loss: {alm: {temperature: 100}, uld: {top_k: 4096}};
+    name: str = "alm"  # a registered loss (distill.losses; `distill --help` lists them, a bad name lists
+    #                    them)
+    # per loss: {alm: {temperature: 100}, uld: {top_k: 4096}};
+    options: dict[str, Any] = field(default_factory=dict)
     # each loss declares its options' types, bounds and defaults (distill/losses/<name>.py)
     ce_weight: float | None = None  # student's own next-token CE added; None = the loss's published weight
     # (alm 1.0, uld 1.0, mined 0.9, alm-l1 and ce 0)
@@ -69,7 +74,8 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
     warmup_steps: int = 0
-    body_warmup_steps: int | None = None  # warmup of the body after train.embeddings_only_steps (None = warmup_steps)
+    body_warmup_steps: int | None = None  # warmup of the body after train.embeddings_only_steps (None =
+    #                                       warmup_steps)
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     min_lr_ratio: float = 0.1
     impl: str = "auto"  # auto | torch | torch_fused | deepspeed_fused | deepspeed_cpu (see distill.optim)
@@ -83,7 +89,8 @@ class TrainConfig:
     embeddings_only_steps: int = 0  # first N steps update only input+output embeddings
     seed: int = 0
     gradient_checkpointing: bool = False  # True: ~1/3 more compute, activations no longer bound memory
-    autocast: str = "none"  # none | bf16 | fp16: fp32 weights, forwards in half precision (DeepSpeed torch_autocast)
+    autocast: str = "none"  # none | bf16 | fp16: fp32 weights, forwards in half precision (DeepSpeed
+    #                         torch_autocast)
     log_every: int = 1
     resume: bool = False  # continue from the last checkpoint in checkpoint.dir
     stop_after: int = 0  # >0: stop after this step as if killed (no export): time-boxed jobs, resume tests

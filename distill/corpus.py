@@ -1,19 +1,21 @@
-"""Training corpora read lazily: folders of .txt / .jsonl / .jsonl.gz (and .txt.gz) files, `texts:NAME` corpora.
+"""Training corpora read lazily: folders of .txt / .jsonl / .jsonl.gz (and .txt.gz) files, `texts:NAME`
+corpora.
 
-A corpus of any size is read as a stream of documents (~4 KB each: texts are cut at blank lines; a jsonl line is
-a `text`, cut the same way, or a `messages` conversation) and never held whole in RAM. One streaming scan at start
-counts the documents of each file and records where every block of `block_docs` documents starts (a byte offset,
-decompressed for .gz); afterwards a document is read by seeking to its block and reading that block (kept in a
-small cache). Memory: a few integers per block plus the cached blocks.
+A corpus of any size is read as a stream of documents (~4 KB each: texts are cut at blank lines; a jsonl line
+is a `text`, cut the same way, or a `messages` conversation) and never held whole in RAM. One streaming scan
+at start counts the documents of each file and records where every block of `block_docs` documents starts (a
+byte offset, decompressed for .gz); afterwards a document is read by seeking to its block and reading that
+block (kept in a small cache). Memory: a few integers per block plus the cached blocks.
 
 Shuffling is two-level so that it needs no per-document table: each epoch permutes the blocks, then the
 documents inside each block (both from (seed, epoch), so the order is a pure function of them and a resumed or
-sharded run reads exactly what an uninterrupted one would). Blocks of one .gz file keep their file order within an
-epoch (only their slots among the other blocks are shuffled), so a compressed file is only ever read forwards.
-When every block fits in the block cache (a corpus of up to `_CACHED_BLOCKS` x `block_docs` documents, e.g.
-the bundled `texts:NAME` corpora) the order is instead one permutation of all documents: with two-level
-shuffling each small source is one block, and a short run read one source after the other (30 healing steps saw
-only German text while English, code and numbers waited their turn). Larger corpora mix at block granularity.
+sharded run reads exactly what an uninterrupted one would). Blocks of one .gz file keep their file order
+within an epoch (only their slots among the other blocks are shuffled), so a compressed file is only ever read
+forwards. When every block fits in the block cache (a corpus of up to `_CACHED_BLOCKS` x `block_docs`
+documents, e.g. the bundled `texts:NAME` corpora) the order is instead one permutation of all documents: with
+two-level shuffling each small source is one block, and a short run read one source after the other (30
+healing steps saw only German text while English, code and numbers waited their turn). Larger corpora mix at
+block granularity.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ _CACHED_BLOCKS = 4
 
 
 def split_lines(lines: Iterable[str], doc_bytes: int = DOC_BYTES) -> Iterator[str]:
-    """Documents of about `doc_bytes` from a stream of lines (keepends): a document ends after a blank line once
-    it holds `doc_bytes`, or after any line once it holds twice that (texts without paragraphs)."""
+    """Documents of about `doc_bytes` from a stream of lines (keepends): a document ends after a blank line
+    once it holds `doc_bytes`, or after any line once it holds twice that (texts without paragraphs)."""
     current: list[str] = []
     size = 0
     for line in lines:
@@ -65,7 +67,8 @@ def _record_docs(record: Any, where: str, doc_bytes: int) -> list[Any]:
         return [[{"role": str(m["role"]), "content": str(m["content"])} for m in record["messages"]]]
     if isinstance(record, dict) and isinstance(record.get("text"), str):
         return split_text(record["text"], doc_bytes)
-    raise TransplantError(f"{where} has neither a `text` string nor a `messages` list; give each line one of them")
+    raise TransplantError(f"{where} has neither a `text` string nor a `messages` list; give each "
+                          "line one of them")
 
 
 def _parse_line(raw: bytes, where: str, doc_bytes: int) -> list[Any]:
@@ -86,7 +89,8 @@ class _Source:
     path: Path | None  # None: in-memory documents (`texts:NAME`, a list handed to the packer)
     docs: list[Any] | None  # in-memory documents
     count: int = 0
-    block_offsets: tuple[tuple[int, int], ...] = ()  # per block: (byte offset of its first line, docs to skip)
+    # per block: (byte offset of its first line, docs to skip)
+    block_offsets: tuple[tuple[int, int], ...] = ()
 
     @property
     def jsonl(self) -> bool:
@@ -129,7 +133,8 @@ class Corpus:
         handle = self._handles.pop(index, None)
         if handle is None:
             path = self.sources[index].path
-            handle = gzip.open(path, "rb") if self.sources[index].compressed else open(path, "rb")  # noqa: SIM115
+            handle = (gzip.open(path, "rb") if self.sources[index].compressed
+                      else open(path, "rb"))  # noqa: SIM115
             while len(self._handles) >= _OPEN_FILES:
                 self._handles.popitem(last=False)[1].close()
         self._handles[index] = handle
@@ -146,11 +151,13 @@ class Corpus:
             position += len(raw)
 
     def _docs_from(self, index: int, offset: int) -> Iterator[tuple[int, int, Any]]:
-        """(byte offset of the line it starts in, document number within that line, document) from `offset`."""
+        """(byte offset of the line it starts in, document number within that line, document) from
+        `offset`."""
         source = self.sources[index]
         if source.jsonl:
             for position, raw in self._lines(index, offset):
-                for k, doc in enumerate(_parse_line(raw, f"{source.name} (line at byte {position})", self.doc_bytes)):
+                for k, doc in enumerate(_parse_line(raw, f"{source.name} (line at byte {position})",
+                                                    self.doc_bytes)):
                     yield position, k, doc
             return
         lines = self._decoded(index, offset)
@@ -173,7 +180,8 @@ class Corpus:
             try:
                 yield position, raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise TransplantError(f"{name} is not UTF-8 text (byte {position + err.start}); convert it") from err
+                raise TransplantError(f"{name} is not UTF-8 text (byte "
+                                      f"{position + err.start}); convert it") from err
 
     def _scan(self, source: _Source) -> None:
         """One streaming pass: count documents and record where each block starts."""
@@ -226,11 +234,14 @@ class Corpus:
 
     def _global_order(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(a permutation of all documents as file-order indices, cumulative document count at the end of each
-        block): the shuffle of a corpus whose blocks all fit in the cache, so random access never re-reads one."""
+        block): the shuffle of a corpus whose blocks all fit in the cache, so random access never re-reads
+        one."""
         key = ("global", seed, epoch)
         if key not in self._orders:
             ends = np.cumsum(self.block_size)
-            self._orders[key] = (np.random.default_rng([seed, epoch, 1]).permutation(int(ends[-1]) if ends.size else 0), ends)
+            self._orders[key] = (np.random.default_rng([seed, epoch,
+                                                        1]).permutation(int(ends[-1]) if ends.size else 0),
+                                 ends)
             while len(self._orders) > 2:
                 self._orders.popitem(last=False)
         return self._orders[key]
@@ -247,7 +258,8 @@ class Corpus:
         block = int(blocks[slot])
         inside = position - (int(ends[slot - 1]) if slot else 0)
         if shuffle:
-            inside = int(np.random.default_rng([seed, epoch, block]).permutation(int(self.block_size[block]))[inside])
+            inside = int(np.random.default_rng([seed, epoch,
+                                                block]).permutation(int(self.block_size[block]))[inside])
         return self._block(block)[inside]
 
     def __iter__(self) -> Iterator[Any]:
@@ -279,8 +291,8 @@ def open_corpus(sources: list[str], *, corpus_bytes: int = 2_000_000, doc_bytes:
         elif path.is_file():
             files = [path]
         else:
-            raise TransplantError(f"training data {spec} does not exist; give .txt/.jsonl(.gz) files, a folder of "
-                                  "them, or texts:NAME")
+            raise TransplantError(f"training data {spec} does not exist; give .txt/.jsonl(.gz) "
+                                  "files, a folder of them, or texts:NAME")
         found.extend(_Source(str(f), f, None) for f in files)
     corpus = Corpus(found, doc_bytes=doc_bytes, block_docs=block_docs)
     if not len(corpus):

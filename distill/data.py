@@ -1,20 +1,22 @@
-"""Training text for distillation: documents -> packed windows tokenized by BOTH tokenizers -> aligned batches.
+"""Training text for distillation: documents -> packed windows tokenized by BOTH tokenizers -> aligned
+batches.
 
 Why it is shaped this way:
 - Teacher and student must read the same bytes, so a window is cut by `chunks.tokenize_pair` at a byte offset
   where both tokenizations end a token, and each side is at most `max_length` tokens.
-- `chunks.align_batch` assumes every sequence is the tokenization of a text from its start. A packed window holds
-  several pieces (documents, document continuations, chat turns), so each piece is aligned on its own and the
-  alignments are stitched together (`stitch`): token positions and chunk ids are offset, first/last chunk
-  positions recomputed with one scatter over the whole batch. Each document starts with BOS, which is in no
-  chunk (`distill.chunks`): it is an artefact of packing, not text.
+- `chunks.align_batch` assumes every sequence is the tokenization of a text from its start. A packed window
+  holds several pieces (documents, document continuations, chat turns), so each piece is aligned on its own
+  and the alignments are stitched together (`stitch`): token positions and chunk ids are offset, first/last
+  chunk positions recomputed with one scatter over the whole batch. Each document starts with BOS, which is in
+  no chunk (`distill.chunks`): it is an artefact of packing, not text.
 - Chat conversations are rendered with each side's own template and tokenized once per side; message contents
   are found by byte offsets and become the shared pieces (`distill.chat.conversation_pieces`).
 - Documents come from a lazy `distill.corpus.Corpus` (files are scanned once, read block by block).
-- Iteration is a pure function of (seed, epoch, position): the loader's state is four integers, saved with each
-  checkpoint, so a resumed run sees exactly the windows the uninterrupted run would have seen. With several
-  ranks, a one-off pass on rank 0 records where every window of the run starts (`WindowIndex`, shared through a
-  file); each rank then packs, tokenizes and aligns only its own windows, starting each from its recorded state.
+- Iteration is a pure function of (seed, epoch, position): the loader's state is four integers, saved with
+  each checkpoint, so a resumed run sees exactly the windows the uninterrupted run would have seen. With
+  several ranks, a one-off pass on rank 0 records where every window of the run starts (`WindowIndex`, shared
+  through a file); each rank then packs, tokenizes and aligns only its own windows, starting each from its
+  recorded state.
 Attention is not masked between packed documents (standard packing).
 """
 
@@ -46,12 +48,12 @@ __all__ = ["DOC_BYTES", "DistillLoader", "MIN_ROOM", "Packer", "PackerState", "P
 
 
 def read_documents(sources: list[str], *, corpus_bytes: int = 2_000_000) -> list[Any]:
-    """Every document (str, or a list of chat messages) of `sources`, in order, as a list (small corpora, tests;
-    training reads them lazily through `distill.corpus.open_corpus`)."""
+    """Every document (str, or a list of chat messages) of `sources`, in order, as a list (small corpora,
+    tests; training reads them lazily through `distill.corpus.open_corpus`)."""
     return list(open_corpus(sources, corpus_bytes=corpus_bytes))
 
 
-# ----------------------------------------------------------------------------------------------------- packing
+# ---------------------------------------------------------------------------------------------------- packing
 Window = list[Piece]
 
 
@@ -70,7 +72,8 @@ class Packer:
     def __init__(self, documents: Corpus | list[Any], teacher: Vocab, student: Vocab, *, max_length: int,
                  seed: int = 0, shuffle: bool = True, pack: bool = True, chat_template: str = "auto"):
         if chat_template not in CHAT_MODES:
-            raise TransplantError(f"data.chat_template={chat_template!r} is unknown; choose one of {CHAT_MODES}")
+            raise TransplantError(f"data.chat_template={chat_template!r} is unknown; choose one "
+                                  f"of {CHAT_MODES}")
         if max_length < 2 * MIN_ROOM:
             raise TransplantError(f"data.max_length={max_length} is too short; use at least {2 * MIN_ROOM}")
         self.corpus = documents if isinstance(documents, Corpus) else Corpus.from_documents(documents)
@@ -111,8 +114,9 @@ class Packer:
             if min(room) < MIN_ROOM or (window and not self.pack):
                 break
             if skipped > 10_000:
-                raise TransplantError("no usable text in 10,000 tries: teacher and student tokenizations never "
-                                      "share a byte boundary, or the documents are empty; check data.train")
+                raise TransplantError("no usable text in 10,000 tries: teacher and student "
+                                      "tokenizations never share a byte boundary, or the documents are "
+                                      "empty; check data.train")
             doc = self._current()
             if isinstance(doc, list):
                 pieces, whole = conversation_pieces(doc, self.teacher, self.student, self.chat_template, room,
@@ -129,7 +133,8 @@ class Packer:
                 if piece is None:
                     if window:
                         break
-                    # The two tokenizations share no boundary here (e.g. different normalisation): skip a line.
+                    # The two tokenizations share no boundary here (e.g. different normalisation): skip a
+                    # line.
                     rest = doc[self.state.char_offset:]
                     cut = rest.find("\n") + 1 or min(len(rest), 64) or 1
                     self.state.char_offset += cut
@@ -149,7 +154,7 @@ class Packer:
         self.state.windows += 1
         return window
 
-# ----------------------------------------------------------------------------------------------------- batches
+# ---------------------------------------------------------------------------------------------------- batches
 def _pad_id(vocab: Vocab) -> int:
     for role in ("pad", "eos"):
         if vocab.roles.get(role) is not None:
@@ -161,7 +166,8 @@ def stitch(windows: list[Window], teacher: Vocab, student: Vocab) -> ChunkAlignm
     """One `ChunkAlignment` for a batch of windows: aligned pieces go through a single `align_batch` call;
     their rows are laid end to end per window (markup pieces get chunk index -1)."""
     aligned = [p for w in windows for p in w if p.aligned]
-    pieces_alignment = align_batch([p.teacher_ids for p in aligned], [p.student_ids for p in aligned], teacher,
+    pieces_alignment = align_batch([p.teacher_ids
+                                    for p in aligned], [p.student_ids for p in aligned], teacher,
                                    student, phantom=[(p.teacher_phantom, p.student_phantom) for p in aligned]
                                    ) if aligned else None
     n_chunks_of = pieces_alignment.chunk_mask.sum(1).tolist() if aligned else []
@@ -224,8 +230,8 @@ class WindowIndex:
     windows), recorded by one dry run of the packer (which tokenizes but does not align).
 
     With it, a rank packs window k by setting the packer to `state(k)`: since `next_window` is a pure function
-    of the state, that is exactly the window a sequential pass would produce, so N ranks see what one rank with
-    N times the accumulation sees while each tokenizes only its own windows."""
+    of the state, that is exactly the window a sequential pass would produce, so N ranks see what one rank
+    with N times the accumulation sees while each tokenizes only its own windows."""
 
     def __init__(self, states: np.ndarray, fingerprint: str = ""):
         self.states, self.fingerprint = np.asarray(states, dtype=np.int64).reshape(-1, 4), fingerprint
@@ -235,8 +241,8 @@ class WindowIndex:
 
     def state(self, k: int) -> PackerState:
         if k >= self.states.shape[0]:
-            raise TransplantError(f"the window index covers {len(self)} windows but window {k} was asked for; "
-                                  "delete the index file so that it is rebuilt for this run")
+            raise TransplantError(f"the window index covers {len(self)} windows but window {k} "
+                                  "was asked for; delete the index file so that it is rebuilt for this run")
         return PackerState(*map(int, self.states[k]))
 
     def extend(self, packer: Packer, n: int) -> WindowIndex:

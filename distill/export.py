@@ -1,4 +1,5 @@
-"""The trained student as a plain Hugging Face dir: safetensors weights, config, the student's tokenizer files.
+"""The trained student as a plain Hugging Face dir: safetensors weights, config, the student's tokenizer
+files.
 
 Under ZeRO-3 every rank holds a slice of each weight, so the full 16-bit state dict is gathered onto rank 0
 (a collective: every rank must call `gather_state_dict`). LoRA adapters are merged into their weights and tied

@@ -69,7 +69,8 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0.
     return adapted
 
 
-def merge_lora_state_dict(state: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[str, torch.Tensor]:
+def merge_lora_state_dict(state: dict[str, torch.Tensor],
+                          scales: dict[str, float]) -> dict[str, torch.Tensor]:
     """Fold `lora_A`/`lora_B` pairs into their `weight` (in fp32, cast back) and drop the adapter tensors."""
     merged = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
     for module_name, scale in scales.items():

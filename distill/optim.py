@@ -3,11 +3,12 @@
 - Groups: `embeddings` (input + output embeddings), `body` (everything else the student trains) and `loss`
   (trainable modules a loss adds, e.g. ALM's hidden-state projection). "Embeddings only for the first N steps"
   is a learning-rate factor of 0 for the body: ZeRO flattens parameter groups at start-up, so toggling
-  `requires_grad` later would silently do nothing. When the body starts, it warms up again (`body_warmup_steps`,
-  default `warmup_steps`) instead of jumping to full rate on weights that the new embeddings just moved under.
-- Kernels (`optim.impl`): DeepSpeed configs that offload the optimizer to CPU need DeepSpeed's CPU Adam (a torch
-  optimizer there fails: its step would run on the wrong device); on CUDA torch's fused AdamW is one kernel per
-  step with no build; `deepspeed_fused` asks for DeepSpeed's FusedAdam (JIT-built, or prebuilt with
+  `requires_grad` later would silently do nothing. When the body starts, it warms up again
+  (`body_warmup_steps`, default `warmup_steps`) instead of jumping to full rate on weights that the new
+  embeddings just moved under.
+- Kernels (`optim.impl`): DeepSpeed configs that offload the optimizer to CPU need DeepSpeed's CPU Adam (a
+  torch optimizer there fails: its step would run on the wrong device); on CUDA torch's fused AdamW is one
+  kernel per step with no build; `deepspeed_fused` asks for DeepSpeed's FusedAdam (JIT-built, or prebuilt with
   DS_BUILD_FUSED_ADAM=1); on CPU the plain (foreach) torch AdamW is the fastest.
 """
 
@@ -83,7 +84,8 @@ def choose_impl(impl: str, ds_config: dict[str, Any], device: torch.device) -> s
         raise TransplantError(f"optim.impl={impl!r} is unknown; use one of {', '.join(IMPLS)}")
     if offloads_optimizer(ds_config):
         if impl not in ("auto", "deepspeed_cpu"):
-            raise TransplantError(f"the DeepSpeed config offloads the optimizer, which needs DeepSpeed's CPU Adam; "
+            raise TransplantError("the DeepSpeed config offloads the optimizer, which needs "
+                                  "DeepSpeed's CPU Adam; "
                                   f"set optim.impl=auto (not {impl})")
         return "deepspeed_cpu"
     if impl == "auto":
@@ -98,7 +100,8 @@ def build_optimizer(groups: list[dict], recipe: Any, ds_config: dict[str, Any],
     """AdamW (decoupled weight decay) with the kernel `choose_impl` picks."""
     optim = recipe.optim
     impl = choose_impl(optim.impl, ds_config, device)
-    kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
+    kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps,
+              "weight_decay": optim.weight_decay}
     log.info("optimizer: AdamW (%s)", impl)
     if impl == "deepspeed_cpu":
         from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -74,13 +74,15 @@ AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def autocast_dtype(recipe: Recipe) -> torch.dtype | None:
     if recipe.train.autocast not in AUTOCAST:
-        raise TransplantError(f"train.autocast={recipe.train.autocast!r} is unknown; use one of {', '.join(AUTOCAST)}")
+        raise TransplantError(f"train.autocast={recipe.train.autocast!r} is unknown; use one of "
+                              f"{', '.join(AUTOCAST)}")
     return AUTOCAST[recipe.train.autocast]
 
 
 def start_runtime(device: str = "auto", dtype: str = "auto", *, tf32: bool = True) -> Runtime:
     """Launcher defaults, the device (`auto`: CUDA when torch sees one, one GPU per local rank; `tf32` allows
-    TF32 matmuls there), the process group (NCCL on CUDA, gloo on CPU) and the weight dtype (`resolve_dtype`)."""
+    TF32 matmuls there), the process group (NCCL on CUDA, gloo on CPU) and the weight dtype
+    (`resolve_dtype`)."""
     cuda = device != "cpu" and torch.cuda.is_available()
     if device == "cuda" and not cuda:
         raise TransplantError("recipe key device=cuda but torch sees no CUDA GPU; use device=auto or cpu")
@@ -103,11 +105,12 @@ def start_runtime(device: str = "auto", dtype: str = "auto", *, tf32: bool = Tru
 
 
 def init_runtime(recipe: Recipe) -> Runtime:
-    """The distillation trainer's runtime: the student's weight dtype is fp32 under `train.autocast` (the forward
-    casts, the weights and their optimizer state stay fp32)."""
+    """The distillation trainer's runtime: the student's weight dtype is fp32 under `train.autocast` (the
+    forward casts, the weights and their optimizer state stay fp32)."""
     autocast = autocast_dtype(recipe)
     if autocast is not None and recipe.student.dtype not in ("auto", "float32", "fp32"):
-        raise TransplantError(f"train.autocast={recipe.train.autocast} keeps fp32 weights; set student.dtype=auto "
+        raise TransplantError(f"train.autocast={recipe.train.autocast} keeps fp32 weights; set "
+                              "student.dtype=auto "
                               f"or float32 (not {recipe.student.dtype})")
     runtime = start_runtime("auto", recipe.student.dtype)
     if autocast is not None:
@@ -135,7 +138,8 @@ def deepspeed_engine(model: torch.nn.Module, optimizer: Any, scheduler: Any, con
     """The DeepSpeed engine training `model` with a torch optimizer and schedule built by the trainer."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=config)
     return engine
 
 
@@ -159,7 +163,8 @@ def load_deepspeed_config(recipe: Recipe, runtime: Runtime) -> dict[str, Any]:
                                   "come from the recipe's `optim:` keys")
     train = recipe.train
     config = engine_config(config, micro_batch_size=train.micro_batch_size, grad_accum=train.grad_accum,
-                           world_size=runtime.world_size, grad_clip=recipe.optim.grad_clip, dtype=runtime.dtype)
+                           world_size=runtime.world_size, grad_clip=recipe.optim.grad_clip,
+                           dtype=runtime.dtype)
     autocast = autocast_dtype(recipe)
     if autocast is not None:  # DeepSpeed runs the forward under torch.autocast; reductions in the low dtype
         config["torch_autocast"] = {**config.get("torch_autocast", {}), "enabled": True,
@@ -178,7 +183,8 @@ def peak_memory() -> dict[str, float]:
     """Peak host RSS (and GPU memory) of this process so far, for the per-step record."""
     import resource
 
-    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    # KiB on Linux
+    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if torch.cuda.is_available():
         peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return peak
@@ -186,4 +192,5 @@ def peak_memory() -> dict[str, float]:
 
 def format_record(record: dict[str, Any]) -> str:
     """A metrics record as one log line."""
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "step")
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                    if k != "step")

@@ -36,11 +36,13 @@ def slice_groups(slices: Iterable[str], trained_on: Iterable[str]) -> dict[str, 
     (`texts:NAME` in `data.train`, given here as NAME)."""
     trained = set(trained_on)
     names = list(slices)
-    return {"in-domain": [s for s in names if s in trained], "untrained": [s for s in names if s not in trained]}
+    return {"in-domain": [s for s in names if s in trained],
+            "untrained": [s for s in names if s not in trained]}
 
 
 def group_mean(values: Mapping[str, float], members: Sequence[str]) -> float:
-    """Mean over the group's slices that have a value (NaN slices, where the teacher is not better, skipped)."""
+    """Mean over the group's slices that have a value (NaN slices, where the teacher is not better,
+    skipped)."""
     kept = [values[m] for m in members if m in values and not math.isnan(values[m])]
     return statistics.fmean(kept) if kept else math.nan
 

@@ -1,5 +1,5 @@
-"""A frozen causal LM (the distillation teacher, the hypernetwork's base LM): replicated on every rank, or sharded
-so that a model larger than one device works. Both trainers load theirs with `load_frozen`.
+"""A frozen causal LM (the distillation teacher, the hypernetwork's base LM): replicated on every rank, or
+sharded so that a model larger than one device works. Both trainers load theirs with `load_frozen`.
 
 `teacher.shard` in a distillation recipe (`lm_shard` in a hypernetwork one):
 - `none`: every rank holds the whole teacher (fastest while it fits next to the student).
@@ -28,10 +28,12 @@ log = logging.getLogger(__name__)
 SHARD_MODES = ("none", "zero3", "offload")
 
 
-def teacher_ds_config(mode: str, micro_batch_size: int, world_size: int, dtype: torch.dtype) -> dict[str, Any]:
+def teacher_ds_config(mode: str, micro_batch_size: int, world_size: int,
+                      dtype: torch.dtype) -> dict[str, Any]:
     """The DeepSpeed config of the teacher's inference engine."""
     zero: dict[str, Any] = {"stage": 3, "stage3_param_persistence_threshold": 0,
-                            "stage3_prefetch_bucket_size": 50_000_000, "stage3_max_live_parameters": 1_000_000_000}
+                            "stage3_prefetch_bucket_size": 50_000_000,
+                            "stage3_max_live_parameters": 1_000_000_000}
     if mode == "offload":
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
@@ -45,9 +47,9 @@ def teacher_ds_config(mode: str, micro_batch_size: int, world_size: int, dtype: 
     }
 
 
-def load_frozen(model_dir: Path, mode: str, dtype: torch.dtype, device: torch.device, *, micro_batch_size: int,
-                world_size: int, trust_remote_code: bool = False, key: str = "teacher.shard",
-                ) -> tuple[torch.nn.Module, Any]:
+def load_frozen(model_dir: Path, mode: str, dtype: torch.dtype, device: torch.device, *,
+                micro_batch_size: int, world_size: int, trust_remote_code: bool = False,
+                key: str = "teacher.shard", ) -> tuple[torch.nn.Module, Any]:
     """(the model in eval mode with frozen weights, its ZeRO-3 engine or None). Under `zero3`/`offload` the
     module is the engine's (calling it gathers the weights it needs, in the forward and, when a loss
     backpropagates through it into its inputs, in the backward); keep the engine referenced. `key` names
@@ -57,7 +59,8 @@ def load_frozen(model_dir: Path, mode: str, dtype: torch.dtype, device: torch.de
     if mode not in SHARD_MODES:
         raise TransplantError(f"{key}={mode!r} is unknown; use one of {', '.join(SHARD_MODES)}")
     if mode == "none":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
         return model.to(device).eval().requires_grad_(False), None
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -66,7 +69,8 @@ def load_frozen(model_dir: Path, mode: str, dtype: torch.dtype, device: torch.de
     config = teacher_ds_config(mode, micro_batch_size, world_size, dtype)
     hf_config = HfDeepSpeedConfig(config)  # from_pretrained partitions the weights as it loads them
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
         model.requires_grad_(False)
         engine, _, _, _ = deepspeed.initialize(model=model, config=config)
     finally:
