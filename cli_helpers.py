@@ -1,6 +1,6 @@
 """What the three command lines in `cli` (`transplant`, `distill`, `hypernet`) share: one user-error handler,
-the `--set KEY=VALUE` option, `--device`, UTF-8 text files, logging, the deepspeed launcher's `--local_rank` and
-the torchrun relaunch. Only `cli` imports this module; the libraries below it know nothing of click.
+the `--set KEY=VALUE` option, `--device`, UTF-8 text files, logging, the deepspeed launcher's `--local_rank`
+and the torchrun relaunch. Only `cli` imports this module; the libraries below it know nothing of click.
 
 The handler lives in the command classes (`Command`, `Group`): a `TransplantError` raised anywhere below them,
 while parsing options or while running, becomes `error: <one line>` on stderr and exit code 2. Putting it in
@@ -24,8 +24,8 @@ import click
 from transplant.errors import TransplantError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-NOISY_LOGGERS = ("transformers", "datasets", "urllib3", "filelock", "huggingface_hub", "DeepSpeed", "deepspeed",
-                 "torch.distributed")
+NOISY_LOGGERS = ("transformers", "datasets", "urllib3", "filelock", "huggingface_hub", "DeepSpeed",
+                 "deepspeed", "torch.distributed")
 
 
 def one_line(message: object) -> str:
@@ -56,8 +56,9 @@ def _as_user_error(err: Exception) -> click.ClickException:
 
 
 class _UserErrors:
-    """Mixin: a TransplantError or click usage error from parsing (`make_context`) or running (`invoke`) becomes
-    a one-line UserError. Groups run their subcommands inside `invoke`, so the top command covers the tree."""
+    """Mixin: a TransplantError or click usage error from parsing (`make_context`) or running (`invoke`)
+    becomes a one-line UserError. Groups run their subcommands inside `invoke`, so the top command covers the
+    tree."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:
@@ -77,7 +78,8 @@ class Command(_UserErrors, click.Command):
     `key=value` without `--set` (the old override syntax) is told how to write it."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        ctx.allow_extra_args = True  # collected into ctx.args and reported below, instead of click's usage text
+        # collected into ctx.args and reported below, instead of click's usage text
+        ctx.allow_extra_args = True
         rest = super().parse_args(ctx, args)
         if ctx.args:
             extra = ctx.args[0]
@@ -96,8 +98,8 @@ Group.group_class = Group
 
 
 def set_option(example: str) -> Callable[[Callable], Callable]:
-    """The repeatable `--set KEY=VALUE` option every command takes (parsed by `transplant.recipes.parse_assignment`
-    where it is used, so the three commands read it one way)."""
+    """The repeatable `--set KEY=VALUE` option every command takes (parsed by
+    `transplant.recipes.parse_assignment` where it is used, so the three commands read it one way)."""
     return click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
                         help=f"Override a setting (repeatable), e.g. --set {example}.")
 
@@ -128,7 +130,8 @@ class DeviceType(click.ParamType):
             return "cuda" if torch.cuda.is_available() else "cpu"
         if text == "mps":
             if not torch.backends.mps.is_available():
-                raise TransplantError("--device mps: this torch build sees no Apple GPU; use --device cpu or auto")
+                raise TransplantError("--device mps: this torch build sees no Apple GPU; use "
+                                      "--device cpu or auto")
             return text
         if not torch.cuda.is_available():
             raise TransplantError(f"--device {text}: this torch build sees no CUDA GPU "
@@ -158,11 +161,13 @@ def read_text_file(path: Path, what: str = "text file") -> str:
         raise TransplantError(f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
                               f"{err.start}); pass a UTF-8 text file") from None
     except OSError as err:
-        raise TransplantError(f"cannot read {what} {path}: {err.strerror or err}; pass a readable file") from None
+        raise TransplantError(f"cannot read {what} {path}: {err.strerror or err}; pass "
+                              "a readable file") from None
 
 
 def setup_logging(verbose: bool, fmt: str = "%(levelname)s %(name)s: %(message)s") -> None:
-    """INFO with `verbose`, else WARNING; the libraries' chatter (and transformers' progress bars) stays quiet."""
+    """INFO with `verbose`, else WARNING; the libraries' chatter (and transformers' progress bars) stays
+    quiet."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=fmt, datefmt="%H:%M:%S")
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -172,7 +177,8 @@ def setup_logging(verbose: bool, fmt: str = "%(levelname)s %(name)s: %(message)s
 
 
 def adopt_local_rank(local_rank: int | None) -> None:
-    """The deepspeed launcher passes `--local_rank=N` instead of setting LOCAL_RANK; the runtime reads LOCAL_RANK."""
+    """The deepspeed launcher passes `--local_rank=N` instead of setting LOCAL_RANK; the runtime reads
+    LOCAL_RANK."""
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
 
@@ -198,5 +204,6 @@ def rank() -> int:
 
 
 def setup_rank_logging() -> None:
-    """Rank 0 of a training run logs progress; the other ranks only warnings (N copies of a line help nobody)."""
+    """Rank 0 of a training run logs progress; the other ranks only warnings (N copies of a line help
+    nobody)."""
     setup_logging(rank() == 0, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
