@@ -167,6 +167,8 @@ def repair_rows(ctx: InitContext, new_input: torch.Tensor, new_output: torch.Ten
     `dedup_top`, `rescale_norm` (off | pieces | median).
     """
     summary = RepairSummary()
+    if ctx.alignment.identical:  # the base's own vocabulary: every row is the base's trained row
+        return summary
     new_vocab = ctx.new_vocab
     unreachable = unreachable_ids(new_vocab)
     rebuilt = ctx.alignment.unshared_new_ids

@@ -19,6 +19,7 @@ class Alignment:
 
     new_to_base: torch.Tensor  # LongTensor [len(new)]
     matched_by_role: dict[str, tuple[int, int]]  # role -> (new id, base id)
+    identical: bool = False  # the new vocabulary is the base's own: every id keeps its row, nothing to repair
 
     @property
     def shared_mask(self) -> torch.Tensor:
@@ -45,10 +46,20 @@ class Alignment:
         }
 
 
+def same_vocabulary(base: Vocab, new: Vocab) -> bool:
+    """Whether `new` is `base`'s own vocabulary: the same bytes, kinds and special texts at every id."""
+    return (len(base) == len(new) and base.token_bytes == new.token_bytes and base.kinds == new.kinds
+            and base.special_texts == new.special_texts)
+
+
 def align(base: Vocab, new: Vocab) -> Alignment:
-    """Join the two vocabularies on exact bytes (normal and byte-fallback tokens), then specials: a literal match
-    first (Qwen's `<|endoftext|>` is SmolLM2's `<|endoftext|>`, although each tokenizer gives that role to a
-    different token), then the role for specials whose literal the base does not have (`<bos>` ↔ `<s>`)."""
+    """Join the two vocabularies on exact bytes (normal and byte-fallback tokens), then specials: a literal
+    match first (Qwen's `<|endoftext|>` is SmolLM2's `<|endoftext|>`, although each tokenizer gives that role
+    to a different token), then the role for specials whose literal the base does not have (`<bos>` ↔
+    `<s>`). A model given its own vocabulary maps every id onto itself: the byte-fallback twins that the join
+    would send to their normal token (`<0x31>` -> `1`) keep their own rows, so the model stays the same."""
+    if same_vocabulary(base, new):
+        return Alignment(new_to_base=torch.arange(len(new)), matched_by_role={}, identical=True)
     new_to_base = torch.full((len(new),), -1, dtype=torch.long)
     base_by_bytes = base.bytes_to_id
     for new_id, (piece, kind) in enumerate(zip(new.token_bytes, new.kinds)):
