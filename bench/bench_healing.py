@@ -2,16 +2,17 @@
 budget of steps with each distillation objective; held-out bits/byte versus steps, and step time.
 
 Each objective runs as its own `distill` process (same recipe, only `loss.name` differs), so timings and peak
-memory are per run. The teacher is the original SmolLM2-135M (self-distillation); plain CE needs no teacher and
-skips its forward, so "ALM / CE step time" is the whole price of distillation (teacher forward, alignment in
-the data loader, chunk loss).
+memory are per run. The teacher is the original SmolLM2-135M (self-distillation); plain CE needs no teacher
+and skips its forward, so "ALM / CE step time" is the whole price of distillation (teacher forward, alignment
+in the data loader, chunk loss).
 
     python bench/bench_healing.py --steps 60 --seq 256 --batch 4      # ~ (3 x steps x step time) on 2 cores
 
-Scores (`distill.scores`): per slice the gap to the teacher closed *capped at the teacher* and the overshoot past
-it (domain learning) in its own column, the disagreement with the teacher (`distill.agreement`, bits/byte),
-slices grouped as in-domain (a `data.train` source) and untrained source; every arm runs `--seeds` and prints
-mean ± spread; arms whose spreads overlap are a tie. `--recipe` picks the job, e.g. the cross-tokenizer one:
+Scores (`distill.scores`): per slice the gap to the teacher closed *capped at the teacher* and the overshoot
+past it (domain learning) in its own column, the disagreement with the teacher (`distill.agreement`,
+bits/byte), slices grouped as in-domain (a `data.train` source) and untrained source; every arm runs `--seeds`
+and prints mean ± spread; arms whose spreads overlap are a tie. `--recipe` picks the job, e.g. the
+cross-tokenizer one:
 
     python bench/bench_healing.py --recipe recipes/cpu_gemma3_to_smollm2.yaml --student smollm2-135m ...
 """
@@ -167,10 +168,12 @@ def table(rows: list[dict]) -> str:
                     cells.append("")
                     continue
                 start, end = curve[min(curve)], curve[max(curve)]
-                closed = gap_closed(start, end, row["teacher"][text]) if text in row["teacher"] else float("nan")
+                closed = (gap_closed(start, end, row["teacher"][text]) if text in row["teacher"]
+                          else float("nan"))
                 cells.append(f"{start:.4f} -> {end:.4f} ({closed:+.0%})")
             lines.append(f"| {row['loss']} | " + " | ".join(cells) + " |")
-        lines.append("teacher: " + ", ".join(f"{t} {rows[0]['teacher'].get(t, float('nan')):.4f}" for t in texts))
+        lines.append("teacher: "
+                     + ", ".join(f"{t} {rows[0]['teacher'].get(t, float('nan')):.4f}" for t in texts))
     return "\n".join(lines)
 
 
@@ -183,13 +186,15 @@ def run_scores(row: dict) -> dict[str, dict[str, float]]:
         start, end, teacher = curve[min(curve)], curve[max(curve)], row["teacher"].get(name, math.nan)
         agree = row["disagree"].get(name, {})
         scores[name] = {"start": start, "end": end, "teacher": teacher,
-                        "closed": gap_closed_capped(start, end, teacher), "overshoot": overshoot(end, teacher),
+                        "closed": gap_closed_capped(start, end, teacher),
+                        "overshoot": overshoot(end, teacher),
                         "disagree_start": agree[min(agree)] if agree else math.nan,
                         "disagree": agree[max(agree)] if agree else math.nan}
     return scores
 
 
-def seed_report(arms: dict[str, list[dict]], trained_on: list[str], timing: dict[str, float] | None = None) -> str:
+def seed_report(arms: dict[str, list[dict]], trained_on: list[str],
+                timing: dict[str, float] | None = None) -> str:
     """Markdown tables over seeds: per slice (capped gap closed, overshoot, disagreement) and per group
     (untrained source / in-domain), mean ± spread, each arm against the first one (tie = spreads overlap)."""
     from distill.scores import format_mean_spread, group_mean, is_tie, slice_groups
@@ -200,8 +205,10 @@ def seed_report(arms: dict[str, list[dict]], trained_on: list[str], timing: dict
     groups = slice_groups(slices, trained_on)
     lines = ["start (step 0) and teacher BPB: " + ", ".join(
         f"{s} {first[s]['start']:.4f} / {first[s]['teacher']:.4f}" for s in slices),
-        f"groups: untrained = {', '.join(groups['untrained'])}; in-domain = {', '.join(groups['in-domain'])}", "",
-        "| arm (seeds) | " + " | ".join(f"{s}: end BPB / gap closed (capped) / overshoot / disagree" for s in slices)
+        f"groups: untrained = {', '.join(groups['untrained'])}; in-domain = "
+             f"{', '.join(groups['in-domain'])}", "",
+        "| arm (seeds) | "
+             + " | ".join(f"{s}: end BPB / gap closed (capped) / overshoot / disagree" for s in slices)
         + " |", "|" + "---|" * (len(slices) + 1)]
     for arm, runs in per_arm.items():
         cells = [f"{format_mean_spread([r[s]['end'] for r in runs])} / "
@@ -209,8 +216,9 @@ def seed_report(arms: dict[str, list[dict]], trained_on: list[str], timing: dict
                  f"{format_mean_spread([r[s]['overshoot'] for r in runs], digits=3)} / "
                  f"{format_mean_spread([r[s]['disagree'] for r in runs])}" for s in slices]
         lines.append(f"| {arm} ({len(runs)}) | " + " | ".join(cells) + " |")
-    head = ["arm (seeds)", "untrained: gap closed (capped)", "untrained: disagreement", "in-domain: gap closed",
-            "in-domain: overshoot (sum)", "vs first arm (untrained closed)", "median step s", "interleaved vs ce"]
+    head = ["arm (seeds)", "untrained: gap closed (capped)", "untrained: disagreement",
+            "in-domain: gap closed", "in-domain: overshoot (sum)", "vs first arm (untrained closed)",
+            "median step s", "interleaved vs ce"]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = None
     for arm, runs in per_arm.items():
@@ -222,7 +230,8 @@ def seed_report(arms: dict[str, list[dict]], trained_on: list[str], timing: dict
             base, versus = closed, "-"
         else:
             delta = statistics.fmean(closed) - statistics.fmean(base)
-            versus = "tie" if is_tie(closed, base) else f"{'better' if delta > 0 else 'worse'} ({100 * delta:+.1f} pts)"
+            versus = ("tie" if is_tie(closed, base)
+                      else f"{'better' if delta > 0 else 'worse'} ({100 * delta:+.1f} pts)")
         loss = arm.split("/")[0]
         ratio = f"{timing[loss] / timing['ce']:.2f}x" if timing and loss in timing and "ce" in timing else "-"
         step = statistics.median(row["median_step_s"] for row in arms[arm])
@@ -258,7 +267,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def _followed_by(alignment, teacher):  # -> torch.Tensor
-    """Bool [B, C]: the teacher token after the chunk's last one starts with space/tab/newline or is special."""
+    """Bool [B, C]: the teacher token after the chunk's last one starts with space/tab/newline or is
+    special."""
     import torch
 
     from distill.chunks import boundary_mask
@@ -271,14 +281,15 @@ def _followed_by(alignment, teacher):  # -> torch.Tensor
 
 
 def debias_share(args: argparse.Namespace) -> list[dict]:
-    """How much of each held-out slice ALM compares raw (biased) under the old `whitespace` debias, and what the
-    reference's merging (`debias: merge`) makes of it, on SmolLM2 (teacher tokenizer and model) vs Mistral v3.
+    """How much of each held-out slice ALM compares raw (biased) under the old `whitespace` debias, and what
+    the reference's merging (`debias: merge`) makes of it, on SmolLM2 (teacher tokenizer and model) vs Mistral
+    v3.
 
-    Tokenizers only: the share of valid chunks not followed by whitespace (what `whitespace` leaves raw) and not
-    followed by a unit boundary byte. With the teacher's forward (SmolLM2-135M, CPU, seconds): units per chunk
-    after merging at P(boundary) > threshold, and the share of units closed without the teacher expecting a
-    boundary there (only a gap or the end of a window closes them); every unit gets log P(boundary) appended,
-    so no unit is compared raw."""
+    Tokenizers only: the share of valid chunks not followed by whitespace (what `whitespace` leaves raw) and
+    not followed by a unit boundary byte. With the teacher's forward (SmolLM2-135M, CPU, seconds): units per
+    chunk after merging at P(boundary) > threshold, and the share of units closed without the teacher
+    expecting a boundary there (only a gap or the end of a window closes them); every unit gets log
+    P(boundary) appended, so no unit is compared raw."""
     import torch
 
     from distill.chunks import boundary_mask
@@ -295,12 +306,13 @@ def debias_share(args: argparse.Namespace) -> list[dict]:
     if args.share_model:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(resolve_source("smollm2-135m", need_model=True).model_dir,
+        model = AutoModelForCausalLM.from_pretrained(resolve_source("smollm2-135m",
+                                                                    need_model=True).model_dir,
                                                      dtype=torch.float32).eval()
     rows = []
     for name in args.share_texts:
-        packer = Packer(split_text(texts.heldout(name, args.share_bytes)), teacher, student, max_length=args.seq,
-                        shuffle=False)
+        packer = Packer(split_text(texts.heldout(name, args.share_bytes)), teacher, student,
+                        max_length=args.seq, shuffle=False)
         windows = []
         while packer.state.epoch == 0:
             windows.append(packer.next_window())
@@ -320,7 +332,8 @@ def debias_share(args: argparse.Namespace) -> list[dict]:
             for b, c in zip(*torch.nonzero(valid, as_tuple=True)):
                 last[(int(b), int(units[b, c]))] = int(c)
             closed_unlikely = sum(1 for (b, _), c in last.items() if not likely[b, c])
-            row.update(units_per_chunk=len(last) / n, units_closed_without_boundary=closed_unlikely / len(last),
+            row.update(units_per_chunk=len(last) / n,
+                       units_closed_without_boundary=closed_unlikely / len(last),
                        chunks_with_likely_boundary=float(likely.sum()) / n, raw_merge_mode=0.0)
         row["followed_by_boundary_byte"] = float((valid & _followed_by(alignment, teacher)).sum()) / n
         rows.append(row)
@@ -334,8 +347,10 @@ def main() -> int:
     parser.add_argument("--losses", nargs="+", default=["alm", "ce", "uld"],
                         help="loss names, each optionally with recipe overrides: alm/loss.ce_weight=1")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed of each run (data order)")
-    parser.add_argument("--export", action="store_true", help="write each run's final model (for bench_chat_kept)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="train.seed of each run (data order)")
+    parser.add_argument("--export", action="store_true",
+                        help="write each run's final model (for bench_chat_kept)")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -358,10 +373,12 @@ def main() -> int:
                         help="rounds of interleaved step timing (all losses on one trainer); 0 = skip")
     parser.add_argument("--skip-runs", action="store_true", help="only the interleaved timing")
     parser.add_argument("--debias-share", action="store_true",
-                        help="only measure the share of chunks compared raw per debias mode (see debias_share)")
+                        help="only measure the share of chunks compared raw per debias mode (see "
+                        "debias_share)")
     parser.add_argument("--share-texts", nargs="+", default=["english", "german", "code"])
     parser.add_argument("--share-bytes", type=int, default=16384)
-    parser.add_argument("--share-model", action="store_true", help="also run the teacher to merge as ALM does")
+    parser.add_argument("--share-model", action="store_true",
+                        help="also run the teacher to merge as ALM does")
     parser.add_argument("--threshold", type=float, default=0.1, help="boundary_threshold of debias=merge")
     args = parser.parse_args()
     args.reuse = args.reuse or args.report_only

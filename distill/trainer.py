@@ -4,15 +4,15 @@ One loop serves a 2-core CPU smoke run and an 8-GPU ZeRO-3 run; the recipe and i
 Design points:
 - The optimizer is built by `distill.optim` and handed to `deepspeed.initialize` (torch AdamW, fused on CUDA;
   DeepSpeed's CPU Adam when the config offloads the optimizer); a DeepSpeed `optimizer` section is refused.
-- Losses are normalised over the GLOBAL batch: every rank counts its items for all its micro-batches before the
-  step, one all-reduce gives the total, and each micro-batch loss is sum(items) / total. DeepSpeed would divide
-  by the accumulation steps (disabled: `scale_wrt_gas=False`) and average gradients over ranks (undone by
-  multiplying the loss by the world size), so the step equals one big batch on one device.
+- Losses are normalised over the GLOBAL batch: every rank counts its items for all its micro-batches before
+  the step, one all-reduce gives the total, and each micro-batch loss is sum(items) / total. DeepSpeed would
+  divide by the accumulation steps (disabled: `scale_wrt_gas=False`) and average gradients over ranks (undone
+  by multiplying the loss by the world size), so the step equals one big batch on one device.
 - "Embeddings only for the first N steps" is a per-group learning-rate factor of 0 for everything else, then
   the body warms up again (`distill.optim`).
-- The teacher is replicated or sharded with ZeRO-3 (`distill.teacher`, recipe `teacher.shard`). Trainable modules
-  a loss declares (ALM's hidden-state projection) are attached to the student under `LOSS_MODULES`, so ZeRO
-  trains, shards and checkpoints them; the export drops them.
+- The teacher is replicated or sharded with ZeRO-3 (`distill.teacher`, recipe `teacher.shard`). Trainable
+  modules a loss declares (ALM's hidden-state projection) are attached to the student under `LOSS_MODULES`, so
+  ZeRO trains, shards and checkpoints them; the export drops them.
 - Under `train.autocast` the forwards run in bf16/fp16 on fp32 weights (DeepSpeed torch_autocast for the
   student, torch.autocast for the teacher); the losses upcast logits to fp32 either way.
 - Every rank evaluates the same held-out text (ZeRO-3 forwards are collectives anyway).
@@ -89,7 +89,8 @@ def prepare_student(recipe: Recipe, is_main: bool, timeout_s: float = 3600.0) ->
     if is_main:
         from transplant.pipeline import transplant
 
-        log.info("student %s missing: transplant(%s, %s, method=%s)", path, prep.base, prep.donor, prep.method)
+        log.info("student %s missing: transplant(%s, %s, method=%s)", path, prep.base, prep.donor,
+                 prep.method)
         transplant(prep.base, prep.donor, method=prep.method, output=path, options=dict(prep.options))
     deadline = time.monotonic() + timeout_s
     while not path.exists():
@@ -116,7 +117,8 @@ class Trainer:
 
         r, rt = self.recipe, self.rt
         prepare_student(r, rt.is_main)
-        self.teacher_dir, self.student_dir = resolve_model_dir(r.teacher.path), resolve_model_dir(r.student.path)
+        self.teacher_dir, self.student_dir = (resolve_model_dir(r.teacher.path),
+                                              resolve_model_dir(r.student.path))
         self.teacher_vocab = load_vocab(self.teacher_dir, trust_remote_code=r.teacher.trust_remote_code)
         self.student_vocab = load_vocab(self.student_dir, trust_remote_code=r.student.trust_remote_code)
         self.anchor = get_loss(ANCHOR_LOSS)
@@ -127,7 +129,8 @@ class Trainer:
 
         self.teacher, self.teacher_engine = None, None
         if r.student.shard != "none":
-            raise TransplantError("student.shard is for the teacher; the student is sharded by its DeepSpeed config")
+            raise TransplantError("student.shard is for the teacher; the student is sharded by its DeepSpeed "
+                                  "config")
         if self.loss.needs_teacher or r.eval.teacher:
             self.teacher, self.teacher_engine = load_frozen(
                 self.teacher_dir, r.teacher.shard, resolve_dtype(r.teacher.dtype, rt.device), rt.device,
@@ -146,7 +149,8 @@ class Trainer:
         if r.train.gradient_checkpointing:
             student.gradient_checkpointing_enable()
         if r.lora.enabled:
-            apply_lora(student, rank=r.lora.rank, alpha=r.lora.alpha, dropout=r.lora.dropout, targets=r.lora.targets)
+            apply_lora(student, rank=r.lora.rank, alpha=r.lora.alpha, dropout=r.lora.dropout,
+                       targets=r.lora.targets)
             if r.lora.train_embeddings:
                 for param in embedding_params(student):
                     param.requires_grad_(True)
@@ -157,17 +161,21 @@ class Trainer:
 
         corpus = open_corpus(r.data.train, corpus_bytes=r.data.train_bytes)
         packer = Packer(corpus, self.teacher_vocab, self.student_vocab, max_length=r.data.max_length,
-                        seed=r.train.seed, shuffle=r.data.shuffle, pack=r.data.pack, chat_template=r.data.chat_template)
-        self.loader = DistillLoader(packer, micro_batch_size=r.train.micro_batch_size, grad_accum=r.train.grad_accum,
-                                    rank=rt.rank, world_size=rt.world_size, prefetch=r.data.prefetch,
-                                    index=self._window_index(packer))
+                        seed=r.train.seed, shuffle=r.data.shuffle, pack=r.data.pack,
+                        chat_template=r.data.chat_template)
+        self.loader = DistillLoader(packer, micro_batch_size=r.train.micro_batch_size,
+                                    grad_accum=r.train.grad_accum, rank=rt.rank, world_size=rt.world_size,
+                                    prefetch=r.data.prefetch, index=self._window_index(packer))
         self.heldout = heldout_texts(r.eval.texts, r.eval.n_bytes)
         self.agreement = {}
-        if r.eval.agreement and self.teacher is not None:  # aligned once; the teacher's side kept after the first
+        # aligned once; the teacher's side kept after the first
+        if r.eval.agreement and self.teacher is not None:
             self.agreement = {name: heldout_alignment(text, self.teacher_vocab, self.student_vocab,
-                                                      r.data.max_length) for name, text in self.heldout.items()}
-        log.info("teacher %s (%s), student %s (%s, ZeRO-%d, %d rank(s)), loss %s, %d documents", self.teacher_dir,
-                 r.teacher.shard, self.student_dir, rt.dtype, self.stage, rt.world_size, r.loss.name, len(corpus))
+                                                      r.data.max_length)
+                              for name, text in self.heldout.items()}
+        log.info("teacher %s (%s), student %s (%s, ZeRO-%d, %d rank(s)), loss %s, %d documents",
+                 self.teacher_dir, r.teacher.shard, self.student_dir, rt.dtype, self.stage, rt.world_size,
+                 r.loss.name, len(corpus))
         return self
 
     def _attach_loss_modules(self, student: torch.nn.Module) -> None:
@@ -191,12 +199,14 @@ class Trainer:
             return None
         probe = BlockProbe(self.engine.module)
         if not probe.usable:
-            log.warning("no trainable last block with a final norm and head: GradMag takes norms at the logits")
+            log.warning("no trainable last block with a final norm and head: GradMag takes norms at the "
+                        "logits")
             return None
         return probe
 
     def _block_norms(self, logits: torch.Tensor):
-        """GradMag's norm function for this micro-batch (None: at the logits), checked once against the engine's
+        """GradMag's norm function for this micro-batch (None: at the logits), checked once against the
+        engine's
         logits: a model whose head the probe does not reproduce falls back to the logits, with a warning."""
         if self.probe is None:
             return None
@@ -204,7 +214,8 @@ class Trainer:
         if not getattr(self, "_probe_checked", False):
             self._probe_checked = True
             if not self.probe.check(recomputed, logits):
-                log.warning("the last block's re-run does not reproduce the logits: GradMag takes norms at the logits")
+                log.warning("the last block's re-run does not reproduce the logits: GradMag takes norms at "
+                            "the logits")
                 self.probe = None
                 return None
         return lambda grads: self.probe.norms(grads, recomputed)
@@ -230,7 +241,8 @@ class Trainer:
         if mode == "never" or (mode == "auto" and rt.world_size == 1):
             return None
         key = json.dumps({"data": vars(r.data), "seed": r.train.seed, "teacher": str(self.teacher_dir),
-                          "student": str(self.student_dir), "sizes": [len(self.teacher_vocab), len(self.student_vocab)]},
+                          "student": str(self.student_dir),
+                          "sizes": [len(self.teacher_vocab), len(self.student_vocab)]},
                          sort_keys=True, default=str)
         windows = r.train.steps * r.train.micro_batch_size * r.train.grad_accum * rt.world_size
         barrier = torch.distributed.barrier if rt.world_size > 1 else (lambda: None)
@@ -239,24 +251,28 @@ class Trainer:
 
     def use_loss(self, name: str) -> None:
         """Train with registered loss `name` from the next step on: its checked options, its per-pair extras
-        (`LossSpec.prepare`, built here once) and its CE weight. Setup calls it; a bench may switch losses between
-        steps (trainable loss modules are built once, at setup, for the recipe's loss)."""
+        (`LossSpec.prepare`, built here once) and its CE weight. Setup calls it; a bench may switch losses
+        between steps (trainable loss modules are built once, at setup, for the recipe's loss)."""
         self.loss = get_loss(name)
         self.loss_options = loss_options(name, self.recipe.loss.options)
         weight, balance = self.recipe.loss.ce_weight, self.recipe.loss.balance
-        self.ce_weight = self.loss.ce_weight if weight is None else float(weight)  # the published weight by default
+        # the published weight by default
+        self.ce_weight = self.loss.ce_weight if weight is None else float(weight)
         self.balance = self.loss.balance if balance is None else balance
         if self.balance not in BALANCES:
-            raise TransplantError(f"loss.balance={self.balance!r} is unknown; use one of {', '.join(BALANCES)}")
+            raise TransplantError(f"loss.balance={self.balance!r} is unknown; use one of "
+                                  f"{', '.join(BALANCES)}")
         extras = self.loss.prepare(PairContext(self.student_vocab, self.teacher_vocab, self.loss_options))
-        self.loss_extras = {k: v.to(self.rt.device) if isinstance(v, torch.Tensor) else v for k, v in extras.items()}
+        self.loss_extras = {k: v.to(self.rt.device) if isinstance(v, torch.Tensor) else v
+                            for k, v in extras.items()}
 
     # ------------------------------------------------------------------------------------------------ steps
     def _counts(self, batches: list) -> torch.Tensor:
         """Global item counts [main loss, anchor] over all micro-batches of all ranks."""
         local = [sum(self.loss.count_items({"alignment": b}) for b in batches),
                  sum(self.anchor.count_items({"alignment": b}) for b in batches) if self.ce_weight else 0]
-        counts = torch.tensor(local, dtype=torch.float64, device=self.rt.device)  # NCCL reduces device tensors
+        # NCCL reduces device tensors
+        counts = torch.tensor(local, dtype=torch.float64, device=self.rt.device)
         if self.rt.world_size > 1:
             torch.distributed.all_reduce(counts)
         return counts.cpu().clamp(min=1)
@@ -282,13 +298,15 @@ class Trainer:
         if need_hidden:
             outputs["student_hidden_states"] = s_out.hidden_states[-1]
         batch.update(outputs)
-        if balance:  # GradMag probes each loss's gradient at a detached copy of the logits (see balanced_step)
+        # GradMag probes each loss's gradient at a detached copy of the logits (see balanced_step)
+        if balance:
             batch["student_logits"] = s_out.logits.detach().requires_grad_()
         loss, metrics = self.loss(batch, num_items=float(counts[0]), **self.loss_options)
         if self.ce_weight:
             anchor, _ = self.anchor(batch, num_items=float(counts[1]))
             if balance:  # the weights come from the gradients; ce_weight only switches the CE term on
-                loss, value, weights = balanced_step([loss, anchor], [batch["student_logits"]], [s_out.logits],
+                loss, value, weights = balanced_step([loss, anchor], [batch["student_logits"]],
+                                                     [s_out.logits],
                                                      through_losses=need_hidden or owned is not None,
                                                      norms_from=self._block_norms(s_out.logits))
                 metrics = {**metrics, "ce_share": weights[1], ANCHOR_METRIC: anchor.detach(), "loss": value}
@@ -308,7 +326,8 @@ class Trainer:
         keys, summed = sorted(per_micro[0]), self.loss.sum_metrics | {ANCHOR_METRIC}
         local = torch.stack([torch.stack([m[k] for m in per_micro]).sum() if k in summed
                              else torch.stack([m[k] for m in per_micro]).mean() for k in keys])
-        tokens = torch.tensor([float(sum(int(b.student_attention_mask.sum()) for b in batches))], device=local.device)
+        tokens = torch.tensor([float(sum(int(b.student_attention_mask.sum()) for b in batches))],
+                              device=local.device)
         packed = torch.cat([local, tokens])
         if self.rt.world_size > 1:
             torch.distributed.all_reduce(packed)
@@ -325,7 +344,8 @@ class Trainer:
 
     def _teacher_autocast(self):
         dtype = autocast_dtype(self.recipe)
-        return torch.autocast(self.rt.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        return (torch.autocast(self.rt.device.type, dtype=dtype) if dtype is not None
+                else contextlib.nullcontext())
 
     # ------------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -396,7 +416,8 @@ class Trainer:
         r = self.recipe
         self._start()
         total = r.train.steps
-        bar = tqdm(total=total, initial=self.step, desc="distill", disable=not self.rt.is_main, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self.step, desc="distill", disable=not self.rt.is_main,
+                   dynamic_ncols=True)
         while self.step < total:
             record = self.train_step()
             if r.eval.every and self.step % r.eval.every == 0 and self.step < total:
@@ -430,9 +451,11 @@ class Trainer:
             state = {k: v for k, v in state.items() if not k.startswith(f"{LOSS_MODULES}.")}
         out = None
         if self.rt.is_main:
-            dtype = resolve_dtype(self.recipe.export.dtype, self.rt.device) if self.recipe.export.dtype != "auto" \
+            dtype = resolve_dtype(self.recipe.export.dtype,
+                                  self.rt.device) if self.recipe.export.dtype != "auto" \
                 else self.rt.dtype
-            out = write_hf_dir(self.engine.module, state, self.student_dir, Path(self.recipe.export.dir), dtype)
+            out = write_hf_dir(self.engine.module, state, self.student_dir,
+                               Path(self.recipe.export.dir), dtype)
         if self.rt.world_size > 1:
             torch.distributed.barrier()
         return out

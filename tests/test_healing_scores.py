@@ -1,4 +1,4 @@
-"""Healing scores (distill.scores) and teacher agreement (distill.agreement), on hand-made numbers and tiny models."""
+"""Healing scores (distill.scores) and teacher agreement (distill.agreement), by hand and on tiny models."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from tests.conftest import BASE_CORPUS
 
 
 def test_gap_closed_is_capped_at_the_teacher_and_overshoot_is_its_own_column():
-    # start 1.2, teacher 1.0: halfway = 50%; reaching the teacher = 100%; passing it still 100%, overshoot apart
+    # start 1.2, teacher 1.0: halfway = 50%; reaching the teacher = 100%; passing it still 100%, overshoot
+    # apart
     assert gap_closed_capped(1.2, 1.1, 1.0) == pytest.approx(0.5)
     assert gap_closed_capped(1.2, 1.0, 1.0) == pytest.approx(1.0)
     assert gap_closed_capped(1.2, 0.7, 1.0) == pytest.approx(1.0)
@@ -70,4 +71,5 @@ def test_a_model_agrees_with_itself_and_not_with_another(tiny_pair):
     assert int(slices["tail"].valid.sum()) > 10
     assert teacher_agreement(model, model, slices)["tail"] == pytest.approx(0.0, abs=1e-6)
     assert slices["tail"].teacher_logl is not None  # the teacher's side is kept for the next evaluation
-    assert teacher_agreement(other, model, slices)["tail"] > 0.01  # two random tiny models: near-uniform, yet apart
+    assert teacher_agreement(other, model, slices)["tail"] > 0.01  # two random tiny models: near-uniform, yet
+    #                                                                apart

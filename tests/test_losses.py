@@ -53,7 +53,8 @@ def abc_case():
     alignment = align_batch([t], [s], teacher, student)
     teacher_logits = logits_for(len(teacher), [{t[1]: 0.5}, {t[2]: 0.8}, {}])
     student_logits = logits_for(len(student), [{s[1]: 0.5}, {s[2]: 0.5}, {s[3]: 0.8}, {}])
-    return {"alignment": alignment, "teacher_logits": teacher_logits, "student_logits": student_logits.requires_grad_(),
+    return {"alignment": alignment, "teacher_logits": teacher_logits,
+            "student_logits": student_logits.requires_grad_(),
             "teacher_boundary_mask": boundary_mask(teacher), "student_boundary_mask": boundary_mask(student)}
 
 
@@ -88,7 +89,8 @@ def test_alm_binary_ce_by_hand(abc_case):
 
 def test_alm_l1_and_binary_kl_by_hand(abc_case):
     loss, _ = get_loss("alm-l1")(abc_case, temperature=2.0, debias="none")
-    assert loss.item() == pytest.approx((math.log(0.5) - math.log(0.25)) / 2 / 2)  # |ln .5 - ln .25| / tau / 2
+    # |ln .5 - ln .25| / tau / 2
+    assert loss.item() == pytest.approx((math.log(0.5) - math.log(0.25)) / 2 / 2)
     loss, _ = get_loss("alm")(abc_case, temperature=1.0, diff="binary_kl", debias="none")
     kl_ab = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert loss.item() == pytest.approx(kl_ab / 2, rel=1e-9)
@@ -98,7 +100,8 @@ def test_alm_gradient_reaches_student_only(abc_case):
     abc_case["teacher_logits"] = abc_case["teacher_logits"].clone().requires_grad_()
     # sorted rows that differ in shape at every chunk end (equal shapes give ULD no gradient)
     abc_case["student_logits"] = torch.tensor([[[.5, .2, .2, .1], [.2, .5, .2, .1], [.1, .1, .7, .1],
-                                                [.6, .2, .1, .1]]], dtype=torch.float64).log().requires_grad_()
+                                                [.6, .2, .1, .1]]],
+                                              dtype=torch.float64).log().requires_grad_()
     for name in ("alm", "alm-l1", "uld"):
         abc_case["student_logits"].grad = None
         loss, _ = get_loss(name)(abc_case)
@@ -123,7 +126,8 @@ def test_alm_identical_models_are_at_the_minimum():
         worse = get_loss("alm")({**batch, "student_logits": student + 0.3 * torch.randn_like(logits)},
                                 temperature=temperature)[0]
         assert worse.item() > loss.item()
-        assert get_loss("alm")(batch, temperature=temperature, diff="binary_kl")[0].item() == pytest.approx(0, abs=1e-12)
+        assert (get_loss("alm")(batch, temperature=temperature, diff="binary_kl")[0].item()
+                == pytest.approx(0, abs=1e-12))
 
 
 def test_alm_whitespace_debias_by_hand():
@@ -168,7 +172,8 @@ def boundary_case():
     t, s = ids_of(teacher, "bos", b"ab", b" c"), ids_of(student, "bos", b"a", b"b", b" c")
     return {
         "alignment": align_batch([t], [s], teacher, student),
-        "teacher_logits": probs_to_logits([[.2, .5, .1, .1, .1], [.1, .1, .6, .1, .1], [.25, .25, .1, .2, .2]]),
+        "teacher_logits": probs_to_logits([[.2, .5, .1, .1, .1], [.1, .1, .6, .1, .1],
+                                           [.25, .25, .1, .2, .2]]),
         "student_logits": probs_to_logits([[.5, .2, .1, .1, .1], [.2, .5, .1, .1, .1], [.3, .2, .3, .1, .1],
                                            [.2, .2, .2, .2, .2]]).requires_grad_(),
         **get_loss("alm").prepare(PairContext(student, teacher, {"debias": "merge"})),
@@ -178,7 +183,8 @@ def boundary_case():
 def test_alm_merge_debias_by_hand(boundary_case):
     # threshold .1: the teacher's P(boundary) after "ab" is .8 > .1, so each chunk is its own unit, and each
     # unit gets its side's log P(boundary) appended:
-    #   "ab":  teacher .5 * .8 = .4,  student .25 * .5 = .125;   " c": teacher .6 * .5 = .3,  student .3 * .6 = .18
+    #   "ab":  teacher .5 * .8 = .4,  student .25 * .5 = .125;   " c": teacher .6 * .5 = .3,  student .3 * .6
+    #   = .18
     l1 = (math.log(.4 / .125) + math.log(.3 / .18)) / 2
     loss, metrics = get_loss("alm-l1")(boundary_case, temperature=1.0)  # debias=merge is the default
     assert loss.item() == pytest.approx(l1, rel=1e-9) and metrics["num_units"].item() == 2
@@ -196,10 +202,12 @@ def test_alm_merge_debias_by_hand(boundary_case):
     with pytest.raises(TransplantError, match="per"):
         get_loss("alm-l1")(boundary_case, temperature=1.0, per="tokens")
     # none: raw chunks |ln .5 - ln .25| + |ln .6 - ln .3|
-    assert get_loss("alm-l1")(boundary_case, temperature=1.0, debias="none")[0].item() == pytest.approx(math.log(2))
+    assert (get_loss("alm-l1")(boundary_case, temperature=1.0, debias="none")[0].item()
+            == pytest.approx(math.log(2)))
     # binary CE on the merged units at tau 1 (the default difference)
     loss, _ = get_loss("alm")(boundary_case, temperature=1.0)
-    expected = sum(-(pt * math.log(ps) + (1 - pt) * math.log(1 - ps)) for pt, ps in ((.4, .125), (.3, .18))) / 2
+    expected = sum(-(pt * math.log(ps) + (1 - pt) * math.log(1 - ps))
+                   for pt, ps in ((.4, .125), (.3, .18))) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-9)
     loss.backward()  # the student's P(boundary) is trained too: its last row gets a gradient
     assert boundary_case["student_logits"].grad[0, 3].abs().sum() > 0
@@ -226,7 +234,8 @@ def test_likelihood_units_merge_by_teacher_likelihood():
     probs = torch.tensor([[0.9, 0.8, 0.5, 0.9, 0.3, 0.95, 0.99]], dtype=torch.float64)
     valid = torch.tensor([[True, True, True, True, False, True, True]])
     group = likelihood_units(probs.log(), valid, math.log(0.6))
-    # .9 * .8 = .72 > .6 keeps going, * .5 = .36 closes; .9 alone is cut by the invalid chunk; .95 * .99 open at end
+    # .9 * .8 = .72 > .6 keeps going, * .5 = .36 closes; .9 alone is cut by the invalid chunk; .95 * .99 open
+    # at end
     assert group.tolist() == [[0, 0, 0, 1, -1, 2, 2]]
 
 
@@ -235,7 +244,8 @@ def test_alm_with_likelihood_merging_sums_groups(abc_case):
     # threshold .9: "ab" alone (.5 <= .9), "c" alone -> same as unmerged
     assert loss.item() == pytest.approx(math.log(2) / 2)
     assert metrics["num_units"].item() == 2
-    # with threshold .4 both chunks merge: teacher .5 * .8, student .25 * .8 -> |ln .4 - ln .2| = ln 2 over 1 unit
+    # with threshold .4 both chunks merge: teacher .5 * .8, student .25 * .8 -> |ln .4 - ln .2| = ln 2 over 1
+    # unit
     loss, metrics = get_loss("alm-l1")(abc_case, temperature=1.0, merge_threshold=0.4, debias="none")
     assert metrics["num_units"].item() == 1
     assert loss.item() == pytest.approx(math.log(2))
@@ -254,8 +264,8 @@ def test_alm_hidden_state_term_by_hand(abc_case):
     torch.nn.init.zeros_(projection.weight)
     torch.nn.init.zeros_(projection.bias)
     base, _ = get_loss("alm")(abc_case, temperature=1.0, debias="none")
-    loss, metrics = get_loss("alm")({**batch, "hidden_projection": projection}, temperature=1.0, hidden_weight=0.5,
-                                    debias="none")
+    loss, metrics = get_loss("alm")({**batch, "hidden_projection": projection}, temperature=1.0,
+                                    hidden_weight=0.5, debias="none")
     # teacher second moment per channel over the two chunk ends: [1, 2, 4]; errors (0 - t)^2 / m2:
     # "ab" [1, 2, 1] -> mean 4/3, "c" [1, 0, 1] -> 2/3; sum 2 over 2 items = 1, weighted .5
     assert metrics["hidden_mse"].item() == pytest.approx(1.0)
@@ -277,7 +287,8 @@ def test_channel_normalisation_and_projection_modules():
         PairContext(vocab, vocab, {"hidden_weight": 1.0, "hidden_projection": "always"}, 32, 32))
     assert projection_modules(PairContext(vocab, vocab, {"hidden_weight": 0.0}, 32, 48)) == {}
     with pytest.raises(TransplantError, match="hidden_projection='maybe'"):
-        projection_modules(PairContext(vocab, vocab, {"hidden_weight": 1.0, "hidden_projection": "maybe"}, 3, 4))
+        projection_modules(PairContext(vocab, vocab,
+                                       {"hidden_weight": 1.0, "hidden_projection": "maybe"}, 3, 4))
 
 
 def test_uld_by_hand():
@@ -294,7 +305,8 @@ def test_uld_by_hand():
     assert metrics["uld"].item() == pytest.approx((0.4 + 0.5) / 2, rel=1e-6)
     assert loss.item() == pytest.approx(1.5 * (0.4 + 0.5) / 2, rel=1e-6)  # the paper's lambda = 1.5
     assert metrics["num_items_local"].item() == 2
-    assert get_loss("uld")(batch, top_k=1, weight=1.0)[0].item() == pytest.approx((0.1 + 1 / 12) / 2, rel=1e-6)
+    assert (get_loss("uld")(batch, top_k=1, weight=1.0)[0].item()
+            == pytest.approx((0.1 + 1 / 12) / 2, rel=1e-6))
 
 
 def test_baselines_carry_their_papers_ce_weights():
@@ -310,8 +322,8 @@ def test_mined_mapping_and_loss_by_hand():
     teacher = make_vocab([b"cat", b"dog", b" cat", b"x"], specials=("bos", "eos"))
     student = make_vocab([b"cat", b"cats", b" dog", b"zzzzzz"], specials=("eos", "bos", "pad"))
     mapping = mined_mapping(student, teacher)
-    # cat = exact; cats -> cat (1 deletion); " dog" -> dog (space variant); zzzzzz -> nearest by ED then length
-    # specials by role; pad has no partner
+    # cat = exact; cats -> cat (1 deletion); " dog" -> dog (space variant); zzzzzz -> nearest by ED then
+    # length specials by role; pad has no partner
     # (all teacher tokens are 6 edits away from zzzzzz; " cat" has the smallest length gap)
     assert mapping.tolist() == [0, 0, 1, 2, 5, 4, -1]
     t, s = ids_of(teacher, "bos", b"cat"), ids_of(student, "bos", b"cat")
@@ -329,7 +341,8 @@ def test_mined_mapping_and_loss_by_hand():
     q = [0.05, 0.05, 0.5, 0.05, 0.3, 0.05]
     expected = sum(p * math.log(p * 7) for p in q)
     # bos is in no chunk, so chunk 0 is "cat"
-    loss_cat_only = get_loss("mined")({**batch, "alignment": _only_chunk(batch["alignment"], 0)}, weight=1.0)[0]
+    loss_cat_only = get_loss("mined")({**batch, "alignment": _only_chunk(batch["alignment"], 0)},
+                                      weight=1.0)[0]
     assert loss_cat_only.item() == pytest.approx(expected, rel=1e-9)
     assert loss.item() > 0
     loss.backward()
@@ -425,7 +438,8 @@ def test_gradmag_weights_equalise_unit_directions_by_hand():
     leaf = output.detach().requires_grad_()
     big, small = 3.0 * leaf.sum(), (leaf * torch.tensor([1.0, -1.0])).sum()  # |g| = 3*sqrt2 and sqrt2
     surrogate, value, weights = balanced_step([big, small], [leaf], [output])
-    assert weights.tolist() == pytest.approx([0.25, 0.75])  # 1/|g| normalised: (1/3) / (1/3 + 1), 1 / (1/3 + 1)
+    # 1/|g| normalised: (1/3) / (1/3 + 1), 1 / (1/3 + 1)
+    assert weights.tolist() == pytest.approx([0.25, 0.75])
     assert float(value) == pytest.approx(0.25 * 9.0 + 0.75 * -1.0)
     surrogate.backward()
     # d/d output of sum_i w_i loss_i = 0.25*[3, 3] + 0.75*[1, -1] = [1.5, 0]; through W (input [1, 1]):
@@ -439,14 +453,15 @@ def test_gradmag_weights_equalise_unit_directions_by_hand():
     assert gradmag_weights(torch.tensor([0.0, 2.0])).tolist() == [0.0, 1.0]
     assert gradmag_weights(torch.tensor([0.0, 0.0])).tolist() == [0.5, 0.5]
     leaf3 = output.detach().requires_grad_()
-    _, _, weights3 = balanced_step([torch.zeros((), requires_grad=True) * 1.0, leaf3.sum()], [leaf3], [output])
+    _, _, weights3 = balanced_step([torch.zeros((), requires_grad=True) * 1.0, leaf3.sum()],
+                                   [leaf3], [output])
     assert weights3.tolist() == [0.0, 1.0]
     # a loss's own parameters (ALM's hidden projection) get w_i * d loss_i / d param through the surrogate
     projection = torch.tensor(2.0, requires_grad=True)
     output4 = weight @ torch.tensor([1.0, 1.0])
     leaf4 = output4.detach().requires_grad_()
-    surrogate4, _, weights4 = balanced_step([(projection * leaf4).sum(), 3.0 * leaf4.sum()], [leaf4], [output4],
-                                            through_losses=True)
+    surrogate4, _, weights4 = balanced_step([(projection * leaf4).sum(), 3.0 * leaf4.sum()], [leaf4],
+                                            [output4], through_losses=True)
     surrogate4.backward()
     assert float(projection.grad) == pytest.approx(float(weights4[0]) * 3.0)  # leaf4 sums to 1 + 2
 

@@ -1,6 +1,7 @@
 """The distillation trainer on tiny models: learning, exact resume (also after SIGKILL, with one and two
 processes), several processes (each tokenizing only its own windows), ZeRO-3 for the student and the teacher,
-a loss's trainable projection, optimizer offload, autocast, export, LoRA and embeddings-only phases, recipes."""
+a loss's trainable projection, optimizer offload, autocast, export, LoRA and embeddings-only phases,
+recipes."""
 
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ def test_tied_student_exports_once_and_ce_needs_no_teacher(tmp_path, tiny_pair):
     from transformers import AutoModelForCausalLM
 
     recipe = make_recipe(tmp_path, tiny_pair, "tied", loss={"name": "ce"}, train={"steps": 4},
-                         teacher={"path": str(tiny_pair["donor_model"])}, student={"path": str(tiny_pair["base_tied"])},
+                         teacher={"path": str(tiny_pair["donor_model"])},
+                         student={"path": str(tiny_pair["base_tied"])},
                          eval={"texts": [str(tmp_path / "heldout.txt")], "teacher": False})
     trainer, result = run_in_process(recipe)
     assert trainer.teacher is None  # plain CE: no teacher forward at all
@@ -166,7 +168,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, tiny_pair):
 @pytest.mark.parametrize("deepspeed_json", [ZERO0, ZERO3], ids=["zero0", "zero3"])
 def test_two_gloo_processes_equal_one_with_accumulation(tmp_path, tiny_pair, deepspeed_json):
     """Each of the 2 ranks packs only its own windows (window index); under ZeRO-3 the teacher is sharded too
-    and ALM's hidden-state term trains a projection (teacher 32 wide, student 48), sharded with the student."""
+    and ALM's hidden-state term trains a projection (teacher 32 wide, student 48), sharded with the
+    student."""
     sharded = deepspeed_json == ZERO3
     # ZeRO-3 takes GradMag's norms at the logits (its partitioned block has no full gradient): the one-process
     # reference is asked for the same place
@@ -177,14 +180,16 @@ def test_two_gloo_processes_equal_one_with_accumulation(tmp_path, tiny_pair, dee
     assert trainer.loader.index is None  # one rank: no index pass
     two = make_recipe(tmp_path, tiny_pair, "two", train={"steps": 4, "grad_accum": 1}, loss=loss,
                       launch={"nproc_per_node": 2}, deepspeed=deepspeed_json,
-                      teacher={"path": str(tiny_pair["base_untied"]), "shard": "zero3" if sharded else "none"})
+                      teacher={"path": str(tiny_pair["base_untied"]),
+                               "shard": "zero3" if sharded else "none"})
     run_cli(two, tmp_path)  # relaunches itself under torchrun with 2 gloo processes
     assert (Path(two["output_dir"]) / "window_index.json").is_file()
     for (s1, l1), (s2, l2) in zip(losses(one["output_dir"]), losses(two["output_dir"]), strict=True):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
     assert_same_weights(weights(two["output_dir"]), weights(one["output_dir"]), atol=1e-5)
     if sharded:  # the projection trained but is not part of the exported model
-        records = [json.loads(line) for line in (Path(one["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line)
+                   for line in (Path(one["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
         assert all(r["hidden_mse"] > 0 for r in records if "loss" in r)
         assert not any("distill_loss_modules" in name for name in weights(two["output_dir"]))
         projection = trainer.engine.module.distill_loss_modules["hidden_projection"]
@@ -222,7 +227,8 @@ def test_two_processes_killed_and_resumed_equal_uninterrupted(tmp_path, tiny_pai
 
 
 def test_baselines_add_their_published_ce_term(tmp_path, tiny_pair):
-    recipe = make_recipe(tmp_path, tiny_pair, "uld", train={"steps": 2, "grad_accum": 1}, loss={"name": "uld"})
+    recipe = make_recipe(tmp_path, tiny_pair, "uld", train={"steps": 2, "grad_accum": 1},
+                         loss={"name": "uld"})
     trainer, result = run_in_process(recipe)
     assert trainer.ce_weight == 1.0  # ULD's paper: CE + 1.5 * ULD
     for record in (r for r in result["history"] if "loss" in r):
@@ -238,44 +244,53 @@ def test_baselines_add_their_published_ce_term(tmp_path, tiny_pair):
 
 
 def test_gradmag_balance_weights_alm_and_ce_by_their_gradients(tmp_path, tiny_pair):
-    recipe = make_recipe(tmp_path, tiny_pair, "gradmag", train={"steps": 2, "grad_accum": 1}, loss={"name": "alm"})
+    recipe = make_recipe(tmp_path, tiny_pair, "gradmag", train={"steps": 2, "grad_accum": 1},
+                         loss={"name": "alm"})
     trainer, result = run_in_process(recipe)
     assert (trainer.ce_weight, trainer.balance) == (1.0, "gradmag")  # ALM's published default
     assert trainer.probe is not None and trainer.probe.params  # norms at the last block, the re-run checked
     for record in (r for r in result["history"] if "loss" in r):
         share = record["ce_share"]
         assert 0.0 < share < 1.0
-        assert record["loss"] == pytest.approx((1 - share) * record["alm"] + share * record["ce_anchor"], rel=1e-4)
-    bad = make_recipe(tmp_path, tiny_pair, "badbalance", train={"steps": 1}, loss={"name": "alm", "balance": "mean"})
+        assert record["loss"] == pytest.approx((1 - share) * record["alm"]
+                                               + share * record["ce_anchor"], rel=1e-4)
+    bad = make_recipe(tmp_path, tiny_pair, "badbalance", train={"steps": 1},
+                      loss={"name": "alm", "balance": "mean"})
     with pytest.raises(TransplantError, match="loss.balance"):
         run_in_process(bad)
     at_logits = make_recipe(tmp_path, tiny_pair, "atlogits", train={"steps": 2, "grad_accum": 1},
                             loss={"name": "alm", "gradmag_at": "logits"})
     trainer2, result2 = run_in_process(at_logits)
     assert trainer2.probe is None
-    shares = [(a["ce_share"], b["ce_share"]) for a, b in zip(result["history"], result2["history"]) if "ce_share" in a]
-    assert shares and all(a != pytest.approx(b, rel=1e-3) for a, b in shares)  # the two places weigh differently
+    shares = [(a["ce_share"], b["ce_share"]) for a, b in zip(result["history"], result2["history"])
+              if "ce_share" in a]
+    # the two places weigh differently
+    assert shares and all(a != pytest.approx(b, rel=1e-3) for a, b in shares)
 
 
 def test_optimizer_offload_config_trains_with_deepspeed_cpu_adam(tmp_path, tiny_pair):
-    recipe = make_recipe(tmp_path, tiny_pair, "offload", train={"steps": 3, "grad_accum": 1}, deepspeed=OFFLOAD)
+    recipe = make_recipe(tmp_path, tiny_pair, "offload", train={"steps": 3, "grad_accum": 1},
+                         deepspeed=OFFLOAD)
     trainer, result = run_in_process(recipe)
     assert type(trainer.engine.optimizer.optimizer).__name__ == "DeepSpeedCPUAdam"
     history = [r["loss"] for r in result["history"] if "loss" in r]
     assert len(history) == 3 and all(0 < v < 100 for v in history)
     before, after = load_file(tiny_pair["donor_model"] / "model.safetensors"), weights(recipe["output_dir"])
-    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"],
+                           after["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_bf16_autocast_keeps_fp32_weights(tmp_path, tiny_pair):
-    recipe = make_recipe(tmp_path, tiny_pair, "autocast", train={"steps": 3, "grad_accum": 1, "autocast": "bf16"})
+    recipe = make_recipe(tmp_path, tiny_pair, "autocast",
+                         train={"steps": 3, "grad_accum": 1, "autocast": "bf16"})
     trainer, result = run_in_process(recipe)
     assert trainer.ds_config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert all(p.dtype == torch.float32 for p in trainer.engine.module.parameters())
     assert all(0 < r["loss"] < 100 for r in result["history"] if "loss" in r)
     assert weights(recipe["output_dir"])["lm_head.weight"].dtype == torch.float32
     with pytest.raises(TransplantError, match="keeps fp32 weights"):
-        Trainer(load_recipe(data=recipe, overrides=["student.dtype=bfloat16", "output_dir=" + str(tmp_path / "x")]))
+        Trainer(load_recipe(data=recipe,
+                            overrides=["student.dtype=bfloat16", "output_dir=" + str(tmp_path / "x")]))
 
 
 def test_lora_changes_only_adapted_layers_and_embeddings(tmp_path, tiny_pair):
@@ -302,7 +317,8 @@ def test_embeddings_only_phase_freezes_the_body(tmp_path, tiny_pair):
     assert [r["lr_body"] for r in result["history"]] == pytest.approx([0.0, 0.0, 1.5e-3, 3e-3])
     assert [r["lr_embeddings"] for r in result["history"]] == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-3])
     after = weights(recipe["output_dir"])
-    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"],
+                           after["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_recipe_overrides_interpolation_and_errors(tmp_path):
@@ -333,8 +349,8 @@ def test_recipe_overrides_interpolation_and_errors(tmp_path):
         load_deepspeed_config(load_recipe(path, [f"deepspeed={bad}"]), None)
 
 
-DISTILL_RECIPES = ["cpu_smoke_smollm2_mistral.yaml", "cpu_2proc.yaml", "llama3_8b_to_mistral_nemo_8gpu_zero3.yaml",
-                   "large_to_small_distill.yaml"]
+DISTILL_RECIPES = ["cpu_smoke_smollm2_mistral.yaml", "cpu_2proc.yaml",
+                   "llama3_8b_to_mistral_nemo_8gpu_zero3.yaml", "large_to_small_distill.yaml"]
 
 
 @pytest.mark.parametrize("recipe_path", [REPO / "recipes" / n for n in DISTILL_RECIPES], ids=lambda p: p.name)
@@ -342,8 +358,10 @@ def test_shipped_recipes_are_valid_and_documented(recipe_path):
     text = recipe_path.read_text()
     assert text.startswith("#") and "distill " in text.split("\n\n")[0] and "--set" in text
     recipe = load_recipe(recipe_path)
-    assert recipe.checkpoint.dir.startswith(recipe.output_dir) and recipe.export.dir.startswith(recipe.output_dir)
-    ds = (recipe_path.parent / recipe.deepspeed) if not Path(recipe.deepspeed).exists() else Path(recipe.deepspeed)
+    assert (recipe.checkpoint.dir.startswith(recipe.output_dir)
+            and recipe.export.dir.startswith(recipe.output_dir))
+    ds = ((recipe_path.parent / recipe.deepspeed) if not Path(recipe.deepspeed).exists()
+          else Path(recipe.deepspeed))
     config = json.loads(ds.read_text())
     assert "optimizer" not in config and "scheduler" not in config
     for name in recipe.loss.options:  # every loss block is valid for its loss
@@ -352,7 +370,8 @@ def test_shipped_recipes_are_valid_and_documented(recipe_path):
 
 def test_self_distillation_transplants_the_student_when_missing_and_reads_chat_jsonl(tmp_path, tiny_pair):
     lines = [json.dumps({"messages": [{"role": "user", "content": "What does add(2, 3) print?"},
-                                      {"role": "assistant", "content": "It prints 5. The quick brown fox."}]}),
+                                      {"role": "assistant",
+                                       "content": "It prints 5. The quick brown fox."}]}),
              json.dumps({"text": BASE_CORPUS[:400]})]
     (tmp_path / "mix.jsonl").write_text("\n".join(lines * 4))
     student_dir = tmp_path / "transplanted"
@@ -370,8 +389,8 @@ def test_self_distillation_transplants_the_student_when_missing_and_reads_chat_j
 
 
 def test_teacher_sharded_with_parameter_offload_gives_the_same_run(tmp_path, tiny_pair):
-    """teacher.shard=offload: a ZeRO-3 inference engine with the teacher's weights in CPU RAM, gathered layer by
-    layer; the forward, and so the run, is the replicated teacher's."""
+    """teacher.shard=offload: a ZeRO-3 inference engine with the teacher's weights in CPU RAM, gathered layer
+    by layer; the forward, and so the run, is the replicated teacher's."""
     replicated = make_recipe(tmp_path, tiny_pair, "teacher_replicated", train={"steps": 2, "grad_accum": 1})
     offloaded = make_recipe(tmp_path, tiny_pair, "teacher_offload", train={"steps": 2, "grad_accum": 1},
                             teacher={"path": str(tiny_pair["base_untied"]), "shard": "offload"})

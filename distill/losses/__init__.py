@@ -17,8 +17,8 @@ Every loss is a pure function over tensors with one signature:
                       MinED: "mined_mapping"  long [Vs], student id -> teacher id (-1: none)
 
 Normalisation: a loss returns sum(per-item losses) / num_items, where an item is the unit the loss counts
-(valid chunks for ALM, predicted tokens for CE, aligned positions for ULD/MinED). With gradient accumulation or
-data parallelism, pass the global count (summed over micro-batches and ranks) as `num_items`, so every item
+(valid chunks for ALM, predicted tokens for CE, aligned positions for ULD/MinED). With gradient accumulation
+or data parallelism, pass the global count (summed over micro-batches and ranks) as `num_items`, so every item
 weighs the same whatever micro-batch it lands in; `get_loss(name).count_items(batch)` computes a batch's count
 without logits, so the data loader can total it ahead of the step. `num_items=None` uses the local count.
 Metrics are detached 0-dim tensors (no host sync); "loss" and "num_items_local" are always present.

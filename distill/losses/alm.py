@@ -15,8 +15,8 @@ the default difference is the binarised cross-entropy between Bernoulli(p_t = e^
     -(p_t * b + (1 - p_t) * log(1 - e^b)),
 computed in log space (log1mexp). It is minimal (= the teacher's binary entropy) exactly when the likelihoods
 match; "binary_kl" subtracts that entropy so the minimum is 0; "l1" (registered as `alm-l1`) is |a - b|.
-tau (default 100, the reference's `binarization_temp`) spreads the informative range over low-likelihood units:
-at tau = 1 a unit with likelihood e^-10 would contribute almost nothing.
+tau (default 100, the reference's `binarization_temp`) spreads the informative range over low-likelihood
+units: at tau = 1 a unit with likelihood e^-10 would contribute almost nothing.
 
 Options:
 - `debias`: merge (default) | append | whitespace (this project's first version) | none; see `units`.
@@ -25,8 +25,9 @@ Options:
 - `hidden_weight` > 0 adds the channel-normalised hidden-state term (`distill.losses.hidden`) at chunk ends;
   `hidden_projection`: auto (a trainable projection when hidden sizes differ) | always | never.
 - `per`: units (default, as the reference: the mean over merged units) | chunks (this project's first version:
-  the sum over units divided by the valid chunks before merging). They are not a rescaling of each other: units
-  per chunk is 0.93 on English and 0.62 on code (merging joins more on code), so `chunks` down-weights code.
+  the sum over units divided by the valid chunks before merging). They are not a rescaling of each other:
+  units per chunk is 0.93 on English and 0.62 on code (merging joins more on code), so `chunks` down-weights
+  code.
 Items (the count the trainer all-reduces before the forward, for global normalisation) are valid chunks:
 complete on both sides, no token at position 0. Units are only known after the teacher's forward, so `per:
 units` divides each micro-batch by its own units and weights it by its share of the global chunks: exactly
@@ -135,7 +136,8 @@ def _units(mode: str, batch: Mapping[str, Any], alignment: ChunkAlignment, valid
         t_append = torch.where(needed, t_chunk_logb.gather(1, last), 0.0)
     else:
         t_append = next_logprob(teacher_logits, alignment.teacher_chunk_last.gather(1, last), needed, t_event)
-    s_append = next_logprob(batch["student_logits"], alignment.student_chunk_last.gather(1, last), needed, s_event)
+    s_append = next_logprob(batch["student_logits"], alignment.student_chunk_last.gather(1, last),
+                            needed, s_event)
     return units, t_append, s_append
 
 
@@ -164,16 +166,17 @@ ALM_OPTIONS = (
 )
 
 
-@register("alm", count_items=count_alm_items, sum_metrics=("alm", "hidden_mse", "num_units"), prepare=prepare_alm,
-          needs_hidden=alm_reads_hidden_states, modules=projection_modules, ce_weight=1.0, balance="gradmag",
-          options=ALM_OPTIONS)
+@register("alm", count_items=count_alm_items, sum_metrics=("alm", "hidden_mse", "num_units"),
+          prepare=prepare_alm, needs_hidden=alm_reads_hidden_states, modules=projection_modules,
+          ce_weight=1.0, balance="gradmag", options=ALM_OPTIONS)
 def alm_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
              temperature: float = 100.0, diff: str = "binary_ce", debias: str | bool = "merge",
-             boundary_threshold: float = 0.1, merge_threshold: float | None = None, hidden_weight: float = 0.0,
-             hidden_projection: str = "auto", per: str = "units", eps: float = 1e-6,
-             upcast: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """ALM over aligned units (module docstring). Reads logits, ids, `alignment`; the event masks of the debias
-    mode (from `prepare_alm`); hidden states and the `hidden_projection` module when hidden_weight > 0."""
+             boundary_threshold: float = 0.1, merge_threshold: float | None = None,
+             hidden_weight: float = 0.0, hidden_projection: str = "auto", per: str = "units",
+             eps: float = 1e-6, upcast: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ALM over aligned units (module docstring). Reads logits, ids, `alignment`; the event masks of the
+    debias mode (from `prepare_alm`); hidden states and the `hidden_projection` module when hidden_weight >
+    0."""
     mode = debias_mode(debias)
     if merge_threshold is not None and mode == "merge":
         raise TransplantError("loss.options.alm.merge_threshold (likelihood merging) does not combine with "
@@ -187,7 +190,8 @@ def alm_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None
     valid = alm_valid_chunks(alignment)
     count = valid.sum()
 
-    units, t_append, s_append = _units(mode, batch, alignment, valid, t_logl, boundary_threshold, merge_threshold)
+    units, t_append, s_append = _units(mode, batch, alignment, valid, t_logl, boundary_threshold,
+                                       merge_threshold)
     unit_valid = chunk_sums(valid.to(t_logl.dtype), units, n) > 0
     t_unit = chunk_sums(t_logl, units, n) + t_append
     s_unit = chunk_sums(s_logl, units, n) + s_append
@@ -222,5 +226,5 @@ def alm_l1_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | N
     return alm_loss(batch, num_items=num_items, diff="l1", **options)
 
 
-__all__ = ["DIFFERENCES", "NORMALISERS", "PROJECTION", "alm_l1_loss", "alm_loss", "chunk_difference", "count_alm_items",
-           "prepare_alm"]
+__all__ = ["DIFFERENCES", "NORMALISERS", "PROJECTION", "alm_l1_loss", "alm_loss", "chunk_difference",
+           "count_alm_items", "prepare_alm"]

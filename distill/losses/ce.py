@@ -1,8 +1,8 @@
 """Plain next-token cross-entropy on the student (SFT baseline, and the anchor term of hybrid objectives).
 
-As a baseline it is plain SFT on the training text: no teacher, no extra terms. ULD and MinED add it with their
-papers' weights (their registered `ce_weight`); ALM adds it too (weight 1.0, GradMag-balanced, as its reference
-runs tokenizer transfer); `loss.ce_weight: 0` makes any of them pure distillation.
+As a baseline it is plain SFT on the training text: no teacher, no extra terms. ULD and MinED add it with
+their papers' weights (their registered `ce_weight`); ALM adds it too (weight 1.0, GradMag-balanced, as its
+reference runs tokenizer transfer); `loss.ce_weight: 0` makes any of them pure distillation.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def ce_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None 
     """Mean negative log-likelihood of the student's own next tokens.
 
     Needs no teacher: it is the baseline every distillation objective must beat, and the loss to report
-    when checking that the student still models text. Items are predicted tokens (position >= 1, both the token
-    and its predecessor inside the attention mask).
+    when checking that the student still models text. Items are predicted tokens (position >= 1, both the
+    token and its predecessor inside the attention mask).
     """
     logp = token_logprobs(batch["student_logits"], side(batch, "student", "input_ids"), upcast)
     predicted = _predicted_tokens(batch)

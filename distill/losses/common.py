@@ -23,8 +23,8 @@ def side(batch: Mapping[str, Any], prefix: str, name: str) -> torch.Tensor:
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, upcast: bool = True) -> torch.Tensor:
     """[B, T]: log p(token t | tokens < t); position 0 has no prediction and holds 0.
 
-    Uses the fused cross-entropy kernel so no second [B, T, V] tensor is materialised; `upcast` computes in fp32
-    (bf16 log-probs are too coarse to sum over a chunk).
+    Uses the fused cross-entropy kernel so no second [B, T, V] tensor is materialised; `upcast` computes in
+    fp32 (bf16 log-probs are too coarse to sum over a chunk).
     """
     batch, length, vocab = logits.shape
     shifted = logits[:, :-1]
@@ -57,7 +57,8 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def normalise(total: torch.Tensor, local_count: torch.Tensor, num_items: float | torch.Tensor | None) -> torch.Tensor:
+def normalise(total: torch.Tensor, local_count: torch.Tensor,
+              num_items: float | torch.Tensor | None) -> torch.Tensor:
     denominator = local_count.clamp(min=1) if num_items is None else num_items
     return total / denominator
 

@@ -5,8 +5,8 @@ As in the reference (tokenkit `latents_normalization = "l2_channelwise"`), each 
 divided by the teacher's second moment of that channel over the micro-batch's aligned positions, so channels
 of large magnitude (outlier features, common in LLM residual streams) do not drown out the rest and the term's
 scale does not depend on the model: a student that outputs zeros scores 1 per position. When the hidden sizes
-differ, a trainable linear map (student -> teacher, with bias; `latents_do_project` in the reference) is applied
-to the student first; it is a module of the student (`LOSS_MODULES`) so DeepSpeed trains, shards and
+differ, a trainable linear map (student -> teacher, with bias; `latents_do_project` in the reference) is
+applied to the student first; it is a module of the student (`LOSS_MODULES`) so DeepSpeed trains, shards and
 checkpoints it like any weight, and the export drops it.
 """
 
@@ -36,7 +36,8 @@ def channel_normalised_mse(student: torch.Tensor, teacher: torch.Tensor, eps: fl
     return (((fp32(student) - teacher) ** 2) / (second_moment + eps)).mean(-1).sum()
 
 
-def hidden_state_term(batch: Mapping[str, Any], alignment: ChunkAlignment, valid: torch.Tensor) -> torch.Tensor:
+def hidden_state_term(batch: Mapping[str, Any], alignment: ChunkAlignment,
+                      valid: torch.Tensor) -> torch.Tensor:
     """Sum over valid chunks of the channel-normalised squared error at the chunks' last tokens."""
     student = rows_at(batch["student_hidden_states"], alignment.student_chunk_last, valid)
     teacher = rows_at(batch["teacher_hidden_states"].detach(), alignment.teacher_chunk_last, valid)
@@ -44,14 +45,15 @@ def hidden_state_term(batch: Mapping[str, Any], alignment: ChunkAlignment, valid
     if projection is not None:
         student = projection(student.to(next(projection.parameters()).dtype))
     if student.shape[-1] != teacher.shape[-1]:
-        raise TransplantError(f"hidden sizes differ (student {student.shape[-1]}, teacher {teacher.shape[-1]}); "
+        raise TransplantError(f"hidden sizes differ (student {student.shape[-1]}, teacher "
+                              f"{teacher.shape[-1]}); "
                               "set loss.options.alm.hidden_projection=auto (a trainable projection)")
     return channel_normalised_mse(student, teacher)
 
 
 def projection_modules(ctx: PairContext) -> dict[str, nn.Module]:
-    """The trainable student -> teacher projection, when the hidden term is on and the recipe (or a hidden size
-    mismatch under `auto`) asks for it. Seeded, so every rank builds the same initial weights."""
+    """The trainable student -> teacher projection, when the hidden term is on and the recipe (or a hidden
+    size mismatch under `auto`) asks for it. Seeded, so every rank builds the same initial weights."""
     options = ctx.options
     mode = options.get(PROJECTION, "auto")
     if mode not in PROJECTION_MODES:

@@ -3,19 +3,21 @@
 Each student token is paired with the teacher token of minimum byte edit distance, the teacher's next-token
 distribution is carried onto the student vocabulary through that pairing (q(v) = p_t(map(v)), renormalised;
 student tokens without a partner get 0) and the student is trained with KL(q || p_s) at aligned positions
-(chunk ends, where both have read the same bytes). Unlike ULD it says *which* token to predict, at the price of a
-heuristic token correspondence.
+(chunk ends, where both have read the same bytes). Unlike ULD it says *which* token to predict, at the price
+of a heuristic token correspondence.
 
-Settings as published (FuseLLM, Wan et al. 2024, section 4.1): L = lambda * L_CLM + (1 - lambda) * L_Fusion with
+Settings as published (FuseLLM, Wan et al. 2024, section 4.1): L = lambda * L_CLM + (1 - lambda) * L_Fusion
+with
 lambda = 0.9, temperature 1: the student's own next-token CE weighted 0.9 (this loss's registered `ce_weight`,
 added by the trainer unless the recipe sets `loss.ce_weight`) and this term weighted `weight` = 0.1. L_Fusion
 there is the cross-entropy to the projected teacher distribution, i.e. this KL plus the teacher's entropy (a
 constant: same gradients).
 
 The mapping (`mined_mapping`): exact byte matches first (a dictionary join; specials join on role or literal
-text), then, for the remaining student tokens, an exact Levenshtein distance over a candidate set instead of the
-whole teacher vocabulary (49k x 262k pairs would be ~10^10 DP tables):
-  - the `window` teacher tokens on each side of the query in byte-sorted order (they share its longest prefixes),
+text), then, for the remaining student tokens, an exact Levenshtein distance over a candidate set instead of
+the whole teacher vocabulary (49k x 262k pairs would be ~10^10 DP tables):
+  - the `window` teacher tokens on each side of the query in byte-sorted order (they share its longest
+    prefixes),
   - the same in reversed-byte order (longest shared suffixes),
   - the query with its leading space removed or added, when that exists in the teacher.
 Ties go to the smaller length difference, then the smaller teacher id. The DP runs vectorised over all
@@ -56,8 +58,9 @@ def _levenshtein_indexed(left: _Packed, right: _Packed, left_idx: np.ndarray, ri
                          block: int = 65536) -> np.ndarray:
     """Edit distance of left[left_idx[k]] vs right[right_idx[k]] for every k.
 
-    Pairs run in blocks of similar length (sorted by the longer side), so a block of short tokens runs a short,
-    narrow DP; one DP row per step of the left string, vectorised over the block; int16 keeps rows small."""
+    Pairs run in blocks of similar length (sorted by the longer side), so a block of short tokens runs a
+    short, narrow DP; one DP row per step of the left string, vectorised over the block; int16 keeps rows
+    small."""
     len_left, len_right = left.lengths[left_idx], right.lengths[right_idx]
     order = np.argsort(np.maximum(len_left, len_right), kind="stable")
     out = np.empty(left_idx.size, dtype=np.int64)
@@ -83,7 +86,8 @@ def _levenshtein_indexed(left: _Packed, right: _Packed, left_idx: np.ndarray, ri
     return out
 
 
-def levenshtein_pairs(left: list[bytes], right: list[bytes], max_bytes: int = 48, block: int = 65536) -> np.ndarray:
+def levenshtein_pairs(left: list[bytes], right: list[bytes], max_bytes: int = 48,
+                      block: int = 65536) -> np.ndarray:
     """Exact byte edit distance of each pair (left[i], right[i]) on their first `max_bytes` bytes."""
     width = max(1, min(max_bytes, max(map(len, left + right), default=1)))
     index = np.arange(len(left))
@@ -100,7 +104,8 @@ def _sorted_neighbours(pool: list[bytes], queries: list[bytes], window: int) -> 
     return order[around]
 
 
-def _special_partner(sid: int, student_vocab: Vocab, teacher_vocab: Vocab, teacher_texts: dict[str, int]) -> int:
+def _special_partner(sid: int, student_vocab: Vocab, teacher_vocab: Vocab,
+                     teacher_texts: dict[str, int]) -> int:
     role = student_vocab.role_of.get(sid)
     tid = teacher_vocab.roles.get(role) if role is not None else None
     return tid if tid is not None else teacher_texts.get(student_vocab.special_texts.get(sid), -1)
@@ -177,7 +182,8 @@ MINED_OPTIONS = (
 @register("mined", count_items=count_chunk_items, sum_metrics=("mined",), prepare=prepare_mined,
           ce_weight=MINED_CE_WEIGHT, options=MINED_OPTIONS)
 def mined_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None = None,
-               temperature: float = 1.0, weight: float = MINED_WEIGHT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               temperature: float = 1.0,
+               weight: float = MINED_WEIGHT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`weight` x KL(teacher projected onto the student vocab || student) at chunk ends (metric "mined": the
     unweighted term); needs batch["mined_mapping"]."""
     alignment = batch["alignment"]

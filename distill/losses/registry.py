@@ -74,8 +74,8 @@ class LossSpec:
     - `sum_metrics`: metric names that are sums over items divided by the global count (or plain counts); the
       trainer adds them over micro-batches and ranks. Every other metric (a local average) is averaged.
       Always holds `ALWAYS_SUMMED`.
-    - `prepare(ctx) -> dict`: per-pair extras merged into every batch (vocabulary-sized tables: built once, not
-      per step); tensors are moved to the training device by the trainer.
+    - `prepare(ctx) -> dict`: per-pair extras merged into every batch (vocabulary-sized tables: built once,
+      not per step); tensors are moved to the training device by the trainer.
     - `needs_hidden(options) -> bool`: whether, with these options, the loss reads "student_hidden_states" and
       "teacher_hidden_states" (the forwards then return them).
     - `options`: the `Option`s the loss takes (`loss.options.<name>.<option>`), with their types, bounds and
@@ -136,7 +136,8 @@ def register(name: str, *, count_items: Callable[[Mapping[str, Any]], int], need
              needs_hidden: Callable[[Mapping[str, Any]], bool] | None = None, options: Iterable[Option] = (),
              modules: Callable[[PairContext], dict[str, nn.Module]] | None = None,
              ce_weight: float = 0.0, balance: str = "sum") -> Callable[[LossFn], LossFn]:
-    """Register `fn(batch, *, num_items=None, **options) -> (loss, metrics)` as loss `name` (fields: `LossSpec`).
+    """Register `fn(batch, *, num_items=None, **options) -> (loss, metrics)` as loss `name` (fields:
+    `LossSpec`).
 
     A second loss of the same name is an error: two modules would otherwise silently fight over which one a
     recipe trains with (the same function again, from a reloaded module, is not). Returns `fn` unchanged."""
@@ -190,7 +191,8 @@ def loss_options(name: str, per_loss: Mapping[str, Any]) -> dict[str, Any]:
     spec = get_loss(name)
     strays = sorted(set(per_loss) - set(LOSSES))
     if strays:
-        raise TransplantError(f"loss.options.{strays[0]}: options are keyed by loss name ({', '.join(sorted(LOSSES))})"
+        raise TransplantError(f"loss.options.{strays[0]}: options are keyed by loss name "
+                              f"({', '.join(sorted(LOSSES))})"
                               f", e.g. loss.options.alm.temperature=100")
     options = dict(per_loss.get(name) or {})
     schema = {opt.name: opt for opt in spec.options}

@@ -55,13 +55,14 @@ def uld_loss(batch: Mapping[str, Any], *, num_items: float | torch.Tensor | None
              temperature: float = 1.0, top_k: int | None = None,
              weight: float = ULD_WEIGHT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`weight` x L1 between sorted probability vectors at chunk ends (metric "uld": the unweighted term).
-    `top_k` keeps the k largest probabilities per side (sorting a 262k vocab per position is the cost; the tail
-    carries little mass)."""
+    `top_k` keeps the k largest probabilities per side (sorting a 262k vocab per position is the cost; the
+    tail carries little mass)."""
     alignment = batch["alignment"]
     valid = alignment.chunk_mask
     teacher = sorted_probs(rows_at(batch["teacher_logits"].detach(), alignment.teacher_chunk_last, valid),
                            temperature, top_k)
-    student = sorted_probs(rows_at(batch["student_logits"], alignment.student_chunk_last, valid), temperature, top_k)
+    student = sorted_probs(rows_at(batch["student_logits"], alignment.student_chunk_last, valid),
+                           temperature, top_k)
     width = max(teacher.shape[-1], student.shape[-1])
     teacher = torch.nn.functional.pad(teacher, (0, width - teacher.shape[-1]))
     student = torch.nn.functional.pad(student, (0, width - student.shape[-1]))

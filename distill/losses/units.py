@@ -1,14 +1,14 @@
 """How ALM turns aligned chunks into the units it compares: merging and debiasing.
 
 A chunk's likelihood under a subword model includes every way its last word might go on: "Hell" is likely
-as the start of "Hello" on a side that can split there, and the two tokenizers spread that mass differently, so
-raw chunk likelihoods are biased comparisons. The reference implementation (tokenkit, `alm_mode =
+as the start of "Hello" on a side that can split there, and the two tokenizers spread that mass differently,
+so raw chunk likelihoods are biased comparisons. The reference implementation (tokenkit, `alm_mode =
 "merge_by_space_prob+append_space"`, `tokenizer_pair_bias_threshold = 0.1`, `space_mask_mode =
 "space+tab+newline+special"`) removes the bias in two steps, which are the default here (`debias: merge`):
 
-1. merge consecutive chunks into a unit until the teacher's probability that the next token starts a new unit
-   (first byte space, tab or newline, or a special: `distill.chunks.boundary_mask`) exceeds the threshold at the
-   chunk's end;
+1. merge consecutive chunks into a unit until the teacher's probability that the next token starts a new
+   unit (first byte space, tab or newline, or a special: `distill.chunks.boundary_mask`) exceeds the
+   threshold at the chunk's end;
 2. append log P(boundary) at every unit end, on both sides: each unit's likelihood becomes the likelihood of
    "these bytes, then the unit is over", which no segmentation can split differently.
 
@@ -40,7 +40,8 @@ def debias_mode(value: object) -> str:
         return "none"
     if value in DEBIAS_MODES:
         return str(value)
-    raise TransplantError(f"loss.options.alm.debias={value!r} is unknown; use one of {', '.join(DEBIAS_MODES)}")
+    raise TransplantError(f"loss.options.alm.debias={value!r} is unknown; use one of "
+                          f"{', '.join(DEBIAS_MODES)}")
 
 
 def next_logprob(logits: torch.Tensor, positions: torch.Tensor, needed: torch.Tensor,
@@ -69,9 +70,9 @@ def adjacent_to_next(alignment: ChunkAlignment) -> torch.Tensor:
 
 def boundary_units(valid: torch.Tensor, teacher_boundary_logp: torch.Tensor, adjacent: torch.Tensor,
                    threshold: float) -> torch.Tensor:
-    """Long [B, C]: unit id of each valid chunk (-1 otherwise). A unit closes after a chunk where the teacher's
-    P(boundary) > `threshold`, before a chunk that is not adjacent, and at invalid chunks; ids are the number of
-    closes before the chunk, so they increase along the row (and may skip values)."""
+    """Long [B, C]: unit id of each valid chunk (-1 otherwise). A unit closes after a chunk where the
+    teacher's P(boundary) > `threshold`, before a chunk that is not adjacent, and at invalid chunks; ids are
+    the number of closes before the chunk, so they increase along the row (and may skip values)."""
     close = ~valid | ~adjacent | (teacher_boundary_logp > np.log(threshold))
     before = torch.cumsum(close.long(), dim=1) - close.long()
     return torch.where(valid, before, -1)
