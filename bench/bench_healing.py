@@ -193,11 +193,21 @@ def run_scores(row: dict) -> dict[str, dict[str, float]]:
     return scores
 
 
+def _versus(mine: list[float], theirs: list[float], sign: int) -> str:
+    """'tie' when the seed spreads overlap, else better/worse (sign +1: higher is better; -1: lower)."""
+    from distill.scores import is_tie
+
+    if is_tie(mine, theirs):
+        return "tie"
+    delta = statistics.fmean(mine) - statistics.fmean(theirs)
+    return "better" if delta * sign > 0 else "worse"
+
+
 def seed_report(arms: dict[str, list[dict]], trained_on: list[str],
                 timing: dict[str, float] | None = None) -> str:
     """Markdown tables over seeds: per slice (capped gap closed, overshoot, disagreement) and per group
     (untrained source / in-domain), mean ± spread, each arm against the first one (tie = spreads overlap)."""
-    from distill.scores import format_mean_spread, group_mean, is_tie, slice_groups
+    from distill.scores import format_mean_spread, group_mean, pooled_gap_closed, slice_groups
 
     per_arm = {arm: [run_scores(row) for row in rows] for arm, rows in arms.items()}
     first = next(iter(per_arm.values()))[0]
@@ -216,28 +226,29 @@ def seed_report(arms: dict[str, list[dict]], trained_on: list[str],
                  f"{format_mean_spread([r[s]['overshoot'] for r in runs], digits=3)} / "
                  f"{format_mean_spread([r[s]['disagree'] for r in runs])}" for s in slices]
         lines.append(f"| {arm} ({len(runs)}) | " + " | ".join(cells) + " |")
-    head = ["arm (seeds)", "untrained: gap closed (capped)", "untrained: disagreement",
-            "in-domain: gap closed", "in-domain: overshoot (sum)", "vs first arm (untrained closed)",
+    head = ["arm (seeds)", "untrained: pooled gap closed (capped)", "mean of slices", "untrained: disagreement",
+            "in-domain: pooled", "in-domain: overshoot (sum)", "vs first arm: pooled / disagreement",
             "median step s", "interleaved vs ce"]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = None
     for arm, runs in per_arm.items():
-        closed = [group_mean({s: r[s]["closed"] for s in slices}, groups["untrained"]) for r in runs]
+        closed, inside = ([pooled_gap_closed([(r[s]["start"], r[s]["end"], r[s]["teacher"]) for s in groups[g]])
+                           for r in runs] for g in ("untrained", "in-domain"))
+        per_slice = [group_mean({s: r[s]["closed"] for s in slices}, groups["untrained"]) for r in runs]
         disagree = [group_mean({s: r[s]["disagree"] for s in slices}, groups["untrained"]) for r in runs]
-        inside = [group_mean({s: r[s]["closed"] for s in slices}, groups["in-domain"]) for r in runs]
         over = [sum(r[s]["overshoot"] for s in groups["in-domain"]) for r in runs]
         if base is None:
-            base, versus = closed, "-"
+            base, versus = (closed, disagree), "-"
         else:
-            delta = statistics.fmean(closed) - statistics.fmean(base)
-            versus = ("tie" if is_tie(closed, base)
-                      else f"{'better' if delta > 0 else 'worse'} ({100 * delta:+.1f} pts)")
+            versus = " / ".join(_versus(mine, theirs, sign) for mine, theirs, sign
+                                in ((closed, base[0], 1), (disagree, base[1], -1)))
         loss = arm.split("/")[0]
         ratio = f"{timing[loss] / timing['ce']:.2f}x" if timing and loss in timing and "ce" in timing else "-"
         step = statistics.median(row["median_step_s"] for row in arms[arm])
         lines.append(f"| {arm} ({len(runs)}) | {format_mean_spread(closed, percent=True)} | "
-                     f"{format_mean_spread(disagree)} | {format_mean_spread(inside, percent=True)} | "
-                     f"{format_mean_spread(over, digits=3)} | {versus} | {step:.2f} | {ratio} |")
+                     f"{format_mean_spread(per_slice, percent=True)} | {format_mean_spread(disagree)} | "
+                     f"{format_mean_spread(inside, percent=True)} | {format_mean_spread(over, digits=3)} | "
+                     f"{versus} | {step:.2f} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -26,6 +26,15 @@ def gap_closed_capped(start: float, end: float, teacher: float) -> float:
     return (start - max(end, teacher)) / (start - teacher)
 
 
+def pooled_gap_closed(rows: Sequence[tuple[float, float, float]]) -> float:
+    """(start, end, teacher) per slice -> bits closed (capped at the teacher) over bits of gap, summed over the
+    slices whose teacher is better: a group score that slices with a tiny gap cannot swing (a per-slice
+    percentage over a 0.03 bits/byte gap moves 50 points with the data order)."""
+    kept = [(start, end, teacher) for start, end, teacher in rows if start > teacher]
+    gap = sum(start - teacher for start, _, teacher in kept)
+    return sum(start - max(end, teacher) for start, end, teacher in kept) / gap if gap > 0 else math.nan
+
+
 def overshoot(end: float, teacher: float) -> float:
     """Bits/byte past the teacher (0 when not past it): domain learning, not healing."""
     return max(teacher - end, 0.0)
@@ -72,4 +81,4 @@ def format_mean_spread(values: Sequence[float], percent: bool = False, digits: i
 
 
 __all__ = ["format_mean_spread", "gap_closed_capped", "group_mean", "is_tie", "mean_spread", "overshoot",
-           "slice_groups"]
+           "pooled_gap_closed", "slice_groups"]

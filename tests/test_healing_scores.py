@@ -15,6 +15,7 @@ from distill.scores import (
     is_tie,
     mean_spread,
     overshoot,
+    pooled_gap_closed,
     slice_groups,
 )
 from tests.conftest import BASE_CORPUS
@@ -29,6 +30,14 @@ def test_gap_closed_is_capped_at_the_teacher_and_overshoot_is_its_own_column():
     assert overshoot(0.7, 1.0) == pytest.approx(0.3) and overshoot(1.1, 1.0) == 0.0
     assert gap_closed_capped(1.2, 1.3, 1.0) == pytest.approx(-0.5)  # worse than the start counts in full
     assert math.isnan(gap_closed_capped(0.9, 0.8, 1.0))  # the teacher is not better: nothing to heal towards
+
+
+def test_pooled_gap_closed_weighs_slices_by_their_gap():
+    # gaps 0.1 and 0.9 bits/byte: closing 100% of the small one and 0% of the big one pools to 10%, not 50%;
+    # a slice past the teacher counts its gap only; one where the teacher is worse is left out
+    rows = [(1.1, 0.9, 1.0), (2.0, 2.0, 1.1), (0.8, 0.7, 0.9)]
+    assert pooled_gap_closed(rows) == pytest.approx(0.1)
+    assert math.isnan(pooled_gap_closed([(0.8, 0.7, 0.9)]))
 
 
 def test_slices_group_by_training_source_and_groups_average_what_they_have():
