@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill.chunks import align_batch, boundary_mask, word_start_mask
-from distill.losses import LOSSES, PairContext, available_losses, get_loss
+from distill.losses import LOSSES, PairContext, available_losses, get_loss, loss_options
 from distill.losses.common import chunk_sums
 from distill.losses.hidden import channel_normalised_mse, projection_modules
 from distill.losses.mined import levenshtein_pairs, mined_mapping
@@ -118,7 +118,7 @@ def test_alm_identical_models_are_at_the_minimum():
     logits = torch.randn(1, len(ids), len(vocab), dtype=torch.float64)
     student = logits.clone().requires_grad_()
     batch = {"alignment": alignment, "teacher_logits": logits, "student_logits": student,
-             **get_loss("alm").prepare(PairContext(vocab, vocab, {}))}  # default debias: merge
+             **get_loss("alm").prepare(PairContext(vocab, vocab, loss_options("alm", {})))}  # default debias: merge
     for temperature in (1.0, 100.0):
         loss, _ = get_loss("alm")(batch, temperature=temperature)
         (grad,) = torch.autograd.grad(loss, student)
@@ -176,7 +176,7 @@ def boundary_case():
                                            [.25, .25, .1, .2, .2]]),
         "student_logits": probs_to_logits([[.5, .2, .1, .1, .1], [.2, .5, .1, .1, .1], [.3, .2, .3, .1, .1],
                                            [.2, .2, .2, .2, .2]]).requires_grad_(),
-        **get_loss("alm").prepare(PairContext(student, teacher, {"debias": "merge"})),
+        **get_loss("alm").prepare(PairContext(student, teacher, alm_options(debias="merge"))),
     }
 
 
@@ -274,21 +274,26 @@ def test_alm_hidden_state_term_by_hand(abc_case):
     assert projection.weight.grad.abs().sum() > 0 and projection.bias.grad.abs().sum() > 0
 
 
+def alm_options(**options):
+    """ALM's options as the trainer hands them to a loss: typed and complete (`loss_options`)."""
+    return loss_options("alm", {"alm": options})
+
+
 def test_channel_normalisation_and_projection_modules():
     teacher = torch.tensor([[100.0, 1.0], [-100.0, 1.0]])
     # a channel 100x larger weighs the same: halving both channels' error gives the same normalised loss
     assert channel_normalised_mse(teacher * 0.5, teacher).item() == pytest.approx(2 * 0.25)
     vocab = make_vocab([b"a"])
-    made = projection_modules(PairContext(vocab, vocab, {"hidden_weight": 1.0}, 32, 48))
+    made = projection_modules(PairContext(vocab, vocab, alm_options(**{"hidden_weight": 1.0}), 32, 48))
     assert isinstance(made["hidden_projection"], torch.nn.Linear)
     assert made["hidden_projection"].weight.shape == (48, 32)
-    assert projection_modules(PairContext(vocab, vocab, {"hidden_weight": 1.0}, 32, 32)) == {}
+    assert projection_modules(PairContext(vocab, vocab, alm_options(**{"hidden_weight": 1.0}), 32, 32)) == {}
     assert "hidden_projection" in projection_modules(
-        PairContext(vocab, vocab, {"hidden_weight": 1.0, "hidden_projection": "always"}, 32, 32))
-    assert projection_modules(PairContext(vocab, vocab, {"hidden_weight": 0.0}, 32, 48)) == {}
+        PairContext(vocab, vocab, alm_options(**{"hidden_weight": 1.0, "hidden_projection": "always"}), 32, 32))
+    assert projection_modules(PairContext(vocab, vocab, alm_options(**{"hidden_weight": 0.0}), 32, 48)) == {}
     with pytest.raises(TransplantError, match="hidden_projection='maybe'"):
-        projection_modules(PairContext(vocab, vocab,
-                                       {"hidden_weight": 1.0, "hidden_projection": "maybe"}, 3, 4))
+        projection_modules(PairContext(vocab, vocab, {**alm_options(hidden_weight=1.0), "hidden_projection": "maybe"},
+                                       3, 4))
 
 
 def test_uld_by_hand():

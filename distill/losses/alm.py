@@ -93,7 +93,7 @@ def count_alm_items(batch: Mapping[str, Any]) -> int:
 
 def prepare_alm(ctx: PairContext) -> dict[str, torch.Tensor]:
     """Both vocabularies' event masks for the debias mode (vocab-sized: built once, not per batch)."""
-    mode = debias_mode(ctx.options.get("debias", "merge"))
+    mode = debias_mode(ctx.options["debias"])  # complete: distill.losses.loss_options
     if mode in ("merge", "append"):
         return {"teacher_boundary_mask": boundary_mask(ctx.teacher_vocab),
                 "student_boundary_mask": boundary_mask(ctx.student_vocab)}
@@ -104,7 +104,7 @@ def prepare_alm(ctx: PairContext) -> dict[str, torch.Tensor]:
 
 
 def alm_reads_hidden_states(options: Mapping[str, Any]) -> bool:
-    return bool(options.get("hidden_weight"))
+    return bool(options["hidden_weight"])
 
 
 def _units(mode: str, batch: Mapping[str, Any], alignment: ChunkAlignment, valid: torch.Tensor,

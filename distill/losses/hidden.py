@@ -55,11 +55,11 @@ def projection_modules(ctx: PairContext) -> dict[str, nn.Module]:
     """The trainable student -> teacher projection, when the hidden term is on and the recipe (or a hidden
     size mismatch under `auto`) asks for it. Seeded, so every rank builds the same initial weights."""
     options = ctx.options
-    mode = options.get(PROJECTION, "auto")
+    mode = options[PROJECTION]  # complete: distill.losses.loss_options
     if mode not in PROJECTION_MODES:
         raise TransplantError(f"loss.options.alm.{PROJECTION}={mode!r} is unknown; use one of "
                               f"{', '.join(PROJECTION_MODES)}")
-    if not options.get("hidden_weight") or mode == "never":
+    if not options["hidden_weight"] or mode == "never":
         return {}
     sizes = (ctx.student_hidden_size, ctx.teacher_hidden_size)
     if None in sizes:
