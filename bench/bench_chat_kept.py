@@ -1,6 +1,6 @@
 """Chat kept: after a transplant and after healing on plain text, is the instruct base still a chat model?
 
-    python bench/bench_chat_kept.py --make-answers                       # once: bench/data/chat_teacher_answers.jsonl
+    python bench/bench_chat_kept.py --make-answers    # once: bench/data/chat_teacher_answers.jsonl
     python bench/bench_chat_kept.py smollm2-135m out/smollm2-mistral-v3 out/heal-smollm2-mistral-v3-alm/final
 
 The teacher (the original SmolLM2-135M-Instruct, `--teacher`) answers the fixed prompts of
@@ -88,11 +88,14 @@ def greedy_answer(model, tokenizer, prompt: str, *, max_new_tokens: int, stop_af
     `stop_after_chars`, generation stops once the answer text is longer than that."""
     prompt_ids = tokenizer(render(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     ends = eos_ids(model, tokenizer)
-    stop = StoppingCriteriaList([_LongerThan(tokenizer, prompt_ids, stop_after_chars)] if stop_after_chars else [])
+    stop = StoppingCriteriaList([_LongerThan(tokenizer, prompt_ids, stop_after_chars)]
+                                if stop_after_chars else [])
     device = next(model.parameters()).device
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(ends),
-                              pad_token_id=min(ends))  # plain greedy: a dir's own defaults (penalties) are ignored
-    out = model.generate(torch.tensor([prompt_ids], device=device), generation_config=config, stopping_criteria=stop,
+                              pad_token_id=min(ends))  # plain greedy: a dir's own defaults (penalties) are
+                              #                          ignored
+    out = model.generate(torch.tensor([prompt_ids], device=device), generation_config=config,
+                         stopping_criteria=stop,
                          attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device))
     answer = out[0, len(prompt_ids):].tolist()
     for i, token in enumerate(answer):
@@ -149,7 +152,8 @@ def score(spec: str, records: list[dict]) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | answer BPB | first-20 agreement | n | seconds |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {r['answer_bpb']:.3f} | {r['agreement']:.0%} | {r['n']} | {r['seconds']:.0f} |"
+    lines += [f"| {r['model']} | {r['answer_bpb']:.3f} | {r['agreement']:.0%} | {r['n']} | "
+              f"{r['seconds']:.0f} |"
               for r in rows]
     return "\n".join(lines)
 

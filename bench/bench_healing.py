@@ -226,13 +226,14 @@ def seed_report(arms: dict[str, list[dict]], trained_on: list[str],
                  f"{format_mean_spread([r[s]['overshoot'] for r in runs], digits=3)} / "
                  f"{format_mean_spread([r[s]['disagree'] for r in runs])}" for s in slices]
         lines.append(f"| {arm} ({len(runs)}) | " + " | ".join(cells) + " |")
-    head = ["arm (seeds)", "untrained: pooled gap closed (capped)", "mean of slices", "untrained: disagreement",
-            "in-domain: pooled", "in-domain: overshoot (sum)", "vs first arm: pooled / disagreement",
-            "median step s", "interleaved vs ce"]
+    head = ["arm (seeds)", "untrained: pooled gap closed (capped)", "mean of slices",
+            "untrained: disagreement", "in-domain: pooled", "in-domain: overshoot (sum)",
+            "vs first arm: pooled / disagreement", "median step s", "interleaved vs ce"]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = None
     for arm, runs in per_arm.items():
-        closed, inside = ([pooled_gap_closed([(r[s]["start"], r[s]["end"], r[s]["teacher"]) for s in groups[g]])
+        closed, inside = ([pooled_gap_closed([(r[s]["start"], r[s]["end"], r[s]["teacher"])
+                                              for s in groups[g]])
                            for r in runs] for g in ("untrained", "in-domain"))
         per_slice = [group_mean({s: r[s]["closed"] for s in slices}, groups["untrained"]) for r in runs]
         disagree = [group_mean({s: r[s]["disagree"] for s in slices}, groups["untrained"]) for r in runs]

@@ -27,8 +27,8 @@ def gap_closed_capped(start: float, end: float, teacher: float) -> float:
 
 
 def pooled_gap_closed(rows: Sequence[tuple[float, float, float]]) -> float:
-    """(start, end, teacher) per slice -> bits closed (capped at the teacher) over bits of gap, summed over the
-    slices whose teacher is better: a group score that slices with a tiny gap cannot swing (a per-slice
+    """(start, end, teacher) per slice -> bits closed (capped at the teacher) over bits of gap, summed over
+    the slices whose teacher is better: a group score that slices with a tiny gap cannot swing (a per-slice
     percentage over a 0.03 bits/byte gap moves 50 points with the data order)."""
     kept = [(start, end, teacher) for start, end, teacher in rows if start > teacher]
     gap = sum(start - teacher for start, _, teacher in kept)

@@ -24,7 +24,8 @@ from transplant.eval.chat import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% "
+          "endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def chat_model(tmp_path_factory):
     tok = build_byte_bpe(root / "tok", BASE_CORPUS, 400, ["<|endoftext|>", "<|im_end|>", "<|im_start|>"])
     config_path = tok / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    config.update(chat_template=CHATML, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>")
+    config.update(chat_template=CHATML, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                  pad_token="<|im_end|>")
     config_path.write_text(json.dumps(config))
     return build_tiny_llama(root / "model", tok, tied=True, seed=4)
 
@@ -44,7 +46,8 @@ def test_answer_span_and_mask_by_hand():
     rendered = prefix + " It is 56.</a>\n"
     span = answer_span(rendered, prefix, " It is 56.")
     assert span == (16, 26) and rendered[span[0]:span[1]] == " It is 56."
-    # tokens: "<a>" | ">\n " straddles the start | "It" | " is" | " 56." | ".</a>" straddles the end | zero-width
+    # tokens: "<a>" | ">\n " straddles the start | "It" | " is" | " 56." | ".</a>" straddles the end |
+    # zero-width
     offsets = [(13, 16), (15, 17), (17, 19), (19, 22), (22, 25), (25, 30), (26, 26)]
     assert answer_token_mask(offsets, span) == [False, True, True, True, True, True, False]
 
@@ -75,7 +78,8 @@ def test_agreement_rule_by_hand():
     assert agrees("Paris.", target, complete)
     assert not agrees("Paris. It is in France.", target, complete)  # the teacher stopped; the model must too
     assert not agrees("Paris", target, complete)
-    long_target, long_complete = agreement_target("The capital of France is Paris, a", "The capital of", False)
+    long_target, long_complete = agreement_target("The capital of France is Paris, a",
+                                                  "The capital of", False)
     assert agrees("The capital of Spain", long_target, long_complete)
     assert not agrees("The capitol", long_target, long_complete)
 

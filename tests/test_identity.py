@@ -1,4 +1,4 @@
-"""Identity is identity: a model transplanted onto the tokenizer it already has comes out bit for bit the same.
+"""Identity is identity: a model transplanted onto the tokenizer it already has comes out bit for bit.
 
 The model under test has a byte-fallback SentencePiece tokenizer (so it holds byte twins such as `<0x31>`
 beside `1`, the rows the join and the unreachable-row repair would otherwise touch), tied and untied.
@@ -27,7 +27,8 @@ def sp_path(tmp_path_factory):
 
 
 def _tensors(folder):
-    return {name: tensor for path in sorted(folder.glob("*.safetensors")) for name, tensor in load_file(path).items()}
+    return {name: tensor for path in sorted(folder.glob("*.safetensors"))
+            for name, tensor in load_file(path).items()}
 
 
 @pytest.mark.parametrize("base_key", ["base_tied", "base_untied"])

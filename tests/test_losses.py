@@ -118,7 +118,8 @@ def test_alm_identical_models_are_at_the_minimum():
     logits = torch.randn(1, len(ids), len(vocab), dtype=torch.float64)
     student = logits.clone().requires_grad_()
     batch = {"alignment": alignment, "teacher_logits": logits, "student_logits": student,
-             **get_loss("alm").prepare(PairContext(vocab, vocab, loss_options("alm", {})))}  # default debias: merge
+             **get_loss("alm").prepare(PairContext(vocab, vocab,
+                                                   loss_options("alm", {})))}  # default debias: merge
     for temperature in (1.0, 100.0):
         loss, _ = get_loss("alm")(batch, temperature=temperature)
         (grad,) = torch.autograd.grad(loss, student)
@@ -289,11 +290,13 @@ def test_channel_normalisation_and_projection_modules():
     assert made["hidden_projection"].weight.shape == (48, 32)
     assert projection_modules(PairContext(vocab, vocab, alm_options(**{"hidden_weight": 1.0}), 32, 32)) == {}
     assert "hidden_projection" in projection_modules(
-        PairContext(vocab, vocab, alm_options(**{"hidden_weight": 1.0, "hidden_projection": "always"}), 32, 32))
+        PairContext(vocab, vocab,
+                    alm_options(**{"hidden_weight": 1.0, "hidden_projection": "always"}), 32, 32))
     assert projection_modules(PairContext(vocab, vocab, alm_options(**{"hidden_weight": 0.0}), 32, 48)) == {}
     with pytest.raises(TransplantError, match="hidden_projection='maybe'"):
-        projection_modules(PairContext(vocab, vocab, {**alm_options(hidden_weight=1.0), "hidden_projection": "maybe"},
-                                       3, 4))
+        projection_modules(PairContext(vocab, vocab,
+                                       {**alm_options(hidden_weight=1.0),
+                                        "hidden_projection": "maybe"}, 3, 4))
 
 
 def test_uld_by_hand():

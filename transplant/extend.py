@@ -1,11 +1,12 @@
 """Vocabulary extension: add tokens to a BPE tokenizer without moving any existing id, then initialise them.
 
 Tokens are added as BPE merges appended after every existing merge (lowest priority), so the tokenizer still
-produces the new token through its normal algorithm and encodes consistently everywhere (an HF "added token", by
-contrast, is cut out of the text before the model runs, even in the middle of other words). Learned from a corpus,
-the n new tokens are the n most frequent adjacent pairs, merged one after another — BPE training continued on
-the user's domain text. Given explicitly, a token gets the chain of merges its base segmentation needs (the
-intermediate pieces become tokens too and are reported). New ids come after every existing id, specials included.
+produces the new token through its normal algorithm and encodes consistently everywhere (an HF "added token",
+by contrast, is cut out of the text before the model runs, even in the middle of other words). Learned from a
+corpus, the n new tokens are the n most frequent adjacent pairs, merged one after another — BPE training
+continued on the user's domain text. Given explicitly, a token gets the chain of merges its base segmentation
+needs (the intermediate pieces become tokens too and are reported). New ids come after every existing id,
+specials included.
 
 Merges cannot cross the pre-tokenizer's cuts: byte-level BPE splits `<|tool_call|>` at `<|`, `tool`, `_call`,
 `|>` before merging, so no merge chain makes it one token. Every given token is therefore checked to encode as
@@ -77,8 +78,9 @@ def corpus_words(backend, texts: list[str]) -> Counter:
 def learn_merges(backend, texts: list[str], n: int, min_count: int = 2) -> list[tuple[str, str]]:
     """The n most frequent adjacent symbol pairs, merged greedily as BPE training would.
 
-    Pair counts are updated incrementally (only words containing the merged pair are touched) and the best pair
-    comes from a heap with lazy invalidation, so learning thousands of merges on megabytes of text takes seconds.
+    Pair counts are updated incrementally (only words containing the merged pair are touched) and the best
+    pair comes from a heap with lazy invalidation, so learning thousands of merges on megabytes of text takes
+    seconds.
     """
     word_counts = corpus_words(backend, texts)
     words = [[t.value for t in backend.model.tokenize(w)] for w in word_counts]
@@ -139,8 +141,10 @@ def merges_for_tokens(backend, tokens: list[str]) -> list[tuple[str, str]]:
     return [m for m in merges if not (m in seen or seen.add(m))]
 
 
-def extended_tokenizer_json(tokenizer_json: dict[str, Any], merges: list[tuple[str, str]]) -> tuple[dict, list[str]]:
-    """A copy of the tokenizer with the merges appended and their results given ids after every existing id."""
+def extended_tokenizer_json(tokenizer_json: dict[str, Any],
+                            merges: list[tuple[str, str]]) -> tuple[dict, list[str]]:
+    """A copy of the tokenizer with the merges appended and their results given ids after every existing
+    id."""
     data = json.loads(json.dumps(tokenizer_json))
     model = _bpe_model(data)
     vocab: dict[str, int] = model["vocab"]
@@ -178,11 +182,11 @@ def _check_atomic(extended: Vocab, tokens: list[str]) -> None:
 
 
 def add_special_tokens(data: dict[str, Any], tokens: list[str]) -> tuple[dict, list[str]]:
-    """`tokenizer.json` with `tokens` as special added tokens (never split, matched before the model runs), and
-    the tokens that got new ids. One that is already special is left as it is.
+    """`tokenizer.json` with `tokens` as special added tokens (never split, matched before the model runs),
+    and the tokens that got new ids. One that is already special is left as it is.
 
-    One that is already a normal token is refused: made special it would be aligned as a new token and lose its
-    trained row (the alignment matches specials by their literal among the base's specials only)."""
+    One that is already a normal token is refused: made special it would be aligned as a new token and lose
+    its trained row (the alignment matches specials by their literal among the base's specials only)."""
     from tokenizers import AddedToken, Tokenizer
 
     backend = Tokenizer.from_str(json.dumps(data))
@@ -190,9 +194,9 @@ def add_special_tokens(data: dict[str, Any], tokens: list[str]) -> tuple[dict, l
     known = backend.get_vocab(with_added_tokens=True)
     for token in dict.fromkeys(tokens):
         if token in known and token not in already_special:
-            raise TransplantError(f"--special {token!r} is already token {known[token]} of the vocabulary, as a "
-                                  "normal token; making it special would lose its trained row, so use it as it is "
-                                  "or choose a new name")
+            raise TransplantError(f"--special {token!r} is already token {known[token]} of the vocabulary, "
+                                  "as a normal token; making it special would lose its trained row, so use "
+                                  "it as it is or choose a new name")
     fresh = [t for t in dict.fromkeys(tokens) if t not in known]
     skipped = [t for t in dict.fromkeys(tokens) if t in already_special]
     if skipped:
@@ -202,17 +206,18 @@ def add_special_tokens(data: dict[str, Any], tokens: list[str]) -> tuple[dict, l
 
 
 def extend_tokenizer(vocab: Vocab, *, new_tokens: list[str] | None = None, corpus: list[str] | None = None,
-                     n: int | None = None, special_tokens: list[str] | None = None) -> tuple[Vocab, list[str]]:
-    """The extended Vocab (same ids for every existing token) and what was added: the model-alphabet strings of
-    new merges, then the new special tokens.
+                     n: int | None = None,
+                     special_tokens: list[str] | None = None) -> tuple[Vocab, list[str]]:
+    """The extended Vocab (same ids for every existing token) and what was added: the model-alphabet strings
+    of new merges, then the new special tokens.
 
     `new_tokens` (or `corpus` + `n`) become BPE merges, checked to encode as one token each; `special_tokens`
     become special added tokens (any tokenizer type), never split."""
     specials = list(special_tokens or [])
     check_requested_tokens(new_tokens, specials)
     if new_tokens is not None and corpus is not None or not (new_tokens or corpus is not None or specials):
-        raise TransplantError("pass new_tokens=[...] or corpus=... (with n=...), and/or special_tokens=[...], "
-                              "to extend a vocabulary")
+        raise TransplantError("pass new_tokens=[...] or corpus=... (with n=...), and/or "
+                              "special_tokens=[...], to extend a vocabulary")
     backend = vocab.tokenizer.backend_tokenizer
     data = json.loads(backend.to_str())
     added: list[str] = []
@@ -236,14 +241,14 @@ def extend_tokenizer(vocab: Vocab, *, new_tokens: list[str] | None = None, corpu
     return extended, added
 
 
-def extend_vocab(model: str | Path, tokenizer: str | Path | None = None, *, new_tokens: list[str] | None = None,
-                 corpus: str | list[str] | None = None, n: int | None = None, method: str = "fvt",
-                 output: str | Path | None = None, overwrite: bool = False,
-                 eval_texts: dict[str, str] | None = None, options: dict[str, Any] | None = None,
-                 special_tokens: list[str] | None = None, revision: str | None = None,
-                 trust_remote_code: bool = False):
-    """Add tokens (given, or the n most useful ones learned from `corpus`) and special tokens (`special_tokens`,
-    never split) and save a loadable model dir.
+def extend_vocab(model: str | Path, tokenizer: str | Path | None = None, *,
+                 new_tokens: list[str] | None = None, corpus: str | list[str] | None = None,
+                 n: int | None = None, method: str = "fvt", output: str | Path | None = None,
+                 overwrite: bool = False, eval_texts: dict[str, str] | None = None,
+                 options: dict[str, Any] | None = None, special_tokens: list[str] | None = None,
+                 revision: str | None = None, trust_remote_code: bool = False):
+    """Add tokens (given, or the n most useful ones learned from `corpus`) and special tokens
+    (`special_tokens`, never split) and save a loadable model dir.
 
     The output is checked (writable, free space, `overwrite` only over an earlier output, never the model
     itself) before any merge is learned, and written atomically by the surgery. A special token gets the
@@ -262,7 +267,8 @@ def extend_vocab(model: str | Path, tokenizer: str | Path | None = None, *, new_
     extended, added = extend_tokenizer(base_vocab, new_tokens=new_tokens, corpus=texts, n=n,
                                        special_tokens=special_tokens)
     if not added:
-        raise TransplantError("no tokens to add: every requested token already exists (or the corpus repeats nothing)")
+        raise TransplantError("no tokens to add: every requested token already exists (or the corpus repeats "
+                              "nothing)")
     log.info("adding %d tokens", len(added))
     output = Path(output) if output else Path("out") / f"{Path(str(model)).name}-extended-{len(added)}"
     check_output(output, overwrite=overwrite, protected=inputs,

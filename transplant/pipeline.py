@@ -69,12 +69,13 @@ def new_embeddings(ctx: InitContext,
     return finish_embeddings(ctx, method.plan(ctx), method)  # numbers, tie, repaired rows
 
 
-def transplant(base: str | Path, donor: str | Path, *, method: str | None = None, output: str | Path | None = None,
-               device: str = "cpu", dtype: str | None = None, pad_to_multiple_of: int | None = None,
-               overwrite: bool = False, eval_texts: dict[str, str] | Callable[[], dict[str, str]] | None = None,
-               options: dict[str, Any] | None = None, revision: str | None = None, donor_revision: str | None = None,
-               trust_remote_code: bool = False, chat_template: str = "auto",
-               map_tokens: dict[str, str] | None = None) -> TransplantResult:
+def transplant(base: str | Path, donor: str | Path, *, method: str | None = None,
+               output: str | Path | None = None, device: str = "cpu", dtype: str | None = None,
+               pad_to_multiple_of: int | None = None, overwrite: bool = False,
+               eval_texts: dict[str, str] | Callable[[], dict[str, str]] | None = None,
+               options: dict[str, Any] | None = None, revision: str | None = None,
+               donor_revision: str | None = None, trust_remote_code: bool = False,
+               chat_template: str = "auto", map_tokens: dict[str, str] | None = None) -> TransplantResult:
     """Give `base` the tokenizer of `donor`; returns where the new model is and how well it survived.
 
     `revision`/`donor_revision` pick a hub branch, tag or commit; `trust_remote_code` lets transformers run a
@@ -97,7 +98,8 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
             "pass a donor model or use --method fvt"
         )
     method, options = chosen.name, dict(chosen.options)  # as reported (card, report.json, result)
-    output = Path(output) if output else Path("out") / f"{Path(str(base)).name}--{Path(str(donor)).name}-{method}"
+    output = (Path(output) if output
+              else Path("out") / f"{Path(str(base)).name}--{Path(str(donor)).name}-{method}")
     inputs = [p for p in (base_src.model_dir, donor_src.model_dir, Path(str(donor_src.tokenizer_spec)))
               if p and p.exists()]  # never overwritten, nor any folder holding them
     check_output(output, overwrite=overwrite, protected=inputs)  # fail before loading or solving anything
@@ -105,11 +107,14 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     base_vocab = load_vocab(base_src.tokenizer_spec, trust_remote_code=trust_remote_code)
     new_vocab = load_vocab(donor_src.tokenizer_spec, trust_remote_code=trust_remote_code)
     if len(new_vocab) == 0:
-        raise TransplantError(f"donor tokenizer {donor} has an empty vocabulary; pass a tokenizer that has tokens")
-    new_vocab, chat = prepare_new_vocab(base_vocab, new_vocab, chat_template=chat_template, map_tokens=map_tokens,
-                                        tokenizer_spec=donor_src.tokenizer_spec)  # + chat markers, family class
+        raise TransplantError(f"donor tokenizer {donor} has an empty vocabulary; pass a tokenizer that has "
+                              "tokens")
+    # + chat markers, family class
+    new_vocab, chat = prepare_new_vocab(base_vocab, new_vocab, chat_template=chat_template,
+                                        map_tokens=map_tokens, tokenizer_spec=donor_src.tokenizer_spec)
     check_output(output, overwrite=overwrite, protected=inputs,
-                 estimate_bytes=surgery.estimate_output_bytes(base_src.model_dir, len(new_vocab), dtype=torch_dtype))
+                 estimate_bytes=surgery.estimate_output_bytes(base_src.model_dir, len(new_vocab),
+                                                              dtype=torch_dtype))
     alignment = apply_token_map(align(base_vocab, new_vocab), base_vocab, new_vocab, map_tokens)
     token_map = surgery.token_id_map(alignment.new_to_base, base_vocab.special_texts, len(base_vocab))
     surgery.check_token_ids(base_src.model_dir, _special_ids(new_vocab), token_map)  # e.g. image_token_index
@@ -119,8 +124,8 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         eval_texts = None
     if base_emb.input.shape[0] < len(base_vocab):
         raise TransplantError(
-            f"base embeddings have {base_emb.input.shape[0]} rows but its tokenizer has {len(base_vocab)} ids; "
-            "the model and tokenizer do not belong together"
+            f"base embeddings have {base_emb.input.shape[0]} rows but its tokenizer has {len(base_vocab)} "
+            "ids; the model and tokenizer do not belong together"
         )
     donor_input = donor_output = None
     if donor_src.is_model:
@@ -130,16 +135,19 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         base_vocab=base_vocab, new_vocab=new_vocab, alignment=alignment, base_input=base_emb.input.to(device),
         base_output=None if base_emb.output is None else base_emb.output.to(device),
         donor_input=None if donor_input is None else donor_input.to(device),
-        donor_output=None if donor_output is None else donor_output.to(device), options=options, device=device,
+        donor_output=None if donor_output is None else donor_output.to(device), options=options,
+        device=device,
     )
     new_input, new_output, plan = new_embeddings(ctx, chosen)
 
-    stats = {**alignment.stats(len(base_vocab)), **digit_report(base_vocab, new_vocab), **plan.notes["repairs"].stats()}
+    stats = {**alignment.stats(len(base_vocab)), **digit_report(base_vocab, new_vocab),
+             **plan.notes["repairs"].stats()}
     if callable(eval_texts):  # fetched only once the inputs are known to be good
         eval_texts = eval_texts()
     sample = next(iter((eval_texts or {}).values()), None)
     if sample:
-        stats["shared_token_fraction_on_sample"] = round(shared_token_fraction(alignment, new_vocab, sample), 4)
+        stats["shared_token_fraction_on_sample"] = round(shared_token_fraction(alignment, new_vocab, sample),
+                                                         4)
     comparable = heldout_fidelity(stats, eval_texts or {}, base_vocab.tokenizer, new_vocab.tokenizer)
     card = model_card(base=str(base), donor=str(donor), method=method, stats=stats, options=options,
                           base_dir=base_src.model_dir, chat=chat.as_dict())
@@ -152,7 +160,8 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         if eval_texts:
             from transplant.eval.bpb import model_bits_per_byte
 
-            measured = {n: t for n, t in eval_texts.items() if n in comparable}  # a lossy tokenizer is not scored
+            # a lossy tokenizer is not scored
+            measured = {n: t for n, t in eval_texts.items() if n in comparable}
             for name, text in measured.items():
                 bpb[name] = {"before": model_bits_per_byte(base_src.model_dir, text, device=device,
                                                            trust_remote_code=trust_remote_code),
@@ -161,20 +170,24 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
             total_bytes = sum(len(t.encode()) for t in measured.values())
             for key, attr in (("before", "bpb_before"), ("after", "bpb_after")):
                 if total_bytes:
-                    setattr(result, attr, sum(bpb[n][key] * len(t.encode()) for n, t in measured.items()) / total_bytes)
+                    setattr(result, attr,
+                            sum(bpb[n][key] * len(t.encode()) for n, t in measured.items()) / total_bytes)
         report = build_report(base=str(base), donor=str(donor), method=method, stats=stats, plan=plan,
-                              base_vocab=base_vocab, new_vocab=new_vocab, new_ids=alignment.unshared_new_ids.tolist(),
-                              seconds=result.seconds, bpb=bpb, options=options)
+                              base_vocab=base_vocab, new_vocab=new_vocab,
+                              new_ids=alignment.unshared_new_ids.tolist(), seconds=result.seconds, bpb=bpb,
+                              options=options)
         report["chat"] = chat.as_dict()
         add_stop_tokens(model_dir, stop_token_ids(new_vocab, chat))  # a chat reply ends at <|im_end|> too
         write_report(model_dir, report, render_report_plot(plan, alignment.unshared_new_ids))
         result.extra["report"] = report
 
     surgery.write_transplanted(
-        base_src.model_dir, output, new_input=new_input.cpu(), new_output=None if new_output is None else new_output.cpu(),
-        save_tokenizer=new_vocab.save, special_ids=_special_ids(new_vocab), model_card=card,
-        dtype=torch_dtype, pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite,
+        base_src.model_dir, output, new_input=new_input.cpu(),
+        new_output=None if new_output is None
+        else new_output.cpu(), save_tokenizer=new_vocab.save, special_ids=_special_ids(new_vocab),
+        model_card=card, dtype=torch_dtype, pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite,
         before_commit=evaluate_and_report, protected=inputs, token_map=token_map,
-        vocab_rows=surgery.sparse_composer(plan.input_weights if plan.output_weights is None else plan.output_weights),
+        vocab_rows=surgery.sparse_composer(plan.input_weights if plan.output_weights is None
+                                           else plan.output_weights),
     )
     return result

@@ -15,8 +15,8 @@ Why this small loader and not OmegaConf structured configs:
   string, `on` as a bool), and the same coercion serves `--set` values and file values;
 - errors are one line and list the valid keys; OmegaConf's `ConfigKeyError` is a multi-line report
   (full_key, reference_type, object_type) that names neither the valid keys nor the fix;
-- fields typed `dict | str` (a corpus given as `{name: bytes}` or as a file) are plain here; OmegaConf's unions
-  take primitive types only;
+- fields typed `dict | str` (a corpus given as `{name: bytes}` or as a file) are plain here; OmegaConf's
+  unions take primitive types only;
 - the result is plain dataclasses holding plain values (no `DictConfig` proxies), so the trainers,
   `dataclasses.asdict` and `yaml.safe_dump` take them as they are.
 The one OmegaConf feature the recipes use, `${key}` interpolation, is `_interpolate` below.
@@ -56,8 +56,8 @@ _MAX_INTERPOLATION_WORK = 1_000_000  # values visited plus characters made, for 
 
 
 def parse_bool(value: Any) -> bool:
-    """A flag from a bool or an on/off word (`--set numbers=off`); anything else is a ValueError, so a typo such
-    as `ture` is reported instead of read as False."""
+    """A flag from a bool or an on/off word (`--set numbers=off`); anything else is a ValueError, so a typo
+    such as `ture` is reported instead of read as False."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -142,7 +142,8 @@ def _union_members(hint: Any) -> tuple[list[Any], bool]:
 
 
 def _dataclass_of(hint: Any) -> type | None:
-    """The dataclass a field holds (also through `X | None`), else None: such fields are sections to descend."""
+    """The dataclass a field holds (also through `X | None`), else None: such fields are sections to
+    descend."""
     members, _ = _union_members(hint)
     return next((m for m in members if dataclasses.is_dataclass(m)), None)
 
@@ -167,7 +168,8 @@ def _coerce_one(value: Any, hint: Any, where: str) -> Any:
     if origin is int:
         if isinstance(value, bool):
             raise TypeError("a bool is not a number")
-        number = float(value) if isinstance(value, str) and not value.strip().lstrip("+-").isdigit() else value
+        number = (float(value) if isinstance(value, str)
+                  and not value.strip().lstrip("+-").isdigit() else value)
         if isinstance(number, float) and not number.is_integer():
             raise ValueError("not a whole number")
         return int(number)
@@ -182,7 +184,8 @@ def _coerce_one(value: Any, hint: Any, where: str) -> Any:
     if origin is list:
         if isinstance(value, dict):
             raise TypeError("a mapping is not a list")
-        items = list(value) if isinstance(value, (list, tuple)) else [value]  # `train: a.txt` is a list of one
+        # `train: a.txt` is a list of one
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(items)] if args else items
     if origin is dict:
         if not isinstance(value, dict):
@@ -205,7 +208,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if value is None:
         if nullable:
             return None
-        raise TransplantError(f"recipe key {where} may not be null; give a {_type_name(hint)} or delete the line")
+        raise TransplantError(f"recipe key {where} may not be null; give a {_type_name(hint)} or delete the "
+                              "line")
     # a member the value already is goes first (so `corpus: notes.txt` stays a path in a `dict | str` field)
     for member in sorted(members, key=lambda m: not _is_instance(value, m)):
         try:
@@ -242,7 +246,8 @@ def _check_key(cls: type, dotted: str) -> None:
             free_form = any(m is Any or (typing.get_origin(m) or m) is dict for m in members)
             if depth < len(parts) - 1 and not free_form:
                 path = ".".join(parts[: depth + 1])
-                raise TransplantError(f"--set {dotted}: {path} is a {_type_name(fields[part])}, not a section; "
+                raise TransplantError(f"--set {dotted}: {path} is a {_type_name(fields[part])}, not a "
+                                      "section; "
                                       f"set {path}=VALUE instead")
             return
         section = inner
@@ -281,7 +286,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             child = node[key] = {}
         if not isinstance(child, dict):
             path = ".".join(keys[: depth + 1])
-            raise TransplantError(f"--set {dotted}: {path} holds a value, not a section; set {path}=VALUE instead")
+            raise TransplantError(f"--set {dotted}: {path} holds a value, not a section; set {path}=VALUE "
+                                  "instead")
         node = child
     node[keys[-1]] = value
 
@@ -351,14 +357,17 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML file, or a one-line error (missing, unreadable, not UTF-8, bad YAML)."""
+    """The top-level mapping of a YAML file, or a one-line error (missing, unreadable, not UTF-8, bad
+    YAML)."""
     path = Path(path)
     if not path.is_file():
-        raise TransplantError(f"recipe {path} does not exist or is not a file; pass a YAML file (see recipes/)")
+        raise TransplantError(f"recipe {path} does not exist or is not a file; pass a YAML file (see "
+                              "recipes/)")
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as err:
-        raise TransplantError(f"recipe {path} cannot be read ({err.strerror}); check its permissions") from None
+        raise TransplantError(f"recipe {path} cannot be read ({err.strerror}); check its "
+                              "permissions") from None
     except UnicodeDecodeError:
         raise TransplantError(f"recipe {path} is not UTF-8 text; pass a YAML file (see recipes/)") from None
     try:
@@ -368,7 +377,8 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise TransplantError(f"recipe {path} must hold `key: value` lines at the top level, not a {type(data).__name__}")
+        raise TransplantError(f"recipe {path} must hold `key: value` lines at the top level, not a "
+                              f"{type(data).__name__}")
     check_size(data, f"recipe {path}")
     return data
 

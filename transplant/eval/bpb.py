@@ -1,7 +1,8 @@
 """Tokenizer-independent quality: bits per byte on fixed held-out text, measured honestly.
 
-Models with different tokenizers can only be compared per byte of text, not per token. Every window starts from
-the tokenizer's BOS (or EOS when there is no BOS, as GPT-2-style models do) so that every text token is scored.
+Models with different tokenizers can only be compared per byte of text, not per token. Every window starts
+from the tokenizer's BOS (or EOS when there is no BOS, as GPT-2-style models do) so that every text token is
+scored.
 
 A per-byte score is only fair if the model had to predict every byte. A tokenizer that maps text to `[UNK]`
 or drops characters gets a flattering score (a model that predicts `[UNK]` 500 times "knows" the text), so
@@ -142,8 +143,9 @@ def check_fidelity(fidelity: Fidelity, what: str) -> None:
     """Refuse to score a text the tokenizer does not reproduce: its bits per byte would flatter it."""
     if not fidelity.acceptable:
         raise TransplantError(
-            f"{what}: the tokenizer does not reproduce the text ({fidelity.describe()}), so bits per byte would "
-            "flatter it and is not measured; use a tokenizer that round-trips the text (byte fallback, no [UNK])"
+            f"{what}: the tokenizer does not reproduce the text ({fidelity.describe()}), so bits per byte "
+            "would flatter it and is not measured; use a tokenizer that round-trips the text (byte fallback, "
+            "no [UNK])"
         )
 
 
@@ -195,7 +197,8 @@ def sum_nll(model, tokenizer, text: str, *, max_length: int = 1024, batch_size: 
 
 
 def measure_bits_per_byte(model, tokenizer, texts: str | Iterable[str], *, max_length: int = 1024,
-                          batch_size: int | None = None, progress: bool = False, what: str = "text") -> BitsPerByte:
+                          batch_size: int | None = None, progress: bool = False,
+                          what: str = "text") -> BitsPerByte:
     """Bits per UTF-8 byte of `texts` (lower is better) and the round-trip figures; refuses empty text and
     text the tokenizer does not reproduce (module docstring)."""
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -211,7 +214,8 @@ def measure_bits_per_byte(model, tokenizer, texts: str | Iterable[str], *, max_l
                           progress=progress)
         total_nats += nats
     if fidelity.lost_bytes or fidelity.unknown_tokens:
-        log.warning("%s: %s (within the limits; the score counts every original byte)", what, fidelity.describe())
+        log.warning("%s: %s (within the limits; the score counts every original byte)", what,
+                    fidelity.describe())
     return BitsPerByte(total_nats / math.log(2) / fidelity.text_bytes, fidelity)
 
 
@@ -226,7 +230,8 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
-def load_for_eval(model_dir, device: str = "cpu", dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+def load_for_eval(model_dir, device: str = "cpu", dtype: torch.dtype | None = None,
+                  trust_remote_code: bool = False):
     """Stock transformers loading of a model dir and its tokenizer (what our users will do).
 
     The weights are validated first (a truncated or damaged file is a one-line error, not a traceback from
@@ -241,8 +246,8 @@ def load_for_eval(model_dir, device: str = "cpu", dtype: torch.dtype | None = No
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises many types for a damaged or missing tokenizer
-        raise TransplantError(f"cannot load the tokenizer of {model_dir} ({_first_line(err)}); pass a model dir "
-                              "saved with its tokenizer") from err
+        raise TransplantError(f"cannot load the tokenizer of {model_dir} ({_first_line(err)}); pass a model "
+                              "dir saved with its tokenizer") from err
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32,
                                                      trust_remote_code=trust_remote_code)
@@ -256,10 +261,11 @@ def model_measure(model_dir, texts: str | Iterable[str], *, device: str = "cpu",
                   dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> BitsPerByte:
     """`measure_bits_per_byte` of a model dir (loaded as `load_for_eval` does), with progress bars (on a
     terminal) when the model is large enough for scoring to take a while."""
-    model, tokenizer = load_for_eval(model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_for_eval(model_dir, device=device, dtype=dtype,
+                                     trust_remote_code=trust_remote_code)
     large = sum(p.numel() for p in model.parameters()) >= LARGE_MODEL_PARAMETERS
-    return measure_bits_per_byte(model, tokenizer, texts, max_length=max_length, what=f"text scored with {model_dir}",
-                                 progress=large)
+    return measure_bits_per_byte(model, tokenizer, texts, max_length=max_length,
+                                 what=f"text scored with {model_dir}", progress=large)
 
 
 def model_bits_per_byte(model_dir, texts: str | Iterable[str], *, device: str = "cpu", max_length: int = 1024,
@@ -268,7 +274,8 @@ def model_bits_per_byte(model_dir, texts: str | Iterable[str], *, device: str = 
                          trust_remote_code=trust_remote_code).bpb
 
 
-def heldout_fidelity(stats: dict[str, Any], texts: Mapping[str, str], base_tokenizer, new_tokenizer) -> list[str]:
+def heldout_fidelity(stats: dict[str, Any], texts: Mapping[str, str], base_tokenizer,
+                     new_tokenizer) -> list[str]:
     """Put the new tokenizer's round-trip figures on the held-out slices into `stats` (and a warning when it
     loses bytes or maps text to unknown tokens); return the slices both tokenizers reproduce, the only ones
     whose before/after bits per byte can be compared honestly."""

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # The hub repos the offline reference models were quantized from (transplant/assets/catalog.py).
-OFFLINE_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
+OFFLINE_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                   "gemma3-270m": "google/gemma-3-270m"}
 # Catalog license names -> the Hub's license identifiers.
 HUB_LICENSES = {"apache-2.0": "apache-2.0", "gemma terms of use": "gemma", "mit": "mit"}
 
@@ -51,7 +52,8 @@ def base_license(base: str, base_dir: Path | None) -> str | None:
                 log.warning("could not read the license from %s: %s", readme, err)
         config = base_dir / "config.json"
         try:
-            found = json.loads(config.read_text(encoding="utf-8")).get("license") if config.is_file() else None
+            found = (json.loads(config.read_text(encoding="utf-8")).get("license")
+                     if config.is_file() else None)
         except (OSError, ValueError, AttributeError):
             found = None
         if isinstance(found, str) and found:
@@ -75,13 +77,16 @@ def model_card(*, base: str, donor: str, method: str, stats: dict[str, Any], opt
         base_model=hub_base_model(base), license=license_id, library_name="transformers",
         tags=["tokentransplant", "tokenizer-transplant", f"tokentransplant-{method}"],
         tokentransplant={"version": __version__, "base": base, "donor": donor, "method": method,
-                         "options": json.loads(json.dumps(options, default=str)), **({"chat": chat} if chat else {})},
+                         "options": json.loads(json.dumps(options, default=str)),
+                         **({"chat": chat} if chat else {})},
     )
     body = [f"# {Path(base).name} with the {Path(donor).name} tokenizer", "",
-            f"Made by tokentransplant {__version__}: the embeddings of `{base}` were rebuilt for the tokenizer of "
+            f"Made by tokentransplant {__version__}: the embeddings of `{base}` were rebuilt for the "
+            "tokenizer of "
             f"`{donor}` with the `{method}` method; every other weight is unchanged.", ""]
     if license_id is None:
-        body += ["License: unknown (the base states none that tokentransplant could read); check the base's.", ""]
+        body += ["License: unknown (the base states none that tokentransplant could read); check the "
+                 "base's.", ""]
     if chat:
         body += [f"Chat template: from the {chat['template_source']}."
                  + (f" Control tokens carried from the base with their trained rows: "

@@ -42,14 +42,15 @@ def answer_span(rendered: str, prefix: str, answer: str) -> tuple[int, int]:
         return len(prefix), len(prefix) + len(answer)
     start = rendered.rfind(answer)
     if start < 0:
-        raise TransplantError(f"the chat template does not render the answer {answer[:40]!r} verbatim; score a "
-                              "model whose template keeps message content as it is")
+        raise TransplantError(f"the chat template does not render the answer {answer[:40]!r} verbatim; "
+                              "score a model whose template keeps message content as it is")
     return start, start + len(answer)
 
 
 def answer_token_mask(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) -> list[bool]:
     """Which tokens (character `offsets` from the tokenizer) belong to the answer `span`: every token whose
-    characters overlap it, so a token straddling a boundary counts to the answer; zero-width tokens never do."""
+    characters overlap it, so a token straddling a boundary counts to the answer; zero-width tokens never
+    do."""
     start, end = span
     return [s < end and e > start and e > s for s, e in offsets]
 
@@ -58,8 +59,8 @@ def answer_nats(logits: torch.Tensor, ids: torch.Tensor, mask: Sequence[bool]) -
     """Summed negative log-likelihood (nats) of the masked tokens of one sequence, each predicted from the
     logits of the position before it (`logits` [T, V], `ids` [T])."""
     if mask and mask[0]:
-        raise TransplantError("the answer starts the rendered conversation, so its first token has no context; "
-                              "use a chat template that puts the prompt before the answer")
+        raise TransplantError("the answer starts the rendered conversation, so its first token has no "
+                              "context; use a chat template that puts the prompt before the answer")
     logprobs = torch.log_softmax(logits[:-1].float(), dim=-1).gather(-1, ids[1:, None])[:, 0]
     keep = torch.tensor(list(mask[1:]), dtype=torch.bool)
     return -float(logprobs[keep].sum())
@@ -74,7 +75,8 @@ def render(tokenizer, prompt: str, answer: str | None = None) -> str:
     messages = [{"role": "user", "content": prompt}]
     if answer is None:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
+    return tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}],
+                                         tokenize=False)
 
 
 @torch.no_grad()

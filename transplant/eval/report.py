@@ -24,7 +24,8 @@ def show_token(piece: bytes) -> str:
     return text.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t")
 
 
-def decompositions(plan: InitPlan, new_vocab: Vocab, base_vocab: Vocab, ids: list[int], top: int = 4) -> list[str]:
+def decompositions(plan: InitPlan, new_vocab: Vocab, base_vocab: Vocab, ids: list[int],
+                   top: int = 4) -> list[str]:
     """Lines such as `␣catalog = 0.61·␣cat + 0.33·alog` for the given new ids (input-embedding plan)."""
     weights = plan.input_weights.coalesce()
     rows, cols = weights.indices()
@@ -35,24 +36,27 @@ def decompositions(plan: InitPlan, new_vocab: Vocab, base_vocab: Vocab, ids: lis
         if not bool(mask.any()):
             continue
         order = values[mask].abs().argsort(descending=True)[:top]
-        terms = [f"{float(values[mask][j]):.2f}·{show_token(base_vocab.token_bytes[int(cols[mask][j])])}" for j in order]
+        terms = [f"{float(values[mask][j]):.2f}·{show_token(base_vocab.token_bytes[int(cols[mask][j])])}"
+                 for j in order]
         more = " + …" if int(mask.sum()) > top else ""
-        lines.append(f"{show_token(new_vocab.token_bytes[new_id])} = " + " + ".join(terms).replace("+ -", "− ") + more)
+        lines.append(f"{show_token(new_vocab.token_bytes[new_id])} = "
+                     + " + ".join(terms).replace("+ -", "− ") + more)
     return lines
 
 
 def example_ids(new_ids: list[int], new_vocab: Vocab, n: int = 12) -> list[int]:
     """A fixed, readable sample of new tokens: word-like ones first, spread across the id range."""
-    wordlike = [i for i in new_ids if new_vocab.kinds[i] is TokenKind.NORMAL and len(new_vocab.token_bytes[i]) >= 4
+    wordlike = [i for i in new_ids if new_vocab.kinds[i] is TokenKind.NORMAL
+                and len(new_vocab.token_bytes[i]) >= 4
                 and new_vocab.token_bytes[i].strip().isalpha()]
     pool = wordlike or new_ids
     step = max(len(pool) // n, 1)
     return pool[::step][:n]
 
 
-def build_report(*, base: str, donor: str, method: str, stats: dict[str, Any], plan: InitPlan, base_vocab: Vocab,
-                 new_vocab: Vocab, new_ids: list[int], seconds: float, bpb: dict[str, dict[str, float]] | None,
-                 options: dict[str, Any]) -> dict[str, Any]:
+def build_report(*, base: str, donor: str, method: str, stats: dict[str, Any], plan: InitPlan,
+                 base_vocab: Vocab, new_vocab: Vocab, new_ids: list[int], seconds: float,
+                 bpb: dict[str, dict[str, float]] | None, options: dict[str, Any]) -> dict[str, Any]:
     from transplant.version import __version__
 
     notes = {k: v for k, v in plan.notes.items() if not isinstance(v, torch.Tensor) and k != "repairs"}
@@ -68,8 +72,9 @@ def build_report(*, base: str, donor: str, method: str, stats: dict[str, Any], p
     errors = plan.notes.get("reconstruction_error")
     if isinstance(errors, torch.Tensor) and errors.numel():
         q = torch.quantile(errors.float(), torch.tensor([0.1, 0.5, 0.9, 0.99]))
-        report["reconstruction_error"] = {"mean": float(errors.mean()), "p10": float(q[0]), "median": float(q[1]),
-                                          "p90": float(q[2]), "p99": float(q[3]), "n": int(errors.numel())}
+        report["reconstruction_error"] = {"mean": float(errors.mean()), "p10": float(q[0]),
+                                          "median": float(q[1]), "p90": float(q[2]), "p99": float(q[3]),
+                                          "n": int(errors.numel())}
     return report
 
 
@@ -79,13 +84,16 @@ def _spelled(vocab: Vocab, idx: int) -> str:
     return f"<0x{piece[0]:02X}>" if vocab.kinds[idx] is TokenKind.BYTE else show_token(piece)
 
 
-def repair_section(repairs: RepairSummary, new_vocab: Vocab, options: dict[str, Any], n: int = 8) -> dict[str, Any]:
-    """`unreachable_rows` and `near_duplicates_repaired` for report.json: counts, policy and a few examples."""
+def repair_section(repairs: RepairSummary, new_vocab: Vocab, options: dict[str, Any],
+                   n: int = 8) -> dict[str, Any]:
+    """`unreachable_rows` and `near_duplicates_repaired` for report.json: counts, policy and a few
+    examples."""
     unreachable = repairs.unreachable
     step = max(len(unreachable) // n, 1)
     return {
         "unreachable_rows": {"count": len(unreachable), "policy": options["unreachable"],
-                             "examples": [_spelled(new_vocab, i) + f" (id {i})" for i in unreachable[::step][:n]]},
+                             "examples": [_spelled(new_vocab, i) + f" (id {i})"
+                                          for i in unreachable[::step][:n]]},
         "near_duplicates_repaired": {
             "count": len(repairs.duplicates), "fell_back_to_midpoint_with_mean": repairs.duplicates_shrunk,
             "threshold": options["dedup_cosine"],
@@ -115,8 +123,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report["bits_per_byte"]:
         lines += ["", "## Bits per byte on held-out text (lower is better)", "", "| slice | before | after |",
                   "|---|---|---|"]
-        lines += [f"| {name} | {v['before']:.4f} | {v['after']:.4f} |" for name, v in report["bits_per_byte"].items()]
-    lines += ["", "## Method notes", "", "```", json.dumps(report["method_notes"], indent=1, default=str), "```"]
+        lines += [f"| {name} | {v['before']:.4f} | {v['after']:.4f} |"
+                  for name, v in report["bits_per_byte"].items()]
+    lines += ["", "## Method notes", "", "```",
+              json.dumps(report["method_notes"], indent=1, default=str), "```"]
     return "\n".join(lines) + "\n"
 
 

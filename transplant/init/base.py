@@ -1,9 +1,9 @@
 """The shape every initializer shares: a sparse base→new weight matrix, plus optional dense rows.
 
-Almost every training-free method builds each new row as a weighted sum of base rows (copy = one-hot, FVT = mean
-of pieces, OMP = k anchors), so a method returns `W` (new_vocab × base_vocab, sparse) and the pipeline computes
-`E_new = W @ E_base` once for the input and once for the output embedding. Methods whose rows are not sums of
-base rows (random, learned) add dense rows that override W's result for the ids they cover.
+Almost every training-free method builds each new row as a weighted sum of base rows (copy = one-hot, FVT =
+mean of pieces, OMP = k anchors), so a method returns `W` (new_vocab × base_vocab, sparse) and the pipeline
+computes `E_new = W @ E_base` once for the input and once for the output embedding. Methods whose rows are not
+sums of base rows (random, learned) add dense rows that override W's result for the ids they cover.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ class InitPlan:
     notes: dict[str, Any] = field(default_factory=dict)  # method details for the report
 
 
-def sparse_rows(rows: list[int], cols: list[int], values: list[float], shape: tuple[int, int]) -> torch.Tensor:
+def sparse_rows(rows: list[int], cols: list[int], values: list[float],
+                shape: tuple[int, int]) -> torch.Tensor:
     """A coalesced float32 sparse COO matrix from triplets."""
     indices = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
     return torch.sparse_coo_tensor(indices, torch.tensor(values, dtype=torch.float32), shape,
@@ -82,10 +83,12 @@ def copy_shared(alignment: Alignment, base_size: int) -> tuple[list[int], list[i
 
 def normal_base_ids(vocab: Vocab) -> torch.Tensor:
     """Base ids that are real text pieces: the population for mean/covariance statistics."""
-    return torch.tensor([i for i, kind in enumerate(vocab.kinds) if kind is not TokenKind.SPECIAL], dtype=torch.long)
+    return torch.tensor([i for i, kind in enumerate(vocab.kinds) if kind is not TokenKind.SPECIAL],
+                        dtype=torch.long)
 
 
-CHUNK_BYTES = 128 * 2**20  # float32 temporaries per chunk: a 70B model's 128k x 8192 matrix is never upcast whole
+# float32 temporaries per chunk: a 70B model's 128k x 8192 matrix is never upcast whole
+CHUNK_BYTES = 128 * 2**20
 
 
 def chunk_rows(width: int) -> int:
@@ -126,8 +129,8 @@ def mean_rows(new_ids: torch.Tensor, population: torch.Tensor) -> DenseRows:
 
 
 def apply_plan_matrix(weights: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """`weights @ base` in float32, in row chunks so the intermediate stays small; result in float32. Base rows
-    are upcast per chunk as they are gathered, never as a whole float32 copy of `base`."""
+    """`weights @ base` in float32, in row chunks so the intermediate stays small; result in float32. Base
+    rows are upcast per chunk as they are gathered, never as a whole float32 copy of `base`."""
     weights = weights.coalesce()
     n_rows = weights.shape[0]
     out = torch.zeros(n_rows, base.shape[1], dtype=torch.float32, device=base.device)

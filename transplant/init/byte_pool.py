@@ -1,8 +1,8 @@
 """`byte-pool`: a new token's row pooled from the base rows of its longest base pieces, with position weights.
 
-Training-free counterpart of byte/word pooling (Byte2Word, "Learn your tokens"). Unlike FVT it does not ask the
-base tokenizer (whose merges may split a rare word oddly); it covers the token's bytes greedily with the longest
-base pieces — or with single bytes (`--set unit=bytes`) — and weights piece i by
+Training-free counterpart of byte/word pooling (Byte2Word, "Learn your tokens"). Unlike FVT it does not ask
+the base tokenizer (whose merges may split a rare word oddly); it covers the token's bytes greedily with the
+longest base pieces — or with single bytes (`--set unit=bytes`) — and weights piece i by
 
     w_i ∝ len(piece_i) · decay^i
 
@@ -27,7 +27,8 @@ def pool_weights(lengths: list[int], decay: float) -> list[float]:
 
 OPTIONS = (
     Option("decay", float, 0.8, "weight decay per position (earlier pieces weigh more)", min=0.0, max=1.0),
-    Option("unit", str, "pieces", "pool the longest base pieces or single bytes", choices=("pieces", "bytes")),
+    Option("unit", str, "pieces", "pool the longest base pieces or single bytes",
+           choices=("pieces", "bytes")),
 )
 
 
@@ -49,5 +50,7 @@ def byte_pool_init(ctx: InitContext) -> InitPlan:
         cols += ids
         vals += weights
     weights = sparse_rows(rows, cols, vals, (len(ctx.new_vocab), len(ctx.base_vocab)))
-    dense = mean_rows(torch.tensor(unfilled, dtype=torch.long), normal_base_ids(ctx.base_vocab)) if unfilled else None
-    return InitPlan(weights, dense_rows=dense, notes={"decay": decay, "unit": unit, "mean_filled": len(unfilled)})
+    dense = (mean_rows(torch.tensor(unfilled, dtype=torch.long), normal_base_ids(ctx.base_vocab))
+             if unfilled else None)
+    return InitPlan(weights, dense_rows=dense,
+                    notes={"decay": decay, "unit": unit, "mean_filled": len(unfilled)})

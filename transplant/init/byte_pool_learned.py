@@ -1,9 +1,10 @@
 """`byte-pool-learned`: a small Byte2Word-style pooler that maps a token's bytes to its embedding.
 
 A learned 256×d byte table plus positions feeds a cross-attention block whose learned queries read the bytes;
-an MLP maps the pooled vector to the base embedding space. It is fitted by regression (normalised MSE + cosine)
-to reproduce the base model's own rows for its base vocabulary, then applied to the new tokens: the base
-vocabulary is the supervision, no donor and no text needed. Shared tokens are copied (sparse part of the plan).
+an MLP maps the pooled vector to the base embedding space. It is fitted by regression (normalised MSE +
+cosine) to reproduce the base model's own rows for its base vocabulary, then applied to the new tokens: the
+base vocabulary is the supervision, no donor and no text needed. Shared tokens are copied (sparse part of the
+plan).
 
 The fitted pooler is cached per base (hash of the base's token bytes, its embeddings and the hyper-parameters)
 under `<cache>/byte_pool/<hash>.safetensors`, so the ~1-3 minute CPU fit happens once per base model.
@@ -36,11 +37,13 @@ class BytePooler(nn.Module):
         self.max_bytes = max_bytes
         self.bytes = nn.Embedding(257, dim, padding_idx=PAD)
         self.positions = nn.Embedding(max_bytes, dim)
-        self.mix = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.mix = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True,
+                                              norm_first=True)
         self.queries = nn.Parameter(torch.randn(queries, dim) * 0.02)
         self.attend = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm = nn.LayerNorm(dim * queries)
-        self.head = nn.Sequential(nn.Linear(dim * queries, 2 * dim), nn.GELU(), nn.Linear(2 * dim, out_dim * outputs))
+        self.head = nn.Sequential(nn.Linear(dim * queries, 2 * dim), nn.GELU(),
+                                  nn.Linear(2 * dim, out_dim * outputs))
         self.register_buffer("mean", torch.zeros(out_dim * outputs))
         self.register_buffer("std", torch.ones(()))
 
@@ -65,21 +68,24 @@ def byte_matrix(pieces: list[bytes], max_bytes: int) -> torch.Tensor:
 
 
 def _targets(base_input: torch.Tensor, base_output: torch.Tensor | None) -> torch.Tensor:
-    return base_input.float() if base_output is None else torch.cat([base_input.float(), base_output.float()], 1)
+    return (base_input.float() if base_output is None
+            else torch.cat([base_input.float(), base_output.float()], 1))
 
 
 def _loss(pred: torch.Tensor, target: torch.Tensor, dim: int) -> torch.Tensor:
     total = torch.zeros(())
     for part in range(target.shape[1] // dim):  # input and output spaces each scored on their own scale
         p, t = pred[:, part * dim : (part + 1) * dim], target[:, part * dim : (part + 1) * dim]
-        total = total + (p - t).pow(2).mean() / t.var().clamp_min(1e-8) + (1 - F.cosine_similarity(p, t, -1)).mean()
+        total = (total + (p - t).pow(2).mean() / t.var().clamp_min(1e-8)
+                 + (1 - F.cosine_similarity(p, t, -1)).mean())
     return total
 
 
 def fit_pooler(base: Vocab, base_input: torch.Tensor, base_output: torch.Tensor | None, *, steps: int = 1500,
                dim: int = 128, max_bytes: int = 16, lr: float = 3e-3, batch: int = 256, seed: int = 0,
                holdout: float = 0.05) -> tuple[BytePooler, dict[str, float]]:
-    """Regress the base's rows from their bytes; returns the pooler and held-out error before/after fitting."""
+    """Regress the base's rows from their bytes; returns the pooler and held-out error before/after
+    fitting."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     ids = [i for i, k in enumerate(base.kinds) if k is not TokenKind.SPECIAL and base.token_bytes[i]]
@@ -132,7 +138,8 @@ def cached_pooler(base: Vocab, base_input: torch.Tensor, base_output: torch.Tens
 
     from transplant.cache import cache_dir
 
-    path = Path(cache_dir()) / "byte_pool" / f"{_cache_key(base, base_input, base_output, params)}.safetensors"
+    key = _cache_key(base, base_input, base_output, params)
+    path = Path(cache_dir()) / "byte_pool" / f"{key}.safetensors"
     d = base_input.shape[1]
     outputs = 1 if base_output is None else 2
     if use_cache and path.exists():
@@ -179,7 +186,9 @@ def byte_pool_learned_init(ctx: InitContext) -> InitPlan:
     def dense(role: str, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         part = pred[:, d:] if role == "output" and pred.shape[1] > d else pred[:, :d]
         mean = row_mean(base, population)
-        return torch.cat([predicted, unfilled]), torch.cat([part.to(base.device), mean.expand(int(unfilled.numel()), -1)])
+        return torch.cat([predicted, unfilled]), torch.cat([part.to(base.device),
+                                                            mean.expand(int(unfilled.numel()), -1)])
 
     return InitPlan(weights, dense_rows=dense,
-                    notes={**stats, **params, "predicted": int(predicted.numel()), "mean_filled": int(unfilled.numel())})
+                    notes={**stats, **params, "predicted": int(predicted.numel()),
+                           "mean_filled": int(unfilled.numel())})

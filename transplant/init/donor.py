@@ -66,7 +66,8 @@ def relative_error(targets: torch.Tensor, dictionary: torch.Tensor, positions: t
 
 
 def in_batches(combine: Combiner, batch_size: int = 4096, desc: str = "") -> Combiner:
-    """Wrap a per-batch combiner (GEMM + topk) so memory stays bounded over hundreds of thousands of targets."""
+    """Wrap a per-batch combiner (GEMM + topk) so memory stays bounded over hundreds of thousands of
+    targets."""
 
     def run(targets: torch.Tensor, dictionary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         positions, weights = [], []
@@ -98,12 +99,13 @@ def donor_plan(ctx: InitContext, method: str, combine: Combiner, notes: dict | N
         if targets.numel():
             dictionary = donor[anchors.new_ids.to(donor.device)].float()
             target_rows = donor[targets.to(donor.device)].float()
-            log.info("%s (%s): %d new tokens over %d anchors", method, role, targets.numel(), dictionary.shape[0])
+            log.info("%s (%s): %d new tokens over %d anchors", method, role, targets.numel(),
+                     dictionary.shape[0])
             pos, w = combine(target_rows, dictionary)
             pos, w = pos.to(dictionary.device), w.float().to(dictionary.device)
             if role == "input":
-                reconstruction = torch.cat([relative_error(target_rows[i : i + 8192], dictionary, pos[i : i + 8192],
-                                                           w[i : i + 8192]).cpu()
+                reconstruction = torch.cat([relative_error(target_rows[i : i + 8192], dictionary,
+                                                           pos[i : i + 8192], w[i : i + 8192]).cpu()
                                             for i in range(0, targets.numel(), 8192)])
             pos, w = pos.cpu(), w.cpu()
             k = pos.shape[1]
@@ -112,8 +114,10 @@ def donor_plan(ctx: InitContext, method: str, combine: Combiner, notes: dict | N
             cols += anchors.base_ids[pos.reshape(-1)][keep].tolist()
             vals += w.reshape(-1)[keep].tolist()
         plans[role] = sparse_rows(rows, cols, vals, (len(ctx.new_vocab), len(ctx.base_vocab)))
-    specials = [i for i in ctx.alignment.unshared_new_ids.tolist() if ctx.new_vocab.kinds[i] is TokenKind.SPECIAL]
-    dense = mean_rows(torch.tensor(specials, dtype=torch.long), normal_base_ids(ctx.base_vocab)) if specials else None
+    specials = [i for i in ctx.alignment.unshared_new_ids.tolist()
+                if ctx.new_vocab.kinds[i] is TokenKind.SPECIAL]
+    dense = (mean_rows(torch.tensor(specials, dtype=torch.long), normal_base_ids(ctx.base_vocab))
+             if specials else None)
     info = {"anchors": int(anchors.new_ids.numel()), "anchors_excluded_undertrained": anchors.excluded,
             "reconstruction_error": reconstruction, "targets": targets, **(notes or {})}
     return InitPlan(plans["input"], plans.get("output"), dense_rows=dense, notes=info)
@@ -121,5 +125,6 @@ def donor_plan(ctx: InitContext, method: str, combine: Combiner, notes: dict | N
 
 def _text_targets(ctx: InitContext) -> torch.Tensor:
     kinds = ctx.new_vocab.kinds
-    return torch.tensor([i for i in ctx.alignment.unshared_new_ids.tolist() if kinds[i] is not TokenKind.SPECIAL],
+    return torch.tensor([i for i in ctx.alignment.unshared_new_ids.tolist()
+                         if kinds[i] is not TokenKind.SPECIAL],
                         dtype=torch.long)

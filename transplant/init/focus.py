@@ -1,11 +1,11 @@
-"""`focus`: FOCUS (Dobler & de Melo, 2023) — sparsemax over all overlapping tokens in an auxiliary fastText space.
+"""`focus`: FOCUS (Dobler & de Melo, 2023), sparsemax over all overlapping tokens in a fastText space.
 
 No donor model is needed, which is the point: the common case is a new tokenizer without a model. FOCUS trains
 static embeddings (fastText, see `static_embeddings`) on text tokenized by the NEW tokenizer, so new and
 overlapping (shared) tokens live in one space built from how they are used. For each new token, the cosine
 similarities to ALL overlapping tokens go through sparsemax (temperature 1, as in the paper's code), and the
-weights combine the overlapping tokens' BASE rows: a convex combination that is exactly zero outside the tokens
-that are used alike.
+weights combine the overlapping tokens' BASE rows: a convex combination that is exactly zero outside the
+tokens that are used alike.
 
 Tokens that do not occur often enough in the corpus get fastText's spelling vector (the mean of their trained
 character n-gram buckets); tokens with neither keep FVT's row (the mean of their base pieces), where the paper
@@ -40,8 +40,8 @@ OPTIONS = (
     Option("seed", int, _DEFAULTS.seed, "fastText seed"),
     Option("workers", int, _DEFAULTS.workers, "fastText threads (1: the same model for the same seed; more: "
            "faster, not reproducible)", min=1, max=256),
-    Option("subword_vectors", bool, True, "tokens rarer than min_count get fastText's spelling vector (false: "
-           "FVT's row)"),
+    Option("subword_vectors", bool, True,
+           "tokens rarer than min_count get fastText's spelling vector (false: FVT's row)"),
     Option("temperature", float, 1.0, "cosine similarities are divided by this before sparsemax (FOCUS: 1)",
            min=1e-6),
 )
@@ -87,7 +87,8 @@ def focus_weights(targets: torch.Tensor, anchors: torch.Tensor, temperature: flo
         out_pos.append(pos)
         out_w.append(w)
     width = max((p.shape[1] for p in out_pos), default=0)
-    pad = [(torch.nn.functional.pad(p, (0, width - p.shape[1])), torch.nn.functional.pad(w, (0, width - w.shape[1])))
+    pad = [(torch.nn.functional.pad(p, (0, width - p.shape[1])),
+            torch.nn.functional.pad(w, (0, width - w.shape[1])))
            for p, w in zip(out_pos, out_w)]
     if not pad:
         return torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0)

@@ -25,18 +25,21 @@ from transplant.tokenizers.segment import segment_with_base
 from transplant.tokenizers.vocab import TokenKind
 
 OPTIONS = (
-    Option("ridge", float, 3.0, "shrinkage towards FVT's equal weights (0: least squares; large: fvt)", min=0.0),
-    Option("neighbours", int, 0, "nearest donor-space anchors added to the token's own pieces", min=0, max=256),
+    Option("ridge", float, 3.0,
+           "shrinkage towards FVT's equal weights (0: least squares; large: fvt)", min=0.0),
+    Option("neighbours", int, 0, "nearest donor-space anchors added to the token's own pieces",
+           min=0, max=256),
     Option("batch", int, 8192, "tokens per batched solve (memory: batch × support² floats)", min=1),
 )
 
 
 def ridge_weights(targets: torch.Tensor, support_rows: torch.Tensor, prior: torch.Tensor, valid: torch.Tensor,
                   ridge: float) -> torch.Tensor:
-    """Weights [B, M] minimising ‖t − Σ w·a‖² + ridge·s²·‖w − prior‖² per row; padded slots (valid False) get 0.
+    """Weights [B, M] minimising ‖t − Σ w·a‖² + ridge·s²·‖w − prior‖² per row; padded slots (valid False) get
+    0.
 
-    targets [B, D], support_rows [B, M, D] (zeros where padded), prior [B, M], valid bool [B, M]. Equals solving
-    (A Aᵀ + λs² I) w = A t + λs² u for each token, with A = support_rows[b] (an M×M system per token).
+    targets [B, D], support_rows [B, M, D] (zeros where padded), prior [B, M], valid bool [B, M]. Equals
+    solving (A Aᵀ + λs² I) w = A t + λs² u for each token, with A = support_rows[b] (an M×M system per token).
     """
     gram = support_rows @ support_rows.transpose(1, 2)  # [B, M, M]
     counts = valid.sum(1).clamp_min(1).to(targets.dtype)
@@ -57,7 +60,8 @@ def fvt_ls_init(ctx: InitContext) -> InitPlan:
     anchor_of_base = torch.full((len(ctx.base_vocab),), -1, dtype=torch.long)
     anchor_of_base[anchors.base_ids] = torch.arange(anchors.base_ids.numel())
     kinds, token_bytes = ctx.new_vocab.kinds, ctx.new_vocab.token_bytes
-    new_ids = [i for i in ctx.alignment.unshared_new_ids.tolist() if kinds[i] is not TokenKind.SPECIAL and token_bytes[i]]
+    new_ids = [i for i in ctx.alignment.unshared_new_ids.tolist() if kinds[i] is not TokenKind.SPECIAL
+               and token_bytes[i]]
     pieces = segment_with_base(ctx.base_vocab, [token_bytes[i] for i in new_ids])
     rows, cols, vals = copy_shared(ctx.alignment, len(ctx.base_vocab))
     lengths = torch.tensor([len(p) for p in pieces], dtype=torch.long)
@@ -115,7 +119,8 @@ def fvt_ls_init(ctx: InitContext) -> InitPlan:
     kept_fvt = int(keep_fvt.sum())
     weights = sparse_rows(rows, cols, vals, (len(ctx.new_vocab), len(ctx.base_vocab)))
     built = set(token_ids[lengths > 0].tolist())
-    unfilled = torch.tensor([i for i in ctx.alignment.unshared_new_ids.tolist() if i not in built], dtype=torch.long)
+    unfilled = torch.tensor([i for i in ctx.alignment.unshared_new_ids.tolist() if i not in built],
+                            dtype=torch.long)
     dense = mean_rows(unfilled, normal_base_ids(ctx.base_vocab)) if unfilled.numel() else None
     return InitPlan(weights, dense_rows=dense, notes={
         "anchors": int(anchors.new_ids.numel()), "fitted": int(fitted), "kept_fvt": kept_fvt,

@@ -1,4 +1,4 @@
-"""`knn`: a new token is the softmax-weighted mean of its k most similar anchors in the donor space (WECHSEL-like).
+"""`knn`: a new token is the softmax-weighted mean of its k most similar donor-space anchors (WECHSEL-like).
 
 Cheap and robust; weaker than OMP where a token is a composition of a few others rather than a neighbour.
 """

@@ -11,4 +11,5 @@ from transplant.init.registry import register
 def mean_init(ctx: InitContext) -> InitPlan:
     rows, cols, vals = copy_shared(ctx.alignment, len(ctx.base_vocab))
     weights = sparse_rows(rows, cols, vals, (len(ctx.new_vocab), len(ctx.base_vocab)))
-    return InitPlan(weights, dense_rows=mean_rows(ctx.alignment.unshared_new_ids, normal_base_ids(ctx.base_vocab)))
+    return InitPlan(weights,
+                    dense_rows=mean_rows(ctx.alignment.unshared_new_ids, normal_base_ids(ctx.base_vocab)))

@@ -6,8 +6,8 @@ similarity methods mix it with unrelated numbers. The `numbers` step composes it
 segmentation of the digit string instead: the mean of the pieces' rows, in the input and the output role —
 FVT's row for that token, kept in the sparse plan.
 
-Whether that beats a method's own rows is measured per method (bench/RESULTS.md, "Unreachable rows and fidelity
-fixes"), and each method declares its default when it registers (`register(..., number_rows=True)`;
+Whether that beats a method's own rows is measured per method (bench/RESULTS.md, "Unreachable rows and
+fidelity fixes"), and each method declares its default when it registers (`register(..., number_rows=True)`;
 absent: off); `--set numbers=true|false` overrides it. It pays for methods that know nothing of a token's
 bytes (`mean`), not for byte-pool, and is a no-op for fvt. The output row used to be the FIRST piece's row
 ("predicting 123 is predicting 1"); that makes every `1xx` token an exact copy of `1`'s output row, so each
@@ -32,7 +32,8 @@ def digit_scheme(vocab: Vocab) -> dict[str, object]:
     lengths = [len(piece.strip()) for piece, kind in zip(vocab.token_bytes, vocab.kinds)
                if kind is not TokenKind.SPECIAL and NUMBER.match(piece)]
     longest = max(lengths, default=0)
-    label = "no digit tokens" if longest == 0 else "single digits" if longest == 1 else f"up to {longest} digits"
+    label = ("no digit tokens" if longest == 0 else "single digits" if longest == 1
+             else f"up to {longest} digits")
     return {"max_digits": longest, "label": label}
 
 
@@ -44,14 +45,16 @@ def digit_report(base: Vocab, new: Vocab) -> dict[str, object]:
 
 def number_token_ids(ctx: InitContext) -> list[int]:
     kinds, pieces = ctx.new_vocab.kinds, ctx.new_vocab.token_bytes
-    return [i for i in ctx.alignment.unshared_new_ids.tolist() if kinds[i] is not TokenKind.SPECIAL and NUMBER.match(pieces[i])]
+    return [i for i in ctx.alignment.unshared_new_ids.tolist() if kinds[i] is not TokenKind.SPECIAL
+            and NUMBER.match(pieces[i])]
 
 
 def _replace_rows(weights: torch.Tensor, row_ids: list[int], rows: list[int], cols: list[int],
                   vals: list[float]) -> torch.Tensor:
     weights = weights.coalesce()
     keep = ~torch.isin(weights.indices()[0], torch.tensor(row_ids, dtype=torch.long))
-    indices = torch.cat([weights.indices()[:, keep], torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)], 1)
+    indices = torch.cat([weights.indices()[:, keep],
+                         torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)], 1)
     values = torch.cat([weights.values()[keep], torch.tensor(vals, dtype=torch.float32)])
     return torch.sparse_coo_tensor(indices, values, weights.shape, check_invariants=True).coalesce()
 

@@ -2,14 +2,16 @@
 
 Each new token's donor embedding is approximated by k anchor tokens (shared by both vocabularies) with least
 squares on the greedily chosen set; the same coefficients applied to the anchors' base rows give its base row.
-Input and output embeddings are solved separately when the donor has its own lm_head, since the two spaces differ.
+Input and output embeddings are solved separately when the donor has its own lm_head, since the two spaces
+differ.
 
 `prefilter` (option): `auto` (default) pursues inside each target's 1024 most correlated anchors (re-chosen as
 the residual changes) when that pays off: on CPU for k > 16 over more than 4096 anchors. Exact Batch-OMP costs
-N·k²/2 bandwidth-bound reads per target: for a 200k-token vocabulary at k=64 that is hours of 2-core CPU, while
-the refreshed prefilter measures the same held-out BPB as exact OMP (bench/RESULTS.md, "OMP solver" and the
-mergekit section). On a GPU the exact pursuit is kept. With a donor model the default method is `fvt-ls`, which
-measured better than OMP on the large direction (bench/RESULTS.md, "Default method"). `prefilter=0` forces exact OMP anywhere; `prefilter=M` sets the candidate count.
+N·k²/2 bandwidth-bound reads per target: for a 200k-token vocabulary at k=64 that is hours of 2-core CPU,
+while the refreshed prefilter measures the same held-out BPB as exact OMP (bench/RESULTS.md, "OMP solver" and
+the mergekit section). On a GPU the exact pursuit is kept. With a donor model the default method is `fvt-ls`,
+which measured better than OMP on the large direction (bench/RESULTS.md, "Default method"). `prefilter=0`
+forces exact OMP anywhere; `prefilter=M` sets the candidate count.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ def parse_prefilter(value: object) -> str | int:
 
 OPTIONS = (
     Option("k", int, 64, "anchors per new token (sparsity of each row)", min=1, max=4096),
-    Option("prefilter", str, "auto", "auto, 0 (exact pursuit) or a candidate count M per target", parse=parse_prefilter,
-           metavar="auto|M"),
-    Option("screen", str, "none", "exact pursuit with bf16-screened correlations and an fp32 certificate (meant "
-           "for GPUs; slower than the Gram path on CPU, not yet timed on a GPU)", choices=("none", "bf16")),
+    Option("prefilter", str, "auto", "auto, 0 (exact pursuit) or a candidate count M per target",
+           parse=parse_prefilter, metavar="auto|M"),
+    Option("screen", str, "none",
+           "exact pursuit with bf16-screened correlations and an fp32 certificate (meant for GPUs; slower "
+           "than the Gram path on CPU, not yet timed on a GPU)", choices=("none", "bf16")),
 )
 
 
@@ -53,7 +56,8 @@ def omp_init(ctx: InitContext) -> InitPlan:
 
     def combine(targets, dictionary):
         prefilter = resolve_prefilter(option, k, dictionary.shape[0], str(ctx.device))
-        check_fits(omp_bytes(targets.shape[0], dictionary.shape[0], dictionary.shape[1], min(k, dictionary.shape[0])),
+        check_fits(omp_bytes(targets.shape[0], dictionary.shape[0], dictionary.shape[1],
+                             min(k, dictionary.shape[0])),
                    what=f"OMP for {targets.shape[0]} new tokens over {dictionary.shape[0]} anchors at k={k}",
                    fix="use a smaller --set k", device=ctx.device)
         used.append(prefilter)

@@ -1,7 +1,7 @@
 """`random`: new rows drawn from a Gaussian with the base rows' mean and full covariance.
 
-HF's `resize_token_embeddings` draws new rows almost identically (std ~6e-4); matching the real covariance keeps
-new tokens as spread out as the old ones, which is what a randomly-initialised baseline should mean.
+HF's `resize_token_embeddings` draws new rows almost identically (std ~6e-4); matching the real covariance
+keeps new tokens as spread out as the old ones, which is what a randomly-initialised baseline should mean.
 """
 
 from __future__ import annotations

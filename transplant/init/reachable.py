@@ -13,8 +13,8 @@ The last test encodes each piece's own text in one batched call (`encode_batch`,
 SentencePiece model with a dummy prefix turns text `x` into `▁x`, so a piece that does not start a word
 (`ing`) cannot be isolated as text; for those, and for byte-level pieces that are not valid UTF-8 on their own
 (half a character), the BPE model itself is asked to tokenize the piece's own model string (no normalizer, no
-pre-tokenizer). Either way the test is "the piece alone": a piece reachable only inside longer words whose merge
-order differs is counted unreachable; that is rare, and such a piece is rare in text too.
+pre-tokenizer). Either way the test is "the piece alone": a piece reachable only inside longer words whose
+merge order differs is counted unreachable; that is rare, and such a piece is rare in text too.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from transplant.tokenizers.vocab import TokenKind, Vocab
 
 log = logging.getLogger(__name__)
 
-# Lead bytes that never occur in well-formed UTF-8 (RFC 3629): their fallback tokens are unreachable from text.
+# Lead bytes that never occur in well-formed UTF-8 (RFC 3629): their fallback tokens are unreachable from
+# text.
 NEVER_IN_UTF8 = frozenset([0xC0, 0xC1, *range(0xF5, 0x100)])
 
 
@@ -44,7 +45,8 @@ def _isolated_text(vocab: Vocab, piece: bytes) -> str | None:
         text = piece.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if vocab.adds_prefix_space:  # the dummy prefix supplies the leading space; without one we cannot isolate it
+    # the dummy prefix supplies the leading space; without one we cannot isolate it
+    if vocab.adds_prefix_space:
         return text[1:] if text.startswith(" ") and len(text) > 1 else None
     return text
 
@@ -76,7 +78,8 @@ def unreachable_piece_ids(vocab: Vocab, batch_size: int = 16384) -> list[int]:
     added = set(backend.get_added_tokens_decoder())
     for idx, (piece, kind) in enumerate(zip(vocab.token_bytes, vocab.kinds)):
         if kind is not TokenKind.NORMAL or not piece or idx in added:
-            continue  # added (non-special) tokens are matched literally before the model runs: always reachable
+            # added (non-special) tokens are matched literally before the model runs: always reachable
+            continue
         text = _isolated_text(vocab, piece)
         if text is None:
             model_ids.append(idx)
@@ -86,7 +89,8 @@ def unreachable_piece_ids(vocab: Vocab, batch_size: int = 16384) -> list[int]:
     missed: list[int] = []
     for start in range(0, len(texts), batch_size):
         encodings = backend.encode_batch(texts[start : start + batch_size], add_special_tokens=False)
-        missed += [idx for idx, enc in zip(text_ids[start : start + batch_size], encodings) if enc.ids != [idx]]
+        missed += [idx for idx, enc in zip(text_ids[start : start + batch_size], encodings)
+                   if enc.ids != [idx]]
     return sorted(missed + _model_level_misses(vocab, model_ids))
 
 

@@ -1,5 +1,5 @@
-"""One registry of initializers by name; each method lives in its own module, registers itself and declares its
-options, so `--set` is checked against a schema before anything is solved.
+"""One registry of initializers by name; each method lives in its own module, registers itself and
+declares its options, so `--set` is checked against a schema before anything is solved.
 
 Every method, built-in or not, is an entry point of the group `tokentransplant.initializers` (pyproject.toml:
 `fvt = "transplant.init.fvt"`; the hypernetwork in `hypernet/` and a user's own package the same way). On
@@ -31,21 +31,24 @@ ENTRY_POINT_GROUP = "tokentransplant.initializers"
 PIPELINE_OPTIONS = (
     Option("numbers", bool, None, "give new number tokens the mean of the base's digit pieces (unset: the "
            "method's measured default: on for mean and focus)"),
-    Option("untie", bool, False, "give a tied base its own output matrix (a donor lm_head no longer unties it)"),
-    Option("unreachable", str, "mean", "rows of tokens the new tokenizer never emits: mean row (no output mass), "
-           "zero, or keep", choices=("mean", "zero", "keep")),
-    Option("dedup_cosine", float, 0.99, "new rows this cosine-close to a frequent token's row fall back to fvt "
-           "(1 disables)", min=0.0, max=1.0),
+    Option("untie", bool, False,
+           "give a tied base its own output matrix (a donor lm_head no longer unties it)"),
+    Option("unreachable", str, "mean", "rows of tokens the new tokenizer never emits: mean row (no output "
+           "mass), zero, or keep", choices=("mean", "zero", "keep")),
+    Option("dedup_cosine", float, 0.99, "new rows this cosine-close to a frequent token's row fall back to "
+           "fvt (1 disables)", min=0.0, max=1.0),
     Option("dedup_top", int, 4096, "how many frequent base tokens (lowest ids) near-duplicates are checked "
            "against", min=0),
     Option("rescale_norm", str, "off", "rescale new input rows to their base pieces' norm or the base median "
            "(measured worse; true = pieces)", choices=("off", "pieces", "median"),
-           parse=lambda v: {"true": "pieces", "false": "off"}.get(str(v).strip().lower(), str(v).strip().lower())),
+           parse=lambda v: {"true": "pieces",
+                            "false": "off"}.get(str(v).strip().lower(), str(v).strip().lower())),
 )
 
 # Options of every method that reads the donor's embeddings (anchor selection in `init/donor.py`).
 DONOR_OPTIONS = (
-    Option("min_norm_ratio", float, 0.25, "drop anchors whose donor row norm is below this × the median", min=0.0),
+    Option("min_norm_ratio", float, 0.25,
+           "drop anchors whose donor row norm is below this × the median", min=0.0),
 )
 
 
@@ -134,7 +137,8 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise TransplantError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}") from None
+        raise TransplantError(f"unknown method {name!r}; choose one of: "
+                              f"{', '.join(sorted(METHODS))}") from None
 
 
 def resolve_method(name: str, raw: Mapping[str, Any] | None) -> ResolvedMethod:

@@ -65,7 +65,8 @@ def mean_row(matrix: torch.Tensor, population: torch.Tensor) -> torch.Tensor:
 
 
 def fvt_rows(ctx: InitContext, new_ids: list[int], base: torch.Tensor) -> torch.Tensor:
-    """FVT's rows for `new_ids`: the mean of the base rows of each token's base segmentation (mean row if none)."""
+    """FVT's rows for `new_ids`: the mean of the base rows of each token's base segmentation (mean row if
+    none)."""
     pieces = segment_with_base(ctx.base_vocab, [ctx.new_vocab.token_bytes[i] for i in new_ids])
     fallback = mean_row(base, normal_base_ids(ctx.base_vocab))
     rows = [base[torch.tensor(p, device=base.device)].float().mean(0) if p else fallback for p in pieces]
@@ -97,7 +98,8 @@ def frequent_ids(ctx: InitContext, top: int, exclude: torch.Tensor) -> torch.Ten
 
 def near_duplicates(matrix: torch.Tensor, ids: torch.Tensor, reference: torch.Tensor, threshold: float,
                     chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of `ids` whose cosine with some row of `reference` exceeds `threshold`: (ids, reference ids, cosines).
+    """Rows of `ids` whose cosine with some row of `reference` exceeds `threshold`: (ids, reference ids,
+    cosines).
 
     A seeded random projection to 128 dimensions in bfloat16 finds candidates (a cosine of 0.99 moves by
     ~0.002 there, unrelated pairs by ~0.1), and exact float32 cosines decide, so the search over 200k rows
@@ -147,7 +149,8 @@ def _fix_duplicates(ctx: InitContext, matrix: torch.Tensor, base: torch.Tensor, 
     summary.duplicates_shrunk += int(still.sum())
 
 
-def _rescale(ctx: InitContext, matrix: torch.Tensor, base: torch.Tensor, ids: torch.Tensor, mode: str) -> None:
+def _rescale(ctx: InitContext, matrix: torch.Tensor, base: torch.Tensor, ids: torch.Tensor,
+             mode: str) -> None:
     if mode == "median":
         target = row_norms(base, normal_base_ids(ctx.base_vocab)).median()
         target = target.expand(ids.numel())
@@ -177,12 +180,14 @@ def repair_rows(ctx: InitContext, new_input: torch.Tensor, new_output: torch.Ten
     rebuilt = rebuilt[~id_mask(unreachable, len(new_vocab))[rebuilt]]
     roles = [("input", new_input, ctx.base_input)]
     if new_output is not None:
-        roles.append(("output", new_output, ctx.base_output if ctx.base_output is not None else ctx.base_input))
+        roles.append(("output", new_output,
+                      ctx.base_output if ctx.base_output is not None else ctx.base_input))
     mode = options["rescale_norm"]
     if mode != "off" and rebuilt.numel():  # input rows only: a longer output row is a larger logit
         if new_output is None:
             log.warning("rescale_norm on a tied model also scales the output logits of every new token "
-                        "(measured much worse, bench/RESULTS.md); --set untie=true rescales the input rows only")
+                        "(measured much worse, bench/RESULTS.md); --set untie=true rescales the input rows "
+                        "only")
         _rescale(ctx, new_input, ctx.base_input, rebuilt, mode)
         summary.rescaled = int(rebuilt.numel())
     threshold, top = float(options["dedup_cosine"]), int(options["dedup_top"])
@@ -194,8 +199,10 @@ def repair_rows(ctx: InitContext, new_input: torch.Tensor, new_output: torch.Ten
     summary.unreachable = unreachable.tolist()
     if policy != "keep" and unreachable.numel():
         _, matrix, base = roles[-1]  # the output role: the only matrix of a tied model
-        row = mean_row(base, normal_base_ids(ctx.base_vocab)) if policy == "mean" else torch.zeros(base.shape[1])
+        row = (mean_row(base, normal_base_ids(ctx.base_vocab)) if policy == "mean"
+               else torch.zeros(base.shape[1]))
         matrix[unreachable.to(matrix.device)] = row.to(matrix.device, matrix.dtype)
     log.info("repaired rows: %d unreachable (%s), %d near-duplicates (%d shrunk to the mean), %d rescaled",
-             len(summary.unreachable), policy, len(summary.duplicates), summary.duplicates_shrunk, summary.rescaled)
+             len(summary.unreachable), policy, len(summary.duplicates), summary.duplicates_shrunk,
+             summary.rescaled)
     return summary

@@ -1,10 +1,11 @@
 """`sparsemax-knn`: sparsemax over the similarities to the most similar anchors in the donor space.
 
-A donor-model variant of FOCUS's weighting (the method named `focus` up to 0.x): FOCUS (Dobler & de Melo, 2023)
-compares tokens in an auxiliary fastText space because it has no donor model; when the donor's own embeddings
-are available they are a better similarity space already. Sparsemax gives a convex combination that is exactly
-zero outside a few anchors, so each row stays interpretable. Similarities are restricted to the top-M anchors
-first (one GEMM + topk) to keep memory bounded, and sharpened by a low temperature (median support ~4).
+A donor-model variant of FOCUS's weighting (the method named `focus` up to 0.x): FOCUS (Dobler & de Melo,
+2023) compares tokens in an auxiliary fastText space because it has no donor model; when the donor's own
+embeddings are available they are a better similarity space already. Sparsemax gives a convex combination that
+is exactly zero outside a few anchors, so each row stays interpretable. Similarities are restricted to the
+top-M anchors first (one GEMM + topk) to keep memory bounded, and sharpened by a low temperature (median
+support ~4).
 """
 
 from __future__ import annotations

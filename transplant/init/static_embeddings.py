@@ -1,16 +1,17 @@
-"""Auxiliary static token embeddings for FOCUS: a fastText model trained on text tokenized by the NEW tokenizer.
+"""Auxiliary static token embeddings for FOCUS: fastText trained on text tokenized by the NEW tokenizer.
 
-FOCUS (Dobler & de Melo, 2023) needs a space in which new and overlapping tokens can be compared without a donor
-model. Tokenizing target text with the new tokenizer and treating every token as a "word" gives one: fastText's
-CBOW places tokens that are used alike near each other, and its character n-grams give tokens that never occur in
-the text a vector from their spelling. gensim's FastText is used (maintained, pure pip wheel).
+FOCUS (Dobler & de Melo, 2023) needs a space in which new and overlapping tokens can be compared without a
+donor model. Tokenizing target text with the new tokenizer and treating every token as a "word" gives one:
+fastText's CBOW places tokens that are used alike near each other, and its character n-grams give tokens that
+never occur in the text a vector from their spelling. gensim's FastText is used (maintained, pure pip wheel).
 
 A token's "word" is its exact bytes written with GPT-2's byte->character map (`b" the"` -> `"Ġthe"`): one
-printable, whitespace-free string per byte sequence for every tokenizer family, so n-grams see real characters.
+printable, whitespace-free string per byte sequence for every tokenizer family, so n-grams see real
+characters.
 
-The trained model is cached under `cache_dir()/focus/` per (tokenizer, corpus hash, settings) as a plain `.npz`
-(no pickle), written to a temporary file and renamed into place, so a crash never leaves a half-written model
-and concurrent runs never read one.
+The trained model is cached under `cache_dir()/focus/` per (tokenizer, corpus hash, settings) as a plain
+`.npz` (no pickle), written to a temporary file and renamed into place, so a crash never leaves a half-written
+model and concurrent runs never read one.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ FROM_CORPUS, FROM_SUBWORDS, NO_VECTOR = 0, 1, 2
 
 @dataclass(frozen=True)
 class FastTextSettings:
-    """Everything that changes the trained model (and therefore the cache key). Defaults follow the FOCUS code:
-    CBOW (closer to a LM's objective than skip-gram), 10 negatives, n-grams of 3–6 characters."""
+    """Everything that changes the trained model (and therefore the cache key). Defaults follow the FOCUS
+    code: CBOW (closer to a LM's objective than skip-gram), 10 negatives, n-grams of 3–6 characters."""
 
     dim: int = 100
     epochs: int = 5
@@ -83,7 +84,8 @@ class FastTextModel:
 
 
 def token_words(vocab: Vocab) -> list[str | None]:
-    """Per id, the token's fastText word (its bytes through GPT-2's byte map); None for specials and empties."""
+    """Per id, the token's fastText word (its bytes through GPT-2's byte map); None for specials and
+    empties."""
     return [byte_level_string(piece) if kind is not TokenKind.SPECIAL and piece else None
             for piece, kind in zip(vocab.token_bytes, vocab.kinds)]
 
@@ -110,8 +112,8 @@ def corpus_text(path: str | None, max_bytes: int) -> tuple[str, str]:
             text = data.decode("utf-8")
         except UnicodeDecodeError as err:
             if err.start < len(data) - 4:  # not just a character cut in half at the end
-                raise TransplantError(f"--set corpus={path}: not UTF-8 text (byte {err.start}); convert it to "
-                                      "UTF-8 first") from None
+                raise TransplantError(f"--set corpus={path}: not UTF-8 text (byte {err.start}); convert "
+                                      "it to UTF-8 first") from None
             text = data.decode("utf-8", errors="ignore")
         if not text.strip():
             raise TransplantError(f"--set corpus={path}: the file is empty; give a text file with real text")
@@ -171,8 +173,8 @@ def train_fasttext(sentences: list[list[str]], settings: FastTextSettings) -> Fa
                      min_n=s.min_n, max_n=s.max_n, bucket=s.bucket, seed=s.seed, workers=s.workers)
     model.build_vocab(corpus_iterable=sentences)
     if not model.wv.index_to_key:
-        raise TransplantError(f"the corpus has no token that occurs min_count={s.min_count} times; give a larger "
-                              "corpus or a lower --set min_count")
+        raise TransplantError(f"the corpus has no token that occurs min_count={s.min_count} times; give a "
+                              "larger corpus or a lower --set min_count")
     total = sum(len(sentence) for sentence in sentences)
     model.train(corpus_iterable=sentences, total_examples=len(sentences), total_words=total, epochs=s.epochs)
     wv = model.wv
@@ -188,7 +190,8 @@ def save_model(model: FastTextModel, path: Path) -> None:
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, words=np.array(model.words, dtype=str), word_vectors=model.word_vectors,
                      ngram_vectors=model.ngram_vectors, settings=np.array(json.dumps(asdict(model.settings))))
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache entry is as readable as the rest of the cache
+        # mkstemp makes it private; a cache entry is as readable as the rest of the cache
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -198,7 +201,8 @@ def save_model(model: FastTextModel, path: Path) -> None:
 def load_model(path: Path) -> FastTextModel:
     with np.load(path, allow_pickle=False) as data:
         settings = FastTextSettings(**json.loads(str(data["settings"])))
-        return FastTextModel([str(w) for w in data["words"]], data["word_vectors"], data["ngram_vectors"], settings)
+        return FastTextModel([str(w) for w in data["words"]], data["word_vectors"],
+                             data["ngram_vectors"], settings)
 
 
 def load_or_train(vocab: Vocab, text: str, settings: FastTextSettings) -> tuple[FastTextModel, dict]:
@@ -216,8 +220,8 @@ def load_or_train(vocab: Vocab, text: str, settings: FastTextSettings) -> tuple[
     sentences = tokenized_sentences(vocab, text, token_words(vocab))
     n_tokens = sum(len(sentence) for sentence in sentences)
     tokenize_s = time.perf_counter() - started
-    log.info("focus: training fastText on %d tokens (dim=%d, epochs=%d, min_count=%d)", n_tokens, settings.dim,
-             settings.epochs, settings.min_count)
+    log.info("focus: training fastText on %d tokens (dim=%d, epochs=%d, min_count=%d)", n_tokens,
+             settings.dim, settings.epochs, settings.min_count)
     started = time.perf_counter()
     model = train_fasttext(sentences, settings)
     train_s = time.perf_counter() - started

@@ -17,8 +17,8 @@ share one set of guarantees:
 * Normal permissions: directories are made with mode 0o777 masked by the umask (mkdtemp's 0o700 made outputs
   private to their writer).
 
-An output that is a single file (a GGUF export) goes through `atomic_file`: a temp file beside it, renamed over
-it, with the same checks; an existing file is replaced only if the caller recognises it as one of ours.
+An output that is a single file (a GGUF export) goes through `atomic_file`: a temp file beside it, renamed
+over it, with the same checks; an existing file is replaced only if the caller recognises it as one of ours.
 """
 
 from __future__ import annotations
@@ -114,13 +114,16 @@ def _probe_writable(folder: Path, out: Path) -> None:
     """Create and remove a directory where the temp output will go: the only test that ACLs, read-only mounts
     and root-squashed network filesystems all answer truthfully."""
     if not folder.is_dir():
-        raise TransplantError(f"cannot create {out}: {folder} is a file, not a directory; choose another --output")
-    probe = folder / _scratch_name(out, "tmp").name  # named like a temp dir, so a kill here leaves nothing unswept
+        raise TransplantError(f"cannot create {out}: {folder} is a file, not a directory; choose another "
+                              "--output")
+    # named like a temp dir, so a kill here leaves nothing unswept
+    probe = folder / _scratch_name(out, "tmp").name
     try:
         os.mkdir(probe)
         os.rmdir(probe)
     except OSError as exc:
-        raise TransplantError(f"cannot write into {folder} ({exc.strerror or exc}); choose another --output") from exc
+        raise TransplantError(f"cannot write into {folder} ({exc.strerror or exc}); choose another "
+                              "--output") from exc
 
 
 def _check_destination_folder(out: Path, estimate_bytes: int) -> None:
@@ -133,7 +136,8 @@ def _check_destination_folder(out: Path, estimate_bytes: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < estimate_bytes:
         raise TransplantError(f"disk full: writing {out} needs about {estimate_bytes / 2**30:.2f} GiB but "
-                              f"{folder} has {free / 2**30:.2f} GiB free; free space or choose another --output")
+                              f"{folder} has {free / 2**30:.2f} GiB free; free space or choose another "
+                              "--output")
 
 
 def existing_paths(values: Iterable[Any]) -> list[Path]:
@@ -169,8 +173,8 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, protected: Iterabl
     """Fail now, with one line, if `path` could not be written at the end of the run; return it absolute.
 
     Call it before any solving: it checks that the name may be (re)placed (see the module docstring), that the
-    nearest existing folder is writable and that it has `estimate_bytes` free. It also sweeps scratch dirs left
-    by dead runs in the destination's folder. It writes nothing that stays.
+    nearest existing folder is writable and that it has `estimate_bytes` free. It also sweeps scratch dirs
+    left by dead runs in the destination's folder. It writes nothing that stays.
     """
     out = Path(path).expanduser().absolute()
     check_path_length(out)
@@ -178,14 +182,15 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, protected: Iterabl
         resolved = out.resolve()
         reason = _forbidden_reason(resolved, protected)
         if reason is not None:
-            raise TransplantError(f"output {out} {reason}; tokentransplant never replaces it, choose a new --output")
-        if not overwrite:
-            raise TransplantError(f"output {out} already exists; pass --overwrite to replace it or choose another "
+            raise TransplantError(f"output {out} {reason}; tokentransplant never replaces it, choose a new "
                                   "--output")
+        if not overwrite:
+            raise TransplantError(f"output {out} already exists; pass --overwrite to replace it or choose "
+                                  "another --output")
         reason = _not_replaceable_reason(out)
         if reason is not None:
-            raise TransplantError(f"--overwrite refused: {out} {reason}; move its files away or choose another "
-                                  "--output")
+            raise TransplantError(f"--overwrite refused: {out} {reason}; move its files away or choose "
+                                  "another --output")
     _check_destination_folder(out, estimate_bytes)
     return out
 
@@ -273,7 +278,8 @@ class Terminated(BaseException):
 
 @contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into `Terminated` in the main thread, so the temp dir is removed before the process ends."""
+    """Turn SIGTERM into `Terminated` in the main thread, so the temp dir is removed before the process
+    ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -311,13 +317,14 @@ def os_error_message(exc: OSError, out: Path) -> TransplantError | None:
 
 
 @contextmanager
-def atomic_output(path: str | os.PathLike, *, overwrite: bool = False, protected: Iterable[str | os.PathLike] = (),
-                  estimate_bytes: int = 0, kind: str = "model", info: dict[str, Any] | None = None) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False,
+                  protected: Iterable[str | os.PathLike] = (), estimate_bytes: int = 0, kind: str = "model",
+                  info: dict[str, Any] | None = None) -> Iterator[Path]:
     """Yield an empty temp dir beside `path`; when the block ends normally it becomes `path` (with a marker).
 
-    On any error, SIGTERM included, the temp dir is removed and nothing at `path` changes. OS errors a user can
-    fix (disk full, file-size limit, permissions) become one-line `TransplantError`s. `protected`, `overwrite`
-    and `estimate_bytes` are checked as in `check_output`, again, right before writing starts.
+    On any error, SIGTERM included, the temp dir is removed and nothing at `path` changes. OS errors a user
+    can fix (disk full, file-size limit, permissions) become one-line `TransplantError`s. `protected`,
+    `overwrite` and `estimate_bytes` are checked as in `check_output`, again, right before writing starts.
     """
     protected = list(protected)
     out = check_output(path, overwrite=overwrite, protected=protected, estimate_bytes=estimate_bytes)
@@ -341,33 +348,36 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False, protected
 # ---------------------------------------------------------------- single files
 
 
-def check_file_output(path: str | os.PathLike, *, overwrite: bool, protected: Iterable[str | os.PathLike] = (),
-                      estimate_bytes: int = 0, is_ours: Callable[[Path], bool] = lambda _: False) -> Path:
-    """`check_output` for an output that is one file (a GGUF): the same promises, with `is_ours(path)` deciding
-    whether an existing file is an earlier output of ours that `overwrite` may replace. Refused too: a file
-    inside an input (the model folder would then hold a file its marker does not list)."""
+def check_file_output(path: str | os.PathLike, *, overwrite: bool,
+                      protected: Iterable[str | os.PathLike] = (), estimate_bytes: int = 0,
+                      is_ours: Callable[[Path], bool] = lambda _: False) -> Path:
+    """`check_output` for an output that is one file (a GGUF): the same promises, with `is_ours(path)`
+    deciding whether an existing file is an earlier output of ours that `overwrite` may replace. Refused too:
+    a file inside an input (the model folder would then hold a file its marker does not list)."""
     out = Path(path).expanduser().absolute()
     check_path_length(out)
     for item in protected:
         item = Path(item).expanduser().resolve()
         if _is_within(out.resolve(), item):
-            raise TransplantError(f"output {out} is inside an input of this run ({item}); choose a path outside it")
+            raise TransplantError(f"output {out} is inside an input of this run ({item}); choose a path "
+                                  "outside it")
     if out.exists() or out.is_symlink():
         if out.is_dir() and not out.is_symlink():
             raise TransplantError(f"output {out} is a directory; name a file, e.g. {out / 'model.gguf'}")
         if not overwrite:
-            raise TransplantError(f"output {out} already exists; pass --overwrite to replace it or choose another "
-                                  "--output")
+            raise TransplantError(f"output {out} already exists; pass --overwrite to replace it or choose "
+                                  "another --output")
         if out.is_symlink() or not is_ours(out):
-            raise TransplantError(f"--overwrite refused: {out} was not written by tokentransplant; move it away or "
-                                  "choose another --output")
+            raise TransplantError(f"--overwrite refused: {out} was not written by tokentransplant; move it "
+                                  "away or choose another --output")
     _check_destination_folder(out, estimate_bytes)
     return out
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, *, overwrite: bool = False, protected: Iterable[str | os.PathLike] = (),
-                estimate_bytes: int = 0, is_ours: Callable[[Path], bool] = lambda _: False) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, *, overwrite: bool = False,
+                protected: Iterable[str | os.PathLike] = (), estimate_bytes: int = 0,
+                is_ours: Callable[[Path], bool] = lambda _: False) -> Iterator[Path]:
     """Yield a temp file name beside `path`; when the block ends normally the file replaces `path` atomically.
 
     On any error, SIGTERM included, the temp file is removed and `path` is untouched; the checks of

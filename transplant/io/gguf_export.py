@@ -1,9 +1,9 @@
 """`transplant export-gguf`: a model folder -> one GGUF file for llama.cpp, written with the `gguf` package.
 
 Why our own writer rather than wrapping llama.cpp's `convert_hf_to_gguf.py`: that script is not part of the
-`gguf` package (it needs a llama.cpp checkout of a matching version), it picks the pre-tokenizer by hashing the
-ids of known hub models, which a transplanted tokenizer on another model's weights may not match, and it typed
-Mistral's `[INST]` in our outputs as NORMAL. Here the vocabulary comes from our own tokenizer reading
+`gguf` package (it needs a llama.cpp checkout of a matching version), it picks the pre-tokenizer by hashing
+the ids of known hub models, which a transplanted tokenizer on another model's weights may not match, and it
+typed Mistral's `[INST]` in our outputs as NORMAL. Here the vocabulary comes from our own tokenizer reading
 (`transplant.io.gguf_vocab`: CONTROL, USER_DEFINED, BYTE, UNUSED types, scores or merges, pre-tokenizer by
 behaviour) and the tensors follow llama.cpp's Llama conventions.
 
@@ -90,8 +90,8 @@ def _rope(config: dict) -> tuple[float, dict]:
 
 
 def llama3_rope_factors(theta: float, head_dim: int, scaling: dict) -> np.ndarray:
-    """llama.cpp's `rope_freqs.weight` for llama3 rope scaling: per frequency, how much the scaled rope slows it
-    (the ratio of transformers' default to llama3 inverse frequencies)."""
+    """llama.cpp's `rope_freqs.weight` for llama3 rope scaling: per frequency, how much the scaled rope slows
+    it (the ratio of transformers' default to llama3 inverse frequencies)."""
     freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     factor = scaling.get("factor", 8.0)
     low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -182,8 +182,8 @@ def _plan(entries: dict, config: dict, heads: int, kv_heads: int, outtype: str, 
             continue
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
-            raise TransplantError(f"{model_dir}: tensor {name} has no place in a llama GGUF; this is not a plain "
-                                  "Llama model, use llama.cpp's convert_hf_to_gguf.py")
+            raise TransplantError(f"{model_dir}: tensor {name} has no place in a llama GGUF; this is not a "
+                                  "plain Llama model, use llama.cpp's convert_hf_to_gguf.py")
         rotary = heads if ".q_proj." in name else kv_heads if ".k_proj." in name else None
         qtype = _qtype(entry.shape, outtype)
 
@@ -231,13 +231,13 @@ def export_gguf(model_dir: str | Path, output: str | Path, *, outtype: str = "f1
     heads, kv_heads, head_dim = _attention_shape(config)
     theta, scaling = _rope(config)
     if scaling["rope_type"] not in ("default", "linear", "llama3"):
-        raise TransplantError(f"rope scaling {scaling['rope_type']!r} is not supported by export-gguf (default, "
-                              "linear and llama3 are); use llama.cpp's convert_hf_to_gguf.py")
+        raise TransplantError(f"rope scaling {scaling['rope_type']!r} is not supported by export-gguf "
+                              "(default, linear and llama3 are); use llama.cpp's convert_hf_to_gguf.py")
     planned = _plan(entries, config, heads, kv_heads, outtype, tied, model_dir)
     if scaling["rope_type"] == "llama3":
         factors = llama3_rope_factors(theta, head_dim, scaling)
-        planned.append(PlannedGGUFTensor("rope_freqs.weight", None, gguf.GGMLQuantizationType.F32, factors.shape,
-                                         lambda: factors))
+        planned.append(PlannedGGUFTensor("rope_freqs.weight", None, gguf.GGMLQuantizationType.F32,
+                                         factors.shape, lambda: factors))
     estimate = sum(t.nbytes for t in planned) + 64 * 2**20
     with atomic_file(output, overwrite=overwrite, protected=[model_dir], estimate_bytes=estimate,
                      is_ours=is_our_gguf) as tmp:
@@ -250,8 +250,8 @@ def export_gguf(model_dir: str | Path, output: str | Path, *, outtype: str = "f1
         write_vocab(writer, vocab)
         writer.add_string(MARKER_KEY, __version__)
         _write_tensors(writer, planned)
-    log.info("wrote %s: %s, %d tensors, %d tokens (%d control)", output, outtype, len(planned), len(vocab.tokens),
-             vocab.types.count(CONTROL))
+    log.info("wrote %s: %s, %d tensors, %d tokens (%d control)", output, outtype, len(planned),
+             len(vocab.tokens), vocab.types.count(CONTROL))
     return ExportResult(Path(output).absolute(), arch, outtype, len(planned), vocab)
 
 
@@ -263,7 +263,8 @@ def _write_tensors(writer, planned: list[PlannedGGUFTensor]) -> None:
         qtype = gguf.GGMLQuantizationType(tensor.qtype)
         quantized = qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
         shape = gguf.quant_shape_to_byte_shape(tensor.shape, qtype) if quantized else tensor.shape
-        dtype = np.uint8 if quantized else (np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+        dtype = np.uint8 if quantized else (np.float32 if qtype == gguf.GGMLQuantizationType.F32
+                                            else np.float16)
         writer.add_tensor_info(tensor.name, shape, np.dtype(dtype), tensor.nbytes,
                                raw_dtype=qtype if quantized else None)
     writer.write_header_to_file()

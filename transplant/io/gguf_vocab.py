@@ -2,14 +2,14 @@
 
 llama.cpp knows two BPE families, and a transplanted model has one of them:
 
-* `gpt2`: byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM2, tekken). Tokens as stored (`Ġthe`), the merge list, and
-  `tokenizer.ggml.pre`, the name of the pre-tokenizer llama.cpp must apply. That name is found by splitting a
-  check text with the model's pre-tokenizer and with reference pre-tokenizers for the names llama.cpp knows
-  (`PRE_TOKENIZERS`); an unknown one is written as `default` with a warning.
+* `gpt2`: byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM2, tekken). Tokens as stored (`Ġthe`), the merge list,
+  and `tokenizer.ggml.pre`, the name of the pre-tokenizer llama.cpp must apply. That name is found by
+  splitting a check text with the model's pre-tokenizer and with reference pre-tokenizers for the names
+  llama.cpp knows (`PRE_TOKENIZERS`); an unknown one is written as `default` with a warning.
 * `llama`: SentencePiece-style BPE (Mistral, Llama 2, Gemma), with byte fallback. Tokens with `▁`, and scores:
-  llama.cpp merges the adjacent pair whose concatenation has the highest score, and our tokenizer.json holds the
-  same order as a merge list (`transplant.tokenizers.formats`), so a piece's score is minus the rank of the first
-  merge that makes it.
+  llama.cpp merges the adjacent pair whose concatenation has the highest score, and our tokenizer.json holds
+  the same order as a merge list (`transplant.tokenizers.formats`), so a piece's score is minus the rank of
+  the first merge that makes it.
 
 Token types decide what llama.cpp may produce from text and what it prints: special added tokens (`<s>`,
 `[INST]`, `<|im_start|>`, a `--special` token) are CONTROL, other added tokens USER_DEFINED (CONTROL when they
@@ -34,8 +34,9 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # gguf.
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 # llama.cpp's check text for pre-tokenizers (convert_hf_to_gguf.py, get_vocab_base_pre)
 CHECK_TEXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 "
-    "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 "
+    "?我想在apple工作1314151天～ "
     "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
     "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
 )
@@ -85,15 +86,17 @@ def pre_tokenizer_name(backend) -> str:
     for name, reference in _reference_pre_tokenizers().items():
         if [piece for piece, _ in reference.pre_tokenize_str(CHECK_TEXT)] == pieces:
             return name
-    log.warning("the tokenizer's pre-tokenizer is none llama.cpp knows by name; writing tokenizer.ggml.pre=default, "
-                "so llama.cpp may split text differently than transformers")
+    log.warning("the tokenizer's pre-tokenizer is none llama.cpp knows by name; writing "
+                "tokenizer.ggml.pre=default, so llama.cpp may split text differently than transformers")
     return "default"
 
 
 def looks_like_control(text: str) -> bool:
     """llama.cpp's converter makes these CONTROL even when a tokenizer forgot to mark them special."""
-    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (text.startswith("<|") and text.endswith("|>"))
-            or (text.startswith("<｜") and text.endswith("｜>")) or (text.startswith("<unused") and text.endswith(">")))
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<｜") and text.endswith("｜>"))
+            or (text.startswith("<unused") and text.endswith(">")))
 
 
 def _family(data: dict) -> str:
@@ -105,8 +108,10 @@ def _family(data: dict) -> str:
     steps = decoder + json.dumps([data.get("normalizer"), data.get("pre_tokenizer")], ensure_ascii=False)
     if model_type == "BPE" and "\u2581" in steps:
         return "llama"
-    raise TransplantError(f"GGUF export supports BPE tokenizers (byte-level or SentencePiece-style); this one is "
-                          f"{model_type or 'unknown'} with decoder {decoder[:60]}; export it with llama.cpp's converter")
+    raise TransplantError("GGUF export supports BPE tokenizers (byte-level or SentencePiece-style); this "
+                          "one is "
+                          f"{model_type or 'unknown'} with decoder {decoder[:60]}; export it with "
+                          "llama.cpp's converter")
 
 
 def _merge_strings(merges: list) -> list[str]:
@@ -114,7 +119,8 @@ def _merge_strings(merges: list) -> list[str]:
 
 
 def _scores(tokens: list[str], merges: list[str]) -> list[float]:
-    """SentencePiece-style scores from the merge order: minus the rank of the first merge making each piece."""
+    """SentencePiece-style scores from the merge order: minus the rank of the first merge making each
+    piece."""
     first: dict[str, int] = {}
     for rank, merge in enumerate(merges):
         left, _, right = merge.partition(" ")
@@ -163,15 +169,17 @@ def describe_vocab(model_dir: Path, rows: int, config: dict | None = None) -> GG
     table = backend.get_vocab(with_added_tokens=True)
     known = max(table.values(), default=-1) + 1
     if known > rows:
-        raise TransplantError(f"{model_dir}: the tokenizer has {known} ids but the embeddings {rows} rows; the model "
-                              "and tokenizer do not belong together")
+        raise TransplantError(f"{model_dir}: the tokenizer has {known} ids but the embeddings {rows} rows; "
+                              "the model and tokenizer do not belong together")
     tokens = [f"[PAD{i}]" for i in range(rows)]
     for text, idx in table.items():
         tokens[idx] = text
     added = backend.get_added_tokens_decoder()
     model = data["model"]
-    types = _token_types(tokens, added, model.get("unk_token"), family, bool(model.get("byte_fallback")), known)
-    if family == "llama":  # llama.cpp matches user-defined pieces in the raw text, where spaces are still spaces
+    types = _token_types(tokens, added, model.get("unk_token"), family,
+                         bool(model.get("byte_fallback")), known)
+    # llama.cpp matches user-defined pieces in the raw text, where spaces are still spaces
+    if family == "llama":
         tokens = [t.replace("\u2581", " ") if k == USER_DEFINED else t for t, k in zip(tokens, types)]
     merges = _merge_strings(model.get("merges", []))
     special_ids = {role: idx for role, idx in vocab.roles.items() if role in ("bos", "eos", "unk", "pad")}

@@ -70,7 +70,8 @@ def check_fits(needed_bytes: int, *, what: str, fix: str, device: str | torch.de
 def omp_bytes(n_targets: int, n_anchors: int, dim: int, k: int, batch_size: int = 1) -> int:
     """A lower bound on what `transplant.solvers.omp.omp` holds at once: indices (int64) and float32
     coefficients for every target, the unit-normalised anchors, and the working set of `batch_size` targets
-    in flight, about N·(k + 8) floats each (the solver's docstring; its automatic batch size only grows it)."""
+    in flight, about N·(k + 8) floats each (the solver's docstring; its automatic batch size only grows
+    it)."""
     steps = min(k, n_anchors)
     results = n_targets * k * (8 + 4)
     anchors = n_anchors * dim * 4

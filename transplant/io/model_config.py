@@ -1,9 +1,9 @@
-"""config.json and generation_config.json of a model dir: read and type-checked, rewritten for a new vocabulary.
+"""config.json and generation_config.json of a model dir: read, type-checked, rewritten for a new vocabulary.
 
 Surgery relies on a few config fields (vocab_size, the hidden size, the tie flag, text_config); `load_config`
 checks their types before anything is read, so `vocab_size: "lots"` or `hidden_size: -1` is a one-line error
-instead of an output that cannot load. The rewrite sets every special-token id for the new vocabulary and drops
-generation settings that still hold base-vocabulary ids.
+instead of an output that cannot load. The rewrite sets every special-token id for the new vocabulary and
+drops generation settings that still hold base-vocabulary ids.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from transplant.io.token_ids import TokenIdMap, remap_token_ids, report
 log = logging.getLogger(__name__)
 
 # generation_config keys that hold base-vocabulary ids and would misfire (or crash) with a new tokenizer
-STALE_GENERATION_KEYS = ("forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens",
-                         "bad_words_ids", "force_words_ids", "sequence_bias", "decoder_start_token_id")
+STALE_GENERATION_KEYS = ("forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
+                         "begin_suppress_tokens", "bad_words_ids", "force_words_ids", "sequence_bias",
+                         "decoder_start_token_id")
 SPECIAL_ROLE_KEYS = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "pad_token_id"}
 
 
@@ -29,7 +30,8 @@ def load_config(model_dir: Path) -> dict:
     """The parsed, type-checked config.json of `model_dir` (one-line errors for a missing or damaged file)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise TransplantError(f"base model directory {model_dir} does not exist; pass a Hugging Face model folder")
+        raise TransplantError(f"base model directory {model_dir} does not exist; pass a Hugging Face model "
+                              "folder")
     path = model_dir / "config.json"
     if not path.is_file():
         raise TransplantError(f"{model_dir} has no config.json; pass a Hugging Face model folder "
@@ -38,7 +40,8 @@ def load_config(model_dir: Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise TransplantError(f"{path} is not valid JSON ({reason}); re-download or re-save the base model") from exc
+        raise TransplantError(f"{path} is not valid JSON ({reason}); re-download or re-save the base "
+                              "model") from exc
     if not isinstance(config, dict):
         raise TransplantError(f"{path} is not a JSON object; re-download or re-save the base model")
     check_config(config, path)
@@ -50,18 +53,23 @@ _SIZE_KEYS = ("vocab_size", "hidden_size", "n_embd", "d_model")
 
 
 def check_config(config: dict, path: Path) -> None:
-    """Type-check the fields surgery relies on, so a bad value fails here, not as an output that cannot load."""
+    """Type-check the fields surgery relies on, so a bad value fails here, not as an output that cannot
+    load."""
     nested = config.get("text_config")
     if nested is not None and not isinstance(nested, dict):
-        raise TransplantError(f"{path}: text_config must be an object, got {type(nested).__name__}; fix config.json")
+        raise TransplantError(f"{path}: text_config must be an object, got {type(nested).__name__}; fix "
+                              "config.json")
     for scope in (config, nested or {}):
         for key in _SIZE_KEYS:
             value = scope.get(key)
-            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-                raise TransplantError(f"{path}: {key} must be a positive integer, got {value!r}; fix config.json")
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                          and value > 0):
+                raise TransplantError(f"{path}: {key} must be a positive integer, got {value!r}; fix "
+                                      "config.json")
         tie = scope.get("tie_word_embeddings")
         if tie is not None and not isinstance(tie, bool):
-            raise TransplantError(f"{path}: tie_word_embeddings must be true or false, got {tie!r}; fix config.json")
+            raise TransplantError(f"{path}: tie_word_embeddings must be true or false, got {tie!r}; fix "
+                                  "config.json")
 
 
 def config_hidden_size(config: dict) -> int | None:
@@ -112,8 +120,9 @@ def check_ids(ids: dict, vocab_size: int) -> None:
 
 def updated_config(config: dict, *, vocab_size: int, ids: dict, tied: bool, dtype: torch.dtype | None,
                    token_map: TokenIdMap | None = None) -> dict:
-    """config.json for the new vocabulary. With `token_map`, every other token-id key (nested ones included) is
-    carried to the new ids or refused (`transplant.io.token_ids`); without it they are left and warned about."""
+    """config.json for the new vocabulary. With `token_map`, every other token-id key (nested ones included)
+    is carried to the new ids or refused (`transplant.io.token_ids`); without it they are left and warned
+    about."""
     config = json.loads(json.dumps(config))
     nested = text_config(config)
     scopes = [config] + ([nested] if nested is not None else [])
@@ -143,9 +152,11 @@ def updated_config(config: dict, *, vocab_size: int, ids: dict, tied: bool, dtyp
             config["torch_dtype"] = name
     if token_map is not None:
         return config
-    stale = sorted({k for scope in scopes for k in scope if k.endswith(("_token_id", "_token_index"))} - set(ids))
+    stale = sorted({k for scope in scopes for k in scope
+                    if k.endswith(("_token_id", "_token_index"))} - set(ids))
     if stale:
-        log.warning("config keys %s still hold base-vocabulary ids; pass them in special_ids to map them", stale)
+        log.warning("config keys %s still hold base-vocabulary ids; pass them in special_ids to map "
+                    "them", stale)
     return config
 
 

@@ -42,7 +42,8 @@ for _code, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
     if hasattr(torch, _attr):
         CODE_TO_DTYPE[_code] = getattr(torch, _attr)
 DTYPE_TO_CODE: dict[torch.dtype, str] = {dtype: code for code, dtype in CODE_TO_DTYPE.items()}
-CODE_ITEMSIZE: dict[str, int] = {code: torch.empty(0, dtype=dt).element_size() for code, dt in CODE_TO_DTYPE.items()}
+CODE_ITEMSIZE: dict[str, int] = {code: torch.empty(0, dtype=dt).element_size()
+                                 for code, dt in CODE_TO_DTYPE.items()}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
 COPY_BUFFER_BYTES = 16 * 1024 * 1024
@@ -76,7 +77,8 @@ def _corrupt(path: Path, reason: str) -> TransplantError:
     )
 
 
-# Bits per element of every dtype in the format's spec (torch lacks some; they are copied through as raw bytes).
+# Bits per element of every dtype in the format's spec (torch lacks some; they are copied through as raw
+# bytes).
 CODE_BITS: dict[str, int] = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8,
     "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64,
@@ -147,7 +149,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     Checked, as the reference implementation does, plus what a hand-made file can get wrong: the header fits
     the file, is JSON without duplicate keys or runaway nesting, every entry has a known dtype, a shape of
     counts and offsets whose size equals dtype x shape, and the tensors tile the data section exactly (an
-    overlap would silently give two weights the same bytes; a gap or tail means a damaged or hand-edited file).
+    overlap would silently give two weights the same bytes; a gap or tail means a damaged or hand-edited
+    file).
     """
     try:
         size = path.stat().st_size
@@ -160,7 +163,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
                 raise _corrupt(path, f"header length {header_len} does not fit the {size}-byte file")
             raw = fh.read(header_len)
     except OSError as exc:
-        raise TransplantError(f"cannot read {path} ({exc.strerror or exc}); check the path and permissions") from exc
+        raise TransplantError(f"cannot read {path} ({exc.strerror or exc}); check the path and "
+                              "permissions") from exc
     header = _parse_header_json(path, raw)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
@@ -170,7 +174,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     for name, info in header.items():
         code, shape, begin, end = _entry_fields(path, name, info)
         entries[name] = TensorEntry(name, code, shape, path, data_start + begin, data_start + end)
-    _check_layout(path, [(e.start - data_start, e.end - data_start, n) for n, e in entries.items()], size - data_start)
+    _check_layout(path, [(e.start - data_start, e.end - data_start, n) for n, e in entries.items()],
+                  size - data_start)
     return entries, metadata
 
 
@@ -187,18 +192,21 @@ def model_weight_files(model_dir: Path) -> list[Path]:
             raise TransplantError(f"{index_path} is unreadable ({exc}); re-download the base model") from exc
         missing = [n for n in names if not (model_dir / n).is_file()]
         if missing:
-            raise TransplantError(f"{index_path} names missing shard {missing[0]}; re-download the base model")
+            raise TransplantError(f"{index_path} names missing shard {missing[0]}; re-download the base "
+                                  "model")
         return [model_dir / n for n in names]
     if (model_dir / "model.safetensors").is_file():
         return [model_dir / "model.safetensors"]
     found = sorted(p for p in model_dir.glob("*.safetensors") if not p.name.startswith("consolidated"))
     if found:
         return found
-    others = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf") for p in model_dir.glob(pattern))
+    others = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf")
+                    for p in model_dir.glob(pattern))
     if others:
         raise TransplantError(
-            f"{model_dir} has weights only as {', '.join(others[:3])}; only safetensors are read (pickle files can "
-            "run code). Convert once with: python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"{model_dir} has weights only as {', '.join(others[:3])}; only safetensors are read (pickle "
+            "files can run code). Convert once with: python -c \"from transformers import "
+            "AutoModelForCausalLM as M; "
             f"M.from_pretrained('{model_dir}').save_pretrained('{model_dir}-safetensors')\""
         )
     raise TransplantError(f"{model_dir} has no *.safetensors weights; pass a Hugging Face model folder")
@@ -212,7 +220,8 @@ def weight_entries(model_dir: Path) -> tuple[dict[str, TensorEntry], list[int]]:
         header, _ = read_header(path)
         for entry in sorted(header.values(), key=lambda e: e.start):
             if entry.name in entries:
-                raise TransplantError(f"tensor {entry.name!r} is stored twice ({entries[entry.name].file.name} and "
+                raise TransplantError(f"tensor {entry.name!r} is stored twice "
+                                      f"({entries[entry.name].file.name} and "
                                       f"{path.name}); re-download the model")
             entries[entry.name] = entry
         shard_sizes.append(sum(e.nbytes for e in header.values()))
@@ -245,7 +254,8 @@ def plan_copy(entry: TensorEntry, cast_to: torch.dtype | None = None) -> Planned
     def produce() -> torch.Tensor:
         return load_tensor(entry).to(cast_to)
 
-    return PlannedTensor(entry.name, code, entry.shape, math.prod(entry.shape) * CODE_ITEMSIZE[code], produce=produce)
+    return PlannedTensor(entry.name, code, entry.shape, math.prod(entry.shape) * CODE_ITEMSIZE[code],
+                         produce=produce)
 
 
 def plan_tensor(name: str, make: Callable[[], torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]):
@@ -261,7 +271,8 @@ def load_tensor(entry: TensorEntry) -> torch.Tensor:
         return handle.get_tensor(entry.name)
 
 
-def split_into_shards(tensors: Iterable[PlannedTensor], max_shard_bytes: int | None) -> list[list[PlannedTensor]]:
+def split_into_shards(tensors: Iterable[PlannedTensor],
+                      max_shard_bytes: int | None) -> list[list[PlannedTensor]]:
     """Fill shards in order up to the cap; a tensor larger than the cap gets a shard of its own."""
     shards: list[list[PlannedTensor]] = [[]]
     used = 0
@@ -321,7 +332,8 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, nbytes: int, buffer: b
     while remaining:
         got = src.readinto(view[: min(len(buffer), remaining)])
         if not got:
-            raise TransplantError(f"{src.name} ended early while copying (truncated?); re-download the base model")
+            raise TransplantError(f"{src.name} ended early while copying (truncated?); re-download the base "
+                                  "model")
         _write_all(dst, view[:got])
         remaining -= got
 

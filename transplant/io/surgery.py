@@ -40,13 +40,15 @@ from transplant.io.model_config import (
 from transplant.io.token_ids import TokenIdMap, remap_token_ids, token_id_map
 from transplant.io.vocab_tensors import RowComposer, sparse_composer
 
-__all__ = ["BaseEmbeddings", "read_embeddings", "write_transplanted", "estimate_output_bytes", "check_token_ids",
-           "token_id_map", "sparse_composer", "TokenIdMap", "RowComposer", "INPUT_NAMES", "OUTPUT_NAMES"]
+__all__ = ["BaseEmbeddings", "read_embeddings", "write_transplanted", "estimate_output_bytes",
+           "check_token_ids", "token_id_map", "sparse_composer", "TokenIdMap", "RowComposer", "INPUT_NAMES",
+           "OUTPUT_NAMES"]
 
 log = logging.getLogger(__name__)
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
-                   "chat_template.json")  # a multimodal model's processor: read by AutoProcessor, not the tokenizer
+                   "chat_template.json")  # a multimodal model's processor: read by AutoProcessor, not the
+                   #                        tokenizer
 
 
 @dataclass
@@ -86,19 +88,23 @@ def locate_embeddings(entries: dict[str, safetensors.TensorEntry], config: dict,
     output_name = _find(entries, OUTPUT_NAMES, OUTPUT_SUFFIXES, vocab, "output embedding")
     if input_name is None and vocab is not None:
         # unknown naming: the 2-D tensors with one row per token, input before output in storage order
-        rows = [n for n, e in entries.items() if len(e.shape) == 2 and e.shape[0] == vocab and n != output_name]
+        rows = [n for n, e in entries.items() if len(e.shape) == 2 and e.shape[0] == vocab
+                and n != output_name]
         ranked = sorted(rows, key=lambda n: not any(k in n for k in ("embed", "wte", "tok")))
         if output_name is None and len(ranked) == 2:
             input_name, output_name = ranked
         elif len(ranked) == 1 or (ranked and len(ranked) <= 2 and output_name is not None):
             input_name = ranked[0]
         elif len(ranked) > 2:
-            raise TransplantError(f"cannot tell which of {', '.join(ranked[:4])} is the embedding in {model_dir}; "
+            raise TransplantError(f"cannot tell which of {', '.join(ranked[:4])} is the embedding in "
+                                  f"{model_dir}; "
                                   "this architecture is not supported yet, please report it")
     if input_name is None:
         raise TransplantError(
-            f"no embedding tensor in {model_dir} (looked for {INPUT_NAMES[0]}, {INPUT_NAMES[3]}, ... and any 2-D "
-            f"tensor with vocab_size={vocab} rows); pass the folder of a causal language model with its embeddings"
+            f"no embedding tensor in {model_dir} (looked for {INPUT_NAMES[0]}, {INPUT_NAMES[3]}, ... and any "
+            "2-D "
+            f"tensor with vocab_size={vocab} rows); pass the folder of a causal language model with its "
+            "embeddings"
         )
     return input_name, output_name
 
@@ -106,12 +112,14 @@ def locate_embeddings(entries: dict[str, safetensors.TensorEntry], config: dict,
 def _check_width(entry: safetensors.TensorEntry, config: dict, model_dir: Path) -> None:
     hidden = config_hidden_size(config)
     if hidden is not None and entry.shape[1] != hidden:
-        raise TransplantError(f"{model_dir}/config.json says hidden size {hidden} but the embedding {entry.name} is "
+        raise TransplantError(f"{model_dir}/config.json says hidden size {hidden} but the embedding "
+                              f"{entry.name} is "
                               f"{entry.shape[1]} wide; fix config.json or re-download the model")
 
 
 def read_embeddings(model_dir: Path) -> BaseEmbeddings:
-    """Load only the base's embedding matrices (memory-mapped reads of two tensors, whatever the model size)."""
+    """Load only the base's embedding matrices (memory-mapped reads of two tensors, whatever the model
+    size)."""
     model_dir = Path(model_dir)
     config = load_config(model_dir)
     entries, _ = safetensors.weight_entries(model_dir)
@@ -122,7 +130,8 @@ def read_embeddings(model_dir: Path) -> BaseEmbeddings:
         embeddings = safetensors.load_tensor(entries[input_name])
         output = None if tied else safetensors.load_tensor(entries[output_name])
     except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise TransplantError(f"cannot read the embeddings of {model_dir} ({exc}); re-download the base model") from exc
+        raise TransplantError(f"cannot read the embeddings of {model_dir} ({exc}); re-download the base "
+                              "model") from exc
     log.info("base embeddings: %s %s%s", input_name, tuple(embeddings.shape),
              " (tied)" if tied else f", output {output_name} {tuple(output.shape)}")
     return BaseEmbeddings(embeddings, output, input_name, None if tied else output_name, tied,
@@ -164,11 +173,13 @@ def pad_embeddings(matrix: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _check_shape(matrix: torch.Tensor, hidden: int, what: str) -> None:
     if matrix.ndim != 2 or matrix.shape[1] != hidden or not matrix.is_floating_point() or not matrix.shape[0]:
-        raise ValueError(f"{what} must be a floating [V, {hidden}] matrix, got {tuple(matrix.shape)} {matrix.dtype}")
+        raise ValueError(f"{what} must be a floating [V, {hidden}] matrix, got {tuple(matrix.shape)} "
+                         f"{matrix.dtype}")
 
 
 def _check_finite(matrix: torch.Tensor, what: str) -> None:
-    """After the cast, so an fp32 value that overflows float16 is caught too (aminmax propagates NaN, fast)."""
+    """After the cast, so an fp32 value that overflows float16 is caught too (aminmax propagates NaN,
+    fast)."""
     low, high = torch.aminmax(matrix)
     if not (torch.isfinite(low) and torch.isfinite(high)):
         raise ValueError(f"{what} contains NaN or inf (in {matrix.dtype})")
@@ -178,7 +189,8 @@ def _check_finite(matrix: torch.Tensor, what: str) -> None:
 
 
 def _default_output_name(input_name: str, entries: dict) -> str:
-    """Where an untied copy of a tied embedding goes: the name this architecture loads its output matrix from."""
+    """Where an untied copy of a tied embedding goes: the name this architecture loads its output matrix
+    from."""
     if input_name == "gpt_neox.embed_in.weight":
         return "embed_out.weight"
     if input_name.startswith("language_model.model."):
@@ -205,15 +217,18 @@ def _plan_weights(entries, input_name, base_output, new_input, new_output, dtype
             def make(entry=entry, axis=axis, cast=cast):
                 return vocab_tensors.rebuild(safetensors.load_tensor(entry), axis, compose, rows, cast)
 
-            planned.append(safetensors.plan_tensor(name, make, cast, vocab_tensors.new_shape(entry.shape, axis, rows)))
+            planned.append(safetensors.plan_tensor(name, make, cast,
+                                                   vocab_tensors.new_shape(entry.shape, axis, rows)))
         elif name == input_name:
-            planned.append(safetensors.plan_tensor(name, lambda: new_input, new_input.dtype, tuple(new_input.shape)))
+            planned.append(safetensors.plan_tensor(name, lambda: new_input, new_input.dtype,
+                                                   tuple(new_input.shape)))
             if new_output is not None and base_output is None:
                 planned.append(safetensors.plan_tensor(output_name, lambda: new_output, new_output.dtype,
                                                tuple(new_output.shape)))
         elif name == base_output:
             if new_output is not None:
-                planned.append(safetensors.plan_tensor(name, lambda: new_output, new_output.dtype, tuple(new_output.shape)))
+                planned.append(safetensors.plan_tensor(name, lambda: new_output, new_output.dtype,
+                                                       tuple(new_output.shape)))
         else:
             planned.append(safetensors.plan_copy(entry, dtype))
     return planned
@@ -229,7 +244,8 @@ def _write_files(tmp: Path, base_dir: Path, files: dict[str, str | bytes]) -> No
             target.write_bytes(content)
         else:
             target.write_text(content, encoding="utf-8")
-    for path in base_dir.iterdir():  # licences, remote code and processors travel with the weights; tokenizers do not
+    # licences, remote code and processors travel with the weights; tokenizers do not
+    for path in base_dir.iterdir():
         if path.is_file() and (path.suffix == ".py" or path.name in PROCESSOR_FILES
                                or path.name.upper().startswith(("LICENSE", "NOTICE", "USE_POLICY"))):
             if not (tmp / path.name).exists():
@@ -241,7 +257,8 @@ def check_token_ids(base_dir: Path, special_ids: dict[str, int | None], token_ma
     would refuse it too, but only after the solving."""
     base_dir = Path(base_dir)
     ids = normalise_special_ids(special_ids)
-    remap_token_ids(load_config(base_dir), token_map, ids, [])  # warnings come once, when the output is written
+    # warnings come once, when the output is written
+    remap_token_ids(load_config(base_dir), token_map, ids, [])
     generation = base_dir / "generation_config.json"
     try:
         settings = json.loads(generation.read_text(encoding="utf-8")) if generation.is_file() else {}
@@ -271,27 +288,30 @@ def estimate_output_bytes(model_dir: Path, new_rows: int, *, dtype: torch.dtype 
     return total + 16 * 2**20
 
 
-def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor, new_output: torch.Tensor | None,
-                       save_tokenizer: Callable[[Path], None], special_ids: dict[str, int | None],
-                       model_card: str, dtype: torch.dtype | None = None, pad_to_multiple_of: int | None = None,
-                       overwrite: bool = False, extra_files: dict[str, str | bytes] | None = None,
+def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor,
+                       new_output: torch.Tensor | None, save_tokenizer: Callable[[Path], None],
+                       special_ids: dict[str, int | None], model_card: str, dtype: torch.dtype | None = None,
+                       pad_to_multiple_of: int | None = None, overwrite: bool = False,
+                       extra_files: dict[str, str | bytes] | None = None,
                        before_commit: Callable[[Path], None] | None = None,
                        protected: Iterable[str | os.PathLike] = (), vocab_rows: RowComposer | None = None,
                        token_map: TokenIdMap | None = None) -> Path:
     """Write the base model with new embeddings as a complete HF model folder at `out_dir`; return it.
 
-    `before_commit(tmp_dir)` runs on the complete folder before it is renamed into place (evaluation, reports),
-    so a failure there leaves no output behind, like any other failure. The folder is written through
-    `atomic_output`: `overwrite` replaces only an earlier tokentransplant output, never the base or the paths in
-    `protected` (the donor), and the folder carries the `tokentransplant.json` marker.
+    `before_commit(tmp_dir)` runs on the complete folder before it is renamed into place (evaluation,
+    reports), so a failure there leaves no output behind, like any other failure. The folder is written
+    through
+    `atomic_output`: `overwrite` replaces only an earlier tokentransplant output, never the base or the paths
+    in `protected` (the donor), and the folder carries the `tokentransplant.json` marker.
 
     `new_output` None ties the output to the input embedding; a matrix unties it. `dtype` casts every
     floating tensor. Embedding rows are padded to `pad_to_multiple_of` (see `pad_embeddings`).
 
-    Other per-token tensors (a masked LM's decoder bias, ...) are rebuilt with `vocab_rows` (`sparse_composer` of
-    the plan: see `transplant.io.vocab_tensors`); a base that has them and no `vocab_rows` is a ValueError. With
-    `token_map` every token-id field of config.json and generation_config.json is carried to the new ids, or the
-    model is refused before anything is written (`transplant.io.token_ids`). Processor files are copied.
+    Other per-token tensors (a masked LM's decoder bias, ...) are rebuilt with `vocab_rows` (`sparse_composer`
+    of the plan: see `transplant.io.vocab_tensors`); a base that has them and no `vocab_rows` is a ValueError.
+    With `token_map` every token-id field of config.json and generation_config.json is carried to the new ids,
+    or the model is refused before anything is written (`transplant.io.token_ids`). Processor files are
+    copied.
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir).absolute()
     config = load_config(base_dir)
@@ -319,7 +339,8 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
         raise ValueError(f"{base_dir} has per-token tensors {[t.name for t in extra][:3]}; pass vocab_rows")
     if extra:
         log.info("rebuilding per-token tensors %s", ", ".join(t.name for t in extra))
-    # config files first: a token id the new vocabulary cannot hold refuses the model before anything is written
+    # config files first: a token id the new vocabulary cannot hold refuses the model before anything is
+    # written
     new_config = updated_config(config, vocab_size=rows, ids=ids, tied=new_output is None, dtype=dtype,
                                 token_map=token_map)
     generation = updated_generation_config(base_dir, ids, token_map)
@@ -341,5 +362,6 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
         _write_files(tmp, base_dir, files)
         if before_commit is not None:
             before_commit(tmp)
-    log.info("wrote %s: %d shard(s), vocab %d, %s", out_dir, len(names), rows, "tied" if new_output is None else "untied")
+    log.info("wrote %s: %d shard(s), vocab %d, %s", out_dir, len(names), rows,
+             "tied" if new_output is None else "untied")
     return out_dir

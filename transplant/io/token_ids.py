@@ -1,18 +1,19 @@
 """Config fields that hold token ids, carried to the new vocabulary (or refused with the token they name).
 
-A config holds ids beyond bos/eos/pad: a multimodal model's `image_token_index` is read by its forward pass, an
-encoder-decoder's `decoder_start_token_id` by generation, nested configs (`text_config`, ...) repeat them. Each id
-is a token of the base vocabulary; the new id of the same token comes from the alignment (bytes, or the literal
-text of a special). Every key ending in `_token_id`, `_token_ids` or `_token_index`, in the config and in any
-nested object, is handled:
+A config holds ids beyond bos/eos/pad: a multimodal model's `image_token_index` is read by its forward pass,
+an encoder-decoder's `decoder_start_token_id` by generation, nested configs (`text_config`, ...) repeat them.
+Each id is a token of the base vocabulary; the new id of the same token comes from the alignment (bytes, or
+the literal text of a special). Every key ending in `_token_id`, `_token_ids` or `_token_index`, in the config
+and in any nested object, is handled:
 
-* bos/eos/pad/unk are what the new tokenizer says they are (its own roles), set by the caller; a list-valued eos
-  (`[<|endoftext|>, <|im_end|>]`) keeps its other entries where they exist in the new vocabulary.
+* bos/eos/pad/unk are what the new tokenizer says they are (its own roles), set by the caller; a list-valued
+  eos (`[<|endoftext|>, <|im_end|>]`) keeps its other entries where they exist in the new vocabulary.
 * Optional keys (OPTIONAL_KEYS: roles, forced bos/eos, suppressed tokens) are remapped where the token exists,
   else set to null (lists: the entry is dropped) with a warning.
 * Every other key is required: it is remapped, or the model is refused with one line naming the key, the token
   and the fix, before anything is written. An unknown key is treated as required, since a model may read it.
-* Generation settings that hold token *sequences* of the old tokenizer (DROPPED_KEYS) are dropped with a warning.
+* Generation settings that hold token *sequences* of the old tokenizer (DROPPED_KEYS) are dropped with a
+  warning.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _map_one(value: int, ids: TokenIdMap, key: str, where: str, optional: bool, notes: list[str]) -> int | None:
+def _map_one(value: int, ids: TokenIdMap, key: str, where: str, optional: bool,
+             notes: list[str]) -> int | None:
     if value < 0:  # -1 and friends mean "none" in some configs
         return value
     new = ids.base_to_new.get(value)
@@ -76,8 +78,8 @@ def _map_one(value: int, ids: TokenIdMap, key: str, where: str, optional: bool, 
         notes.append(f"{what} has no counterpart in the new vocabulary; dropped")
         return None
     raise TransplantError(
-        f"{what} names a token the new tokenizer does not have, and the model reads it; add that token to the donor "
-        "tokenizer (e.g. as a special token) or use a donor that has it"
+        f"{what} names a token the new tokenizer does not have, and the model reads it; add that token to "
+        "the donor tokenizer (e.g. as a special token) or use a donor that has it"
     )
 
 
@@ -100,11 +102,13 @@ def _merge_fixed(base_value: Any, fixed: Any, ids: TokenIdMap, key: str, where: 
     return merged if len(merged) > 1 else fixed
 
 
-def remap_token_ids(scope: dict, ids: TokenIdMap, fixed: dict[str, Any], notes: list[str], where: str = "") -> None:
+def remap_token_ids(scope: dict, ids: TokenIdMap, fixed: dict[str, Any], notes: list[str],
+                    where: str = "") -> None:
     """Rewrite, in place, every token-id key of `scope` and of the objects nested in it (module docstring).
 
-    `fixed` holds the caller's ids (the new tokenizer's bos/eos/pad/unk); they replace the base's value wherever
-    that key appears. Unmappable optional ids become null or leave their list; required ones raise."""
+    `fixed` holds the caller's ids (the new tokenizer's bos/eos/pad/unk); they replace the base's value
+    wherever that key appears. Unmappable optional ids become null or leave their list; required ones
+    raise."""
     for key in list(scope):
         value = scope[key]
         if isinstance(value, dict):

@@ -1,20 +1,21 @@
-"""Every tensor with one entry per token, not only the embeddings: found, checked and rebuilt for a new vocabulary.
+"""Every tensor with one entry per token, not only the embeddings: found, checked, rebuilt for a new vocab.
 
 Masked LMs carry a bias per token next to their decoder (`lm_head.bias`, `lm_head.decoder.bias`,
-`cls.predictions.bias`), BART-style models a `final_logits_bias` of shape [1, V]. An output that keeps their old
-length does not load (`AutoModelForMaskedLM` refuses the size mismatch), so the surgery rebuilds each of them.
+`cls.predictions.bias`), BART-style models a `final_logits_bias` of shape [1, V]. An output that keeps their
+old length does not load (`AutoModelForMaskedLM` refuses the size mismatch), so the surgery rebuilds each of
+them.
 
-How a new entry is made: the way its embedding row was. An initializer's plan writes every new row as a weighted
-sum of base rows (`W`, `transplant.init.base.InitPlan`); composing the bias with the same weights keeps the logit
-of a new token the same weighted sum of base logits it is for the row alone (h·Σ W_j e_j + Σ W_j b_j =
-Σ W_j (h·e_j + b_j)). Shared tokens are one-hot rows of W, so their bias is copied exactly. Rows W leaves empty
-(tokens built as dense rows: random, learned, fallbacks) get the mean bias, as do padded rows (the same argument
-as `surgery.pad_embeddings`: a mean entry scores the average, never the best).
+How a new entry is made: the way its embedding row was. An initializer's plan writes every new row as a
+weighted sum of base rows (`W`, `transplant.init.base.InitPlan`); composing the bias with the same weights
+keeps the logit of a new token the same weighted sum of base logits it is for the row alone (h·Σ W_j e_j + Σ
+W_j b_j = Σ W_j (h·e_j + b_j)). Shared tokens are one-hot rows of W, so their bias is copied exactly. Rows W
+leaves empty (tokens built as dense rows: random, learned, fallbacks) get the mean bias, as do padded rows
+(the same argument as `surgery.pad_embeddings`: a mean entry scores the average, never the best).
 
-A 2-D tensor with V rows that is not an embedding and whose name is about tokens (`embed`, `vocab`, `head`, ...)
-is refused rather than copied with a wrong length: an unknown architecture is a one-line error, not a broken
-output. Per-layer tensors, position tables and tensors named for something else (a vision tower's patch table)
-are never per token, whatever their size.
+A 2-D tensor with V rows that is not an embedding and whose name is about tokens (`embed`, `vocab`, `head`,
+...) is refused rather than copied with a wrong length: an unknown architecture is a one-line error, not a
+broken output. Per-layer tensors, position tables and tensors named for something else (a vision tower's patch
+table) are never per token, whatever their size.
 """
 
 from __future__ import annotations
@@ -66,12 +67,13 @@ def _vocab_axis(name: str, entry: safetensors.TensorEntry, rows: int) -> int | N
     if len(shape) == 1:
         return 0
     if not any(word in lowered for word in _TOKEN_WORDS):
-        log.info("%s %s has as many rows as the vocabulary but its name is not about tokens; copied unchanged",
-                 name, list(shape))
+        log.info("%s %s has as many rows as the vocabulary but its name is not about tokens; copied "
+                 "unchanged", name, list(shape))
         return None
     raise TransplantError(
-        f"{name} {list(shape)} has one row per token of the base vocabulary but is not an embedding tokentransplant "
-        "knows how to rebuild; this architecture is not supported yet, please report it with the model's config.json"
+        f"{name} {list(shape)} has one row per token of the base vocabulary but is not an embedding "
+        "tokentransplant knows how to rebuild; this architecture is not supported yet, please report it with "
+        "the model's config.json"
     )
 
 
@@ -87,8 +89,8 @@ def find_vocab_tensors(entries: dict[str, safetensors.TensorEntry], rows: int,
         if axis is None:
             continue
         if entry.dtype is None or not entry.dtype.is_floating_point:
-            raise TransplantError(f"{name} holds one {entry.code} value per token; only floating per-token tensors "
-                                  "can be rebuilt for a new vocabulary, please report this model")
+            raise TransplantError(f"{name} holds one {entry.code} value per token; only floating per-token "
+                                  "tensors can be rebuilt for a new vocabulary, please report this model")
         found.append(VocabTensor(name, axis))
     return found
 
@@ -113,7 +115,8 @@ def sparse_composer(weights: torch.Tensor) -> RowComposer:
 
 def rebuild(tensor: torch.Tensor, axis: int, compose: RowComposer, rows: int,
             dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`tensor` with its vocabulary `axis` rebuilt by `compose` and padded with the mean up to `rows` entries."""
+    """`tensor` with its vocabulary `axis` rebuilt by `compose` and padded with the mean up to `rows`
+    entries."""
     moved = tensor.movedim(axis, 0)
     flat = moved.reshape(moved.shape[0], -1)
     new = compose(flat)
