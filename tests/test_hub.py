@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 import transplant
 from cli import transplant_main
+from transplant.assets import catalog
 from transplant.errors import TransplantError
 
 
@@ -57,6 +58,7 @@ def hub(tiny_pair, tmp_path, monkeypatch):
     fake = FakeHub(tmp_path / "hf-cache", {"org/donor": sharded, "org/base": tiny_pair["base_tied"]})
     monkeypatch.setattr(huggingface_hub, "list_repo_files", fake.list_repo_files)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.hf_hub_download)
+    monkeypatch.setattr(catalog, "is_hub_offline", lambda timeout=2.0: False)  # the fake answers
     monkeypatch.setenv("TOKENTRANSPLANT_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     return fake

@@ -295,7 +295,8 @@ def hub_error(spec: str, hub_id: str, err: BaseException, *, role: str = "donor"
     )
 
 
-def _hub_host() -> tuple[str, int]:
+def hub_host() -> tuple[str, int]:
+    """(host, port) of the hub endpoint (HF_ENDPOINT, else huggingface.co:443)."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     match = re.match(r"^(https?)://([^/:]+)(?::(\d+))?", endpoint)
     if not match:
@@ -310,7 +311,7 @@ def _hub_unreachable(timeout: float) -> bool:
 
     def probe() -> None:
         try:
-            with socket.create_connection(_hub_host(), timeout=timeout):
+            with socket.create_connection(hub_host(), timeout=timeout):
                 result["ok"] = True
         except OSError:
             pass

@@ -57,6 +57,37 @@ def _content_key(path: Path) -> str:
     return f"{path.stem}-{digest.hexdigest()[:16]}"
 
 
+FLOAT_TYPES = {"F32", "F16", "BF16"}  # widened to float32 exactly
+
+
+def stored_types(path: Path) -> tuple[str | None, list[str]]:
+    """(the file type the GGUF declares, e.g. "Q4_K_M", or None; its tensor types, most elements first)."""
+    from collections import Counter
+
+    from gguf import GGUFReader, LlamaFileType
+
+    reader = GGUFReader(path)
+    sizes: Counter[str] = Counter()
+    for tensor in reader.tensors:
+        sizes[tensor.tensor_type.name] += int(tensor.n_elements)
+    field = reader.fields.get("general.file_type")
+    try:
+        declared = LlamaFileType(int(field.parts[field.data[0]][0])).name if field else None
+    except ValueError:
+        declared = None
+    return (declared.removeprefix("MOSTLY_").removeprefix("ALL_") if declared else None,
+            [name for name, _ in sizes.most_common()])
+
+
+def precision_note(path: Path) -> str:
+    """What float32 weights read from this GGUF are: exact for a float file, the quantized values otherwise."""
+    declared, types = stored_types(path)
+    if not [name for name in types if name not in FLOAT_TYPES]:
+        return f"stored as {'/'.join(types) or 'float'}, read as float32 exactly (no quantization error)"
+    return (f"stored quantized as {declared or types[0]} ({'/'.join(types)}), dequantized to float32: its "
+            "quantization error stays in the weights")
+
+
 def gguf_model_dir(path: Path) -> Path:
     """A plain HF model folder for the GGUF base at `path` (converted on first use, then cached)."""
     from transplant.assets.gguf import convert_gguf
@@ -65,8 +96,7 @@ def gguf_model_dir(path: Path) -> Path:
 
     check_gguf(path)
     dest = cache_dir() / "gguf" / "models" / _content_key(path)
-    log.warning("GGUF base %s: its weights are dequantized to float32 (the quantization error "
-                "stays in them); cached in %s", path.name, dest)
+    log.warning("GGUF base %s: %s; cached in %s", path.name, precision_note(path), dest)
     if (dest / "config.json").exists():
         return dest
     vocab = load_vocab(path)

@@ -34,6 +34,8 @@ TOKENIZER_PATTERNS = (*TOKENIZER_FILES, "*.tiktoken", "config.json")  # config.j
 MODEL_PATTERNS = (*TOKENIZER_PATTERNS, "generation_config.json", "*.safetensors", INDEX, "*.py", "LICENSE*",
                   "NOTICE*", "USE_POLICY*", "preprocessor_config.json", "processor_config.json",
                   "video_preprocessor_config.json")
+PROBE_SECONDS = 2.0  # one TCP connect to the hub before any download; a silent network fails fast
+
 # What to try when the file list cannot be fetched (offline): files a hub cache may already hold.
 OFFLINE_CANDIDATES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
@@ -50,6 +52,12 @@ def _list_files(hub_id: str, spec: str, revision: str | None, role: str) -> list
     """The repository's file list, or None offline (then cached files are tried by name)."""
     import huggingface_hub
 
+    if not catalog.offline_by_environment() and catalog.is_hub_offline(timeout=PROBE_SECONDS):
+        # one short probe instead of huggingface_hub's retries (26 s of warnings before the same error)
+        host = catalog.hub_host()[0]
+        raise catalog.hub_error(spec, hub_id, OSError(
+            f"{host} did not answer within {PROBE_SECONDS:g} s (HF_HUB_OFFLINE=1 uses the files already in the "
+            "hub cache)"), role=role, revision=revision)
     try:
         return list(huggingface_hub.list_repo_files(hub_id, revision=revision))
     except Exception as err:  # hub errors come in many classes; all mean "not reachable / not there"
