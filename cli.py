@@ -125,24 +125,23 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
               "lm-eval task name when the hub is reachable.")
 @click.option("--limit", type=click.FloatRange(min=0, min_open=True),
               help="lm-eval: at most this many examples per task (or a fraction below 1).")
+@click.option("--save-dir", default="eval", show_default=True, type=click.Path(path_type=Path, file_okay=False),
+              help="lm-eval: where results.json/results.md and lm_eval_command.txt (the stock command) go.")
 @TRUST_REMOTE_CODE
-def eval_cmd(models, text_files, max_length, device, tasks, limit, trust_remote_code):
+def eval_cmd(models, text_files, max_length, device, tasks, limit, save_dir, trust_remote_code):
     """Compare MODELS (model dirs or aliases) side by side.
 
-    Bits per byte on held-out text by default; lm-eval tasks with --tasks.
+    Bits per byte on held-out text by default; lm-eval tasks with --tasks, each model's numbers printed when it
+    finishes and saved with the stock `lm_eval` command that reproduces them.
     """
     from transplant.assets.sources import resolve_source
     from transplant.eval.bpb import model_bits_per_byte
 
     if tasks:
-        from transplant.eval.lmeval import format_table, run_lm_eval
-
         dirs = {spec: str(resolve_source(spec, need_model=True).model_dir) for spec in models}
-        results = run_lm_eval(list(dirs.values()), [t.strip() for t in tasks.split(",") if t.strip()],
-                              device=device, limit=int(limit) if limit and limit >= 1 else limit,
-                              trust_remote_code=trust_remote_code)
-        click.echo(format_table({spec: results[path] for spec, path in dirs.items()}))
-        return
+        return _lm_eval(dirs, [t.strip() for t in tasks.split(",") if t.strip()], device=device,
+                        limit=int(limit) if limit and limit >= 1 else limit, save_dir=save_dir,
+                        trust_remote_code=trust_remote_code)
     named = _read_texts(text_files) if text_files else _default_eval_texts(16384)
     click.echo("model\t" + "\t".join(named) + "\t(bits/byte)")
     for spec in models:
@@ -150,6 +149,22 @@ def eval_cmd(models, text_files, max_length, device, tasks, limit, trust_remote_
         scores = [model_bits_per_byte(source.model_dir, text, device=device, max_length=max_length,
                                       trust_remote_code=trust_remote_code) for text in named.values()]
         click.echo(spec + "\t" + "\t".join(f"{s:.4f}" for s in scores))
+
+
+def _lm_eval(dirs: dict[str, str], tasks: list[str], *, save_dir: Path, **kwargs) -> None:
+    """Run lm-eval model by model, printing and saving what is done so far after each one."""
+    from transplant.eval.lmeval import format_table, iter_lm_eval, save_results, score_line
+    from transplant.eval.lmeval_stock import stock_command
+
+    by_path = {path: spec for spec, path in dirs.items()}
+    done_so_far: list = []
+    for position, done in enumerate(iter_lm_eval(list(dirs.values()), tasks, **kwargs), start=1):
+        done_so_far.append(done)
+        click.echo(f"[{position}/{len(dirs)}] {by_path[done.name]}: {score_line(done.results)}")
+        click.echo("\n".join(f"  stock: {stock_command(run)}" for run in done.runs))
+        saved = save_results(save_dir, done_so_far, names=by_path)
+    click.echo(format_table({by_path[done.name]: done.results for done in done_so_far}))
+    click.echo(f"saved: {', '.join(str(path) for path in saved)}")
 
 
 def _read_texts(paths) -> dict[str, str]:

@@ -35,9 +35,11 @@ import shutil
 import string
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from transplant.errors import TransplantError
+from transplant.eval.lmeval_stock import StockRun, hub_offline, write_atomic
 from transplant.recipes import env_flag
 
 log = logging.getLogger(__name__)
@@ -138,13 +140,6 @@ def _hub_reachable() -> bool:
     return not is_hub_offline()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def _render(template_name: str, **values: str) -> str:
     template = string.Template((TEMPLATE_DIR / template_name).read_text(encoding="utf-8"))
     return template.substitute({key: json.dumps(value) if key != "task" else value for key, value in values.items()})
@@ -193,14 +188,14 @@ def prepare_local_tasks(tasks: Sequence[str], *, bpb_bytes: int = DEFAULT_BPB_BY
     try:
         for name, content in files.items():
             if not name.endswith(".yaml"):
-                _write_atomic(staging / name, content)
+                write_atomic(staging / name, content)
         for name, template in files.items():
             if name.endswith(".yaml"):
                 task = name[: -len(".yaml")]
                 yaml_text = _render(template, task=task, data_file=str(target / f"{task}.jsonl"),
                                     datasets_cache=str(target / "hf_datasets"),
                                     description=f"tokentransplant local task {task}")
-                _write_atomic(staging / name, yaml_text)
+                write_atomic(staging / name, yaml_text)
         try:
             os.replace(staging, target)
         except OSError:  # another run wrote the same content first
@@ -209,37 +204,6 @@ def prepare_local_tasks(tasks: Sequence[str], *, bpb_bytes: int = DEFAULT_BPB_BY
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
-
-
-@contextlib.contextmanager
-def hub_offline() -> Iterator[None]:
-    """Keep huggingface_hub, datasets and transformers off the network for the duration.
-
-    The env vars alone are not enough once those libraries are imported (they read them at import time), so the
-    module-level switches are patched too and everything is restored afterwards.
-    """
-    env_vars = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    saved_env = {var: os.environ.get(var) for var in env_vars}
-    patched: list[tuple[object, str, object]] = []
-    import datasets.config
-    import huggingface_hub.constants
-
-    for module, attr in ((huggingface_hub.constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
-                         (datasets.config, "HF_DATASETS_OFFLINE")):
-        if hasattr(module, attr):
-            patched.append((module, attr, getattr(module, attr)))
-            setattr(module, attr, True)
-    os.environ.update({var: "1" for var in env_vars})
-    try:
-        yield
-    finally:
-        for module, attr, value in patched:
-            setattr(module, attr, value)
-        for var, value in saved_env.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
 
 
 def _resolve_model_dir(spec: str | Path) -> Path:
@@ -297,16 +261,33 @@ def _make_lm(model_dir: Path, *, device: str, batch_size: int | str, dtype, max_
     return get_model("hf").create_from_arg_obj(args, {"batch_size": batch_size, "device": device})
 
 
-def run_lm_eval(models: Sequence[str | Path], tasks: Sequence[str], *, device: str = "cpu",
-                batch_size: int | str = 8, limit: int | float | None = None, dtype=None,
-                bpb_bytes: int = DEFAULT_BPB_BYTES, doc_bytes: int = DEFAULT_DOC_BYTES,
-                texts: Mapping[str, str] | None = None, max_length: int | None = None,
-                num_fewshot: int | None = None,
-                trust_remote_code: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+@dataclass(frozen=True)
+class ModelResult:
+    """One model's numbers and the stock lm-eval runs (one per group of tasks) that reproduce them."""
+
+    name: str
+    results: dict[str, dict[str, float]]
+    runs: tuple[StockRun, ...]
+
+
+def run_lm_eval(models: Sequence[str | Path], tasks: Sequence[str], **kwargs) -> dict[str, dict[str, dict[str, float]]]:
     """Run stock lm-eval ("hf" model type) on each model dir; return {model: {task: {metric: value}}}.
+
+    Takes the arguments of `iter_lm_eval`, which yields each model's result as soon as it is done.
+    """
+    return {done.name: done.results for done in iter_lm_eval(models, tasks, **kwargs)}
+
+
+def iter_lm_eval(models: Sequence[str | Path], tasks: Sequence[str], *, device: str = "cpu",
+                 batch_size: int | str = 8, limit: int | float | None = None, dtype=None,
+                 bpb_bytes: int = DEFAULT_BPB_BYTES, doc_bytes: int = DEFAULT_DOC_BYTES,
+                 texts: Mapping[str, str] | None = None, max_length: int | None = None,
+                 num_fewshot: int | None = None, trust_remote_code: bool = False) -> Iterator[ModelResult]:
+    """Stock lm-eval on each model dir in turn, yielding each model's `ModelResult` when it finishes.
 
     Local tasks (see `list_local_tasks`; `tt_bpb` = every slice, `texts` adds tt_bpb_<key> over caller text)
     run fully offline. Any other name is passed to lm-eval unchanged, which needs the hub for its data.
+    Inputs are all checked before the first model loads.
     """
     task_names = _expand_tasks(tasks, texts)
     local = [task for task in task_names if _is_local(task)]
@@ -337,14 +318,13 @@ def run_lm_eval(models: Sequence[str | Path], tasks: Sequence[str], *, device: s
         raise TransplantError(f"unknown lm-eval task(s) {', '.join(unknown)}; local tasks: {', '.join(known_local)}")
     bpb_tasks = [task for task in task_names if task.startswith(BPB_PREFIX)]
     other_tasks = [task for task in task_names if not task.startswith(BPB_PREFIX)]
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    offline = contextlib.nullcontext() if remote else hub_offline()
-    with offline:
-        for name, model_dir in model_dirs.items():
-            log.info("lm-eval on %s (%s): %s", name, model_dir, ", ".join(task_names))
+    for name, model_dir in model_dirs.items():
+        log.info("lm-eval on %s (%s): %s", name, model_dir, ", ".join(task_names))
+        with contextlib.nullcontext() if remote else hub_offline():
             lm = _make_lm(model_dir, device=device, batch_size=batch_size, dtype=dtype, max_length=max_length,
                           trust_remote_code=trust_remote_code)
             per_task: dict[str, dict[str, float]] = {}
+            runs: list[StockRun] = []
             default_bos = getattr(lm, "add_bos_token", None)
             for group, add_bos in ((bpb_tasks, False), (other_tasks, default_bos)):
                 if not group:
@@ -353,12 +333,13 @@ def run_lm_eval(models: Sequence[str | Path], tasks: Sequence[str], *, device: s
                 raw = lm_eval.simple_evaluate(model=lm, tasks=group, task_manager=manager, limit=limit,
                                               num_fewshot=num_fewshot, bootstrap_iters=1000, log_samples=False)
                 per_task.update(_collect(raw or {}, group))
-            lm.add_bos_token = default_bos
-            results[name] = {task: per_task[task] for task in task_names if task in per_task}
-            del lm
-            gc.collect()
-            _empty_device_cache()
-    return results
+                runs.append(StockRun(model_dir, tuple(group), add_bos, _dtype_arg(dtype), device, batch_size,
+                                     include if any(_is_local(task) for task in group) else None, limit,
+                                     max_length, num_fewshot, trust_remote_code, offline=not remote))
+        del lm
+        gc.collect()
+        _empty_device_cache()
+        yield ModelResult(name, {task: per_task[task] for task in task_names if task in per_task}, tuple(runs))
 
 
 def _empty_device_cache() -> None:
@@ -399,3 +380,24 @@ def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], metri
     lines.append("|" + "|".join("-" * (width + 2) for width in widths) + "|")
     lines += ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def score_line(results: Mapping[str, Mapping[str, float]]) -> str:
+    """One model's numbers on one line (`task/metric=value, ...`), for progress output."""
+    return ", ".join(f"{task}/{metric}={value:.4f}" for task, metrics in results.items()
+                     for metric, value in metrics.items()
+                     if not metric.endswith("_stderr") and metric != "samples" and metric not in _HIDDEN_BY_DEFAULT)
+
+
+def save_results(folder: Path, done: Sequence[ModelResult], names: Mapping[str, str] | None = None) -> list[Path]:
+    """Write results.json, results.md and `lm_eval_command.txt` (the stock commands) into `folder`.
+
+    Called after every model, so a long run that stops keeps the models it finished.
+    """
+    from transplant.eval.lmeval_stock import write_command_file
+
+    table = {(names or {}).get(item.name, item.name): item.results for item in done}
+    return [write_atomic(folder / "results.json", json.dumps(table, indent=2) + "\n"),
+            write_atomic(folder / "results.md", format_table(table) + "\n"),
+            write_command_file(folder, [run for item in done for run in item.runs])]
+
