@@ -19,6 +19,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # The hub repos the offline reference models were quantized from (transplant/assets/catalog.py).
 OFFLINE_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
                    "gemma3-270m": "google/gemma-3-270m"}
+# The hub repos the offline tokenizer aliases come from, where one repo is clearly theirs.
+OFFLINE_TOKENIZER_HUB_IDS = {"mistral-v1": "mistralai/Mistral-7B-v0.1", "mistral-v3": "mistralai/Mistral-7B-Instruct-v0.3",
+                             "mistral-tekken-240718": "mistralai/Mistral-Nemo-Instruct-2407",
+                             "gpt2": "openai-community/gpt2", "llama3": "meta-llama/Meta-Llama-3-8B"}
 # Catalog license names -> the Hub's license identifiers.
 HUB_LICENSES = {"apache-2.0": "apache-2.0", "gemma terms of use": "gemma", "mit": "mit"}
 
@@ -33,6 +37,25 @@ def hub_base_model(base: str) -> str | None:
         return catalog.HUB_ALIASES[base]
     name = catalog.canonical_model_name(base) if not Path(base).exists() else None
     return OFFLINE_HUB_IDS.get(name or "")
+
+
+def hub_donor_id(donor: str) -> str | None:
+    """The Hub id of the donor: itself, a hub alias's repo, an offline model's or tokenizer's source repo."""
+    if Path(donor).exists():
+        return None
+    return hub_base_model(donor) or OFFLINE_TOKENIZER_HUB_IDS.get(donor.lower())
+
+
+def pipeline_tag(base_dir: Path | None) -> str | None:
+    """`text-generation` for a causal LM base (what the Hub's widget and `pipeline()` need), else None."""
+    from transplant.io.model_config import is_causal_lm, load_config
+
+    if base_dir is None or not (base_dir / "config.json").is_file():
+        return None
+    try:
+        return "text-generation" if is_causal_lm(load_config(base_dir)) else None
+    except Exception:  # an odd config must not fail the card; the surgery checks the config itself
+        return None
 
 
 def base_license(base: str, base_dir: Path | None) -> str | None:
@@ -73,17 +96,21 @@ def model_card(*, base: str, donor: str, method: str, stats: dict[str, Any], opt
     from transplant.version import __version__
 
     license_id = base_license(base, base_dir)
+    base_id, donor_id = hub_base_model(base), hub_donor_id(donor)
     data = ModelCardData(
-        base_model=hub_base_model(base), license=license_id, library_name="transformers",
+        base_model=base_id, base_model_relation="finetune" if base_id else None, license=license_id,
+        library_name="transformers", pipeline_tag=pipeline_tag(base_dir),
         tags=["tokentransplant", "tokenizer-transplant", f"tokentransplant-{method}"],
         tokentransplant={"version": __version__, "base": base, "donor": donor, "method": method,
+                         **({"base_hub_id": base_id} if base_id else {}),
+                         **({"donor_hub_id": donor_id} if donor_id else {}),
                          "options": json.loads(json.dumps(options, default=str)),
                          **({"chat": chat} if chat else {})},
     )
     body = [f"# {Path(base).name} with the {Path(donor).name} tokenizer", "",
-            f"Made by tokentransplant {__version__}: the embeddings of `{base}` were rebuilt for the "
+            f"Made by tokentransplant {__version__}: the embeddings of `{base_id or base}` were rebuilt for the "
             "tokenizer of "
-            f"`{donor}` with the `{method}` method; every other weight is unchanged.", ""]
+            f"`{donor_id or donor}` with the `{method}` method; every other weight is unchanged.", ""]
     if license_id is None:
         body += ["License: unknown (the base states none that tokentransplant could read); check the "
                  "base's.", ""]

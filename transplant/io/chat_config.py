@@ -1,4 +1,5 @@
-"""Stop tokens of a chat output: generation must end a reply at the template's end-of-turn marker.
+"""Stop tokens of a chat output (generation must end a reply at the template's end-of-turn marker), and the
+tokenizer's `model_max_length` from the base's context.
 
 A carried base template ends turns with its own marker (SmolLM2's `<|im_end|>`), while config.json's
 `eos_token_id` is the donor's eos (`</s>`); without the marker in generation_config.json's `eos_token_id`,
@@ -31,3 +32,23 @@ def add_stop_tokens(model_dir: Path, ids: list[int]) -> None:
     tmp = path.with_name(".generation_config.json.tmp")
     tmp.write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def set_model_max_length(model_dir: Path, config: dict) -> int | None:
+    """Write the base's context (`max_position_embeddings`) as tokenizer_config.json's `model_max_length`.
+
+    The donor's tokenizer rarely states one (transformers then reports 1e30 and `truncation=True` never cuts),
+    and what bounds the output's context is the base's position table, not the donor's.
+    """
+    nested = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    length = config.get("max_position_embeddings") or nested.get("max_position_embeddings")
+    path = Path(model_dir) / "tokenizer_config.json"
+    if not isinstance(length, int) or length <= 0 or not path.is_file():
+        return None
+    tokenizer_config = json.loads(path.read_text(encoding="utf-8"))
+    tokenizer_config["model_max_length"] = length
+    tmp = path.with_name(".tokenizer_config.json.tmp")
+    tmp.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return length
+

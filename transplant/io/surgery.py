@@ -27,6 +27,7 @@ from transplant.assets.weight_names import INPUT_NAMES, INPUT_SUFFIXES, OUTPUT_N
 from transplant.errors import TransplantError
 from transplant.io import safetensors, vocab_tensors
 from transplant.io.atomic import atomic_output
+from transplant.io.chat_config import set_model_max_length
 from transplant.io.model_config import (
     check_ids,
     config_hidden_size,
@@ -352,6 +353,7 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
     with atomic_output(out_dir, overwrite=overwrite, protected=[base_dir, *protected], estimate_bytes=needed,
                        kind="transplant") as tmp:
         save_tokenizer(tmp)  # user code and cheap: fail before minutes of weight writing
+        set_model_max_length(tmp, new_config)  # the base's context, whatever the donor said
         names = safetensors.write_shards(tmp, shards, {"format": "pt"})
         files: dict[str, str | bytes] = {
             "config.json": json.dumps(new_config, indent=2, sort_keys=True) + "\n",
