@@ -44,6 +44,11 @@ def _default_eval_texts(n_bytes: int) -> dict[str, str]:
     return {name: texts.heldout(name, n_bytes=n_bytes) for name in ("english", "code")}
 
 
+PUSH_TO_HUB = click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID",
+                           help="Upload the output folder to this Hugging Face Hub repo when done (token: HF_TOKEN).")
+PRIVATE = click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+
+
 @click.group("transplant", cls=Group, invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
 @click.option("--base", help="Model to transplant: a model dir, a hub id, or an offline alias (smollm2-135m, gemma3-270m).")
 @click.option("--donor", help="Tokenizer to give it: a tokenizer/model dir or file, hub id, or alias (mistral-v3, llama3, ...).")
@@ -67,18 +72,24 @@ def _default_eval_texts(n_bytes: int) -> dict[str, str]:
                    "with the base's, its control tokens (<|im_start|>, ...) are added with their trained rows.")
 @click.option("--map-token", "map_token", multiple=True, metavar="NEW=BASE",
               help="Give new token NEW the row of base token BASE, e.g. --map-token '[INST]=<|im_start|>' (repeatable).")
+@PUSH_TO_HUB
+@PRIVATE
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 @click.pass_context
 def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_multiple_of, overwrite, eval_bytes,
-                    settings, revision, donor_revision, trust_remote_code, chat_template, map_token, verbose):
+                    settings, revision, donor_revision, trust_remote_code, chat_template, map_token, push_to_hub,
+                    private, verbose):
     """Give a pretrained model a new tokenizer: transplant --base smollm2-135m --donor mistral-v3."""
     setup_logging(verbose)
     if ctx.invoked_subcommand is not None:
         return
     if not base or not donor:
         raise TransplantError("both --base and --donor are needed; e.g. transplant --base smollm2-135m --donor mistral-v3")
+    from transplant.io.publish import check_push
     from transplant.pipeline import transplant
     from transplant.tokenizers.control import parse_token_map
+
+    check_push(push_to_hub)
 
     options = parse_settings(settings)
     if output is not None and options:  # a hypernetwork or corpus given through --set is an input as well
@@ -111,6 +122,14 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
     if "chat" in result.extra:
         click.echo(f"  chat: {result.extra['chat'].summary()}")
     click.echo(f"  output: {result.output}")
+    _push(result.output, push_to_hub, private)
+
+
+def _push(folder: Path, repo_id: str | None, private: bool) -> None:
+    if repo_id:
+        from transplant.io.publish import push_folder
+
+        click.echo(f"  pushed: {push_folder(folder, repo_id, private=private)}")
 
 
 @transplant_main.command("eval")
@@ -235,16 +254,20 @@ def assets_fetch(names):
 @click.option("--overwrite", is_flag=True, help="Replace the output dir if it exists.")
 @REVISION
 @TRUST_REMOTE_CODE
+@PUSH_TO_HUB
+@PRIVATE
 def extend_cmd(model, tokens, specials, corpus_files, num_tokens, method, settings, output, overwrite, revision,
-               trust_remote_code):
+               trust_remote_code, push_to_hub, private):
     """Add tokens to MODEL's tokenizer and initialise their rows.
 
     MODEL is a model dir or alias; its existing token ids are kept.
     """
     from transplant.extend import extend_vocab
+    from transplant.io.publish import check_push
 
     if (tokens and corpus_files) or not (tokens or corpus_files or specials):
         raise TransplantError("pass --token ... or --corpus FILE -n N, and/or --special ...")
+    check_push(push_to_hub)
     corpus = list(_read_texts(corpus_files).values()) if corpus_files else None
     held_out = {"domain": "\n".join(corpus)[-16384:]} if corpus else None
     result = extend_vocab(model, new_tokens=list(tokens) or None, corpus=corpus, n=num_tokens, method=method,
@@ -257,6 +280,7 @@ def extend_cmd(model, tokens, specials, corpus_files, num_tokens, method, settin
     if result.bpb_before is not None:
         click.echo(f"  bits/byte on the corpus tail: {result.bpb_before:.3f} before, {result.bpb_after:.3f} after")
     click.echo(f"  output: {result.output}")
+    _push(result.output, push_to_hub, private)
 
 
 @transplant_main.command("export-gguf")
