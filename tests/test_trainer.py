@@ -245,7 +245,7 @@ def test_baselines_add_their_published_ce_term(tmp_path, tiny_pair):
 
 def test_gradmag_balance_weights_alm_and_ce_by_their_gradients(tmp_path, tiny_pair):
     recipe = make_recipe(tmp_path, tiny_pair, "gradmag", train={"steps": 2, "grad_accum": 1},
-                         loss={"name": "alm"})
+                         loss={"name": "alm", "gradmag_at": "block"})
     trainer, result = run_in_process(recipe)
     assert (trainer.ce_weight, trainer.balance) == (1.0, "gradmag")  # ALM's published default
     assert trainer.probe is not None and trainer.probe.params  # norms at the last block, the re-run checked
