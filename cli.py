@@ -45,18 +45,25 @@ def _default_eval_texts(n_bytes: int) -> dict[str, str]:
 
 
 PUSH_TO_HUB = click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID",
-                           help="Upload the output folder to this Hugging Face Hub repo when done (token: HF_TOKEN).")
+                           help="Upload the output folder to this Hugging Face Hub repo when done (token: "
+                           "HF_TOKEN).")
 PRIVATE = click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 
 
 @click.group("transplant", cls=Group, invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
-@click.option("--base", help="Model to transplant: a model dir, a hub id, or an offline alias (smollm2-135m, gemma3-270m).")
-@click.option("--donor", help="Tokenizer to give it: a tokenizer/model dir or file, hub id, or alias (mistral-v3, llama3, ...).")
-@click.option("--method", default=None, help="Initializer (default: fvt-ls with a donor model, else fvt). See `transplant methods`.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model dir (default out/<base>--<donor>-<method>).")
+@click.option("--base", help="Model to transplant: a model dir, a hub id, or an offline alias (smollm2-135m, "
+              "gemma3-270m).")
+@click.option("--donor", help="Tokenizer to give it: a tokenizer/model dir or file, hub id, or alias "
+              "(mistral-v3, llama3, ...).")
+@click.option("--method", default=None,
+              help="Initializer (default: fvt-ls with a donor model, else fvt). See `transplant methods`.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output model dir (default out/<base>--<donor>-<method>).")
 @click.option("--device", default="auto", show_default=True, type=DEVICE,
-              help="Where the solvers run: cpu, cuda, cuda:N, mps, or auto (CUDA when torch sees one, else CPU).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Store weights in this dtype.")
+              help="Where the solvers run: cpu, cuda, cuda:N, mps, or auto (CUDA when torch sees one, else "
+              "CPU).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Store weights in this dtype.")
 @click.option("--pad-to-multiple-of", type=click.IntRange(min=1, max=65536),
               help="Pad the vocabulary to a multiple (e.g. 64; at most 65536).")
 @click.option("--overwrite", is_flag=True, help="Replace the output dir if it exists.")
@@ -68,23 +75,27 @@ PRIVATE = click.option("--private", is_flag=True, help="With --push-to-hub: crea
 @TRUST_REMOTE_CODE
 @click.option("--chat-template", "chat_template", default="auto", show_default=True,
               type=click.Choice(["auto", "base", "donor", "none"]),
-              help="Which chat template the output carries: auto = the base's if it has one, else the donor's; "
-                   "with the base's, its control tokens (<|im_start|>, ...) are added with their trained rows.")
+              help="Which chat template the output carries: auto = the base's if it has one, else the "
+              "donor's; "
+                   "with the base's, its control tokens (<|im_start|>, ...) are added with their trained "
+              "rows.")
 @click.option("--map-token", "map_token", multiple=True, metavar="NEW=BASE",
-              help="Give new token NEW the row of base token BASE, e.g. --map-token '[INST]=<|im_start|>' (repeatable).")
+              help="Give new token NEW the row of base token BASE, e.g. --map-token '[INST]=<|im_start|>' "
+              "(repeatable).")
 @PUSH_TO_HUB
 @PRIVATE
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 @click.pass_context
-def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_multiple_of, overwrite, eval_bytes,
-                    settings, revision, donor_revision, trust_remote_code, chat_template, map_token, push_to_hub,
-                    private, verbose):
+def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_multiple_of, overwrite,
+                    eval_bytes, settings, revision, donor_revision, trust_remote_code, chat_template,
+                    map_token, push_to_hub, private, verbose):
     """Give a pretrained model a new tokenizer: transplant --base smollm2-135m --donor mistral-v3."""
     setup_logging(verbose)
     if ctx.invoked_subcommand is not None:
         return
     if not base or not donor:
-        raise TransplantError("both --base and --donor are needed; e.g. transplant --base smollm2-135m --donor mistral-v3")
+        raise TransplantError("both --base and --donor are needed; e.g. transplant --base smollm2-135m "
+                              "--donor mistral-v3")
     from transplant.io.publish import check_push
     from transplant.pipeline import transplant
     from transplant.tokenizers.control import parse_token_map
@@ -101,7 +112,8 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
     result = transplant(base, donor, method=method, output=output, device=device, dtype=dtype,
                         pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite, eval_texts=eval_texts,
                         options=options, revision=revision, donor_revision=donor_revision,
-                        trust_remote_code=trust_remote_code, chat_template=chat_template, map_tokens=map_tokens)
+                        trust_remote_code=trust_remote_code, chat_template=chat_template,
+                        map_tokens=map_tokens)
     stats = result.stats
     click.echo(f"transplanted {base} -> tokenizer of {donor} with {result.method} in {result.seconds:.1f}s")
     click.echo(f"  vocab: {stats['new_vocab_size']} tokens, {stats['shared']} shared with the base "
@@ -111,7 +123,8 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
         if key in stats:
             click.echo(f"  {key.replace('_', ' ')}: {stats[key]}")
     if stats.get("new_tokenizer_bytes_lost") or stats.get("new_tokenizer_unknown_tokens"):
-        click.echo(f"  new tokenizer on held-out text: {stats['new_tokenizer_bytes_lost']:.2%} of bytes lost, "
+        click.echo(f"  new tokenizer on held-out text: {stats['new_tokenizer_bytes_lost']:.2%} of bytes "
+                   "lost, "
                    f"{stats['new_tokenizer_unknown_tokens']:.2%} of tokens unknown")
     if "warning" in stats:
         click.echo(f"  warning: {stats['warning']}", err=True)
@@ -144,14 +157,15 @@ def _push(folder: Path, repo_id: str | None, private: bool) -> None:
               "lm-eval task name when the hub is reachable.")
 @click.option("--limit", type=click.FloatRange(min=0, min_open=True),
               help="lm-eval: at most this many examples per task (or a fraction below 1).")
-@click.option("--save-dir", default="eval", show_default=True, type=click.Path(path_type=Path, file_okay=False),
+@click.option("--save-dir", default="eval", show_default=True,
+              type=click.Path(path_type=Path, file_okay=False),
               help="lm-eval: where results.json/results.md and lm_eval_command.txt (the stock command) go.")
 @TRUST_REMOTE_CODE
 def eval_cmd(models, text_files, max_length, device, tasks, limit, save_dir, trust_remote_code):
     """Compare MODELS (model dirs or aliases) side by side.
 
-    Bits per byte on held-out text by default; lm-eval tasks with --tasks, each model's numbers printed when it
-    finishes and saved with the stock `lm_eval` command that reproduces them.
+    Bits per byte on held-out text by default; lm-eval tasks with --tasks, each model's numbers printed when
+    it finishes and saved with the stock `lm_eval` command that reproduces them.
     """
     from transplant.assets.sources import resolve_source
     from transplant.eval.bpb import model_bits_per_byte
@@ -207,7 +221,8 @@ def methods_cmd(names):
 
     for position, name in enumerate(names or available_methods()):
         method = get_method(name)
-        donor = "needs a donor model (tokenizer + embeddings)" if method.needs_donor else "needs only the donor's tokenizer"
+        donor = ("needs a donor model (tokenizer + embeddings)" if method.needs_donor
+                 else "needs only the donor's tokenizer")
         click.echo(("\n" if position else "") + _method_headline(method.name, method.summary))
         click.echo(f"  {donor}")
         for option in method.all_options():
@@ -225,7 +240,8 @@ def assets_list():
     from transplant.assets import catalog
 
     for row in catalog.list_assets():
-        click.echo(f"{row['name']:<24} {row['kind']:<10} {'cached' if row['cached'] else '      '}  {row['description']}")
+        click.echo(f"{row['name']:<24} {row['kind']:<10} {'cached' if row['cached'] else '      '}  "
+                   f"{row['description']}")
 
 
 @assets_group.command("fetch")
@@ -242,13 +258,16 @@ def assets_fetch(names):
 
 @transplant_main.command("extend")
 @click.argument("model")
-@click.option("--token", "tokens", multiple=True, help="A token to add (repeatable), e.g. --token ' tokentransplant'.")
+@click.option("--token", "tokens", multiple=True,
+              help="A token to add (repeatable), e.g. --token ' tokentransplant'.")
 @click.option("--special", "specials", multiple=True,
               help="A special token to add, never split (repeatable), e.g. --special '<|tool_call|>'.")
 @click.option("--corpus", "corpus_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Domain UTF-8 text file(s) to learn the most useful new tokens from.")
-@click.option("-n", "--num-tokens", type=click.IntRange(min=1), help="How many tokens to learn from --corpus.")
-@click.option("--method", default="fvt", show_default=True, help="Initializer for the new rows (`transplant methods`).")
+@click.option("-n", "--num-tokens", type=click.IntRange(min=1),
+              help="How many tokens to learn from --corpus.")
+@click.option("--method", default="fvt", show_default=True,
+              help="Initializer for the new rows (`transplant methods`).")
 @set_option("numbers=false (the method's options: `transplant methods`)")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model dir.")
 @click.option("--overwrite", is_flag=True, help="Replace the output dir if it exists.")
@@ -256,8 +275,8 @@ def assets_fetch(names):
 @TRUST_REMOTE_CODE
 @PUSH_TO_HUB
 @PRIVATE
-def extend_cmd(model, tokens, specials, corpus_files, num_tokens, method, settings, output, overwrite, revision,
-               trust_remote_code, push_to_hub, private):
+def extend_cmd(model, tokens, specials, corpus_files, num_tokens, method, settings, output, overwrite,
+               revision, trust_remote_code, push_to_hub, private):
     """Add tokens to MODEL's tokenizer and initialise their rows.
 
     MODEL is a model dir or alias; its existing token ids are kept.
@@ -278,7 +297,8 @@ def extend_cmd(model, tokens, specials, corpus_files, num_tokens, method, settin
     click.echo(f"added {len(added)} tokens to {model} ({result.method}) in {result.seconds:.1f}s: "
                + ", ".join(added[:8]) + (" ..." if len(added) > 8 else ""))
     if result.bpb_before is not None:
-        click.echo(f"  bits/byte on the corpus tail: {result.bpb_before:.3f} before, {result.bpb_after:.3f} after")
+        click.echo(f"  bits/byte on the corpus tail: {result.bpb_before:.3f} before, {result.bpb_after:.3f} "
+                   "after")
     click.echo(f"  output: {result.output}")
     _push(result.output, push_to_hub, private)
 
@@ -289,7 +309,8 @@ def extend_cmd(model, tokens, specials, corpus_files, num_tokens, method, settin
               help="The GGUF file to write, e.g. model.gguf.")
 @click.option("--outtype", type=click.Choice(["f16", "q8_0", "f32"]), default="f16", show_default=True,
               help="Storage type of the 2-D tensors (1-D tensors stay float32).")
-@click.option("--overwrite", is_flag=True, help="Replace the output if it is a GGUF written by tokentransplant.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the output if it is a GGUF written by tokentransplant.")
 def export_gguf_cmd(model_dir, output, outtype, overwrite):
     """Write MODEL_DIR (a Llama/Mistral-architecture model folder) as one GGUF file for llama.cpp.
 
@@ -303,13 +324,15 @@ def export_gguf_cmd(model_dir, output, outtype, overwrite):
     result = export_gguf(folder, output, outtype=outtype, overwrite=overwrite)
     vocab = result.vocab
     click.echo(f"wrote {result.path} ({result.architecture}, {outtype}, {result.tensors} tensors)")
-    click.echo(f"  vocab: {len(vocab.tokens)} tokens ({vocab.model}{', pre ' + vocab.pre if vocab.pre else ''}), "
+    click.echo(f"  vocab: {len(vocab.tokens)} tokens "
+               f"({vocab.model}{', pre ' + vocab.pre if vocab.pre else ''}), "
                f"{result.control_tokens} control; chat template: {'yes' if vocab.chat_template else 'no'}")
 
 
 # ------------------------------------------------------------------------------------------------ distill
 class DistillCommand(Command):
-    """`distill --help` ends with the registered losses (read at help time, so a new loss shows up by itself)."""
+    """`distill --help` ends with the registered losses (read at help time, so a new loss shows up by
+    itself)."""
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         from distill.losses import available_losses
@@ -332,17 +355,18 @@ def _print_recipe(recipe) -> None:
 @click.command("distill", cls=DistillCommand, context_settings=CONTEXT_SETTINGS)
 @click.argument("recipe", type=click.Path(path_type=str))
 @set_option("train.steps=10 (any recipe key, dotted)")
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint (same as --set train.resume=true); "
-              "an error when there is none.")
-@click.option("--print-recipe", is_flag=True, help="Print the resolved recipe (defaults, overrides, ${...}) and exit.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint (same as --set "
+              "train.resume=true); an error when there is none.")
+@click.option("--print-recipe", is_flag=True,
+              help="Print the resolved recipe (defaults, overrides, ${...}) and exit.")
 @LOCAL_RANK
 def distill_main(recipe: str, settings: tuple[str, ...], resume: bool, print_recipe: bool,
                  local_rank: int | None) -> None:
     """Heal a transplanted model by cross-tokenizer distillation, as RECIPE (a YAML file, see recipes/) says.
 
     Keys of the recipe are documented in distill/config.py; unknown keys and wrong types fail before any model
-    loads. Runs under plain python (torchrun is started when launch.nproc_per_node > 1), torchrun and deepspeed
-    (`python -m cli distill RECIPE` is the module to give them).
+    loads. Runs under plain python (torchrun is started when launch.nproc_per_node > 1), torchrun and
+    deepspeed (`python -m cli distill RECIPE` is the module to give them).
     """
     from distill.config import load_recipe
 
@@ -356,7 +380,8 @@ def distill_main(recipe: str, settings: tuple[str, ...], resume: bool, print_rec
 
         prepare_student(loaded, is_main=True)  # once, before the workers start
         argv = ["distill", recipe, *_as_argv(settings)] + (["--resume"] if resume else [])
-        click.get_current_context().exit(relaunch(argv, loaded.launch.nproc_per_node, loaded.launch.master_port))
+        click.get_current_context().exit(relaunch(argv, loaded.launch.nproc_per_node,
+                                                  loaded.launch.master_port))
     from distill.trainer import run
 
     result = run(loaded)
@@ -369,7 +394,8 @@ def distill_main(recipe: str, settings: tuple[str, ...], resume: bool, print_rec
 # ------------------------------------------------------------------------------------------------ hypernet
 @click.group("hypernet", cls=Group, context_settings=CONTEXT_SETTINGS)
 def hypernet_main() -> None:
-    """Train a hypernetwork that predicts embeddings for any tokenizer's tokens from a base model's own pieces.
+    """Train a hypernetwork that predicts embeddings for any tokenizer's tokens from a base model's own
+    pieces.
 
     Apply a trained one with: transplant --base BASE --donor TOKENIZER --method hypernet --set hypernet=DIR
     """
@@ -378,9 +404,11 @@ def hypernet_main() -> None:
 @hypernet_main.command("train")
 @click.argument("recipe", type=click.Path(path_type=str))
 @set_option("max_minutes=12 (any recipe key, dotted: model.layers=3)")
-@click.option("--print-recipe", is_flag=True, help="Print the resolved recipe (defaults and overrides) and exit.")
+@click.option("--print-recipe", is_flag=True,
+              help="Print the resolved recipe (defaults and overrides) and exit.")
 @LOCAL_RANK
-def hypernet_train_cmd(recipe: str, settings: tuple[str, ...], print_recipe: bool, local_rank: int | None) -> None:
+def hypernet_train_cmd(recipe: str, settings: tuple[str, ...], print_recipe: bool,
+                       local_rank: int | None) -> None:
     """Train a hypernetwork from RECIPE, a YAML file.
 
     Its keys are in hypernet/config.py (examples: recipes/hypernet_*.yaml); unknown keys and wrong types fail
@@ -396,9 +424,11 @@ def hypernet_train_cmd(recipe: str, settings: tuple[str, ...], print_recipe: boo
         from transplant.assets import load_vocab
         from transplant.assets.catalog import resolve_model
 
-        for spec in [resolve_model(loaded.base), *loaded.real_tokenizers]:  # fetch/convert once, not per process
+        # fetch/convert once, not per process
+        for spec in [resolve_model(loaded.base), *loaded.real_tokenizers]:
             load_vocab(spec)
-        click.get_current_context().exit(relaunch(["hypernet", "train", recipe, *_as_argv(settings)], loaded.nproc))
+        click.get_current_context().exit(relaunch(["hypernet", "train", recipe, *_as_argv(settings)],
+                                                  loaded.nproc))
     setup_rank_logging()
     from hypernet.train import train
 
@@ -407,13 +437,14 @@ def hypernet_train_cmd(recipe: str, settings: tuple[str, ...], print_recipe: boo
         click.echo(f"hypernetwork written to {out}")
 
 
-# ------------------------------------------------------------------------------------------------ python -m cli
+# ---------------------------------------------------------------------------------------------- python -m cli
 @click.group("cli", cls=Group, context_settings=CONTEXT_SETTINGS)
 @LOCAL_RANK
 def main(local_rank: int | None) -> None:
     """The three commands as one module, for launchers: python -m cli {transplant|distill|hypernet} ...
 
-    e.g. torchrun --nproc_per_node 8 -m cli distill RECIPE, deepspeed --num_gpus 8 --module cli distill RECIPE.
+    e.g. torchrun --nproc_per_node 8 -m cli distill RECIPE, deepspeed --num_gpus 8 --module cli distill
+    RECIPE.
     """
     adopt_local_rank(local_rank)  # the deepspeed launcher puts --local_rank=N before the command name
 

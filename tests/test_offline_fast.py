@@ -32,7 +32,8 @@ def silent_hub(monkeypatch, tmp_path):
 
 
 def test_hub_alias_offline_is_one_line_after_one_probe(silent_hub, tmp_path):
-    done = CliRunner().invoke(transplant_main, ["--base", "llama", "--donor", "mistral", "-o", str(tmp_path / "o")])
+    done = CliRunner().invoke(transplant_main,
+                              ["--base", "llama", "--donor", "mistral", "-o", str(tmp_path / "o")])
     assert done.exit_code == 2, done.output
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: could not reach the Hugging Face hub"), lines

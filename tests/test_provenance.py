@@ -34,4 +34,5 @@ def test_card_names_base_and_donor_by_hub_id(tiny_pair):
     meta = card.data.to_dict()["tokentransplant"]
     assert meta["donor_hub_id"] == "mistralai/Mistral-7B-Instruct-v0.3" and meta["donor"] == "mistral-v3"
     assert "`mistralai/Mistral-7B-Instruct-v0.3`" in card.text
-    assert hub_donor_id("llama") == "meta-llama/Llama-3.2-1B" and hub_donor_id(str(tiny_pair["donor_tok"])) is None
+    assert (hub_donor_id("llama") == "meta-llama/Llama-3.2-1B"
+            and hub_donor_id(str(tiny_pair["donor_tok"])) is None)

@@ -40,13 +40,15 @@ def hub(monkeypatch, tmp_path):
 def test_transplant_pushes_the_finished_folder(hub, tiny_pair, tmp_path, private):
     out = tmp_path / "out"
     args = ["--base", str(tiny_pair["base_tied"]), "--donor", str(tiny_pair["donor_tok"]), "--method", "fvt",
-            "-o", str(out), "--eval-bytes", "0", "--push-to-hub", "me/tiny"] + (["--private"] if private else [])
+            "-o", str(out), "--eval-bytes", "0", "--push-to-hub",
+            "me/tiny"] + (["--private"] if private else [])
     done = CliRunner().invoke(transplant_main, args)
     assert done.exit_code == 0, done.output
     (create, created), (upload, uploaded) = hub.calls
     assert create == "create_repo" and created == {"repo_id": "me/tiny", "private": private, "exist_ok": True,
                                                    "repo_type": "model"}
-    assert upload == "upload_folder" and uploaded["folder_path"] == str(out) and uploaded["repo_id"] == "me/tiny"
+    assert (upload == "upload_folder" and uploaded["folder_path"] == str(out)
+            and uploaded["repo_id"] == "me/tiny")
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(uploaded["files"])
     assert "pushed: https://hub.test/me/tiny/commit/1" in done.output
 

@@ -80,7 +80,8 @@ def stored_types(path: Path) -> tuple[str | None, list[str]]:
 
 
 def precision_note(path: Path) -> str:
-    """What float32 weights read from this GGUF are: exact for a float file, the quantized values otherwise."""
+    """What float32 weights read from this GGUF are: exact for a float file, the quantized values
+    otherwise."""
     declared, types = stored_types(path)
     if not [name for name in types if name not in FLOAT_TYPES]:
         return f"stored as {'/'.join(types) or 'float'}, read as float32 exactly (no quantization error)"

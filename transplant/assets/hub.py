@@ -56,8 +56,8 @@ def _list_files(hub_id: str, spec: str, revision: str | None, role: str) -> list
         # one short probe instead of huggingface_hub's retries (26 s of warnings before the same error)
         host = catalog.hub_host()[0]
         raise catalog.hub_error(spec, hub_id, OSError(
-            f"{host} did not answer within {PROBE_SECONDS:g} s (HF_HUB_OFFLINE=1 uses the files already in the "
-            "hub cache)"), role=role, revision=revision)
+            f"{host} did not answer within {PROBE_SECONDS:g} s (HF_HUB_OFFLINE=1 uses the files already in "
+            "the hub cache)"), role=role, revision=revision)
     try:
         return list(huggingface_hub.list_repo_files(hub_id, revision=revision))
     except Exception as err:  # hub errors come in many classes; all mean "not reachable / not there"

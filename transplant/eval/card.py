@@ -20,7 +20,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 OFFLINE_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
                    "gemma3-270m": "google/gemma-3-270m"}
 # The hub repos the offline tokenizer aliases come from, where one repo is clearly theirs.
-OFFLINE_TOKENIZER_HUB_IDS = {"mistral-v1": "mistralai/Mistral-7B-v0.1", "mistral-v3": "mistralai/Mistral-7B-Instruct-v0.3",
+OFFLINE_TOKENIZER_HUB_IDS = {"mistral-v1": "mistralai/Mistral-7B-v0.1",
+                             "mistral-v3": "mistralai/Mistral-7B-Instruct-v0.3",
                              "mistral-tekken-240718": "mistralai/Mistral-Nemo-Instruct-2407",
                              "gpt2": "openai-community/gpt2", "llama3": "meta-llama/Meta-Llama-3-8B"}
 # Catalog license names -> the Hub's license identifiers.
@@ -108,8 +109,8 @@ def model_card(*, base: str, donor: str, method: str, stats: dict[str, Any], opt
                          **({"chat": chat} if chat else {})},
     )
     body = [f"# {Path(base).name} with the {Path(donor).name} tokenizer", "",
-            f"Made by tokentransplant {__version__}: the embeddings of `{base_id or base}` were rebuilt for the "
-            "tokenizer of "
+            f"Made by tokentransplant {__version__}: the embeddings of `{base_id or base}` were rebuilt for "
+            "the tokenizer of "
             f"`{donor_id or donor}` with the `{method}` method; every other weight is unchanged.", ""]
     if license_id is None:
         body += ["License: unknown (the base states none that tokentransplant could read); check the "

@@ -1,26 +1,28 @@
-"""Validation with stock lm-eval: local offline tasks (bits per byte, a small multiple-choice set) and, when the
-hub is reachable, any lm-eval task by name.
+"""Validation with stock lm-eval: local offline tasks (bits per byte, a small multiple-choice set) and, when
+the hub is reachable, any lm-eval task by name.
 
 Why stock lm-eval and not only `transplant.eval.bpb`: users compare transplanted models with numbers from the
-harness everyone uses. Offline there are no hub data sets, so the project ships task templates and data; lm-eval
-wants absolute `data_files` paths, so concrete YAMLs are written into the cache at run time.
+harness everyone uses. Offline there are no hub data sets, so the project ships task templates and data;
+lm-eval wants absolute `data_files` paths, so concrete YAMLs are written into the cache at run time.
 
 Local tasks:
-  tt_bpb_<slice>  loglikelihood_rolling over a held-out slice of `transplant.assets.texts` (english, code, german,
-                  numbers, spanish, python-docs) or over caller text (`texts=`), cut into documents of about
-                  `doc_bytes` bytes at line breaks; metrics word_perplexity, byte_perplexity, bits_per_byte.
-                  `tt_bpb` expands to every slice.
-  tt_mc_small     80 original 4-way multiple-choice items scored by log-likelihood (acc, acc_norm; chance 0.25).
+  tt_bpb_<slice>  loglikelihood_rolling over a held-out slice of `transplant.assets.texts` (english, code,
+                  german, numbers, spanish, python-docs) or over caller text (`texts=`), cut into documents of
+                  about `doc_bytes` bytes at line breaks; metrics word_perplexity, byte_perplexity,
+                  bits_per_byte. `tt_bpb` expands to every slice.
+  tt_mc_small     80 original 4-way multiple-choice items scored by log-likelihood (acc, acc_norm; chance
+                  0.25).
 
 Bits per byte, lm-eval vs `transplant.eval.bpb.bits_per_byte`: on the same documents they agree when each
 document fits in one context window (both prepend BOS, EOS when there is none, and score every text token).
 They differ on longer text: `evaluate` cuts windows of max_length-1 tokens that each restart from BOS; lm-eval
 predicts max_length tokens per window and conditions each later window on one token of the previous one only.
-Cutting a slice into ~2 KB documents keeps both inside one window and gives every model, whatever its tokenizer,
-the same context in bytes; the price is less context than `transplant eval`, which scores the slice as one text
-(so tt_bpb_* numbers are higher than `transplant eval`'s for the same slice). lm-eval would also score the BOS
-that a tokenizer adds on encode (SentencePiece Llama/Mistral style) as a first text token, charging such
-tokenizers for it; the bpb tasks therefore run with add_bos_token=False (BOS stays as the prefix).
+Cutting a slice into ~2 KB documents keeps both inside one window and gives every model, whatever its
+tokenizer, the same context in bytes; the price is less context than `transplant eval`, which scores the slice
+as one text (so tt_bpb_* numbers are higher than `transplant eval`'s for the same slice). lm-eval would also
+score the BOS that a tokenizer adds on encode (SentencePiece Llama/Mistral style) as a first text token,
+charging such tokenizers for it; the bpb tasks therefore run with add_bos_token=False (BOS stays as the
+prefix).
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def split_documents(text: str, doc_bytes: int = DEFAULT_DOC_BYTES) -> list[str]:
         if current and size + line_bytes > doc_bytes:
             docs.append("".join(current))
             current, size = [], 0
-        while line_bytes > doc_bytes:  # one very long line (numbers, minified code): cut at a space or anywhere
+        # one very long line (numbers, minified code): cut at a space or anywhere
+        while line_bytes > doc_bytes:
             head = _cut_utf8(line, doc_bytes)
             docs.append(head)
             line = line[len(head):]
@@ -120,7 +123,8 @@ def _expand_tasks(tasks: Sequence[str], texts: Mapping[str, str] | None) -> list
         tasks = [t for t in tasks.split(",") if t]
     expanded: list[str] = []
     for task in tasks:
-        names = [t for t in list_local_tasks(texts) if t.startswith(BPB_PREFIX)] if task == BPB_ALL else [task]
+        names = ([t for t in list_local_tasks(texts) if t.startswith(BPB_PREFIX)] if task == BPB_ALL
+                 else [task])
         expanded += [name for name in names if name not in expanded]
     if not expanded:
         raise TransplantError(f"no lm-eval task given; local tasks: {', '.join(list_local_tasks(texts))}")
@@ -142,7 +146,8 @@ def _hub_reachable() -> bool:
 
 def _render(template_name: str, **values: str) -> str:
     template = string.Template((TEMPLATE_DIR / template_name).read_text(encoding="utf-8"))
-    return template.substitute({key: json.dumps(value) if key != "task" else value for key, value in values.items()})
+    return template.substitute({key: json.dumps(value) if key != "task" else value
+                                for key, value in values.items()})
 
 
 def _jsonl(rows: list[dict]) -> str:
@@ -270,7 +275,8 @@ class ModelResult:
     runs: tuple[StockRun, ...]
 
 
-def run_lm_eval(models: Sequence[str | Path], tasks: Sequence[str], **kwargs) -> dict[str, dict[str, dict[str, float]]]:
+def run_lm_eval(models: Sequence[str | Path], tasks: Sequence[str],
+                **kwargs) -> dict[str, dict[str, dict[str, float]]]:
     """Run stock lm-eval ("hf" model type) on each model dir; return {model: {task: {metric: value}}}.
 
     Takes the arguments of `iter_lm_eval`, which yields each model's result as soon as it is done.
@@ -307,7 +313,8 @@ def iter_lm_eval(models: Sequence[str | Path], tasks: Sequence[str], *, device: 
     model_dirs = {str(spec): _resolve_model_dir(spec) for spec in models}
     if not model_dirs:
         raise TransplantError("no model given to evaluate; pass one or more model dirs")
-    include = prepare_local_tasks(local, bpb_bytes=bpb_bytes, doc_bytes=doc_bytes, texts=texts) if local else None
+    include = (prepare_local_tasks(local, bpb_bytes=bpb_bytes, doc_bytes=doc_bytes, texts=texts)
+               if local else None)
 
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -315,7 +322,8 @@ def iter_lm_eval(models: Sequence[str | Path], tasks: Sequence[str], *, device: 
     manager = TaskManager(include_path=str(include) if include else None, include_defaults=bool(remote))
     unknown = [task for task in remote if task not in manager.all_tasks]
     if unknown:
-        raise TransplantError(f"unknown lm-eval task(s) {', '.join(unknown)}; local tasks: {', '.join(known_local)}")
+        raise TransplantError(f"unknown lm-eval task(s) {', '.join(unknown)}; local tasks: "
+                              f"{', '.join(known_local)}")
     bpb_tasks = [task for task in task_names if task.startswith(BPB_PREFIX)]
     other_tasks = [task for task in task_names if not task.startswith(BPB_PREFIX)]
     for name, model_dir in model_dirs.items():
@@ -331,7 +339,8 @@ def iter_lm_eval(models: Sequence[str | Path], tasks: Sequence[str], *, device: 
                     continue
                 lm.add_bos_token = add_bos  # the model_arg add_bos_token, per group of tasks
                 raw = lm_eval.simple_evaluate(model=lm, tasks=group, task_manager=manager, limit=limit,
-                                              num_fewshot=num_fewshot, bootstrap_iters=1000, log_samples=False)
+                                              num_fewshot=num_fewshot, bootstrap_iters=1000,
+                                              log_samples=False)
                 per_task.update(_collect(raw or {}, group))
                 runs.append(StockRun(model_dir, tuple(group), add_bos, _dtype_arg(dtype), device, batch_size,
                                      include if any(_is_local(task) for task in group) else None, limit,
@@ -339,7 +348,8 @@ def iter_lm_eval(models: Sequence[str | Path], tasks: Sequence[str], *, device: 
         del lm
         gc.collect()
         _empty_device_cache()
-        yield ModelResult(name, {task: per_task[task] for task in task_names if task in per_task}, tuple(runs))
+        yield ModelResult(name, {task: per_task[task] for task in task_names if task in per_task},
+                          tuple(runs))
 
 
 def _empty_device_cache() -> None:
@@ -358,8 +368,8 @@ def _cell(metrics: Mapping[str, float], metric: str) -> str:
     return f"{text} ± {stderr:.4f}" if stderr else text
 
 
-def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Sequence[str] | None = None,
-                 ) -> str:
+def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]],
+                 metrics: Sequence[str] | None = None, ) -> str:
     """Markdown table: one row per model, one column per task/metric (± stderr where lm-eval gives one).
 
     `metrics` picks which metrics to show; by default all but stderr, sample counts and byte_perplexity.
@@ -376,7 +386,8 @@ def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], metri
     rows = [[name] + [_cell(per_task.get(task, {}), metric) for task, metric in columns]
             for name, per_task in results.items()]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in [header]]
+    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |"
+             for row in [header]]
     lines.append("|" + "|".join("-" * (width + 2) for width in widths) + "|")
     lines += ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
     return "\n".join(lines)
@@ -386,10 +397,12 @@ def score_line(results: Mapping[str, Mapping[str, float]]) -> str:
     """One model's numbers on one line (`task/metric=value, ...`), for progress output."""
     return ", ".join(f"{task}/{metric}={value:.4f}" for task, metrics in results.items()
                      for metric, value in metrics.items()
-                     if not metric.endswith("_stderr") and metric != "samples" and metric not in _HIDDEN_BY_DEFAULT)
+                     if not metric.endswith("_stderr") and metric != "samples"
+                     and metric not in _HIDDEN_BY_DEFAULT)
 
 
-def save_results(folder: Path, done: Sequence[ModelResult], names: Mapping[str, str] | None = None) -> list[Path]:
+def save_results(folder: Path, done: Sequence[ModelResult],
+                 names: Mapping[str, str] | None = None) -> list[Path]:
     """Write results.json, results.md and `lm_eval_command.txt` (the stock commands) into `folder`.
 
     Called after every model, so a long run that stops keeps the models it finished.

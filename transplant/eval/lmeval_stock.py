@@ -69,8 +69,8 @@ def stock_command(run: StockRun) -> str:
 
 def command_file_text(runs: Sequence[StockRun]) -> str:
     """The text of `lm_eval_command.txt`: a comment line, then one command per model and group of tasks."""
-    lines = ["# stock lm-eval commands that reproduce these numbers (bits-per-byte tasks: add_bos_token=False, "
-             "so a BOS the tokenizer adds is not scored as text)"]
+    lines = ["# stock lm-eval commands that reproduce these numbers (bits-per-byte tasks: "
+             "add_bos_token=False, so a BOS the tokenizer adds is not scored as text)"]
     return "\n".join(lines + [stock_command(run) for run in runs]) + "\n"
 
 
@@ -93,8 +93,8 @@ def write_atomic(path: Path, text: str) -> Path:
 def hub_offline() -> Iterator[None]:
     """Keep huggingface_hub, datasets and transformers off the network for the duration.
 
-    The env vars alone are not enough once those libraries are imported (they read them at import time), so the
-    module-level switches are patched too and everything is restored afterwards.
+    The env vars alone are not enough once those libraries are imported (they read them at import time), so
+    the module-level switches are patched too and everything is restored afterwards.
     """
     env_vars = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
     saved_env = {var: os.environ.get(var) for var in env_vars}

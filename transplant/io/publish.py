@@ -28,7 +28,8 @@ def check_push(repo_id: str | None) -> None:
         raise TransplantError(f"--push-to-hub {repo_id!r}: not a hub repo id; pass NAME or ORG/NAME")
     if catalog.is_hub_offline():
         why = "HF_HUB_OFFLINE is set" if catalog.offline_by_environment() else "the hub does not answer"
-        raise TransplantError(f"--push-to-hub {repo_id}: {why}; run without --push-to-hub and upload the output "
+        raise TransplantError(f"--push-to-hub {repo_id}: {why}; run without --push-to-hub and upload the "
+                              "output "
                               f"later with `hf upload {repo_id} OUTPUT_DIR`")
 
 
