@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transplant.errors import TransplantError
 from transplant.io import safetensors
 from transplant.io.atomic import atomic_file
+from transplant.io.gguf_meta import read_provenance, turn_end_ids, write_provenance
 from transplant.io.gguf_vocab import CONTROL, GGUFVocab, describe_vocab, write_vocab
 from transplant.io.model_config import config_says_tied, load_config
 
@@ -242,12 +243,19 @@ def export_gguf(model_dir: str | Path, output: str | Path, *, outtype: str = "f1
     with atomic_file(output, overwrite=overwrite, protected=[model_dir], estimate_bytes=estimate,
                      is_ours=is_our_gguf) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        _hparams(writer, config, rows, model_dir.name)
+        provenance = read_provenance(model_dir)
+        _hparams(writer, config, rows, provenance.name)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
         if outtype == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_vocab(writer, vocab)
+        write_provenance(writer, provenance)
+        eot, eom = turn_end_ids(vocab.tokens, vocab.chat_template)
+        if eot is not None:
+            writer.add_eot_token_id(eot)
+        if eom is not None:
+            writer.add_eom_token_id(eom)
         writer.add_string(MARKER_KEY, __version__)
         _write_tensors(writer, planned)
     log.info("wrote %s: %s, %d tensors, %d tokens (%d control)", output, outtype, len(planned),
