@@ -186,10 +186,12 @@ def test_cli_eval_table(tiny_pair, tmp_path):
     assert len(lines) == 3 and all(float(line.split("\t")[1]) > 0 for line in lines[1:])
 
 
-def test_cli_eval_with_lm_eval_tasks(tiny_pair):
-    result = _cli(["eval", tiny_pair["base_tied"], "--tasks", "tt_mc_small", "--limit", "4"])
+def test_cli_eval_with_lm_eval_tasks(tiny_pair, tmp_path):
+    result = _cli(["eval", tiny_pair["base_tied"], "--tasks", "tt_mc_small", "--limit", "4", "--save-dir",
+                   tmp_path / "eval"])
     assert result.exit_code == 0, result.output
     assert "tt_mc_small" in result.output and str(tiny_pair["base_tied"]) in result.output
+    assert (tmp_path / "eval" / "lm_eval_command.txt").is_file()
 
 
 def test_failed_evaluation_leaves_no_output(tiny_pair, tmp_path, monkeypatch):
