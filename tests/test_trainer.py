@@ -349,8 +349,9 @@ def test_recipe_overrides_interpolation_and_errors(tmp_path):
         load_deepspeed_config(load_recipe(path, [f"deepspeed={bad}"]), None)
 
 
-DISTILL_RECIPES = ["cpu_smoke_smollm2_mistral.yaml", "cpu_2proc.yaml",
-                   "llama3_8b_to_mistral_nemo_8gpu_zero3.yaml", "large_to_small_distill.yaml"]
+DISTILL_RECIPES = ["cpu_smoke_smollm2_mistral.yaml", "cpu_2proc.yaml", "cpu_gemma3_to_smollm2.yaml",
+                   "cpu_smoke_reference_regime.yaml", "llama3_8b_to_mistral_nemo_8gpu_zero3.yaml",
+                   "large_to_small_distill.yaml"]
 
 
 @pytest.mark.parametrize("recipe_path", [REPO / "recipes" / n for n in DISTILL_RECIPES], ids=lambda p: p.name)
