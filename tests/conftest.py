@@ -83,3 +83,22 @@ def tiny_pair(tmp_path_factory):
         "donor_tok": donor_tok,
         "donor_model": build_tiny_llama(root / "donor_model", donor_tok, tied=False, hidden=48, seed=2),
     }
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ "
+          "'<|im_start|>assistant\n' }}{% endif %}")
+
+
+def build_chatml_model(root: Path, *, seed: int) -> Path:
+    """A tiny instruct-style model: ChatML markers as specials, a ChatML template, byte-level BPE (every text
+    round-trips)."""
+    import json
+
+    tok = build_byte_bpe(root / "tok", BASE_CORPUS, 400, ["<|endoftext|>", "<|im_end|>", "<|im_start|>"])
+    config_path = tok / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(chat_template=CHATML, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                  pad_token="<|im_end|>")
+    config_path.write_text(json.dumps(config))
+    return build_tiny_llama(root / "model", tok, tied=True, seed=seed)

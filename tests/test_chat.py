@@ -9,28 +9,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BASE_CORPUS, build_byte_bpe, build_tiny_llama
+from tests.conftest import build_chatml_model
 from transplant.errors import TransplantError
 from transplant.pipeline import transplant
 from transplant.tokenizers.control import parse_token_map
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ "
-          "'<|im_start|>assistant\n' }}{% endif %}")
 MESSAGES = [{"role": "user", "content": "the cat sat on the mat"}]
 
 
 @pytest.fixture(scope="module")
 def chat_base(tmp_path_factory) -> Path:
     """A tiny instruct-style base: ChatML markers as specials and a ChatML template."""
-    root = tmp_path_factory.mktemp("chat")
-    tok = build_byte_bpe(root / "tok", BASE_CORPUS, 400, ["<|endoftext|>", "<|im_end|>", "<|im_start|>"])
-    config_path = tok / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config.update(chat_template=CHATML, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                  pad_token="<|im_end|>")
-    config_path.write_text(json.dumps(config))
-    return build_tiny_llama(root / "model", tok, tied=True, seed=3)
+    return build_chatml_model(tmp_path_factory.mktemp("chat"), seed=3)
 
 
 def _rows(model_dir: Path) -> torch.Tensor:

@@ -3,14 +3,13 @@ a tokenizer that loses text, on hand-made strings and a tiny ChatML model built 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import BASE_CORPUS, build_byte_bpe, build_tiny_llama
+from tests.conftest import build_chatml_model
 from transplant.errors import TransplantError
 from transplant.eval.chat import (
     agreement_target,
@@ -23,22 +22,12 @@ from transplant.eval.chat import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% "
-          "endif %}")
 
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     """A tiny ChatML model (byte-level BPE, so every text round-trips)."""
-    root = tmp_path_factory.mktemp("chat_kept")
-    tok = build_byte_bpe(root / "tok", BASE_CORPUS, 400, ["<|endoftext|>", "<|im_end|>", "<|im_start|>"])
-    config_path = tok / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config.update(chat_template=CHATML, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                  pad_token="<|im_end|>")
-    config_path.write_text(json.dumps(config))
-    return build_tiny_llama(root / "model", tok, tied=True, seed=4)
+    return build_chatml_model(tmp_path_factory.mktemp("chat_kept"), seed=4)
 
 
 def test_answer_span_and_mask_by_hand():
