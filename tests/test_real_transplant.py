@@ -54,3 +54,23 @@ def test_demo_bits_per_byte_survives(transplanted):
     assert transplanted.bpb_before < 1.4
     assert transplanted.bpb_after < 2.0 * transplanted.bpb_before
     assert torch.isfinite(torch.tensor(transplanted.bpb_after))
+
+
+def test_demo_chat_ends_turns_with_im_end_and_both_template_paths_agree(transplanted):
+    """Issue 25: greedy replies end with the template's `<|im_end|>` (not the donor's `</s>`, whose row no
+    longer ties with it), and no BOS the base never saw is added, so string and ids paths give one prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = transplanted.output
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"][0] == end
+    for question in ("What is the capital of France?", "How many legs does a spider have?", "What is 2+2?"):
+        messages = [{"role": "user", "content": question}]
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        assert tokenizer(rendered)["input_ids"] == ids
+        generated = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):]
+        assert generated[-1].item() == end, tokenizer.decode(generated)

@@ -17,14 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def add_stop_tokens(model_dir: Path, ids: list[int]) -> None:
-    """Make generation_config.json's `eos_token_id` a list holding `ids` (after any it already has)."""
+    """Make generation_config.json's `eos_token_id` the list `ids` (the template's end of turn first), then
+    any it already had: tools that take one stop token take the first."""
     path = Path(model_dir) / "generation_config.json"
     if len(ids) < 2 or not path.is_file():
         return
     generation = json.loads(path.read_text(encoding="utf-8"))
     current = generation.get("eos_token_id")
     current = [current] if isinstance(current, int) else list(current or [])
-    merged = current + [i for i in ids if i not in current]
+    merged = list(ids) + [i for i in current if i not in ids]
     if merged == current:
         return
     generation["eos_token_id"] = merged

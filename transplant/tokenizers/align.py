@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from transplant.tokenizers.vocab import TokenKind, Vocab
+from transplant.tokenizers.vocab import ROLE_NAMES, TURN_END_ROLES, TokenKind, Vocab
 
 
 @dataclass
@@ -46,6 +46,19 @@ class Alignment:
         }
 
 
+def _role_partner(base: Vocab, role: str, taken: set[int]) -> int | None:
+    """The base special that plays `role`, skipping rows that already end a turn or a document.
+
+    A stop row shared by two new specials ties them in the output: the carried `<|im_end|>` of a base
+    whose eos IS `<|im_end|>` (SmolLM2) would tie with the donor's `</s>`, and greedy decoding would end
+    replies with the lower id, `</s>`, which transcripts and parsers do not look for. The donor's eos then
+    takes the base's other document end (`<|endoftext|>`); a special with no free partner gets an
+    initialised row."""
+    candidates = [base.roles.get(role)] + [idx for idx, text in sorted(base.special_texts.items())
+                                           if (ROLE_NAMES.get(text) or ROLE_NAMES.get(text.lower())) == role]
+    return next((idx for idx in candidates if idx is not None and idx not in taken), None)
+
+
 def same_vocabulary(base: Vocab, new: Vocab) -> bool:
     """Whether `new` is `base`'s own vocabulary: the same bytes, kinds and special texts at every id."""
     return (len(base) == len(new) and base.token_bytes == new.token_bytes and base.kinds == new.kinds
@@ -70,11 +83,18 @@ def align(base: Vocab, new: Vocab) -> Alignment:
         if text in base_special_by_text:
             new_to_base[new_id] = base_special_by_text[text]
     matched_by_role: dict[str, tuple[int, int]] = {}
-    for role, new_id in new.roles.items():
-        base_id = base.roles.get(role)
-        if base_id is not None and new.kinds[new_id] is TokenKind.SPECIAL and new_to_base[new_id] < 0:
+    stops = {int(new_to_base[i]) for role, i in new.roles.items()
+             if role in TURN_END_ROLES and new.kinds[i] is TokenKind.SPECIAL and new_to_base[i] >= 0}
+    for role in sorted(new.roles, key=lambda r: r != "eos"):  # eos first: it may take a stop row of its own
+        new_id = new.roles[role]
+        if new.kinds[new_id] is not TokenKind.SPECIAL or new_to_base[new_id] >= 0:
+            continue
+        base_id = _role_partner(base, role, taken=stops)
+        if base_id is not None:
             new_to_base[new_id] = base_id
             matched_by_role[role] = (new_id, base_id)
+            if role == "eos":
+                stops.add(base_id)
     return Alignment(new_to_base=new_to_base, matched_by_role=matched_by_role)
 
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transplant.errors import TransplantError
-from transplant.tokenizers import formats
 from transplant.tokenizers.align import Alignment
+from transplant.tokenizers.bos import follow_base_bos
 from transplant.tokenizers.family import read_family_class
-from transplant.tokenizers.vocab import TokenKind, Vocab, vocab_from_converted
+from transplant.tokenizers.vocab import TURN_END_ROLES, TokenKind, Vocab, rebuilt_vocab
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +119,7 @@ def with_added_specials(vocab: Vocab, texts: list[str], template: str | None) ->
         if backend.token_to_id(text) != len(vocab) + offset:
             raise TransplantError(f"could not append control token {text!r} to {vocab.name!r} "
                                   "after its last id; pass --chat-template donor or none")
-    names = {f"{role}_token": vocab.special_texts[idx] for role, idx in vocab.roles.items()
-             if role in ("bos", "eos", "unk", "pad") and idx in vocab.special_texts}
-    rebuilt = vocab_from_converted(formats.Converted(backend, names, vocab.source_format,
-                                                     template), vocab.name)
-    if not template:
-        rebuilt.tokenizer.chat_template = None
-    max_len = getattr(vocab.tokenizer, "model_max_length", None)
-    if isinstance(max_len, int):
-        rebuilt.tokenizer.model_max_length = max_len
-    rebuilt.tokenizer_class = vocab.tokenizer_class
-    return rebuilt
+    return rebuilt_vocab(vocab, backend, template)
 
 
 def prepare_new_vocab(base: Vocab, new: Vocab, *, chat_template: str = "auto",
@@ -157,10 +147,10 @@ def prepare_new_vocab(base: Vocab, new: Vocab, *, chat_template: str = "auto",
                 template = template.replace(text, new.special_texts[donor_id])
             else:
                 plan.carried.append(text)
-    if template == _template_of(new) and not plan.carried:
-        return new, plan
-    log.info("chat: %s", plan.summary())
-    return with_added_specials(new, plan.carried, template), plan
+    if template != _template_of(new) or plan.carried:
+        log.info("chat: %s", plan.summary())
+        new = with_added_specials(new, plan.carried, template)
+    return follow_base_bos(base, new), plan
 
 
 def apply_token_map(alignment: Alignment, base: Vocab, new: Vocab,
@@ -194,13 +184,14 @@ def _normal_id(vocab: Vocab, text: str) -> int | None:
 
 
 def stop_token_ids(vocab: Vocab, plan: ChatPlan) -> list[int]:
-    """Ids that end an assistant turn under the kept template: eos plus carried end markers (`<|im_end|>`)."""
-    ids = [vocab.roles["eos"]] if "eos" in vocab.roles else []
-    for role in ("im_end", "eot", "end_turn", "end"):
-        idx = vocab.roles.get(role)
-        if idx is not None and idx not in ids and (plan.template_source != "none"):
-            ids.append(idx)
-    return ids
+    """Ids that end an assistant turn under the kept template: its end markers (`<|im_end|>`) first, as what
+    a reply ends with and what llama.cpp and parsers take for the end of turn, then eos (end of document)."""
+    ids = []
+    if plan.template_source != "none":
+        ids = [vocab.roles[role] for role in TURN_END_ROLES if role in vocab.roles]
+    if "eos" in vocab.roles and vocab.roles["eos"] not in ids:
+        ids.append(vocab.roles["eos"])
+    return list(dict.fromkeys(ids))
 
 
 __all__ = ["CHAT_TEMPLATE_CHOICES", "ChatPlan", "apply_token_map", "choose_template", "parse_token_map",

@@ -165,6 +165,9 @@ def _write_files(directory: Path, files: dict[str, str]) -> None:
 
 
 # Literal special-token names -> role, for tokenizers whose config does not name them (raw files, GGUF).
+# roles of the markers that end an assistant turn under a chat template (generation stops there)
+TURN_END_ROLES = ("im_end", "eot", "end_turn", "end")
+
 ROLE_NAMES: dict[str, str] = {
     "<s>": "bos",
     "<|begin_of_text|>": "bos",
@@ -346,3 +349,18 @@ def vocab_from_converted(conv: formats.Converted, name: str) -> Vocab:
         adds_prefix_space=_adds_prefix_space(backend, token_bytes),
         special_texts=special_texts,
     )
+
+
+def rebuilt_vocab(vocab: Vocab, backend: Any, template: str | None) -> Vocab:
+    """`vocab` around an edited copy of its backend: roles, template, length limit and family class kept."""
+    names = {f"{role}_token": vocab.special_texts[idx] for role, idx in vocab.roles.items()
+             if role in ("bos", "eos", "unk", "pad") and idx in vocab.special_texts}
+    rebuilt = vocab_from_converted(formats.Converted(backend, names, vocab.source_format,
+                                                     template), vocab.name)
+    if not template:
+        rebuilt.tokenizer.chat_template = None
+    max_len = getattr(vocab.tokenizer, "model_max_length", None)
+    if isinstance(max_len, int):
+        rebuilt.tokenizer.model_max_length = max_len
+    rebuilt.tokenizer_class = vocab.tokenizer_class
+    return rebuilt
