@@ -312,7 +312,7 @@ def extend_cmd(model, tokens, specials, corpus_files, num_tokens, method, settin
 @click.option("--overwrite", is_flag=True,
               help="Replace the output if it is a GGUF written by tokentransplant.")
 def export_gguf_cmd(model_dir, output, outtype, overwrite):
-    """Write MODEL_DIR (a Llama/Mistral-architecture model folder) as one GGUF file for llama.cpp.
+    """Write MODEL_DIR (a Llama, Mistral, Qwen2 or Gemma-3 model folder) as one GGUF file for llama.cpp.
 
     Its tokenizer goes along: tokens, merges or scores, token types (specials CONTROL, added tokens
     USER_DEFINED, byte fallback BYTE), bos/eos/pad ids and the chat template.

@@ -2,16 +2,17 @@
 
 Why our own writer rather than wrapping llama.cpp's `convert_hf_to_gguf.py`: that script is not part of the
 `gguf` package (it needs a llama.cpp checkout of a matching version), it picks the pre-tokenizer by hashing
-the ids of known hub models, which a transplanted tokenizer on another model's weights may not match, and it
-typed Mistral's `[INST]` in our outputs as NORMAL. Here the vocabulary comes from our own tokenizer reading
-(`transplant.io.gguf_vocab`: CONTROL, USER_DEFINED, BYTE, UNUSED types, scores or merges, pre-tokenizer by
-behaviour) and the tensors follow llama.cpp's Llama conventions.
+the ids of known hub models, which a transplanted tokenizer on another model's weights may not match, it
+typed Mistral's `[INST]` in our outputs as NORMAL, and for Gemma-3 it needs a `tokenizer.model` our outputs do
+not have. Here the vocabulary comes from our own tokenizer reading (`transplant.io.gguf_vocab`: CONTROL,
+USER_DEFINED, BYTE, UNUSED types, scores or merges, pre-tokenizer by behaviour) and the tensors and
+hyperparameters follow llama.cpp's conventions per architecture (`transplant.io.gguf_arches`).
 
-Supported: `LlamaForCausalLM` and `MistralForCausalLM` (llama.cpp's `llama` architecture: SmolLM2, Llama 1-3,
-Mistral 7B), rope default, linear or llama3. Anything else is refused with one line. Tensors stream one at a
-time from the safetensors shards into the file (memory: one tensor), with a progress bar. Layout, as
-llama.cpp's converter: q/k projections permuted to its rotary layout, 1-D tensors float32, 2-D tensors in the
-outtype (`q8_0` falls back to f16 for rows not a multiple of 32), a tied model without `output.weight`.
+Supported: `LlamaForCausalLM` and `MistralForCausalLM` (llama.cpp's `llama`: SmolLM2, Llama 1-3, Mistral 7B),
+`Qwen2ForCausalLM` (`qwen2`: Qwen2, Qwen2.5) and `Gemma3ForCausalLM` (`gemma3`: the text-only Gemma-3 models).
+Anything else is refused with one line. Tensors stream one at a time from the safetensors shards into the file
+(memory: one tensor), with a progress bar. Layout, as llama.cpp's converter: 1-D tensors float32, 2-D tensors
+in the outtype (`q8_0` falls back to f16 for rows not a multiple of 32), a tied model without `output.weight`.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from tqdm.auto import tqdm
 from transplant.errors import TransplantError
 from transplant.io import safetensors
 from transplant.io.atomic import atomic_file
+from transplant.io.gguf_arches import ARCHITECTURES, ArchSpec, attention_shape, rope
 from transplant.io.gguf_meta import read_provenance, turn_end_ids, write_provenance
 from transplant.io.gguf_vocab import CONTROL, GGUFVocab, describe_vocab, write_vocab
 from transplant.io.model_config import config_says_tied, load_config
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+SUPPORTED = {name: spec.name for name, spec in ARCHITECTURES.items()}  # HF class -> llama.cpp architecture
 OUTTYPES = ("f16", "q8_0", "f32")
 MARKER_KEY = "tokentransplant.version"  # an existing GGUF with this key may be replaced by --overwrite
 SKIPPED = ("rotary_emb.inv_freq",)
@@ -70,24 +72,14 @@ class ExportResult:
         return self.vocab.types.count(CONTROL)
 
 
-def _architecture(config: dict, model_dir: Path) -> str:
+def _architecture(config: dict, model_dir: Path) -> ArchSpec:
     names = config.get("architectures") or [config.get("model_type", "unknown")]
     for name in names:
-        if name in SUPPORTED:
-            return SUPPORTED[name]
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
     raise TransplantError(f"{model_dir} is {', '.join(map(str, names))}; export-gguf supports "
-                          f"{', '.join(SUPPORTED)} (llama.cpp's llama architecture); use llama.cpp's "
-                          "convert_hf_to_gguf.py for other architectures")
-
-
-def _rope(config: dict) -> tuple[float, dict]:
-    """(rope theta, scaling parameters with a `rope_type`) in transformers 4.x or 5.x spelling."""
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
-    merged = {**params, **scaling}
-    merged["rope_type"] = merged.get("rope_type", merged.get("type", "default")) or "default"
-    return float(theta), merged
+                          f"{', '.join(SUPPORTED)}; use llama.cpp's convert_hf_to_gguf.py for other "
+                          "architectures")
 
 
 def llama3_rope_factors(theta: float, head_dim: int, scaling: dict) -> np.ndarray:
@@ -109,43 +101,6 @@ def llama3_rope_factors(theta: float, head_dim: int, scaling: dict) -> np.ndarra
             smooth = (old / wavelen - low) / (high - low)
             factors.append(1.0 / ((1 - smooth) / factor + smooth))
     return np.asarray(factors, dtype=np.float32)
-
-
-def _attention_shape(config: dict) -> tuple[int, int, int]:
-    """(heads, kv heads, head dim) of a Llama config."""
-    try:
-        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        int(config["num_hidden_layers"]), int(config["intermediate_size"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise TransplantError(f"config.json lacks the Llama field {err}; pass a Llama model folder") from err
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    return heads, kv_heads, int(config.get("head_dim") or hidden // heads)
-
-
-def _hparams(writer, config: dict, rows: int, name: str) -> None:
-    """Write the llama hyperparameters (validated by `_attention_shape` and `export_gguf`)."""
-    hidden = config["hidden_size"]
-    heads, kv_heads, head_dim = _attention_shape(config)
-    theta, scaling = _rope(config)
-    writer.add_name(name)
-    writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_freq_base(theta)
-    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-    writer.add_vocab_size(rows)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    if scaling["rope_type"] == "linear":
-        import gguf
-
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
 
 
 def permute(weights: torch.Tensor, heads: int) -> torch.Tensor:
@@ -172,25 +127,34 @@ def _encode(tensor: torch.Tensor, qtype: int) -> np.ndarray:
     return gguf.quants.quantize(array, gguf.GGMLQuantizationType(qtype))
 
 
-def _plan(entries: dict, config: dict, heads: int, kv_heads: int, outtype: str, tied: bool,
+def _plan(entries: dict, config: dict, spec: ArchSpec, outtype: str, tied: bool,
           model_dir: Path) -> list[PlannedGGUFTensor]:
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    heads, kv_heads, _ = attention_shape(config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.enum], config["num_hidden_layers"])
     planned = []
     for name, entry in entries.items():
         if name.endswith(SKIPPED) or (tied and name == "lm_head.weight"):
             continue
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
-            raise TransplantError(f"{model_dir}: tensor {name} has no place in a llama GGUF; this is not a "
-                                  "plain Llama model, use llama.cpp's convert_hf_to_gguf.py")
-        rotary = heads if ".q_proj." in name else kv_heads if ".k_proj." in name else None
+            raise TransplantError(f"{model_dir}: tensor {name} has no place in a {spec.name} GGUF; this is "
+                                  "not a plain text model of its architecture, use llama.cpp's "
+                                  "convert_hf_to_gguf.py")
+        rotary = None
+        if spec.permute_qk:
+            rotary = heads if ".q_proj." in name else kv_heads if ".k_proj." in name else None
+        shift = spec.norm_shift if name.endswith("norm.weight") else 0.0
         qtype = _qtype(entry.shape, outtype)
 
-        def produce(entry=entry, rotary=rotary, qtype=qtype) -> np.ndarray:
+        def produce(entry=entry, rotary=rotary, shift=shift, qtype=qtype) -> np.ndarray:
             tensor = safetensors.load_tensor(entry)
-            return _encode(permute(tensor, rotary) if rotary else tensor, qtype)
+            if rotary:
+                tensor = permute(tensor, rotary)
+            if shift:  # Gemma's RMSNorm computes x * (1 + w); llama.cpp's x * w
+                tensor = tensor.float() + shift
+            return _encode(tensor, qtype)
 
         planned.append(PlannedGGUFTensor(target, entry, qtype, entry.shape, produce))
     return planned
@@ -211,8 +175,8 @@ def is_our_gguf(path: Path) -> bool:
 
 def export_gguf(model_dir: str | Path, output: str | Path, *, outtype: str = "f16",
                 overwrite: bool = False) -> ExportResult:
-    """Write `model_dir` (a Llama-architecture HF model folder) as one GGUF file at `output`; see the module
-    docstring for what is supported and how tensors and tokens are laid out."""
+    """Write `model_dir` (an HF model folder of a supported architecture) as one GGUF file at `output`; see
+    the module docstring for what is supported and how tensors and tokens are laid out."""
     import gguf
 
     from transplant.version import __version__
@@ -221,20 +185,24 @@ def export_gguf(model_dir: str | Path, output: str | Path, *, outtype: str = "f1
         raise TransplantError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)}")
     model_dir = Path(model_dir)
     config = load_config(model_dir)
-    arch = _architecture(config, model_dir)
+    spec = _architecture(config, model_dir)
+    arch = spec.name
     entries, _ = safetensors.weight_entries(model_dir)
     embed = entries.get("model.embed_tokens.weight")
     if embed is None:
-        raise TransplantError(f"{model_dir} has no model.embed_tokens.weight; pass a Llama model folder")
+        raise TransplantError(f"{model_dir} has no model.embed_tokens.weight; pass a causal LM model folder "
+                              "saved by transformers")
     rows = embed.shape[0]
     vocab = describe_vocab(model_dir, rows, config)
     tied = "lm_head.weight" not in entries or config_says_tied(config) is True
-    heads, kv_heads, head_dim = _attention_shape(config)
-    theta, scaling = _rope(config)
-    if scaling["rope_type"] not in ("default", "linear", "llama3"):
-        raise TransplantError(f"rope scaling {scaling['rope_type']!r} is not supported by export-gguf "
-                              "(default, linear and llama3 are); use llama.cpp's convert_hf_to_gguf.py")
-    planned = _plan(entries, config, heads, kv_heads, outtype, tied, model_dir)
+    _, _, head_dim = attention_shape(config)
+    theta, scaling = rope(config)
+    if scaling["rope_type"] not in spec.rope_types:
+        raise TransplantError(f"rope scaling {scaling['rope_type']!r} is not supported by export-gguf for "
+                              f"{arch} ({', '.join(spec.rope_types)} are); use llama.cpp's "
+                              "convert_hf_to_gguf.py")
+    spec.check(config, model_dir)
+    planned = _plan(entries, config, spec, outtype, tied, model_dir)
     if scaling["rope_type"] == "llama3":
         factors = llama3_rope_factors(theta, head_dim, scaling)
         planned.append(PlannedGGUFTensor("rope_freqs.weight", None, gguf.GGMLQuantizationType.F32,
@@ -244,7 +212,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, *, outtype: str = "f1
                      is_ours=is_our_gguf) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         provenance = read_provenance(model_dir)
-        _hparams(writer, config, rows, provenance.name)
+        spec.write_hparams(writer, config, rows, provenance.name)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
         if outtype == "q8_0":
