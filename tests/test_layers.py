@@ -198,3 +198,30 @@ def test_importing_one_method_registers_only_that_method():
             "print(sorted(r.METHODS))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "['fvt']"
+
+
+def test_a_plain_transplant_from_a_gguf_never_imports_deepspeed(tiny_pair, tmp_path):
+    """Issue 25: DeepSpeed is the trainer's. A transplant (here from a GGUF base, whose conversion saves
+    through transformers, where accelerate looks for DeepSpeed engines) must not import it: seconds of import
+    and an accelerator warning in a command that never trains."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transplant.io.gguf_export import export_gguf
+
+    base_gguf = tmp_path / "base" / "base.gguf"
+    base_gguf.parent.mkdir()
+    export_gguf(tiny_pair["base_tied"], base_gguf, outtype="f32")
+    script = ("import json, sys, transplant; "
+              "transplant.transplant(sys.argv[1], sys.argv[2], method='fvt', output=sys.argv[3], "
+              "eval_texts=None); "
+              "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed')))")
+    env = {**os.environ, "TOKENTRANSPLANT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script, str(base_gguf), str(tiny_pair["donor_tok"]),
+                           str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    assert "Setting accelerator" not in done.stderr

@@ -154,6 +154,20 @@ def _load_gguf_model(gguf_path: Path, dtype: torch.dtype):
                               "safetensors) instead") from err
 
 
+def _save_without_deepspeed(model, directory: Path) -> None:
+    """`save_pretrained`, without accelerate importing DeepSpeed to look for an engine wrapper: a plain
+    transplant never trains, and importing DeepSpeed costs seconds and prints an accelerator warning."""
+    from unittest import mock
+
+    try:
+        import accelerate.utils.other as accelerate_other
+    except ImportError:  # no accelerate: nothing imports DeepSpeed on this path
+        model.save_pretrained(directory, safe_serialization=True)
+        return
+    with mock.patch.object(accelerate_other, "is_deepspeed_available", return_value=False):
+        model.save_pretrained(directory, safe_serialization=True)
+
+
 def convert_gguf(gguf_path: Path, dest: Path, *, tokenizer_fixes: tuple[str, ...] = (),
                  chat_template: str | None = None, generation: dict | None = None,
                  dtype: torch.dtype = torch.float32, tokenizer=None) -> Path:
@@ -193,7 +207,7 @@ def convert_gguf(gguf_path: Path, dest: Path, *, tokenizer_fixes: tuple[str, ...
         if generation:
             model.generation_config = GenerationConfig(**{**model.generation_config.to_diff_dict(),
                                                           **generation})
-        model.save_pretrained(tmp, safe_serialization=True)
+        _save_without_deepspeed(model, tmp)
         model_max_length = int(getattr(model.config, "max_position_embeddings", 2048))
         del model
         gc.collect()

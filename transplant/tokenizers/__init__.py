@@ -4,6 +4,7 @@ Reads only the files it is given (aliases are resolved one layer up, in `transpl
 `vocab` (the `Vocab` contract), `formats` (SentencePiece / tiktoken / tekken converters), `load` (files and
 dirs, sniffed by content), `gguf_header` (a GGUF header bounds-checked before any reader trusts it), `family`
 (the `tokenizer_class` a saved config names), `align` (shared tokens by bytes, specials by role), `control`
-(chat and control tokens kept across a swap, `--map-token`), `segment` (a token's bytes in another
+(chat and control tokens kept across a swap, `--map-token`), `bos` (a BOS added exactly when the base
+added one), `segment` (a token's bytes in another
 vocabulary's pieces), `files` (the file names a tokenizer is saved as).
 """
