@@ -49,6 +49,14 @@ def slice_groups(slices: Iterable[str], trained_on: Iterable[str]) -> dict[str, 
             "untrained": [s for s in names if s not in trained]}
 
 
+def source_names(specs: Iterable[str]) -> list[str]:
+    """The slice names `data.train` / `eval.texts` entries get (`distill.corpus.heldout_texts`): NAME for
+    `texts:NAME`, the file stem for a path."""
+    from pathlib import Path
+
+    return [spec[6:] if spec.startswith("texts:") else Path(spec).stem for spec in map(str, specs)]
+
+
 def group_mean(values: Mapping[str, float], members: Sequence[str]) -> float:
     """Mean over the group's slices that have a value (NaN slices, where the teacher is not better,
     skipped)."""
@@ -80,5 +88,52 @@ def format_mean_spread(values: Sequence[float], percent: bool = False, digits: i
     return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
-__all__ = ["format_mean_spread", "gap_closed_capped", "group_mean", "is_tie", "mean_spread", "overshoot",
-           "pooled_gap_closed", "slice_groups"]
+def run_healing(history: Sequence[Mapping[str, float]], trained_on: Iterable[str]) -> dict[str, float]:
+    """One run's healing from its metrics records (the step-0 eval with the teacher's BPB, the last eval):
+    pooled capped gap closed per group, overshoot summed over the in-domain slices, and the mean
+    disagreement with the teacher on the untrained slices. Empty when the run has no step-0 or teacher
+    eval (nothing to measure against)."""
+    evals = [r for r in history if any(k.startswith("eval_bpb_") for k in r)]
+    if len(evals) < 2 or not any(k.startswith("teacher_bpb_") for k in evals[0]):
+        return {}
+    first, last = evals[0], evals[-1]
+    names = [k.removeprefix("eval_bpb_") for k in last if k.startswith("eval_bpb_") and k != "eval_bpb_all"]
+    names = [n for n in names if f"eval_bpb_{n}" in first and f"teacher_bpb_{n}" in first]
+    groups = slice_groups(names, trained_on)
+    rows = {n: (first[f"eval_bpb_{n}"], last[f"eval_bpb_{n}"], first[f"teacher_bpb_{n}"]) for n in names}
+    summary = {"step": float(last.get("step", math.nan))}
+    for group, key in (("untrained", "untrained"), ("in-domain", "in_domain")):
+        if groups[group]:
+            summary[f"gap_closed_{key}"] = pooled_gap_closed([rows[n] for n in groups[group]])
+    summary["overshoot_in_domain"] = sum(overshoot(rows[n][1], rows[n][2]) for n in groups["in-domain"])
+    disagree = {n: last[f"eval_disagree_{n}"] for n in groups["untrained"] if f"eval_disagree_{n}" in last}
+    if disagree:
+        summary["disagree_untrained"] = statistics.fmean(disagree.values())
+    return summary
+
+
+def format_run_healing(history: Sequence[Mapping[str, float]], trained_on: Iterable[str]) -> str:
+    """One line for the CLI (`run_healing`), the untrained-source group first: conclusions come from it."""
+    summary = run_healing(history, trained_on)
+    if not summary:
+        return ""
+    last = [r for r in history if any(k.startswith("eval_bpb_") for k in r)][-1]
+    names = [k.removeprefix("eval_bpb_") for k in last if k.startswith("eval_bpb_") and k != "eval_bpb_all"]
+    groups = slice_groups(names, trained_on)
+    parts = []
+    if "gap_closed_untrained" in summary:
+        untrained = ", ".join(groups["untrained"])
+        parts.append(f"gap closed, capped at the teacher: untrained sources ({untrained}) "
+                     f"{100 * summary['gap_closed_untrained']:.1f}%")
+    if "gap_closed_in_domain" in summary:
+        in_domain = ", ".join(groups["in-domain"])
+        parts.append(f"in-domain ({in_domain}) {100 * summary['gap_closed_in_domain']:.1f}%"
+                     f" (+{summary['overshoot_in_domain']:.3f} bits/byte past the teacher)")
+    if "disagree_untrained" in summary:
+        parts.append("disagreement with the teacher on untrained sources "
+                     f"{summary['disagree_untrained']:.4f} bits/byte")
+    return "; ".join(parts)
+
+
+__all__ = ["format_mean_spread", "format_run_healing", "gap_closed_capped", "group_mean", "is_tie",
+           "mean_spread", "overshoot", "pooled_gap_closed", "run_healing", "slice_groups", "source_names"]

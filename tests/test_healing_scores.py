@@ -10,13 +10,16 @@ import torch
 from distill.agreement import disagreement_bits_per_byte, heldout_alignment, teacher_agreement
 from distill.scores import (
     format_mean_spread,
+    format_run_healing,
     gap_closed_capped,
     group_mean,
     is_tie,
     mean_spread,
     overshoot,
     pooled_gap_closed,
+    run_healing,
     slice_groups,
+    source_names,
 )
 from tests.conftest import BASE_CORPUS
 
@@ -47,6 +50,30 @@ def test_slices_group_by_training_source_and_groups_average_what_they_have():
     assert group_mean(values, groups["in-domain"]) == pytest.approx(0.7)
     assert group_mean(values, groups["untrained"]) == pytest.approx(0.2)  # NaN slice skipped
     assert math.isnan(group_mean(values, ["german"]))
+
+
+def test_one_run_is_scored_from_its_metrics_records():
+    # step 0 carries the teacher; english is trained on (its tail is in-domain), python-docs and spanish not
+    history = [
+        {"step": 0, "eval_bpb_english": 1.2, "eval_bpb_python-docs": 1.5, "eval_bpb_spanish": 2.6,
+         "eval_bpb_all": 1.7, "teacher_bpb_english": 1.0, "teacher_bpb_python-docs": 1.1,
+         "teacher_bpb_spanish": 2.0},
+        {"step": 5, "loss": 3.0},
+        {"step": 10, "eval_bpb_english": 0.9, "eval_bpb_python-docs": 1.4, "eval_bpb_spanish": 2.4,
+         "eval_bpb_all": 1.5, "eval_disagree_python-docs": 0.3, "eval_disagree_spanish": 0.5,
+         "eval_disagree_english": 0.1},
+    ]
+    trained = source_names(["texts:english", "texts:code", "/data/german.txt"])
+    assert trained == ["english", "code", "german"]
+    summary = run_healing(history, trained)
+    # untrained pooled: (0.1 + 0.2) / (0.4 + 0.6) = 30%; english passes the teacher: 100%, overshoot 0.1
+    assert summary["gap_closed_untrained"] == pytest.approx(0.3)
+    assert summary["gap_closed_in_domain"] == pytest.approx(1.0)
+    assert summary["overshoot_in_domain"] == pytest.approx(0.1)
+    assert summary["disagree_untrained"] == pytest.approx(0.4)  # english's 0.1 is not in the untrained mean
+    line = format_run_healing(history, trained)
+    assert "untrained sources (python-docs, spanish) 30.0%" in line and "in-domain (english) 100.0%" in line
+    assert run_healing(history[1:], trained) == {} and format_run_healing(history[:1], trained) == ""
 
 
 def test_seed_spread_and_ties():
