@@ -359,9 +359,11 @@ def _print_recipe(recipe) -> None:
               "train.resume=true); an error when there is none.")
 @click.option("--print-recipe", is_flag=True,
               help="Print the resolved recipe (defaults, overrides, ${...}) and exit.")
+@PUSH_TO_HUB
+@PRIVATE
 @LOCAL_RANK
 def distill_main(recipe: str, settings: tuple[str, ...], resume: bool, print_recipe: bool,
-                 local_rank: int | None) -> None:
+                 push_to_hub: str | None, private: bool, local_rank: int | None) -> None:
     """Heal a transplanted model by cross-tokenizer distillation, as RECIPE (a YAML file, see recipes/) says.
 
     Keys of the recipe are documented in distill/config.py; unknown keys and wrong types fail before any model
@@ -375,11 +377,18 @@ def distill_main(recipe: str, settings: tuple[str, ...], resume: bool, print_rec
     loaded = load_recipe(recipe, list(settings) + (["train.resume=true"] if resume else []))
     if print_recipe:
         return _print_recipe(loaded)
+    if push_to_hub and not loaded.export.enabled:
+        raise TransplantError("--push-to-hub uploads the exported model, but the recipe has export.enabled="
+                              "false; drop --push-to-hub or --set export.enabled=true")
+    from transplant.io.publish import check_push
+
+    check_push(push_to_hub)
     if "WORLD_SIZE" not in os.environ and loaded.launch.nproc_per_node > 1:
         from distill.trainer import prepare_student
 
         prepare_student(loaded, is_main=True)  # once, before the workers start
         argv = ["distill", recipe, *_as_argv(settings)] + (["--resume"] if resume else [])
+        argv += ["--push-to-hub", push_to_hub] + (["--private"] if private else []) if push_to_hub else []
         click.get_current_context().exit(relaunch(argv, loaded.launch.nproc_per_node,
                                                   loaded.launch.master_port))
     from distill.trainer import run
@@ -394,6 +403,8 @@ def distill_main(recipe: str, settings: tuple[str, ...], resume: bool, print_rec
         healing = format_run_healing(result["history"], source_names(loaded.data.train))
         if healing:
             click.echo(f"healing: {healing}")
+        if result["export"] is not None:
+            _push(Path(result["export"]), push_to_hub, private)
 
 
 # ------------------------------------------------------------------------------------------------ hypernet

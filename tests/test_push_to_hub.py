@@ -74,3 +74,34 @@ def test_offline_push_is_one_line_before_any_work(tiny_pair, tmp_path, monkeypat
     bad = CliRunner().invoke(transplant_main, ["extend", str(tiny_pair["base_tied"]), "--token", " x",
                                                "--push-to-hub", "not a repo"])
     assert bad.exit_code == 2 and "not a hub repo id" in bad.stderr
+
+
+def test_distill_pushes_its_export_and_refuses_before_training(hub, tiny_pair, tmp_path, monkeypatch):
+    """distill's export goes up too; with no export to push, or offline, one line before any model loads."""
+    import yaml
+
+    from cli import distill_main
+    from tests.test_trainer import make_recipe
+
+    recipe = make_recipe(tmp_path, tiny_pair, "heal", loss={"name": "ce"}, train={"steps": 2},
+                         export={"enabled": True})
+    path = tmp_path / "heal.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    done = CliRunner().invoke(distill_main, [str(path), "--push-to-hub", "me/healed", "--private"])
+    assert done.exit_code == 0, done.output
+    (_, created), (_, uploaded) = hub.calls
+    assert created["private"] is True and uploaded["repo_id"] == "me/healed"
+    assert uploaded["folder_path"] == str(tmp_path / "heal" / "final")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(uploaded["files"])
+    no_export = CliRunner().invoke(distill_main, [str(path), "--set", "export.enabled=false", "--set",
+                                                  f"output_dir={tmp_path / 'other'}",
+                                                  "--push-to-hub", "me/x"])
+    assert no_export.exit_code == 2 and "export.enabled=false" in no_export.stderr
+    assert not (tmp_path / "other").exists()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(catalog, "is_hub_offline", lambda timeout=2.0: True)
+    offline = CliRunner().invoke(distill_main, [str(path), "--set", f"output_dir={tmp_path / 'off'}",
+                                                "--push-to-hub", "me/x"])
+    assert offline.exit_code == 2 and len(offline.stderr.strip().splitlines()) == 1
+    assert "HF_HUB_OFFLINE is set" in offline.stderr
+    assert not (tmp_path / "off").exists()
