@@ -5,6 +5,8 @@ Under ZeRO-3 every rank holds a slice of each weight, so the full 16-bit state d
 (a collective: every rank must call `gather_state_dict`). LoRA adapters are merged into their weights and tied
 output embeddings are written once, so `AutoModelForCausalLM.from_pretrained(dir)` loads it with no extras.
 Weights go through the project's streaming safetensors writer (one tensor at a time, OS errors as one line).
+Where a run writes is checked here too: the export folder (`check_export_dir`) and what `output_dir` may hold
+for the run to claim it (`claim_terms`, for `transplant.io.claim`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Any
 
 import torch
 
+from distill import checkpoint
+from distill.config import Recipe
 from distill.lora import lora_scales, merge_lora_state_dict
 from transplant.io import safetensors
-from transplant.io.atomic import atomic_output, check_output
+from transplant.io.atomic import atomic_output, check_output, existing_paths
 from transplant.tokenizers.files import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
@@ -84,3 +88,19 @@ def write_hf_dir(model: torch.nn.Module, state: dict[str, torch.Tensor], tokeniz
 def check_export_dir(out_dir: Path, protected: list[Path], estimate_bytes: int = 0) -> Path:
     """Fail at start-up, with one line, if the export could not be written at the end of training."""
     return check_output(out_dir, overwrite=True, protected=protected, estimate_bytes=estimate_bytes)
+
+
+def claim_terms(recipe: Recipe, models: list[Path | str]) -> dict[str, Any]:
+    """How `transplant.io.claim` judges `output_dir`: a `distill` folder holding only what training writes
+    (metrics, the recipe, the window index, checkpoints and the export when they lie inside it), never one
+    holding, or inside, the teacher, the student or a data file. An unmarked folder with checkpoints is a run
+    from before markers, so `--resume` still continues it."""
+    out = Path(recipe.output_dir).expanduser().absolute()
+    layout = {"metrics.jsonl", "recipe.yaml", "window_index.json"}
+    for place in (recipe.checkpoint.dir, recipe.export.dir):
+        path = Path(place).expanduser().absolute()
+        if out in path.parents:
+            layout.add(path.relative_to(out).parts[0])
+    named = [*models, *recipe.data.train, *recipe.eval.texts]
+    return {"kind": "distill", "layout": sorted(layout), "protected": existing_paths(named),
+            "adopt": checkpoint.has_checkpoints(Path(recipe.checkpoint.dir))}

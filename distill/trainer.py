@@ -40,7 +40,7 @@ from distill.agreement import heldout_alignment, teacher_agreement
 from distill.config import Recipe
 from distill.corpus import heldout_texts, open_corpus
 from distill.data import DistillLoader, Packer, shared_window_index
-from distill.export import check_export_dir, gather_state_dict, write_hf_dir
+from distill.export import check_export_dir, claim_terms, gather_state_dict, write_hf_dir
 from distill.lora import apply_lora
 from distill.losses import ANCHOR_LOSS, PairContext, get_loss, loss_options
 from distill.losses.balance import BALANCES, GRADMAG_AT, BlockProbe, balanced_step
@@ -51,6 +51,7 @@ from distill.runtime import (
     deepspeed_engine,
     format_record,
     init_runtime,
+    launch_environment,
     load_deepspeed_config,
     peak_memory,
     resolve_dtype,
@@ -58,6 +59,7 @@ from distill.runtime import (
 )
 from distill.teacher import load_frozen
 from transplant.errors import TransplantError
+from transplant.io.claim import check_claim, claim_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +162,10 @@ class Trainer:
         self.probe = self._gradmag_probe()
 
         corpus = open_corpus(r.data.train, corpus_bytes=r.data.train_bytes)
+        if rt.is_main:  # every input has been read and checked: now the output may be claimed and written
+            if r.export.enabled:  # a bad export dir fails now, not after hours of training
+                check_export_dir(Path(r.export.dir), protected=[self.student_dir, self.teacher_dir])
+            claim_output_dir(self.out, **claim_terms(r, [self.teacher_dir, self.student_dir]))
         packer = Packer(corpus, self.teacher_vocab, self.student_vocab, max_length=r.data.max_length,
                         seed=r.train.seed, shuffle=r.data.shuffle, pack=r.data.pack,
                         chat_template=r.data.chat_template)
@@ -388,12 +394,9 @@ class Trainer:
 
     def _start(self) -> None:
         r = self.recipe
-        if self.rt.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "recipe.yaml").write_text(yaml.safe_dump(r.to_dict(), sort_keys=False))
-            if r.export.enabled:  # a bad export dir fails now, not after hours of training
-                check_export_dir(Path(r.export.dir), protected=[self.student_dir, self.teacher_dir])
         tag = checkpoint.check_resume(self.ckpt_dir, r.train.resume)
+        if self.rt.is_main:  # written once the output and resume checks have passed
+            (self.out / "recipe.yaml").write_text(yaml.safe_dump(r.to_dict(), sort_keys=False))
         restored = checkpoint.load(self.engine, self.ckpt_dir, tag, self.rt.rank) if tag else None
         if restored:
             self.step, state = restored
@@ -475,5 +478,7 @@ def run(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
     loads. Returns {"steps", "history", "export"}."""
     if resume is not None:
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, resume=resume))
+    check_claim(recipe.output_dir, **claim_terms(recipe, [recipe.teacher.path, recipe.student.path]))
     checkpoint.check_resume(Path(recipe.checkpoint.dir), recipe.train.resume)
-    return Trainer(recipe).setup().train()
+    with launch_environment():  # a subprocess started after the run must not inherit its RANK/MASTER_PORT
+        return Trainer(recipe).setup().train()

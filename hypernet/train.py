@@ -42,17 +42,28 @@ from distill import checkpoint
 from distill.runtime import Runtime, deepspeed_engine, engine_config, peak_memory, start_runtime
 from distill.teacher import load_frozen
 from hypernet.config import HypernetRecipe
-from hypernet.data import CorpusStream, corpus_sources, cut_windows, mix_seed
+from hypernet.data import CHUNK_BYTES, CorpusStream, corpus_sources, cut_windows, mix_seed
 from hypernet.lm import lm_parts
 from hypernet.losses import TokenizerPieces, aux_loss, lm_loss, make_lm_batch
-from hypernet.model import Hypernet, HypernetConfig, base_stats, decompose_without_self, save_hypernet
+from hypernet.model import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Hypernet,
+    HypernetConfig,
+    base_stats,
+    decompose_without_self,
+    save_hypernet,
+)
 from hypernet.sample import TokenizerSampler, real_tokenizer, substring_counts
 from transplant.assets import load_vocab
-from transplant.errors import TransplantError
-from transplant.io.atomic import check_output, read_marker, write_marker
+from transplant.io.atomic import existing_paths, write_marker
+from transplant.io.claim import check_claim, claim_output_dir
 from transplant.tokenizers.vocab import TokenKind, Vocab
 
 log = logging.getLogger(__name__)
+# what a run writes into its output_dir (`transplant.io.claim`): a folder holding anything else is not ours
+LAYOUT = ("checkpoint", WEIGHTS_FILE, CONFIG_FILE, "history.json", f"{WEIGHTS_FILE}.tmp",
+          f"{CONFIG_FILE}.tmp")
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -96,8 +107,8 @@ class HypernetTrainer:
         if r.threads:
             torch.set_num_threads(int(r.threads))
         base_dir = resolve_model(r.base)
-        if rt.is_main:
-            claim_output_dir(self.out, protected=[base_dir])
+        # refused before anything loads; claimed (created) only once every input has been read
+        check_claim(self.out, kind="hypernet", layout=LAYOUT, protected=self._inputs(base_dir))
         self.base = load_vocab(base_dir)
         self.lm, self.lm_engine = load_frozen(base_dir, r.lm_shard, rt.dtype, rt.device, key="lm_shard",
                                               micro_batch_size=r.batch_size, world_size=rt.world_size)
@@ -114,6 +125,10 @@ class HypernetTrainer:
         self.real = [real_tokenizer(load_vocab(spec)) for spec in r.real_tokenizers]
         self._real_pieces: dict[str, TokenizerPieces] = {}
         self.sources = corpus_sources(r.corpus)
+        # the first block's start: an empty or binary corpus fails here, before the output folder is claimed
+        probe = CorpusStream(self.sources, seed=r.seed)
+        probe.read_block(0, min(r.block_bytes, CHUNK_BYTES))
+        probe.close()
         self.stream = CorpusStream(self.sources, seed=r.seed)
         self.corpus_sampler = None
         # one bounded sample, read by its own stream (the training position is untouched)
@@ -123,11 +138,20 @@ class HypernetTrainer:
             sample.close()
         self.population = torch.tensor(aux_population(self.base), dtype=torch.long)
         self.bos_id = self.base.roles.get("bos", self.base.roles.get("eos"))
+        if rt.is_main:  # every input has been read: now the folder may be claimed
+            claim_output_dir(self.out, kind="hypernet", layout=LAYOUT, protected=self._inputs(base_dir))
         params = sum(p.numel() for p in net.parameters())
         log.info("hypernetwork %.2fM parameters for %s (%s, ZeRO-%d, %d process(es), %s, LM shard: %s); "
                  "corpus: %d source(s)", params / 1e6, r.base, rt.dtype, r.zero_stage, rt.world_size,
                  rt.device, r.lm_shard, len(self.sources))
         return self
+
+    def _inputs(self, base_dir: Path) -> list[Path]:
+        """What the output folder may neither be, contain nor lie inside: the base, a corpus path, real
+        tokenizers given as paths."""
+        r = self.recipe
+        named = [r.corpus, *r.real_tokenizers] if isinstance(r.corpus, str) else list(r.real_tokenizers)
+        return [Path(base_dir), *existing_paths(named)]
 
     # ------------------------------------------------------------------------------------------ tokenizers
     def _counts(self, pieces: list[str]):
@@ -286,21 +310,6 @@ class HypernetTrainer:
             torch.distributed.barrier()
         self.stream.close()
         return self.out
-
-
-def claim_output_dir(out: Path, protected: list[Path]) -> None:
-    """Training writes into `output_dir` as it goes (checkpoints to resume from), so unlike a transplant it
-    cannot be built aside and renamed at the end. It must be new, empty or a previous run of ours (its
-    `tokentransplant.json` marker); never a folder of the user's own files, the current or home directory, or
-    one holding the base model."""
-    if out.is_dir() and any(out.iterdir()):
-        if read_marker(out) is None:
-            raise TransplantError(f"output_dir {out} holds files tokentransplant did not write; choose a new "
-                                  "one (--set output_dir=DIR)")
-        return
-    check_output(out, overwrite=True, protected=protected)  # forbidden places, writability
-    out.mkdir(parents=True, exist_ok=True)
-    write_marker(out, "hypernet")
 
 
 def train(recipe: HypernetRecipe) -> Path:

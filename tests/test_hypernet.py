@@ -230,21 +230,28 @@ def test_shipped_recipes_are_valid_and_documented(recipe_path):
 
 
 def test_training_refuses_an_output_dir_of_the_users_own_files(tmp_path):
-    from hypernet.train import claim_output_dir
-    from transplant.errors import TransplantError
+    from hypernet.train import LAYOUT
     from transplant.io.atomic import read_marker
+    from transplant.io.claim import claim_output_dir
+
+    def claim(out, protected=()):
+        return claim_output_dir(out, kind="hypernet", layout=LAYOUT, protected=protected)
 
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("do not delete")
     with pytest.raises(TransplantError, match="did not write"):
-        claim_output_dir(mine, protected=[])
+        claim(mine)
     assert (mine / "thesis.tex").read_text() == "do not delete"
     fresh = tmp_path / "fresh"
-    claim_output_dir(fresh, protected=[])
+    claim(fresh)
     assert read_marker(fresh)["kind"] == "hypernet"
-    claim_output_dir(fresh, protected=[])  # a previous run of ours may be continued
+    (fresh / "history.json").write_text("[]")
+    claim(fresh)  # a previous run of ours may be continued
+    (fresh / "thesis.tex").write_text("do not delete")
+    with pytest.raises(TransplantError, match=r"did not write \(thesis.tex\)"):  # nor one the user wrote into
+        claim(fresh)
     base = tmp_path / "base"
     base.mkdir()
-    with pytest.raises(TransplantError, match="did not write"):  # a folder holding the base model
-        claim_output_dir(tmp_path, protected=[base])
+    with pytest.raises(TransplantError, match="contains an input of this run"):  # a folder holding the base
+        claim(tmp_path, protected=[base])

@@ -28,7 +28,7 @@ from transplant.init.base import InitContext, InitPlan
 from transplant.init.numbers import digit_report
 from transplant.init.registry import ResolvedMethod, available_methods, resolve_method
 from transplant.io import surgery
-from transplant.io.atomic import check_output
+from transplant.io.atomic import check_output, existing_paths
 from transplant.io.chat_config import add_stop_tokens
 from transplant.io.model_config import is_causal_lm
 from transplant.tokenizers.align import align, shared_token_fraction
@@ -84,6 +84,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     started = time.perf_counter()
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     # the method is looked up and its options checked once: unknown methods, typos and bad values fail here
+    user_options = dict(options or {})
     chosen = resolve_method(method, options) if method is not None else None
     base_src = resolve_source(base, need_model=True, revision=revision)
     # a hub donor brings its tokenizer files, plus only the shards holding its embeddings unless the chosen
@@ -102,6 +103,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
               else Path("out") / f"{Path(str(base)).name}--{Path(str(donor)).name}-{method}")
     inputs = [p for p in (base_src.model_dir, donor_src.model_dir, Path(str(donor_src.tokenizer_spec)))
               if p and p.exists()]  # never overwritten, nor any folder holding them
+    inputs += existing_paths(user_options.values())  # a hypernetwork or corpus given through --set
     check_output(output, overwrite=overwrite, protected=inputs)  # fail before loading or solving anything
 
     base_vocab = load_vocab(base_src.tokenizer_spec, trust_remote_code=trust_remote_code)
@@ -121,6 +123,10 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     base_emb = surgery.read_embeddings(base_src.model_dir)
     if eval_texts and not is_causal_lm(base_emb.config):
         log.warning("bits per byte is measured on causal LMs only; %s is not one, so it is skipped", base)
+        eval_texts = None
+    if eval_texts and base_emb.rows_beyond_config:  # transformers refuses it; the output's config is right
+        log.warning("transformers cannot load %s as it is (config.json and embedding rows disagree), so bits "
+                    "per byte is skipped", base)
         eval_texts = None
     if base_emb.input.shape[0] < len(base_vocab):
         raise TransplantError(

@@ -12,6 +12,8 @@ share one set of guarantees:
   changes it). With `overwrite`, a directory is replaced only if it is empty or carries the marker, holds no
   other files and none of its files changed since; never the current directory, home, `/`, a parent of
   either, or an input (base, donor, a path given through `--set`) or a parent of one.
+* Two runs racing for one name: the first rename wins and stays; the other run's rename fails, which is one
+  line for it (`another run wrote OUT meanwhile`), and its temp dir is removed.
 * Checked early: `check_output` finds an unwritable location, a name that may not be replaced or too little
   free space before any solving, so a long run never fails at its last step.
 * Normal permissions: directories are made with mode 0o777 masked by the umask (mkdtemp's 0o700 made outputs
@@ -49,6 +51,8 @@ __all__ = ["MARKER", "read_marker", "write_marker", "atomic_output", "atomic_fil
 
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 _SCRATCH = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]+$")
+# the final rename found the destination taken: another run finished first
+_RACE = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR)
 # errno -> (what happened, what to do); all are the user's to fix, so they become one-line errors
 _OS_ERRORS = {
     errno.ENOSPC: ("disk full", "free space or choose another --output"),
@@ -255,17 +259,33 @@ def _make_scratch(out: Path) -> Path:
     return tmp
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if not (out.exists() or out.is_symlink()):
-        tmp.rename(out)
-        return
-    old = _scratch_name(out, "old")
-    out.rename(old)
+def _raced(out: Path) -> TransplantError:
+    return TransplantError(f"another run wrote {out} meanwhile; it was left as it is and this run's result "
+                           "discarded; rerun with another --output")
+
+
+def _move_into_place(tmp: Path, out: Path, existed: bool) -> None:
+    """The final rename; `existed`: `out` was there at the last check (so `overwrite` replaces it). A run that
+    wrote `out` after that check wins: its output stays, ours fails with one line (ENOTEMPTY/EEXIST; the
+    caller removes our temp dir)."""
+    try:
+        if not existed:
+            tmp.rename(out)  # never moves aside what another run put there meanwhile
+            return
+        old = _scratch_name(out, "old")
+        out.rename(old)  # ENOENT: another run moved it away to replace it
+    except OSError as exc:
+        if exc.errno in (*_RACE, errno.ENOENT):
+            raise _raced(out) from exc
+        raise
     try:
         tmp.rename(out)
-    except OSError:
-        old.rename(out)
-        raise
+    except OSError as exc:
+        if exc.errno not in _RACE:
+            old.rename(out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)  # what we were replacing, the other run replaced first
+        raise _raced(out) from exc
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -333,8 +353,9 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False,
         with _sigterm_raises():
             yield tmp
             write_marker(tmp, kind, info)
+            existed = out.exists() or out.is_symlink()
             check_output(out, overwrite=overwrite, protected=protected)  # someone may have made it meanwhile
-            _move_into_place(tmp, out)
+            _move_into_place(tmp, out, existed)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, Terminated):
@@ -394,7 +415,10 @@ def atomic_file(path: str | os.PathLike, *, overwrite: bool = False,
             if not tmp.is_file():
                 raise RuntimeError(f"nothing was written to {tmp}")
             check_file_output(out, overwrite=overwrite, protected=protected, is_ours=is_ours)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except IsADirectoryError as exc:  # another run made a folder there meanwhile
+                raise _raced(out) from exc
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, Terminated):

@@ -35,6 +35,7 @@ from transplant.io.model_config import (
     config_vocab_size,
     load_config,
     normalise_special_ids,
+    text_config,
     updated_config,
     updated_generation_config,
 )
@@ -63,6 +64,7 @@ class BaseEmbeddings:
     tied: bool
     dtype: torch.dtype
     config: dict  # parsed config.json
+    rows_beyond_config: int = 0  # rows past config.json's vocab_size: transformers cannot load it as is
 
 
 # ---------------------------------------------------------------- reading
@@ -118,6 +120,23 @@ def _check_width(entry: safetensors.TensorEntry, config: dict, model_dir: Path) 
                               f"{entry.shape[1]} wide; fix config.json or re-download the model")
 
 
+def _check_rows(entry: safetensors.TensorEntry, config: dict, model_dir: Path) -> int:
+    """config.json's vocab_size against the embedding's rows (the language model's, for a multimodal one).
+    More rows is padding, common and harmless: the surgery reads the rows and writes its own vocab_size. Fewer
+    rows mean the weights were cut or the config belongs to another model: ids the config promises would
+    index past the matrix. Returns the rows beyond the config's vocab_size."""
+    vocab = (text_config(config) or {}).get("vocab_size", config.get("vocab_size"))  # types: check_config
+    rows = entry.shape[0]
+    if not isinstance(vocab, int) or vocab == rows:
+        return 0
+    if rows > vocab:
+        log.warning("%s/config.json says vocab_size=%d but the embedding %s has %d rows: the %d rows beyond "
+                    "are taken as padding", model_dir, vocab, entry.name, rows, rows - vocab)
+        return rows - vocab
+    raise TransplantError(f"{model_dir}/config.json says vocab_size={vocab} but the embedding {entry.name} "
+                          f"has only {rows} rows; fix config.json or re-download the model")
+
+
 def read_embeddings(model_dir: Path) -> BaseEmbeddings:
     """Load only the base's embedding matrices (memory-mapped reads of two tensors, whatever the model
     size)."""
@@ -126,6 +145,7 @@ def read_embeddings(model_dir: Path) -> BaseEmbeddings:
     entries, _ = safetensors.weight_entries(model_dir)
     input_name, output_name = locate_embeddings(entries, config, model_dir)
     _check_width(entries[input_name], config, model_dir)
+    beyond = _check_rows(entries[input_name], config, model_dir)
     tied = output_name is None or config_says_tied(config) is True
     try:
         embeddings = safetensors.load_tensor(entries[input_name])
@@ -136,7 +156,7 @@ def read_embeddings(model_dir: Path) -> BaseEmbeddings:
     log.info("base embeddings: %s %s%s", input_name, tuple(embeddings.shape),
              " (tied)" if tied else f", output {output_name} {tuple(output.shape)}")
     return BaseEmbeddings(embeddings, output, input_name, None if tied else output_name, tied,
-                          embeddings.dtype, config)
+                          embeddings.dtype, config, beyond)
 
 
 # ---------------------------------------------------------------- new matrices
