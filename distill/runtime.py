@@ -8,11 +8,13 @@ launcher, on CPUs (gloo) or GPUs (NCCL). Everything a launcher would set is give
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,26 @@ def prepare_environment() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
+
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def launch_environment() -> Iterator[None]:
+    """Run a trainer from Python and leave the process's environment as it was: `prepare_environment` sets
+    RANK, WORLD_SIZE and MASTER_PORT for a one-process run, and a subprocess started afterwards (a stock
+    `lm_eval`, a second training job) would inherit them and try to join or bind that port (EADDRINUSE).
+    The process group itself stays up, so a second run in the same process reuses it."""
+    before = {var: os.environ.get(var) for var in LAUNCH_VARS}
+    try:
+        yield
+    finally:
+        for var, value in before.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
 
 
 @dataclass

@@ -69,3 +69,21 @@ def test_the_saved_command_reproduces_the_number_with_stock_lm_eval(evaluated, t
     stock = json.loads(next(tmp_path.rglob("results_*.json")).read_text())["results"]["tt_bpb_code"]
     ours = json.loads((save_dir / "results.json").read_text())[str(tiny_pair["base_tied"])]["tt_bpb_code"]
     assert stock["bits_per_byte,none"] == pytest.approx(ours["bits_per_byte"], rel=1e-6)
+
+
+def test_an_in_process_run_leaves_no_launch_variables_behind(tiny_pair, tmp_path, monkeypatch):
+    """Issue 25: `distill.trainer.run` from Python sets RANK/WORLD_SIZE/MASTER_PORT for its one-process group;
+    a stock `lm_eval` (or any subprocess) started afterwards must not inherit them (it would try to bind the
+    same port: EADDRINUSE)."""
+    import os
+
+    from distill.config import load_recipe
+    from distill.trainer import run
+    from tests.test_trainer import LAUNCH_VARS, make_recipe
+
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    result = run(load_recipe(data=make_recipe(tmp_path, tiny_pair, "env", loss={"name": "ce"},
+                                              train={"steps": 1})))
+    assert result["steps"] == 1
+    assert [var for var in LAUNCH_VARS if var in os.environ] == []
