@@ -36,3 +36,19 @@ def test_card_names_base_and_donor_by_hub_id(tiny_pair):
     assert "`mistralai/Mistral-7B-Instruct-v0.3`" in card.text
     assert (hub_donor_id("llama") == "meta-llama/Llama-3.2-1B"
             and hub_donor_id(str(tiny_pair["donor_tok"])) is None)
+
+
+def test_config_names_the_base_by_hub_id_not_by_a_gguf_internal_name(tiny_pair, tmp_path):
+    from transplant.io.model_config import updated_config
+
+    config = {"model_type": "llama", "vocab_size": 10, "_name_or_path": "/tmp/some/cache/dir",
+              "_model_name_or_path": "Smollm2 135M 8k Lc100K Mix1 Ep2"}
+    named = updated_config(config, vocab_size=12, ids={}, tied=True, dtype=None,
+                           name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert named["_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "_model_name_or_path" not in named
+    unknown = updated_config(config, vocab_size=12, ids={}, tied=True, dtype=None)
+    assert "_name_or_path" not in unknown and "_model_name_or_path" not in unknown
+    out = tmp_path / "out"  # a local base has no hub id: the field is left out rather than a local path
+    transplant(tiny_pair["base_tied"], tiny_pair["donor_tok"], method="fvt", output=out)
+    assert "_name_or_path" not in json.loads((out / "config.json").read_text())

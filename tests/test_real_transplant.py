@@ -43,6 +43,8 @@ def test_demo_output_loads_generates_and_tokenizes_like_sentencepiece(transplant
     generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     text = tokenizer.decode(generated[0][inputs["input_ids"].shape[1]:])
     assert "Paris" in text
+    config = json.loads((out / "config.json").read_text())
+    assert config["_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     card = (out / "README.md").read_text()
     assert "smollm2-135m" in card and "mistral-v3" in card and "fvt" in card
     report = json.loads((out / "report.json").read_text())

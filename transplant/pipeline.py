@@ -20,7 +20,7 @@ from transplant.assets.sources import resolve_source
 from transplant.dtypes import parse_dtype
 from transplant.errors import TransplantError
 from transplant.eval.bpb import heldout_fidelity
-from transplant.eval.card import model_card
+from transplant.eval.card import hub_base_model, model_card
 from transplant.eval.plots import render_report_plot
 from transplant.eval.report import build_report, write_report
 from transplant.init.apply import finish_embeddings
@@ -193,6 +193,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         else new_output.cpu(), save_tokenizer=new_vocab.save, special_ids=_special_ids(new_vocab),
         model_card=card, dtype=torch_dtype, pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite,
         before_commit=evaluate_and_report, protected=inputs, token_map=token_map,
+        name_or_path=hub_base_model(str(base)),
         vocab_rows=surgery.sparse_composer(plan.input_weights if plan.output_weights is None
                                            else plan.output_weights),
     )

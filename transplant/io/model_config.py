@@ -119,11 +119,16 @@ def check_ids(ids: dict, vocab_size: int) -> None:
 
 
 def updated_config(config: dict, *, vocab_size: int, ids: dict, tied: bool, dtype: torch.dtype | None,
-                   token_map: TokenIdMap | None = None) -> dict:
+                   token_map: TokenIdMap | None = None, name_or_path: str | None = None) -> dict:
     """config.json for the new vocabulary. With `token_map`, every other token-id key (nested ones included)
     is carried to the new ids or refused (`transplant.io.token_ids`); without it they are left and warned
-    about."""
+    about. `_name_or_path` names the base by its Hub id where known (`name_or_path`); the name a GGUF carried
+    inside (`_model_name_or_path`, e.g. "Smollm2 135M 8k Lc100K Mix1 Ep2") names no model anyone can load."""
     config = json.loads(json.dumps(config))
+    config.pop("_model_name_or_path", None)
+    config.pop("_name_or_path", None)
+    if name_or_path:
+        config["_name_or_path"] = name_or_path
     nested = text_config(config)
     scopes = [config] + ([nested] if nested is not None else [])
     config["tie_word_embeddings"] = tied

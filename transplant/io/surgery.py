@@ -316,7 +316,7 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
                        extra_files: dict[str, str | bytes] | None = None,
                        before_commit: Callable[[Path], None] | None = None,
                        protected: Iterable[str | os.PathLike] = (), vocab_rows: RowComposer | None = None,
-                       token_map: TokenIdMap | None = None) -> Path:
+                       token_map: TokenIdMap | None = None, name_or_path: str | None = None) -> Path:
     """Write the base model with new embeddings as a complete HF model folder at `out_dir`; return it.
 
     `before_commit(tmp_dir)` runs on the complete folder before it is renamed into place (evaluation,
@@ -363,7 +363,7 @@ def write_transplanted(base_dir: Path, out_dir: Path, *, new_input: torch.Tensor
     # config files first: a token id the new vocabulary cannot hold refuses the model before anything is
     # written
     new_config = updated_config(config, vocab_size=rows, ids=ids, tied=new_output is None, dtype=dtype,
-                                token_map=token_map)
+                                token_map=token_map, name_or_path=name_or_path)
     generation = updated_generation_config(base_dir, ids, token_map)
     planned = _plan_weights(entries, input_name, output_name, new_input, new_output, dtype, extra, vocab_rows)
     max_shard = max(shard_sizes) if len(shard_sizes) > 1 else None
