@@ -384,8 +384,12 @@ def distill_main(recipe: str, settings: tuple[str, ...], resume: bool, print_rec
 
     check_push(push_to_hub)
     if "WORLD_SIZE" not in os.environ and loaded.launch.nproc_per_node > 1:
+        from distill.export import claim_terms
         from distill.trainer import prepare_student
+        from transplant.io.claim import check_claim
 
+        # the output folder is judged before the student is built (minutes) and the workers start
+        check_claim(loaded.output_dir, **claim_terms(loaded, [loaded.teacher.path, loaded.student.path]))
         prepare_student(loaded, is_main=True)  # once, before the workers start
         argv = ["distill", recipe, *_as_argv(settings)] + (["--resume"] if resume else [])
         argv += ["--push-to-hub", push_to_hub] + (["--private"] if private else []) if push_to_hub else []

@@ -58,6 +58,13 @@ def test_distill_refuses_a_folder_of_the_users_own_files(tiny_pair, tmp_path):
     assert str(mine) in line and "choose another output_dir (--set output_dir=DIR)" in line
     refused(distill_main, [path, "--set", f"output_dir={mine}"], tmp_path, "did not write")
     refused(distill_main, [path, "--resume"], tmp_path, "did not write")
+    # two processes: judged before the student is built and the workers start (the student here is missing
+    # and would be transplanted first: nothing may appear)
+    two = make_recipe(tmp_path, tiny_pair, "mine", launch={"nproc_per_node": 2})
+    two["student"] = {"path": str(tmp_path / "student"),
+                      "prepare": {"base": str(tiny_pair["base_tied"]), "donor": str(tiny_pair["donor_tok"]),
+                                  "method": "fvt"}}
+    refused(distill_main, [recipe_file(tmp_path, two, "two.yaml")], tmp_path, "did not write")
 
 
 def test_distill_refuses_a_folder_of_another_command(tiny_pair, tmp_path):
