@@ -402,7 +402,8 @@ def distill_main(recipe: str, settings: tuple[str, ...], resume: bool, print_rec
         last = result["history"][-1] if result["history"] else {}
         summary = {k: round(v, 4) for k, v in last.items() if k.startswith(("loss", "eval_bpb_all"))}
         click.echo(f"distill: {result['steps']} steps {summary} -> {result['export']}")
-        from distill.scores import format_run_healing, source_names
+        from distill.corpus import source_names
+        from distill.scores import format_run_healing
 
         healing = format_run_healing(result["history"], source_names(loaded.data.train))
         if healing:

@@ -300,6 +300,12 @@ def open_corpus(sources: list[str], *, corpus_bytes: int = 2_000_000, doc_bytes:
     return corpus
 
 
+def source_names(specs: Iterable[str]) -> list[str]:
+    """The name each `data.train` / `eval.texts` entry goes by (slices, healing groups): NAME for
+    `texts:NAME`, the file stem for a path."""
+    return [spec[6:] if spec.startswith("texts:") else Path(spec).stem for spec in map(str, specs)]
+
+
 def heldout_texts(specs: list[str], n_bytes: int) -> dict[str, str]:
     """{name: text} for the recipe's `eval.texts`: `texts:NAME` takes the first `n_bytes` of that corpus's
     held-out region (never trained on); a path is read whole (the user chose its size)."""
@@ -307,11 +313,12 @@ def heldout_texts(specs: list[str], n_bytes: int) -> dict[str, str]:
 
     held: dict[str, str] = {}
     for spec in map(str, specs):
+        name = source_names([spec])[0]
         if spec.startswith("texts:"):
-            held[spec[6:]] = corpora.heldout(spec[6:], n_bytes)
+            held[name] = corpora.heldout(name, n_bytes)
             continue
         path = Path(spec)
         if not path.is_file():
             raise TransplantError(f"eval text {spec} does not exist; give a file or texts:NAME")
-        held[path.stem] = path.read_text(encoding="utf-8")
+        held[name] = path.read_text(encoding="utf-8")
     return held

@@ -49,14 +49,6 @@ def slice_groups(slices: Iterable[str], trained_on: Iterable[str]) -> dict[str, 
             "untrained": [s for s in names if s not in trained]}
 
 
-def source_names(specs: Iterable[str]) -> list[str]:
-    """The slice names `data.train` / `eval.texts` entries get (`distill.corpus.heldout_texts`): NAME for
-    `texts:NAME`, the file stem for a path."""
-    from pathlib import Path
-
-    return [spec[6:] if spec.startswith("texts:") else Path(spec).stem for spec in map(str, specs)]
-
-
 def group_mean(values: Mapping[str, float], members: Sequence[str]) -> float:
     """Mean over the group's slices that have a value (NaN slices, where the teacher is not better,
     skipped)."""
@@ -88,17 +80,26 @@ def format_mean_spread(values: Sequence[float], percent: bool = False, digits: i
     return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
+def _measured_slices(history: Sequence[Mapping[str, float]]) -> tuple[Mapping, Mapping, list[str]] | None:
+    """(step-0 eval record, last eval record, slices both score and the teacher has), or None when the run
+    has no second eval or no teacher BPB to measure against."""
+    evals = [r for r in history if any(k.startswith("eval_bpb_") for k in r)]
+    if len(evals) < 2 or not any(k.startswith("teacher_bpb_") for k in evals[0]):
+        return None
+    first, last = evals[0], evals[-1]
+    names = [k.removeprefix("eval_bpb_") for k in last if k.startswith("eval_bpb_") and k != "eval_bpb_all"]
+    return first, last, [n for n in names if f"eval_bpb_{n}" in first and f"teacher_bpb_{n}" in first]
+
+
 def run_healing(history: Sequence[Mapping[str, float]], trained_on: Iterable[str]) -> dict[str, float]:
     """One run's healing from its metrics records (the step-0 eval with the teacher's BPB, the last eval):
     pooled capped gap closed per group, overshoot summed over the in-domain slices, and the mean
     disagreement with the teacher on the untrained slices. Empty when the run has no step-0 or teacher
     eval (nothing to measure against)."""
-    evals = [r for r in history if any(k.startswith("eval_bpb_") for k in r)]
-    if len(evals) < 2 or not any(k.startswith("teacher_bpb_") for k in evals[0]):
+    measured = _measured_slices(history)
+    if measured is None:
         return {}
-    first, last = evals[0], evals[-1]
-    names = [k.removeprefix("eval_bpb_") for k in last if k.startswith("eval_bpb_") and k != "eval_bpb_all"]
-    names = [n for n in names if f"eval_bpb_{n}" in first and f"teacher_bpb_{n}" in first]
+    first, last, names = measured
     groups = slice_groups(names, trained_on)
     rows = {n: (first[f"eval_bpb_{n}"], last[f"eval_bpb_{n}"], first[f"teacher_bpb_{n}"]) for n in names}
     summary = {"step": float(last.get("step", math.nan))}
@@ -117,9 +118,7 @@ def format_run_healing(history: Sequence[Mapping[str, float]], trained_on: Itera
     summary = run_healing(history, trained_on)
     if not summary:
         return ""
-    last = [r for r in history if any(k.startswith("eval_bpb_") for k in r)][-1]
-    names = [k.removeprefix("eval_bpb_") for k in last if k.startswith("eval_bpb_") and k != "eval_bpb_all"]
-    groups = slice_groups(names, trained_on)
+    groups = slice_groups(_measured_slices(history)[2], trained_on)
     parts = []
     if "gap_closed_untrained" in summary:
         untrained = ", ".join(groups["untrained"])
@@ -136,4 +135,4 @@ def format_run_healing(history: Sequence[Mapping[str, float]], trained_on: Itera
 
 
 __all__ = ["format_mean_spread", "format_run_healing", "gap_closed_capped", "group_mean", "is_tie",
-           "mean_spread", "overshoot", "pooled_gap_closed", "run_healing", "slice_groups", "source_names"]
+           "mean_spread", "overshoot", "pooled_gap_closed", "run_healing", "slice_groups"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from distill.agreement import disagreement_bits_per_byte, heldout_alignment, teacher_agreement
+from distill.corpus import source_names
 from distill.scores import (
     format_mean_spread,
     format_run_healing,
@@ -19,7 +20,6 @@ from distill.scores import (
     pooled_gap_closed,
     run_healing,
     slice_groups,
-    source_names,
 )
 from tests.conftest import BASE_CORPUS
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from transplant.tokenizers.vocab import ROLE_NAMES, TURN_END_ROLES, TokenKind, Vocab
+from transplant.tokenizers.vocab import TURN_END_ROLES, TokenKind, Vocab, role_of_text
 
 
 @dataclass
@@ -55,7 +55,7 @@ def _role_partner(base: Vocab, role: str, taken: set[int]) -> int | None:
     takes the base's other document end (`<|endoftext|>`); a special with no free partner gets an
     initialised row."""
     candidates = [base.roles.get(role)] + [idx for idx, text in sorted(base.special_texts.items())
-                                           if (ROLE_NAMES.get(text) or ROLE_NAMES.get(text.lower())) == role]
+                                           if role_of_text(text) == role]
     return next((idx for idx in candidates if idx is not None and idx not in taken), None)
 
 

@@ -13,18 +13,15 @@ import json
 import logging
 from typing import Any
 
+from transplant.tokenizers.family import special_flags
 from transplant.tokenizers.vocab import Vocab, rebuilt_vocab
 
 log = logging.getLogger(__name__)
 
-PROBE = "a"
-
 
 def adds_bos(vocab: Vocab) -> bool:
     """Whether encoding a text with special tokens puts `vocab`'s BOS first."""
-    bos = vocab.roles.get("bos")
-    ids = vocab.tokenizer.backend_tokenizer.encode(PROBE, add_special_tokens=True).ids
-    return bos is not None and bool(ids) and ids[0] == bos
+    return special_flags(vocab.tokenizer.backend_tokenizer, vocab.roles)["add_bos_token"]
 
 
 def _without_specials(processor: dict[str, Any]) -> dict[str, Any]:

@@ -301,6 +301,11 @@ def describe_tokens(backend: Any) -> tuple[list[bytes], list[TokenKind], dict[in
     return token_bytes, kinds, special_texts
 
 
+def role_of_text(text: str) -> str | None:
+    """The role a special token's literal names (`<|endoftext|>` -> eos), case-insensitively."""
+    return ROLE_NAMES.get(text) or ROLE_NAMES.get(text.lower())
+
+
 def detect_roles(names: dict[str, str], backend: Any, special_texts: dict[int, str]) -> dict[str, int]:
     """Roles from the config's special-token names first, then from the literal names of special tokens."""
     roles: dict[str, int] = {}
@@ -309,7 +314,7 @@ def detect_roles(names: dict[str, str], backend: Any, special_texts: dict[int, s
         if key.endswith("_token") and idx is not None:
             roles[key[: -len("_token")]] = idx
     for idx, text in sorted(special_texts.items()):
-        role = ROLE_NAMES.get(text) or ROLE_NAMES.get(text.lower())
+        role = role_of_text(text)
         if role is not None and role not in roles:
             roles[role] = idx
     return roles
