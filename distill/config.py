@@ -166,7 +166,10 @@ def load_recipe(path: str | Path | None = None, overrides: Iterable[str] = (),
     `${...}`, check and type every key (`transplant.recipes.load_recipe`)."""
     recipe = recipes.load_recipe(Recipe, path, overrides, data)
     check_loss(recipe.loss)
-    return dataclasses.replace(recipe, recipe_path=str(path) if path is not None else "")
+    recipe = dataclasses.replace(recipe, recipe_path=str(path) if path is not None else "")
+    # a recipe's own data files (recipes/data/...) are found from any working directory, as its DeepSpeed JSON
+    train = [s if s.startswith("texts:") else str(recipe_relative(recipe, s)) for s in recipe.data.train]
+    return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, train=train))
 
 
 def check_loss(loss: LossConfig) -> None:

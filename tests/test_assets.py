@@ -356,7 +356,7 @@ def test_real_texts_are_deterministic_and_split():
     for name in texts.TEXTS:
         path = texts.fetch_text(name)
         content = path.read_text(encoding="utf-8")
-        assert 4 * texts.HELDOUT_BYTES < len(content.encode()) <= texts.MAX_BYTES
+        assert texts.TEXTS[name].min_bytes <= len(content.encode()) <= texts.MAX_BYTES
         held, train = texts.heldout(name, 16384), texts.train_text(name, 1 << 20)
         assert held == texts.heldout(name, 16384) and 12000 < len(held.encode()) <= 16384
         start = texts._split(content)
@@ -365,3 +365,4 @@ def test_real_texts_are_deterministic_and_split():
     assert "the" in english and "<" not in english  # plain text, no OSIS markup left
     assert "ß" in texts.train_text("german") or "ä" in texts.train_text("german")
     assert "ñ" in texts.train_text("spanish") or "á" in texts.train_text("spanish")
+    assert "ção" in texts.train_text("portuguese")

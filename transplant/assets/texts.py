@@ -12,6 +12,7 @@ training never sees held-out text and the same `n` always gives the same string.
 | spanish | Reina-Valera 1909 (`sword-text-sparv`) | same |
 | german | German quotations (`fortunes-de`, file `zitate`) | quotes with their attributions, `%` lines
 dropped |
+| portuguese | Brazilian Portuguese fortunes (`fortunes-br`, file `brasil`) | same (256 KB in all) |
 | python-docs | Python 3.11 docs (`python3.11-doc`, info) | from the tutorial on, info menus/headers dropped |
 | debian-reference | Debian Reference, English (`debian-reference-en`, plain text) | from chapter 1 on (no
 contents) |
@@ -63,6 +64,7 @@ class TextAsset:
     packages: tuple[str, ...]  # Debian packages it is built from (empty: built locally)
     build: Callable[[Path], str]  # root of the extracted packages -> text
     license: str
+    min_bytes: int = 4 * HELDOUT_BYTES  # shorter means the source changed (fortunes-br is 3.8 held-out sizes)
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -144,6 +146,14 @@ def _german_quotes(root: Path) -> str:
     raw = (root / "usr/share/games/fortunes/de/zitate").read_text(encoding="utf-8")
     quotes = [quote.strip("\n") for quote in re.split(r"^%\n", raw, flags=re.M) if quote.strip()]
     return "\n\n".join(quote.replace("\t\t-- ", "    -- ") for quote in quotes) + "\n"
+
+
+def _portuguese_quotes(root: Path) -> str:
+    """Brazilian Portuguese fortunes (`fortunes-br`): a Romance language for healing mixes, so that a
+    multilingual tokenizer's Latin-script word pieces are trained on more than English and German."""
+    raw = (root / "usr/share/games/fortunes/brasil").read_text(encoding="utf-8", errors="replace")
+    quotes = [quote.strip("\n") for quote in re.split(r"^%\n", raw, flags=re.M) if quote.strip()]
+    return "\n\n".join(quotes) + "\n"
 
 
 # English quotation files of the `fortunes` package: prose-like, and in no training corpus of the project.
@@ -284,6 +294,9 @@ TEXTS: dict[str, TextAsset] = {
                   _bible("spaRV1909eb"), "public domain"),
         TextAsset("german", "German quotations (fortunes-de, `zitate`)", ("fortunes-de",), _german_quotes,
                   "see /usr/share/doc/fortunes-de/copyright"),
+        TextAsset("portuguese", "Brazilian Portuguese fortunes (fortunes-br, `brasil`)", ("fortunes-br",),
+                  _portuguese_quotes, "GPL-2+ (see /usr/share/doc/fortunes-br/copyright)",
+                  min_bytes=3 * HELDOUT_BYTES),
         TextAsset("python-docs", "Python 3.11 documentation, tutorial onwards (python3.11-doc, info)",
                   ("python3.11-doc",), _python_docs, "PSF"),
         TextAsset("debian-reference", "Debian Reference, English plain text (debian-reference-en)",
@@ -335,7 +348,7 @@ def fetch_text(name: str) -> Path:
         versions = _debian_packages(asset.packages, work / "root") if asset.packages else {}
         log.info("building text %r from %s", name, ", ".join(asset.packages) or "local sources")
         content = _cap(asset.build(work / "root"))
-        if len(content.encode("utf-8")) < 4 * HELDOUT_BYTES:
+        if len(content.encode("utf-8")) < asset.min_bytes:
             raise RuntimeError(f"text {name!r} came out too short ({len(content)} chars); the source changed")
         tmp = work / dest.name
         tmp.write_text(content, encoding="utf-8")
