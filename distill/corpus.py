@@ -11,8 +11,8 @@ Shuffling is two-level so that it needs no per-document table: each epoch permut
 documents inside each block (both from (seed, epoch), so the order is a pure function of them and a resumed or
 sharded run reads exactly what an uninterrupted one would). Blocks of one .gz file keep their file order
 within an epoch (only their slots among the other blocks are shuffled), so a compressed file is only ever read
-forwards. When every block fits in the block cache (a corpus of up to `_CACHED_BLOCKS` x `block_docs`
-documents, e.g. the bundled `texts:NAME` corpora) the order is instead one permutation of all documents: with
+forwards. When a corpus holds at most `_CACHED_BLOCKS` x `block_docs` documents (e.g. the bundled `texts:NAME`
+corpora, however many sources) the order is instead one permutation of all documents: with
 two-level shuffling each small source is one block, and a short run read one source after the other (30
 healing steps saw only German text while English, code and numbers waited their turn). Larger corpora mix at
 block granularity.
@@ -120,6 +120,11 @@ class Corpus:
         self.block_size = np.array([min(block_docs, sources[s].count - k * block_docs)
                                     for s, k in zip(self.block_source.tolist(), self.block_index.tolist())],
                                    dtype=np.int64)
+        # a corpus no bigger than the block cache's worth of documents is shuffled as one permutation and kept
+        # whole in the cache, however many sources (blocks) it has: six small sources are six blocks, and the
+        # two-level order read them one after the other
+        self.whole = len(self) <= _CACHED_BLOCKS * block_docs
+        self._cache_blocks = max(_CACHED_BLOCKS, self.block_size.size) if self.whole else _CACHED_BLOCKS
 
     @classmethod
     def from_documents(cls, documents: list[Any], **kwargs: Any) -> Corpus:
@@ -210,7 +215,7 @@ class Corpus:
                     cached.append(doc)
                     if len(cached) == self.block_size[block]:
                         break
-            while len(self._blocks) >= _CACHED_BLOCKS:
+            while len(self._blocks) >= self._cache_blocks:
                 self._blocks.popitem(last=False)
         self._blocks[block] = cached
         return cached
@@ -248,7 +253,7 @@ class Corpus:
 
     def document(self, seed: int, epoch: int, position: int, shuffle: bool = True) -> Any:
         """The document at `position` of epoch `epoch`'s order."""
-        if shuffle and self.block_size.size <= _CACHED_BLOCKS:
+        if shuffle and self.whole:
             order, ends = self._global_order(seed, epoch)
             flat = int(order[position])
             block = int(np.searchsorted(ends, flat, side="right"))

@@ -351,3 +351,17 @@ def test_a_small_mixed_corpus_is_mixed_from_the_first_documents(tmp_path):
     assert whole == sorted(corpus.document(seed=0, epoch=0, position=i, shuffle=False) for i in range(240))
     assert [corpus.document(seed=0, epoch=1, position=i) for i in range(24)] != \
         [corpus.document(seed=0, epoch=0, position=i) for i in range(24)]
+
+
+def test_more_small_sources_than_cached_blocks_are_still_mixed(tmp_path):
+    """Six small sources are six blocks, more than the block cache holds: the smoke recipe's six-source mix
+    (five texts and the chat file) read one source after the other until the whole-corpus rule counted
+    documents instead of blocks."""
+    names = ["english", "german", "code", "numbers", "portuguese", "chat"]
+    for name in names:
+        (tmp_path / f"{name}.txt").write_text("\n\n".join(f"{name} document {i} " + "x" * 40 for i in range(60)))
+    corpus = open_corpus([str(tmp_path / f"{n}.txt") for n in names], doc_bytes=50, block_docs=100)
+    first = [corpus.document(seed=0, epoch=0, position=i).split()[0] for i in range(36)]
+    assert set(first) == set(names), first
+    whole = sorted(corpus.document(seed=0, epoch=0, position=i) for i in range(360))
+    assert whole == sorted(corpus.document(seed=0, epoch=0, position=i, shuffle=False) for i in range(360))
