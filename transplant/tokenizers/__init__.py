@@ -6,5 +6,6 @@ dirs, sniffed by content), `gguf_header` (a GGUF header bounds-checked before an
 (the `tokenizer_class` a saved config names), `align` (shared tokens by bytes, specials by role), `control`
 (chat and control tokens kept across a swap, `--map-token`), `bos` (a BOS added exactly when the base
 added one), `segment` (a token's bytes in another
-vocabulary's pieces), `files` (the file names a tokenizer is saved as).
+vocabulary's pieces), `files` (the file names a tokenizer is saved as), `token_class` (a coarse
+class per token from its bytes: space-word, digits, CJK, ...).
 """
