@@ -38,13 +38,28 @@ FACTS = ["a volcano", "a rainbow", "gravity", "an eclipse", "a glacier", "a dese
          "a battery", "friction",
          "a fossil", "the moon's phases", "a bridge", "a bicycle", "democracy", "inflation", "a library",
          "a recipe", "an orchestra", "a marathon", "a museum", "a passport", "a spreadsheet", "a password"]
+FACTS += ["a waterfall", "a coral reef", "a thunderstorm", "an earthquake", "a tide", "a cloud", "snow",
+          "fog", "a seed", "a mushroom", "a honeybee", "a penguin", "an elephant", "a whale", "a bat",
+          "a dinosaur",
+          "the lungs", "the skeleton", "a muscle", "sleep", "a fever", "a microscope", "a compass", "a clock",
+          "a calendar", "a map", "a lighthouse", "a canal", "a dam", "a tunnel", "a skyscraper", "a castle",
+          "a pyramid", "a submarine", "a helicopter", "a rocket", "a satellite", "a solar panel",
+          "a wind turbine", "a refrigerator", "a microwave oven", "a printer", "a keyboard", "the internet",
+          "an email", "a search engine", "a robot", "a loan", "a budget", "a tax", "an election", "a court",
+          "a newspaper", "a poem", "a novel", "a symphony", "a painting", "a sculpture", "a festival",
+          "a volunteer", "a habit"]
 TASKS = ["Explain {x} in two sentences.", "What is {x}?", "Give one interesting fact about {x}.",
          "Describe {x} to a ten-year-old."]
 ADVICE = ["staying focused while studying", "saving money each month", "learning a new language",
           "keeping houseplants alive", "running a first 5 km race", "writing a clear email",
           "preparing for a job interview", "cooking rice", "packing for a long flight", "making new friends",
           "organising a small desk", "starting a vegetable garden", "taking better photos with a phone",
-          "reducing screen time", "giving a short speech"]
+          "reducing screen time", "giving a short speech", "learning to swim", "baking bread",
+          "keeping a diary", "choosing a laptop", "caring for a puppy", "learning chess", "painting a room",
+          "planning a birthday party", "studying for a maths exam", "riding a bike in traffic",
+          "meditating", "reading more books", "drinking less coffee", "waking up early", "learning to type",
+          "making a budget", "cleaning a kitchen", "writing a short story", "camping for the first time",
+          "learning to play the guitar"]
 ADVICE_TASKS = ["Give me two tips for {x}.", "How should a beginner approach {x}?"]
 WRITING = ["Write a two-line poem about the sea.", "Write a short birthday message for a friend.",
            "Describe a busy market in one sentence.", "Write a one-sentence story about a lost key.",
