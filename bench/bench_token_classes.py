@@ -158,6 +158,24 @@ def mixed(a: torch.Tensor | None, b: torch.Tensor | None, mask: torch.Tensor) ->
     return out
 
 
+def rule_mask(rule: str, class_of: torch.Tensor, recon_a: torch.Tensor,
+              recon_b: torch.Tensor) -> torch.Tensor:
+    """Where a `--rules` entry takes B's rows: every `key=value` part must hold (classes=a+b, gap=x)."""
+    from transplant.tokenizers.token_class import TOKEN_CLASSES
+
+    mask = torch.ones_like(class_of, dtype=torch.bool)
+    for part in rule.split(","):
+        key, _, value = part.partition("=")
+        if key == "classes":
+            wanted = [TOKEN_CLASSES.index(c) for c in value.split("+")]
+            mask &= torch.isin(class_of, torch.tensor(wanted))
+        elif key == "gap":
+            mask &= (recon_a - recon_b) > float(value)  # NaN (no value) compares False: A's row kept
+        else:
+            fail(f"rule part {part!r} is neither classes=A+B nor gap=X")
+    return mask
+
+
 def mean_of(values: torch.Tensor) -> str:
     values = values[~values.isnan()]
     return f"{values.mean():.3f}" if values.numel() else "n/a"
@@ -171,6 +189,11 @@ def main() -> None:
     parser.add_argument("--bytes", type=int, default=8192, help="bytes per held-out slice")
     parser.add_argument("--slices", nargs="+", default=list(SLICES))
     parser.add_argument("--classes", nargs="+", help="score only these classes (default: every class)")
+    parser.add_argument("--rules", nargs="+", default=[],
+                        help="extra row sets, B's rows where the rule holds: "
+                             "'classes=space-word+word-piece', "
+                             "'gap=0.2' (A's reconstruction error exceeds B's by more than 0.2), joined "
+                             "with ',' (all must hold), e.g. 'gap=0.2,classes=space-word'")
     parser.add_argument("--cache", type=Path, default=None,
                         help="folder for the solved rows (default: <tokentransplant cache>/token_classes)")
     parser.add_argument("--fresh", action="store_true", help="solve again even if cached rows exist")
@@ -250,8 +273,11 @@ def run(args) -> None:
         return {n: bits_per_byte(model, new_vocab.tokenizer, t, max_length=512) for n, t in held_out.items()}
 
     wanted = [c for c in TOKEN_CLASSES if not args.classes or c in args.classes]
+    for rule in args.rules:
+        class_masks[f"rule {rule}"] = is_new & rule_mask(rule, class_of, a.recon, b.recon)
     results: dict[str, dict[str, float] | None] = {}
-    for label in tqdm(["all A", "all B", *wanted], desc="scoring row sets", unit="set"):
+    rules = [f"rule {rule}" for rule in args.rules]
+    for label in tqdm(["all A", "all B", *wanted, *rules], desc="scoring row sets", unit="set"):
         if label in ("all A", "all B"):
             rows = a if label == "all A" else b
             results[label] = score(rows.input, rows.output)
@@ -288,7 +314,8 @@ def print_tables(args, results, class_masks, is_new, share, a: Rows, b: Rows) ->
         mask = is_new if whole else class_masks[label]
         scores = reference if result is None else result
         delta = sum(scores[s] - reference[s] for s in slices) / len(slices)
-        pooled = share(list(TOKEN_CLASSES) if whole else [label], slices)
+        pooled = share(list(TOKEN_CLASSES) if whole else [label], slices) if label in TOKEN_CLASSES or whole \
+            else float("nan")
         name = f"{label} ({args.a if label == 'all A' else args.b})" if whole else label
         name += " (same rows in A and B)" if result is None else ""
         print(f"| {name} | {int(mask.sum())} | {100 * pooled:.1f}% | "
