@@ -63,6 +63,10 @@ def test_donor_model_methods(tiny_pair, tmp_path, method, options):
                                    output=out, options=options)
     report = json.loads((out / "report.json").read_text())
     assert report["reconstruction_error"]["n"] > 0
+    # the whole-tool time split: every phase measured once, in order, and together the transplant's seconds
+    phases = report["seconds_by_phase"]
+    assert list(phases) == ["resolve", "load tokenizers", "align", "load embeddings", "solve", "write"]
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= result.seconds + 0.05
     assert 0 <= report["reconstruction_error"]["median"] <= 1.0 + 1e-6
     model, _ = _load(out)
     assert torch.isfinite(model.get_input_embeddings().weight).all()

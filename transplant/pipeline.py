@@ -105,6 +105,9 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
               if p and p.exists()]  # never overwritten, nor any folder holding them
     inputs += existing_paths(user_options.values())  # a hypernetwork or corpus given through --set
     check_output(output, overwrite=overwrite, protected=inputs)  # fail before loading or solving anything
+    phases: dict[str, float] = {}  # where the whole-tool time goes (report.json, log)
+    lap = _phase_clock(phases, started)
+    lap("resolve")
 
     base_vocab = load_vocab(base_src.tokenizer_spec, trust_remote_code=trust_remote_code)
     new_vocab = load_vocab(donor_src.tokenizer_spec, trust_remote_code=trust_remote_code)
@@ -117,7 +120,9 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     check_output(output, overwrite=overwrite, protected=inputs,
                  estimate_bytes=surgery.estimate_output_bytes(base_src.model_dir, len(new_vocab),
                                                               dtype=torch_dtype))
+    lap("load tokenizers")
     alignment = apply_token_map(align(base_vocab, new_vocab), base_vocab, new_vocab, map_tokens)
+    lap("align")
     token_map = surgery.token_id_map(alignment.new_to_base, base_vocab.special_texts, len(base_vocab))
     surgery.check_token_ids(base_src.model_dir, _special_ids(new_vocab), token_map)  # e.g. image_token_index
     base_emb = surgery.read_embeddings(base_src.model_dir)
@@ -137,6 +142,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     if donor_src.is_model:
         donor_emb = surgery.read_embeddings(donor_src.model_dir)
         donor_input, donor_output = donor_emb.input, donor_emb.output
+    lap("load embeddings")
     ctx = InitContext(
         base_vocab=base_vocab, new_vocab=new_vocab, alignment=alignment, base_input=base_emb.input.to(device),
         base_output=None if base_emb.output is None else base_emb.output.to(device),
@@ -145,6 +151,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         device=device,
     )
     new_input, new_output, plan = new_embeddings(ctx, chosen)
+    lap("solve")
 
     stats = {**alignment.stats(len(base_vocab)), **digit_report(base_vocab, new_vocab),
              **plan.notes["repairs"].stats()}
@@ -162,6 +169,7 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
     def evaluate_and_report(model_dir: Path) -> None:
         """Runs on the finished folder before it is renamed into place: a failure here leaves no output."""
         result.seconds = time.perf_counter() - started  # the transplant itself, evaluation excluded
+        lap("write")
         bpb = {}
         if eval_texts:
             from transplant.eval.bpb import model_bits_per_byte
@@ -183,6 +191,8 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
                               new_ids=alignment.unshared_new_ids.tolist(), seconds=result.seconds, bpb=bpb,
                               options=options)
         report["chat"] = chat.as_dict()
+        report["seconds_by_phase"] = {name: round(value, 2) for name, value in phases.items()}
+        log.info("time split: %s", ", ".join(f"{name} {value:.1f} s" for name, value in phases.items()))
         add_stop_tokens(model_dir, stop_token_ids(new_vocab, chat))  # a chat reply ends at <|im_end|> too
         write_report(model_dir, report, render_report_plot(plan, alignment.unshared_new_ids))
         result.extra["report"] = report
@@ -197,4 +207,16 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         vocab_rows=surgery.sparse_composer(plan.input_weights if plan.output_weights is None
                                            else plan.output_weights),
     )
+    result.extra["seconds_by_phase"] = phases
     return result
+
+
+def _phase_clock(phases: dict[str, float], started: float) -> Callable[[str], None]:
+    """`lap(name)` records the seconds since the previous lap (the first: since `started`) under `name`."""
+    last = [started]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - last[0]
+        last[0] = now
+    return lap
