@@ -400,3 +400,19 @@ def test_teacher_sharded_with_parameter_offload_gives_the_same_run(tmp_path, tin
     assert trainer.teacher_engine is not None and trainer.teacher_engine.zero_optimization_stage() == 3
     assert [r["loss"] for r in result["history"]] == pytest.approx([r["loss"] for r in reference["history"]],
                                                                    rel=1e-6)
+
+
+def test_the_smoke_recipes_chat_data_is_found_and_apart_from_the_chat_kept_benchmark():
+    """The smoke recipe heals on the teacher's own conversations (recipes/data/chat_heal.jsonl, found beside
+    the recipe from any working directory); none of its prompts may be one the chat-kept benchmark scores."""
+    recipe = load_recipe(REPO / "recipes" / "cpu_smoke_smollm2_mistral.yaml")
+    chat_files = [Path(s) for s in recipe.data.train if s.endswith(".jsonl")]
+    assert chat_files and all(p.is_file() for p in chat_files)
+    prompts = set()
+    for path in chat_files:
+        for line in path.read_text().splitlines():
+            turns = json.loads(line)["messages"]
+            assert [t["role"] for t in turns] == ["user", "assistant"] and turns[1]["content"].strip()
+            prompts.add(turns[0]["content"])
+    benchmark = set(json.loads((REPO / "bench" / "data" / "chat_prompts.json").read_text()))
+    assert len(prompts) >= 500 and not prompts & benchmark
