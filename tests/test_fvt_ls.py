@@ -76,3 +76,32 @@ def test_neighbours_widen_the_support():
     out2, _ = _run(ridge=0.0, neighbours=2)
     assert torch.isfinite(out2).all()
     assert torch.allclose(out2[5], out0[5], atol=1e-3)  # an exact composition stays exact with more atoms
+
+
+def _rows(method: str, options: dict) -> torch.Tensor:
+    base, new, base_rows, donor = _pair()
+    ctx = InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=base_rows,
+                      base_output=None, donor_input=donor, options={"numbers": False, **options})
+    return build_embedding(get_initializer(method)(ctx), "input", base_rows)
+
+
+def test_pursued_classes_take_exact_omps_rows_and_every_other_token_keeps_fvt_ls():
+    """`pursue=space-word`: " catalog" (a space-word) gets exact OMP's row (k=1: one anchor, unlike its
+    fvt-ls row over two pieces); "dog" and "dozz" (word pieces) keep fvt-ls's rows; shared rows are copies."""
+    plain = _rows("fvt-ls", {"ridge": 0.0})
+    mixed = _rows("fvt-ls", {"ridge": 0.0, "pursue": "space-word", "pursue_k": 1})
+    pursued = _rows("omp", {"k": 1, "prefilter": 0})
+    assert torch.allclose(mixed[5], pursued[5], atol=1e-6) and not torch.allclose(mixed[5], plain[5], atol=1e-3)
+    assert torch.equal(mixed[6], plain[6]) and torch.equal(mixed[7], plain[7])
+    assert torch.equal(mixed[1], plain[1])
+
+
+def test_pursue_names_only_known_token_classes():
+    import pytest
+
+    from transplant.errors import TransplantError
+    from transplant.init.registry import resolve_method
+
+    with pytest.raises(TransplantError, match="unknown token classes"):
+        resolve_method("fvt-ls", {"pursue": "space-words"})
+    assert resolve_method("fvt-ls", {"pursue": "Space-Word+digits"}).options["pursue"] == "space-word+digits"

@@ -81,14 +81,16 @@ def in_batches(combine: Combiner, batch_size: int = 4096, desc: str = "") -> Com
     return run
 
 
-def donor_plan(ctx: InitContext, method: str, combine: Combiner, notes: dict | None = None) -> InitPlan:
-    """Run `combine` on all new tokens at once in the donor input space (and in the output space when the
-    donor has its own lm_head): solvers such as OMP build per-dictionary state (a Gram matrix) only once."""
+def donor_plan(ctx: InitContext, method: str, combine: Combiner, notes: dict | None = None,
+               targets: torch.Tensor | None = None) -> InitPlan:
+    """Run `combine` on all new tokens at once (or on `targets`, new ids) in the donor input space (and in the
+    output space when the donor has its own lm_head): solvers such as OMP build per-dictionary state (a Gram
+    matrix) only once."""
     ctx.require_donor(method)
     anchors = select_anchors(ctx, ctx.options["min_norm_ratio"])
     if anchors.new_ids.numel() == 0:
         raise TransplantError(f"{method}: the vocabularies share no usable anchor tokens; use --method fvt")
-    targets = _text_targets(ctx)
+    targets = _text_targets(ctx) if targets is None else targets
     plans = {}
     reconstruction = torch.empty(0)
     spaces = {"input": ctx.donor_input}

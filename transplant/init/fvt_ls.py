@@ -19,10 +19,27 @@ from __future__ import annotations
 import torch
 
 from transplant.init.base import InitContext, InitPlan, copy_shared, mean_rows, normal_base_ids, sparse_rows
-from transplant.init.donor import cosine_topk, select_anchors
+from transplant.init.donor import _text_targets, cosine_topk, donor_plan, select_anchors
 from transplant.init.registry import Option, register
 from transplant.tokenizers.segment import segment_with_base
 from transplant.tokenizers.vocab import TokenKind
+
+
+def parse_pursue(value: object) -> str:
+    """The `pursue` option: `none` or '+'-joined token classes, checked when the options are read."""
+    from transplant.tokenizers.token_class import TOKEN_CLASSES
+
+    text = str(value).strip().lower()
+    unknown = set(pursued_classes(text)) - set(TOKEN_CLASSES)
+    if unknown:
+        raise ValueError(f"unknown token classes {sorted(unknown)}; choose from {'+'.join(TOKEN_CLASSES)}")
+    return text
+
+
+def pursued_classes(option: str) -> set[str]:
+    """The `pursue` option as a set of token classes (none: empty)."""
+    return set() if option in ("", "none") else set(option.split("+"))
+
 
 OPTIONS = (
     Option("ridge", float, 3.0,
@@ -30,6 +47,10 @@ OPTIONS = (
     Option("neighbours", int, 0, "nearest donor-space anchors added to the token's own pieces",
            min=0, max=256),
     Option("batch", int, 8192, "tokens per batched solve (memory: batch × support² floats)", min=1),
+    Option("pursue", str, "none",
+           "token classes whose rows come from exact OMP instead ('+'-joined, e.g. space-word+word-piece; "
+           "classes: transplant/tokenizers/token_class.py)", parse=parse_pursue),
+    Option("pursue_k", int, 8, "anchors per pursued token", min=1, max=4096),
 )
 
 
@@ -81,7 +102,7 @@ def fvt_ls_init(ctx: InitContext) -> InitPlan:
     dictionary = donor[anchors.new_ids.to(donor.device)].float()
     ridge, neighbours, batch = ctx.options["ridge"], ctx.options["neighbours"], ctx.options["batch"]
     starts = torch.cumsum(lengths, 0) - lengths
-    errors = []
+    errors, error_ids = [], []
     for start in range(0, fitted_idx.numel(), batch):
         part = fitted_idx[start : start + batch]
         part_len = lengths[part]
@@ -110,6 +131,7 @@ def fvt_ls_init(ctx: InitContext) -> InitPlan:
         weights = ridge_weights(targets, support_rows, prior.to(donor.device), valid.to(donor.device), ridge)
         approx = (weights[..., None] * support_rows).sum(1)
         errors.append(((targets - approx).norm(dim=1) / targets.norm(dim=1).clamp_min(1e-12)).cpu())
+        error_ids.append(token_ids[part])
         weights = weights.cpu()
         keep = valid & (weights != 0)
         rows += token_ids[part][:, None].expand_as(support)[keep].tolist()
@@ -122,7 +144,53 @@ def fvt_ls_init(ctx: InitContext) -> InitPlan:
     unfilled = torch.tensor([i for i in ctx.alignment.unshared_new_ids.tolist() if i not in built],
                             dtype=torch.long)
     dense = mean_rows(unfilled, normal_base_ids(ctx.base_vocab)) if unfilled.numel() else None
-    return InitPlan(weights, dense_rows=dense, notes={
+    plan = InitPlan(weights, dense_rows=dense, notes={
         "anchors": int(anchors.new_ids.numel()), "fitted": int(fitted), "kept_fvt": kept_fvt,
         "mean_filled": int(unfilled.numel()), "ridge": ridge, "neighbours": neighbours,
         "reconstruction_error": torch.cat(errors) if errors else torch.empty(0)})
+    wanted = pursued_classes(ctx.options["pursue"])
+    if not wanted:
+        return plan
+    ids = torch.cat(error_ids) if error_ids else torch.empty(0, dtype=torch.long)
+    return with_pursuit(ctx, plan, wanted, ids)
+
+
+def _merge_rows(own: torch.Tensor, other: torch.Tensor, take_other: torch.Tensor) -> torch.Tensor:
+    """Sparse plan rows: `other`'s where `take_other` [V_new] is set, `own`'s elsewhere."""
+    own, other = own.coalesce(), other.coalesce()
+    keep_own, keep_other = ~take_other[own.indices()[0]], take_other[other.indices()[0]]
+    indices = torch.cat([own.indices()[:, keep_own], other.indices()[:, keep_other]], 1)
+    values = torch.cat([own.values()[keep_own], other.values()[keep_other]])
+    return torch.sparse_coo_tensor(indices, values, own.shape, check_invariants=True).coalesce()
+
+
+def with_pursuit(ctx: InitContext, plan: InitPlan, wanted: set[str], error_ids: torch.Tensor) -> InitPlan:
+    """Exact OMP's rows for the new tokens of the `wanted` classes, fvt-ls's for every other token: per class
+    one of the two measured better (bench/RESULTS.md, "A default at the peak"), and the pursuit runs only on
+    the tokens that take its rows."""
+    from transplant.solvers.omp import omp
+    from transplant.tokenizers.token_class import vocab_classes
+
+    classes = vocab_classes(ctx.new_vocab)
+    targets = torch.tensor([i for i in _text_targets(ctx).tolist() if classes[i] in wanted], dtype=torch.long)
+    plan.notes["pursued"] = int(targets.numel())
+    if not targets.numel():
+        return plan
+    k = ctx.options["pursue_k"]
+
+    def combine(target_rows: torch.Tensor, dictionary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        use_gram = target_rows.shape[0] * k > dictionary.shape[0]  # as `omp`: the Gram pays for many targets
+        return omp(target_rows, dictionary, k, prefilter=None, gram_dtype="auto" if use_gram else None,
+                   progress=True)
+
+    pursued = donor_plan(ctx, "fvt-ls pursuit", combine, targets=targets)
+    take = torch.zeros(len(ctx.new_vocab), dtype=torch.bool)
+    take[targets] = True
+    output = (None if pursued.output_weights is None
+              else _merge_rows(plan.input_weights, pursued.output_weights, take))
+    own_errors = plan.notes["reconstruction_error"]
+    kept = ~take[error_ids] if own_errors.numel() else torch.zeros(0, dtype=torch.bool)
+    notes = {**plan.notes, "pursue": "+".join(sorted(wanted)), "pursue_k": k,
+             "reconstruction_error": torch.cat([own_errors[kept], pursued.notes["reconstruction_error"]])}
+    return InitPlan(_merge_rows(plan.input_weights, pursued.input_weights, take), output,
+                    dense_rows=plan.dense_rows, notes=notes)
