@@ -105,3 +105,14 @@ def test_pursue_names_only_known_token_classes():
     with pytest.raises(TransplantError, match="unknown token classes"):
         resolve_method("fvt-ls", {"pursue": "space-words"})
     assert resolve_method("fvt-ls", {"pursue": "Space-Word+digits"}).options["pursue"] == "space-word+digits"
+
+
+def test_pursue_gap_takes_omps_row_only_where_fvt_ls_reconstructs_the_donor_row_worse():
+    """With ridge → ∞ (FVT's equal weights), " catalog" (0.8·cat + 0.3·alog in the donor space) is fitted
+    badly and OMP (k=2) fits it exactly: it takes OMP's row. "dog" is exactly FVT's mean there (no gap): it
+    keeps fvt-ls's row; "dozz" has a piece without a donor row (no error to compare): it keeps FVT's."""
+    plain = _rows("fvt-ls", {"ridge": 1e6})
+    mixed = _rows("fvt-ls", {"ridge": 1e6, "pursue_gap": 0.05, "pursue_k": 2})
+    pursued = _rows("omp", {"k": 2, "prefilter": 0})
+    assert torch.allclose(mixed[5], pursued[5], atol=1e-5) and not torch.allclose(plain[5], pursued[5], atol=1e-3)
+    assert torch.equal(mixed[6], plain[6]) and torch.equal(mixed[7], plain[7])

@@ -51,6 +51,9 @@ OPTIONS = (
            "token classes whose rows come from exact OMP instead ('+'-joined, e.g. space-word+word-piece; "
            "classes: transplant/tokenizers/token_class.py)", parse=parse_pursue),
     Option("pursue_k", int, 8, "anchors per pursued token", min=1, max=4096),
+    Option("pursue_gap", float, 0.0,
+           "> 0: exact OMP over the new tokens (of the `pursue` classes, else all), and OMP's row wherever "
+           "fvt-ls's donor-space reconstruction error exceeds OMP's by more than this", min=0.0),
 )
 
 
@@ -148,11 +151,11 @@ def fvt_ls_init(ctx: InitContext) -> InitPlan:
         "anchors": int(anchors.new_ids.numel()), "fitted": int(fitted), "kept_fvt": kept_fvt,
         "mean_filled": int(unfilled.numel()), "ridge": ridge, "neighbours": neighbours,
         "reconstruction_error": torch.cat(errors) if errors else torch.empty(0)})
-    wanted = pursued_classes(ctx.options["pursue"])
-    if not wanted:
+    wanted, gap = pursued_classes(ctx.options["pursue"]), ctx.options["pursue_gap"]
+    if not wanted and not gap:
         return plan
     ids = torch.cat(error_ids) if error_ids else torch.empty(0, dtype=torch.long)
-    return with_pursuit(ctx, plan, wanted, ids)
+    return with_pursuit(ctx, plan, wanted, gap, ids)
 
 
 def _merge_rows(own: torch.Tensor, other: torch.Tensor, take_other: torch.Tensor) -> torch.Tensor:
@@ -164,17 +167,20 @@ def _merge_rows(own: torch.Tensor, other: torch.Tensor, take_other: torch.Tensor
     return torch.sparse_coo_tensor(indices, values, own.shape, check_invariants=True).coalesce()
 
 
-def with_pursuit(ctx: InitContext, plan: InitPlan, wanted: set[str], error_ids: torch.Tensor) -> InitPlan:
-    """Exact OMP's rows for the new tokens of the `wanted` classes, fvt-ls's for every other token: per class
-    one of the two measured better (bench/RESULTS.md, "A default at the peak"), and the pursuit runs only on
-    the tokens that take its rows."""
+def with_pursuit(ctx: InitContext, plan: InitPlan, wanted: set[str], gap: float,
+                 error_ids: torch.Tensor) -> InitPlan:
+    """Exact OMP's rows for the new tokens of the `wanted` classes (all classes when empty) — with `gap` > 0
+    only where fvt-ls's donor-space reconstruction error exceeds OMP's by more than `gap` — and fvt-ls's rows
+    for every other token (bench/RESULTS.md, "A default at the peak": no class separates the two methods; the
+    error gap does). The pursuit runs only on the tokens of those classes."""
     from transplant.solvers.omp import omp
     from transplant.tokenizers.token_class import vocab_classes
 
     classes = vocab_classes(ctx.new_vocab)
-    targets = torch.tensor([i for i in _text_targets(ctx).tolist() if classes[i] in wanted], dtype=torch.long)
-    plan.notes["pursued"] = int(targets.numel())
+    targets = torch.tensor([i for i in _text_targets(ctx).tolist() if not wanted or classes[i] in wanted],
+                           dtype=torch.long)
     if not targets.numel():
+        plan.notes["pursued"] = 0
         return plan
     k = ctx.options["pursue_k"]
 
@@ -184,13 +190,20 @@ def with_pursuit(ctx: InitContext, plan: InitPlan, wanted: set[str], error_ids: 
                    progress=True)
 
     pursued = donor_plan(ctx, "fvt-ls pursuit", combine, targets=targets)
+    own_errors = plan.notes["reconstruction_error"]
+    if gap:  # a token fvt-ls did not fit (a piece without a donor row) has no error: it keeps fvt-ls's row
+        own = torch.full((len(ctx.new_vocab),), float("nan"))
+        own[error_ids] = own_errors
+        better = (own[targets] - pursued.notes["reconstruction_error"]) > gap
+        pursued.notes["reconstruction_error"] = pursued.notes["reconstruction_error"][better]
+        targets = targets[better]
+    plan.notes["pursued"] = int(targets.numel())
     take = torch.zeros(len(ctx.new_vocab), dtype=torch.bool)
     take[targets] = True
     output = (None if pursued.output_weights is None
               else _merge_rows(plan.input_weights, pursued.output_weights, take))
-    own_errors = plan.notes["reconstruction_error"]
     kept = ~take[error_ids] if own_errors.numel() else torch.zeros(0, dtype=torch.bool)
-    notes = {**plan.notes, "pursue": "+".join(sorted(wanted)), "pursue_k": k,
+    notes = {**plan.notes, "pursue": "+".join(sorted(wanted)) or "all", "pursue_gap": gap, "pursue_k": k,
              "reconstruction_error": torch.cat([own_errors[kept], pursued.notes["reconstruction_error"]])}
     return InitPlan(_merge_rows(plan.input_weights, pursued.input_weights, take), output,
                     dense_rows=plan.dense_rows, notes=notes)
