@@ -359,7 +359,8 @@ def test_more_small_sources_than_cached_blocks_are_still_mixed(tmp_path):
     documents instead of blocks."""
     names = ["english", "german", "code", "numbers", "portuguese", "chat"]
     for name in names:
-        (tmp_path / f"{name}.txt").write_text("\n\n".join(f"{name} document {i} " + "x" * 40 for i in range(60)))
+        docs = [f"{name} document {i} " + "x" * 40 for i in range(60)]
+        (tmp_path / f"{name}.txt").write_text("\n\n".join(docs))
     corpus = open_corpus([str(tmp_path / f"{n}.txt") for n in names], doc_bytes=50, block_docs=100)
     first = [corpus.document(seed=0, epoch=0, position=i).split()[0] for i in range(36)]
     assert set(first) == set(names), first
