@@ -74,6 +74,18 @@ def sparse_rows(rows: list[int], cols: list[int], values: list[float],
                                    check_invariants=True).coalesce()
 
 
+def replace_rows(weights: torch.Tensor, row_ids, rows, cols, vals) -> torch.Tensor:
+    """Sparse plan `weights` with the rows `row_ids` dropped and the triplets (rows, cols, vals) put in their
+    place (lists or 1-d tensors): one method's rows for some tokens, another's for the rest."""
+    weights = weights.coalesce()
+    keep = ~torch.isin(weights.indices()[0], torch.as_tensor(row_ids, dtype=torch.long))
+    indices = torch.cat([weights.indices()[:, keep],
+                         torch.stack([torch.as_tensor(rows, dtype=torch.long),
+                                      torch.as_tensor(cols, dtype=torch.long)]).reshape(2, -1)], 1)
+    values = torch.cat([weights.values()[keep], torch.as_tensor(vals, dtype=torch.float32)])
+    return torch.sparse_coo_tensor(indices, values, weights.shape, check_invariants=True).coalesce()
+
+
 def copy_shared(alignment: Alignment, base_size: int) -> tuple[list[int], list[int], list[float]]:
     """Triplets of the exact copy of every shared token (the part every method has in common)."""
     new_ids = alignment.shared_new_ids

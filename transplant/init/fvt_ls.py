@@ -18,7 +18,15 @@ from __future__ import annotations
 
 import torch
 
-from transplant.init.base import InitContext, InitPlan, copy_shared, mean_rows, normal_base_ids, sparse_rows
+from transplant.init.base import (
+    InitContext,
+    InitPlan,
+    copy_shared,
+    mean_rows,
+    normal_base_ids,
+    replace_rows,
+    sparse_rows,
+)
 from transplant.init.donor import _text_targets, cosine_topk, donor_plan, select_anchors
 from transplant.init.registry import Option, register
 from transplant.tokenizers.segment import segment_with_base
@@ -158,13 +166,11 @@ def fvt_ls_init(ctx: InitContext) -> InitPlan:
     return with_pursuit(ctx, plan, wanted, gap, ids)
 
 
-def _merge_rows(own: torch.Tensor, other: torch.Tensor, take_other: torch.Tensor) -> torch.Tensor:
-    """Sparse plan rows: `other`'s where `take_other` [V_new] is set, `own`'s elsewhere."""
-    own, other = own.coalesce(), other.coalesce()
-    keep_own, keep_other = ~take_other[own.indices()[0]], take_other[other.indices()[0]]
-    indices = torch.cat([own.indices()[:, keep_own], other.indices()[:, keep_other]], 1)
-    values = torch.cat([own.values()[keep_own], other.values()[keep_other]])
-    return torch.sparse_coo_tensor(indices, values, own.shape, check_invariants=True).coalesce()
+def _rows_of(weights: torch.Tensor, take: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The triplets of sparse plan `weights` in the rows where `take` [V_new] is set."""
+    weights = weights.coalesce()
+    mine = take[weights.indices()[0]]
+    return weights.indices()[0, mine], weights.indices()[1, mine], weights.values()[mine]
 
 
 def with_pursuit(ctx: InitContext, plan: InitPlan, wanted: set[str], gap: float,
@@ -201,9 +207,9 @@ def with_pursuit(ctx: InitContext, plan: InitPlan, wanted: set[str], gap: float,
     take = torch.zeros(len(ctx.new_vocab), dtype=torch.bool)
     take[targets] = True
     output = (None if pursued.output_weights is None
-              else _merge_rows(plan.input_weights, pursued.output_weights, take))
+              else replace_rows(plan.input_weights, targets, *_rows_of(pursued.output_weights, take)))
     kept = ~take[error_ids] if own_errors.numel() else torch.zeros(0, dtype=torch.bool)
     notes = {**plan.notes, "pursue": "+".join(sorted(wanted)) or "all", "pursue_gap": gap, "pursue_k": k,
              "reconstruction_error": torch.cat([own_errors[kept], pursued.notes["reconstruction_error"]])}
-    return InitPlan(_merge_rows(plan.input_weights, pursued.input_weights, take), output,
+    return InitPlan(replace_rows(plan.input_weights, targets, *_rows_of(pursued.input_weights, take)), output,
                     dense_rows=plan.dense_rows, notes=notes)

@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from transplant.init.base import InitContext, InitPlan
+from transplant.init.base import InitContext, InitPlan, replace_rows
 from transplant.tokenizers.segment import segment_with_base
 from transplant.tokenizers.vocab import TokenKind, Vocab
 
@@ -49,16 +49,6 @@ def number_token_ids(ctx: InitContext) -> list[int]:
             and NUMBER.match(pieces[i])]
 
 
-def _replace_rows(weights: torch.Tensor, row_ids: list[int], rows: list[int], cols: list[int],
-                  vals: list[float]) -> torch.Tensor:
-    weights = weights.coalesce()
-    keep = ~torch.isin(weights.indices()[0], torch.tensor(row_ids, dtype=torch.long))
-    indices = torch.cat([weights.indices()[:, keep],
-                         torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)], 1)
-    values = torch.cat([weights.values()[keep], torch.tensor(vals, dtype=torch.float32)])
-    return torch.sparse_coo_tensor(indices, values, weights.shape, check_invariants=True).coalesce()
-
-
 def compose_number_rows(plan: InitPlan, ctx: InitContext) -> InitPlan:
     """Rewrite the rows of new number tokens as the mean of the base's digit pieces, in every role."""
     ids = number_token_ids(ctx)
@@ -74,8 +64,8 @@ def compose_number_rows(plan: InitPlan, ctx: InitContext) -> InitPlan:
         vals += [1.0 / len(seg)] * len(seg)
     changed = [i for i, _ in pairs]
     if plan.output_weights is not None:
-        plan.output_weights = _replace_rows(plan.output_weights, changed, rows, cols, vals)
-    plan.input_weights = _replace_rows(plan.input_weights, changed, rows, cols, vals)
+        plan.output_weights = replace_rows(plan.output_weights, changed, rows, cols, vals)
+    plan.input_weights = replace_rows(plan.input_weights, changed, rows, cols, vals)
     if plan.dense_rows is not None:  # dense overrides must not undo the number rows
         inner = plan.dense_rows
         changed_t = torch.tensor(changed, dtype=torch.long)
