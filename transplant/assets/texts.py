@@ -141,10 +141,15 @@ def _bible(module: str) -> Callable[[Path], str]:
     return build
 
 
+def _fortunes(raw: str) -> list[str]:
+    """The entries of a `fortune` data file (separated by lines holding only `%`)."""
+    return [quote.strip("\n") for quote in re.split(r"^%\n", raw, flags=re.M) if quote.strip()]
+
+
 def _german_quotes(root: Path) -> str:
     """German quotations (fortunes-de `zitate`), one blank line between quotes instead of the `%` lines."""
     raw = (root / "usr/share/games/fortunes/de/zitate").read_text(encoding="utf-8")
-    quotes = [quote.strip("\n") for quote in re.split(r"^%\n", raw, flags=re.M) if quote.strip()]
+    quotes = _fortunes(raw)
     return "\n\n".join(quote.replace("\t\t-- ", "    -- ") for quote in quotes) + "\n"
 
 
@@ -152,7 +157,7 @@ def _portuguese_quotes(root: Path) -> str:
     """Brazilian Portuguese fortunes (`fortunes-br`): a Romance language for healing mixes, so that a
     multilingual tokenizer's Latin-script word pieces are trained on more than English and German."""
     raw = (root / "usr/share/games/fortunes/brasil").read_text(encoding="utf-8", errors="replace")
-    quotes = [quote.strip("\n") for quote in re.split(r"^%\n", raw, flags=re.M) if quote.strip()]
+    quotes = _fortunes(raw)
     return "\n\n".join(quotes) + "\n"
 
 
@@ -169,7 +174,7 @@ def _english_quotes(root: Path) -> str:
     quotes = []
     for name in QUOTE_FILES:
         raw = (base / name).read_text(encoding="utf-8", errors="replace")
-        quotes += [quote.strip("\n") for quote in re.split(r"^%\n", raw, flags=re.M) if quote.strip()]
+        quotes += _fortunes(raw)
     return "\n\n".join(quote.replace("\t", "    ") for quote in quotes) + "\n"
 
 
