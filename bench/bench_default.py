@@ -46,6 +46,22 @@ def swap_embeddings(model, new_input: torch.Tensor, new_output: torch.Tensor | N
                 out.weight.copy_(new_output.to(model.dtype))
 
 
+def load_pair(pair: str):
+    """(base source, donor source, base vocab, new vocab, alignment, base embeddings, donor embeddings or
+    None) of `base:donor`: what every in-memory candidate bench starts from."""
+    from transplant.assets import load_vocab, resolve_source
+    from transplant.io.surgery import read_embeddings
+    from transplant.tokenizers.align import align
+
+    base_name, donor_name = pair.split(":")
+    base_src = resolve_source(base_name, need_model=True)
+    donor_src = resolve_source(donor_name, need_model=False)
+    base_vocab, new_vocab = load_vocab(base_src.tokenizer_spec), load_vocab(donor_src.tokenizer_spec)
+    donor_emb = read_embeddings(donor_src.model_dir) if donor_src.is_model else None
+    return (base_src, donor_src, base_vocab, new_vocab, align(base_vocab, new_vocab),
+            read_embeddings(base_src.model_dir), donor_emb)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -61,21 +77,13 @@ def main() -> None:
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
 
-    from transplant.assets import load_vocab, resolve_source, texts
+    from transplant.assets import texts
     from transplant.eval.bpb import bits_per_byte
     from transplant.init.base import InitContext
     from transplant.init.registry import resolve_method
-    from transplant.io.surgery import read_embeddings
     from transplant.pipeline import new_embeddings
-    from transplant.tokenizers.align import align
 
-    base_name, donor_name = args.pair.split(":")
-    base_src = resolve_source(base_name, need_model=True)
-    donor_src = resolve_source(donor_name, need_model=False)
-    base_vocab, new_vocab = load_vocab(base_src.tokenizer_spec), load_vocab(donor_src.tokenizer_spec)
-    alignment = align(base_vocab, new_vocab)
-    base_emb = read_embeddings(base_src.model_dir)
-    donor_emb = read_embeddings(donor_src.model_dir) if donor_src.is_model else None
+    base_src, _, base_vocab, new_vocab, alignment, base_emb, donor_emb = load_pair(args.pair)
     held_out = {name: texts.heldout(name, n_bytes=args.bytes) for name in args.slices}
     print(f"<!-- {json.dumps({'command': ' '.join(sys.argv)})} -->")
     print("| pair | config | solve s | peak RSS MB | " + " | ".join(args.slices) + " |")

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_default import load_pair  # noqa: E402
 
 
 def first_step_gemm_seconds(targets: torch.Tensor, atoms: torch.Tensor, batch: int) -> float:
@@ -41,13 +43,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="GEMM batch rows (0: the solver's own)")
     args = parser.parse_args()
     import transplant
-    from transplant.assets import load_vocab, resolve_source
     from transplant.init.base import InitContext
     from transplant.init.donor import _text_targets, select_anchors
     from transplant.init.registry import resolve_method
-    from transplant.io.surgery import read_embeddings
     from transplant.solvers.omp import _auto_batch_size
-    from transplant.tokenizers.align import align
 
     base, donor = args.pair.split(":")
     work = Path(tempfile.mkdtemp(prefix="omp-floor-"))
@@ -61,12 +60,11 @@ def main() -> None:
     phases = result.extra["seconds_by_phase"]
 
     # the same problem the solver saw: donor rows of the text targets against the anchors' donor rows
-    base_src, donor_src = resolve_source(base, need_model=True), resolve_source(donor, need_model=True)
-    base_vocab, new_vocab = load_vocab(base_src.tokenizer_spec), load_vocab(donor_src.tokenizer_spec)
-    donor_input = read_embeddings(donor_src.model_dir).input
+    _, _, base_vocab, new_vocab, alignment, base_emb, donor_emb = load_pair(args.pair)
+    donor_input = donor_emb.input
     chosen = resolve_method("omp", {"k": args.k, "prefilter": 0})
-    ctx = InitContext(base_vocab=base_vocab, new_vocab=new_vocab, alignment=align(base_vocab, new_vocab),
-                      base_input=read_embeddings(base_src.model_dir).input, base_output=None,
+    ctx = InitContext(base_vocab=base_vocab, new_vocab=new_vocab, alignment=alignment,
+                      base_input=base_emb.input, base_output=None,
                       donor_input=donor_input, donor_output=None, options=dict(chosen.options))
     anchors = select_anchors(ctx, ctx.options["min_norm_ratio"])
     targets = donor_input[_text_targets(ctx)].float()

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_default import parse_config, peak_rss_mb, swap_embeddings  # noqa: E402
+from bench_default import load_pair, parse_config, peak_rss_mb, swap_embeddings  # noqa: E402
 
 log = logging.getLogger("bench_token_classes")
 SLICES = ("english", "code", "german", "numbers", "python-docs")
@@ -216,23 +216,17 @@ def main() -> None:
 def run(args) -> None:
     from transformers import AutoModelForCausalLM
 
-    from transplant.assets import load_vocab, resolve_source, texts
+    from transplant.assets import texts
     from transplant.cache import cache_dir
     from transplant.eval.bpb import bits_per_byte
-    from transplant.io.surgery import read_embeddings
-    from transplant.tokenizers.align import align
     from transplant.tokenizers.token_class import TOKEN_CLASSES, vocab_classes
 
     torch.manual_seed(0)
     args.cache = args.cache or cache_dir() / "token_classes"
-    base_name, donor_name = args.pair.split(":")
-    base_src = resolve_source(base_name, need_model=True)
-    donor_src = resolve_source(donor_name, need_model=False)
-    if not donor_src.is_model:
-        fail(f"donor {donor_name} is only a tokenizer; both configs need donor rows, pass a donor model")
-    base_vocab, new_vocab = load_vocab(base_src.tokenizer_spec), load_vocab(donor_src.tokenizer_spec)
-    alignment = align(base_vocab, new_vocab)
-    base_emb, donor_emb = read_embeddings(base_src.model_dir), read_embeddings(donor_src.model_dir)
+    base_src, _, base_vocab, new_vocab, alignment, base_emb, donor_emb = load_pair(args.pair)
+    if donor_emb is None:
+        fail(f"donor {args.pair.split(':')[1]} is only a tokenizer; both configs need donor rows, pass a "
+             "donor model")
     ctx_args = {"base_vocab": base_vocab, "new_vocab": new_vocab, "alignment": alignment,
                 "base_input": base_emb.input, "base_output": base_emb.output,
                 "donor_input": donor_emb.input, "donor_output": donor_emb.output}
