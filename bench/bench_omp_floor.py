@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     import transplant
     from transplant.init.base import InitContext
-    from transplant.init.donor import _text_targets, select_anchors
+    from transplant.init.donor import select_anchors, text_targets
     from transplant.init.registry import resolve_method
     from transplant.solvers.omp import _auto_batch_size
 
@@ -67,7 +67,7 @@ def main() -> None:
                       base_input=base_emb.input, base_output=None,
                       donor_input=donor_input, donor_output=None, options=dict(chosen.options))
     anchors = select_anchors(ctx, ctx.options["min_norm_ratio"])
-    targets = donor_input[_text_targets(ctx)].float()
+    targets = donor_input[text_targets(ctx)].float()
     atoms = donor_input[anchors.new_ids].float()
     batch = args.batch or _auto_batch_size(atoms.shape[0], atoms.shape[0], atoms.shape[1], args.k, args.k,
                                            False, True, torch.device("cpu"))

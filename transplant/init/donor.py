@@ -90,7 +90,7 @@ def donor_plan(ctx: InitContext, method: str, combine: Combiner, notes: dict | N
     anchors = select_anchors(ctx, ctx.options["min_norm_ratio"])
     if anchors.new_ids.numel() == 0:
         raise TransplantError(f"{method}: the vocabularies share no usable anchor tokens; use --method fvt")
-    targets = _text_targets(ctx) if targets is None else targets
+    targets = text_targets(ctx) if targets is None else targets
     plans = {}
     reconstruction = torch.empty(0)
     spaces = {"input": ctx.donor_input}
@@ -125,7 +125,9 @@ def donor_plan(ctx: InitContext, method: str, combine: Combiner, notes: dict | N
     return InitPlan(plans["input"], plans.get("output"), dense_rows=dense, notes=info)
 
 
-def _text_targets(ctx: InitContext) -> torch.Tensor:
+def text_targets(ctx: InitContext) -> torch.Tensor:
+    """The new ids a donor method solves for: the unshared tokens that are not special (`donor_plan` gives
+    specials the mean of the base's normal rows instead)."""
     kinds = ctx.new_vocab.kinds
     return torch.tensor([i for i in ctx.alignment.unshared_new_ids.tolist()
                          if kinds[i] is not TokenKind.SPECIAL],

@@ -27,7 +27,7 @@ from transplant.init.base import (
     replace_rows,
     sparse_rows,
 )
-from transplant.init.donor import _text_targets, cosine_topk, donor_plan, select_anchors
+from transplant.init.donor import cosine_topk, donor_plan, select_anchors, text_targets
 from transplant.init.registry import Option, register
 from transplant.tokenizers.segment import segment_with_base
 from transplant.tokenizers.vocab import TokenKind
@@ -183,7 +183,7 @@ def with_pursuit(ctx: InitContext, plan: InitPlan, wanted: set[str], gap: float,
     from transplant.tokenizers.token_class import vocab_classes
 
     classes = vocab_classes(ctx.new_vocab)
-    targets = torch.tensor([i for i in _text_targets(ctx).tolist() if not wanted or classes[i] in wanted],
+    targets = torch.tensor([i for i in text_targets(ctx).tolist() if not wanted or classes[i] in wanted],
                            dtype=torch.long)
     if not targets.numel():
         plan.notes["pursued"] = 0
