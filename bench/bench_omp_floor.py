@@ -27,6 +27,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_default import load_pair  # noqa: E402
 
 
+def omp_problem(pair: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets [B, D], atoms [N, D]) in fp32: the donor input rows of the new text tokens and of the anchors,
+    the problem `--method omp` solves for the input embeddings of `base:donor`."""
+    from transplant.init.base import InitContext
+    from transplant.init.donor import select_anchors, text_targets
+    from transplant.init.registry import resolve_method
+
+    _, _, base_vocab, new_vocab, alignment, base_emb, donor_emb = load_pair(pair)
+    chosen = resolve_method("omp", {"k": k, "prefilter": 0})
+    ctx = InitContext(base_vocab=base_vocab, new_vocab=new_vocab, alignment=alignment,
+                      base_input=base_emb.input, base_output=None,
+                      donor_input=donor_emb.input, donor_output=None, options=dict(chosen.options))
+    anchors = select_anchors(ctx, ctx.options["min_norm_ratio"])
+    return donor_emb.input[text_targets(ctx)].float(), donor_emb.input[anchors.new_ids].float()
+
+
 def first_step_gemm_seconds(targets: torch.Tensor, atoms: torch.Tensor, batch: int) -> float:
     """Seconds for c0 = X·Âᵀ over all targets in batches of `batch` (Â: unit-norm atoms), results dropped."""
     unit = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -43,9 +59,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="GEMM batch rows (0: the solver's own)")
     args = parser.parse_args()
     import transplant
-    from transplant.init.base import InitContext
-    from transplant.init.donor import select_anchors, text_targets
-    from transplant.init.registry import resolve_method
     from transplant.solvers.omp import _auto_batch_size
 
     base, donor = args.pair.split(":")
@@ -59,16 +72,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     phases = result.extra["seconds_by_phase"]
 
-    # the same problem the solver saw: donor rows of the text targets against the anchors' donor rows
-    _, _, base_vocab, new_vocab, alignment, base_emb, donor_emb = load_pair(args.pair)
-    donor_input = donor_emb.input
-    chosen = resolve_method("omp", {"k": args.k, "prefilter": 0})
-    ctx = InitContext(base_vocab=base_vocab, new_vocab=new_vocab, alignment=alignment,
-                      base_input=base_emb.input, base_output=None,
-                      donor_input=donor_input, donor_output=None, options=dict(chosen.options))
-    anchors = select_anchors(ctx, ctx.options["min_norm_ratio"])
-    targets = donor_input[text_targets(ctx)].float()
-    atoms = donor_input[anchors.new_ids].float()
+    targets, atoms = omp_problem(args.pair, args.k)
     batch = args.batch or _auto_batch_size(atoms.shape[0], atoms.shape[0], atoms.shape[1], args.k, args.k,
                                            False, True, torch.device("cpu"))
     gemm = first_step_gemm_seconds(targets, atoms, batch)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks in one pass (issues 10 item 7, 11 item 6, 14 item 5): solver speed against mergekit's batch_omp,
-# a whole transplant with --device auto, ALM/CE distillation steps and hypernetwork steps, each timed on CUDA.
+# a whole transplant with --device auto, ALM/CE distillation steps and hypernetwork steps, each timed on CUDA;
+# issue 22 item 7 (section distill1b): 1B Llama-shaped teacher and student, ZeRO-3 with the teacher sharded,
+# gradient checkpointing, 512-token sequences, ALM + CE vs CE step time, tokens/s and peak memory.
 #
 # Runs on a leased GPU machine over a copy of the tree, which reaches no hub and carries at most 64 MiB, so the
 # inputs travel in the git-ignored folder .gpu/ (built here, see bench/RESULTS.md "GPU"):
@@ -12,10 +14,13 @@
 # Models get random weights of the real shapes (bench/random_models.py): timings only, no quality numbers.
 #
 #   OUT=/tmp/gpu SMOKE=1 bash bench/gpu_checks.sh     # the same path on CPU, tiny sizes (run before leasing)
+#   SECTIONS=distill1b  bash bench/gpu_checks.sh      # only item 7's check (~3 min of CPU as SMOKE=1)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-checks}
 SMOKE=${SMOKE:-0}
-SECTIONS=${SECTIONS:-"solver distill hypernet transplant"}  # a subset reruns only those
+SECTIONS=${SECTIONS:-"solver distill distill1b hypernet transplant"}  # a subset reruns only those
+SHAPES=${SHAPES:-.gpu/shapes}  # distill1b: config + tokenizer folders (the CPU smoke can point elsewhere)
+TRAIN1B=${TRAIN1B:-"[.gpu/corpus/english.txt,.gpu/corpus/code.txt]"}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
@@ -39,10 +44,13 @@ timeout 150 python3 bench/bench_solver_vs_mergekit.py --synthetic "$ANCHORS" --t
   --device "$DEVICE" --mergekit-src .gpu/mk --runs 3 --check 512 --threads 8 2>&1 | tee "$OUT/solver.md"
 fi
 
+if want distill || want hypernet || want transplant; then
 step "2. random-weight models of the real shapes"
 for name in smollm2 student gemma3; do
   [ "$name" = student ] && ! want distill && continue
-  python3 bench/random_models.py ".gpu/shapes/$name" "/tmp/m/$name" || exit 1; done
+  [ "$name" = gemma3 ] && ! want hypernet && ! want transplant && continue
+  python3 bench/random_models.py "$SHAPES/$name" "/tmp/m/$name" || exit 1; done
+fi
 
 want distill && {
 step "4. distillation steps (ALM and CE), one process, bf16"
@@ -55,6 +63,41 @@ for loss in alm ce; do
     --set deepspeed=deepspeed/zero2.json > "$OUT/distill-$loss.log" 2>&1; echo "distill $loss rc=$?"
   cp /tmp/d-$loss/metrics.jsonl "$OUT/distill-$loss.jsonl" 2>/dev/null
   tail -3 "$OUT/distill-$loss.log"
+done
+
+}
+want distill1b && {
+step "6. 1B Llama-shaped teacher and student (issue 22, item 7): ALM + CE vs CE, ZeRO-3 with the teacher sharded too, gradient checkpointing, 512-token sequences"
+# SmolLM2-135M's Llama config with Llama-3.2-1B's widths and depth (1.07B parameters with SmolLM2's 49k vocab);
+# the teacher keeps SmolLM2's tokenizer, the student is the Mistral-v3 transplant's shape: self-distillation.
+if [ "$SMOKE" = 1 ]; then
+  WIDE=(--set hidden_size=64 --set intermediate_size=128 --set num_hidden_layers=2 --set num_attention_heads=4
+        --set num_key_value_heads=2 --set head_dim=16); ZERO3=recipes/deepspeed/zero3_cpu_test.json; SEQ1B=128; MICRO1B=2
+else
+  WIDE=(--set hidden_size=2048 --set intermediate_size=8192 --set num_hidden_layers=16 --set num_attention_heads=32
+        --set num_key_value_heads=8 --set head_dim=64); ZERO3=recipes/deepspeed/zero3.json; SEQ1B=512; MICRO1B=8
+fi
+python3 bench/random_models.py "$SHAPES/smollm2" /tmp/m/teacher1b "${WIDE[@]}" || exit 1
+python3 bench/random_models.py "$SHAPES/student" /tmp/m/student1b "${WIDE[@]}" || exit 1
+printf '| loss | steps timed | median step s | student tokens/s | peak GPU MB | peak RSS MB |\n|---|---|---|---|---|---|\n' \
+  > "$OUT/distill1b.md"
+for loss in alm ce; do
+  timeout 300 distill recipes/cpu_smoke_smollm2_mistral.yaml --set output_dir=/tmp/d1b-$loss --set loss.name=$loss \
+    --set teacher.path=/tmp/m/teacher1b --set student.path=/tmp/m/student1b --set teacher.shard=zero3 \
+    --set deepspeed=$ZERO3 --set train.gradient_checkpointing=true \
+    --set "data.train=$TRAIN1B" --set eval.texts=[] --set eval.teacher=false \
+    --set train.steps=$STEPS --set train.micro_batch_size=$MICRO1B --set train.grad_accum=1 --set data.max_length=$SEQ1B \
+    --set train.embeddings_only_steps=0 --set checkpoint.every=0 --set export.enabled=false \
+    > "$OUT/distill1b-$loss.log" 2>&1; echo "distill1b $loss rc=$?"
+  cp /tmp/d1b-$loss/metrics.jsonl "$OUT/distill1b-$loss.jsonl" 2>/dev/null
+  python3 - "$OUT/distill1b-$loss.jsonl" "$loss" <<'PY' | tee -a "$OUT/distill1b.md"
+import json, statistics, sys
+rows = [r for r in map(json.loads, open(sys.argv[1])) if "step_time" in r][1:]  # step 1 warms up
+if rows:
+    med = lambda key: statistics.median(r.get(key, float("nan")) for r in rows)
+    print(f"| {sys.argv[2]} | {len(rows)} | {med('step_time'):.3f} | {med('student_tokens_per_s'):.0f} | "
+          f"{max(r.get('peak_gpu_mb', 0) for r in rows):.0f} | {max(r.get('peak_rss_mb', 0) for r in rows):.0f} |")
+PY
 done
 
 }
