@@ -44,6 +44,8 @@ class DataConfig:
     max_length: int = 256  # tokens per packed sequence, per side
     chat_template: str = "auto"  # auto | own | plain: how jsonl `messages` are rendered (see distill.data)
     shuffle: bool = True
+    stratify: bool = False  # small corpora: every source's documents spread evenly over the epoch
+    #                         (distill.corpus.stratified_order)
     pack: bool = True  # several documents per sequence (no padding waste) vs one document per sequence
     prefetch: bool = True  # build the next step's batches in a thread while this step computes
     window_index: str = "auto"  # auto (when >1 rank) | always | never: each rank tokenizes only its own

@@ -15,7 +15,9 @@ forwards. When a corpus holds at most `_CACHED_BLOCKS` x `block_docs` documents 
 corpora, however many sources) the order is instead one permutation of all documents: with
 two-level shuffling each small source is one block, and a short run read one source after the other (30
 healing steps saw only German text while English, code and numbers waited their turn). Larger corpora mix at
-block granularity.
+block granularity. `stratify` (small corpora) spreads each source's documents evenly over the epoch instead,
+so any stretch of steps reads every source in proportion: with one plain permutation a 120-step run read
+none of the 19 number-table documents among 647 at one seed of three, and 2-3 at the others.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class Corpus:
         self.sources, self.doc_bytes, self.block_docs = sources, doc_bytes, block_docs
         self._handles: OrderedDict[int, IO[bytes]] = OrderedDict()
         self._blocks: OrderedDict[int, list[Any]] = OrderedDict()
-        self._orders: OrderedDict[tuple[int, int, bool], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._orders: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         for source in sources:
             if source.docs is None:
                 self._scan(source)
@@ -237,24 +239,30 @@ class Corpus:
                 self._orders.popitem(last=False)
         return self._orders[key]
 
-    def _global_order(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _global_order(self, seed: int, epoch: int, stratify: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(a permutation of all documents as file-order indices, cumulative document count at the end of each
         block): the shuffle of a corpus whose blocks all fit in the cache, so random access never re-reads
         one."""
-        key = ("global", seed, epoch)
+        key = ("global", seed, epoch, stratify)
         if key not in self._orders:
             ends = np.cumsum(self.block_size)
-            self._orders[key] = (np.random.default_rng([seed, epoch,
-                                                        1]).permutation(int(ends[-1]) if ends.size else 0),
-                                 ends)
+            total = int(ends[-1]) if ends.size else 0
+            if stratify:
+                rng = np.random.default_rng([seed, epoch, 2])
+                order = stratified_order([source.count for source in self.sources], rng)
+            else:
+                order = np.random.default_rng([seed, epoch, 1]).permutation(total)
+            self._orders[key] = (order, ends)
             while len(self._orders) > 2:
                 self._orders.popitem(last=False)
         return self._orders[key]
 
-    def document(self, seed: int, epoch: int, position: int, shuffle: bool = True) -> Any:
-        """The document at `position` of epoch `epoch`'s order."""
+    def document(self, seed: int, epoch: int, position: int, shuffle: bool = True,
+                 stratify: bool = False) -> Any:
+        """The document at `position` of epoch `epoch`'s order (`stratify`: small corpora only, see the module
+        docstring; a corpus that is not held whole keeps its block shuffle)."""
         if shuffle and self.whole:
-            order, ends = self._global_order(seed, epoch)
+            order, ends = self._global_order(seed, epoch, stratify)
             flat = int(order[position])
             block = int(np.searchsorted(ends, flat, side="right"))
             return self._block(block)[flat - (int(ends[block - 1]) if block else 0)]
@@ -276,6 +284,21 @@ class Corpus:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+
+
+def stratified_order(counts: list[int], rng: np.random.Generator) -> np.ndarray:
+    """A permutation of `sum(counts)` file-order indices (sources concatenated) in which each source's
+    documents, in random order, sit at evenly spaced random positions: document i of a source of c gets
+    the key (i + u) / c, u ~ U(0, 1), and the epoch reads keys in increasing order. The first n documents
+    then hold n·c/total of a small source within a document or two (a dominant source absorbs the others'
+    rounding: within the number of sources), where a plain permutation gives a hypergeometric count (0 of 19
+    in the first 150 of 647, at one seed of three)."""
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    flats = [start + rng.permutation(count) for start, count in zip(starts.tolist(), counts)]
+    keys = [(np.arange(count) + rng.random(count)) / max(count, 1) for count in counts]
+    if not flats:
+        return np.zeros(0, np.int64)
+    return np.concatenate(flats)[np.argsort(np.concatenate(keys), kind="stable")]
 
 
 def open_corpus(sources: list[str], *, corpus_bytes: int = 2_000_000, doc_bytes: int = DOC_BYTES,

@@ -70,7 +70,8 @@ class Packer:
     `next_window` is a pure function of it."""
 
     def __init__(self, documents: Corpus | list[Any], teacher: Vocab, student: Vocab, *, max_length: int,
-                 seed: int = 0, shuffle: bool = True, pack: bool = True, chat_template: str = "auto"):
+                 seed: int = 0, shuffle: bool = True, pack: bool = True, chat_template: str = "auto",
+                 stratify: bool = False):
         if chat_template not in CHAT_MODES:
             raise TransplantError(f"data.chat_template={chat_template!r} is unknown; choose one "
                                   f"of {CHAT_MODES}")
@@ -79,6 +80,7 @@ class Packer:
         self.corpus = documents if isinstance(documents, Corpus) else Corpus.from_documents(documents)
         self.teacher, self.student = teacher, student
         self.max_length, self.seed, self.shuffle, self.pack = max_length, seed, shuffle, pack
+        self.stratify = stratify
         self.chat_template = chat_template
         self.state = PackerState()
 
@@ -87,7 +89,8 @@ class Packer:
             self.state.epoch += 1
             self.state.doc_pos, self.state.char_offset = 0, 0
             log.info("data: starting epoch %d", self.state.epoch)
-        return self.corpus.document(self.seed, self.state.epoch, self.state.doc_pos, self.shuffle)
+        state = self.state
+        return self.corpus.document(self.seed, state.epoch, state.doc_pos, self.shuffle, self.stratify)
 
     def _next_doc(self) -> None:
         self.state.doc_pos += 1

@@ -168,7 +168,7 @@ class Trainer:
             claim_output_dir(self.out, **claim_terms(r, [self.teacher_dir, self.student_dir]))
         packer = Packer(corpus, self.teacher_vocab, self.student_vocab, max_length=r.data.max_length,
                         seed=r.train.seed, shuffle=r.data.shuffle, pack=r.data.pack,
-                        chat_template=r.data.chat_template)
+                        chat_template=r.data.chat_template, stratify=r.data.stratify)
         self.loader = DistillLoader(packer, micro_batch_size=r.train.micro_batch_size,
                                     grad_accum=r.train.grad_accum, rank=rt.rank, world_size=rt.world_size,
                                     prefetch=r.data.prefetch, index=self._window_index(packer))
