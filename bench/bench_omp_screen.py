@@ -82,11 +82,12 @@ def main() -> None:
     eigenvalues, vectors = torch.linalg.eigh(unit.T @ unit)
     eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
 
+    projected = {rank: unit @ vectors[:, :rank] for rank in args.ranks}  # [N, r] once per rank, not per batch
+
     def screen_scores(x: torch.Tensor, rank: int | None) -> torch.Tensor:
         if rank is None:
             return x @ unit.T
-        basis = vectors[:, :rank]
-        return (x @ basis) @ (unit @ basis).T  # in real use the projected anchors are computed once
+        return (x @ vectors[:, :rank]) @ projected[rank].T
 
     print(f"<!-- {json.dumps({'command': ' '.join(sys.argv), 'threads': torch.get_num_threads()})} -->")
     print(f"{args.pair}: {all_targets.shape[0]} new tokens x {atoms.shape[0]} anchors x "
