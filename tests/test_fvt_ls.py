@@ -118,3 +118,7 @@ def test_pursue_gap_takes_omps_row_only_where_fvt_ls_reconstructs_the_donor_row_
     assert torch.allclose(mixed[5], pursued[5], atol=1e-5)
     assert not torch.allclose(plain[5], pursued[5], atol=1e-3)
     assert torch.equal(mixed[6], plain[6]) and torch.equal(mixed[7], plain[7])
+    # a screened pursuit whose candidates are every anchor, in the full donor space, is the exact one
+    screened = _rows("fvt-ls", {"ridge": 1e6, "pursue_gap": 0.05, "pursue_k": 2, "pursue_screen": 12,
+                                "pursue_candidates": 100})
+    assert torch.allclose(screened, mixed, atol=1e-5)

@@ -213,6 +213,33 @@ def test_prefilter_with_every_atom_equals_exact():
         torch.testing.assert_close(pre_coefs, coefs, atol=1e-5, rtol=1e-4)
 
 
+def test_low_rank_screen_of_full_rank_is_the_c0_prefilter():
+    """A rank-D projection keeps every correlation: the candidates and so the pursuit are those of the plain
+    top-M-by-c0 prefilter (no refresh, no Gram)."""
+    targets, atoms = _problem(b=40, seed=15, dtype=torch.float32)
+    indices, coefs = omp(targets, atoms, 8, prefilter=60, prefilter_refresh=False, gram_dtype=None)
+    low_indices, low_coefs = omp(targets, atoms, 8, prefilter=60, screen_rank=targets.shape[1])
+    assert torch.equal(low_indices, indices)
+    torch.testing.assert_close(low_coefs, coefs, atol=1e-5, rtol=1e-4)
+
+
+def test_low_rank_screen_keeps_what_the_projection_keeps():
+    """Atoms and targets in a rank-16 subspace plus a little noise. Measured here (mean relative error, M=64):
+    top-M by exact c0 0.1065, rank-16 screen 0.1065, rank 8 0.1209, rank 2 0.1462 (exact OMP 0.0588): a
+    projection that holds the dictionary's energy chooses the candidates c0 would; a thinner one loses."""
+    gen = torch.Generator().manual_seed(16)
+    basis = torch.randn(16, 64, generator=gen)
+    atoms = torch.randn(400, 16, generator=gen) @ basis + 0.1 * torch.randn(400, 64, generator=gen)
+    targets = torch.randn(100, 16, generator=gen) @ basis + 0.1 * torch.randn(100, 64, generator=gen)
+    by_c0 = _rel_error(targets, atoms, *omp(targets, atoms, 8, prefilter=64, prefilter_refresh=False)).mean()
+    errors = {rank: _rel_error(targets, atoms, *omp(targets, atoms, 8, prefilter=64, screen_rank=rank)).mean()
+              for rank in (16, 8, 2)}
+    assert errors[16] <= 1.01 * by_c0
+    assert errors[16] < errors[8] < errors[2]
+    with pytest.raises(ValueError, match="screen_rank needs a prefilter"):
+        omp(targets, atoms, 8, screen_rank=4)
+
+
 def test_prefilter_error_is_close_to_exact():
     """Measured on this problem (N=400, D=64, k=8, rank-16 + noise atoms), mean relative error: exact 0.1624;
     refreshed candidates (prefilter_refresh=True) M=128 0.1634, M=64 0.1674, M=16 0.1759, M=4 (raised to

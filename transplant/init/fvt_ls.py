@@ -62,6 +62,10 @@ OPTIONS = (
     Option("pursue_gap", float, 0.0,
            "> 0: exact OMP over the new tokens (of the `pursue` classes, else all), and OMP's row wherever "
            "fvt-ls's donor-space reconstruction error exceeds OMP's by more than this", min=0.0),
+    Option("pursue_screen", int, 0,
+           "0: exact pursuit; r > 0: each pursued token's `pursue_candidates` anchors chosen in a rank-r "
+           "projection of the donor space first, exact OMP inside them (r/D of the first GEMM)", min=0),
+    Option("pursue_candidates", int, 512, "candidates per pursued token when `pursue_screen` > 0", min=1),
 )
 
 
@@ -188,9 +192,12 @@ def with_pursuit(ctx: InitContext, plan: InitPlan, wanted: set[str], gap: float,
     if not targets.numel():
         plan.notes["pursued"] = 0
         return plan
-    k = ctx.options["pursue_k"]
+    k, rank = ctx.options["pursue_k"], ctx.options["pursue_screen"]
 
     def combine(target_rows: torch.Tensor, dictionary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if rank:
+            return omp(target_rows, dictionary, k, prefilter=ctx.options["pursue_candidates"],
+                       screen_rank=rank, progress=True)
         use_gram = target_rows.shape[0] * k > dictionary.shape[0]  # as `omp`: the Gram pays for many targets
         return omp(target_rows, dictionary, k, prefilter=None, gram_dtype="auto" if use_gram else None,
                    progress=True)
@@ -210,6 +217,7 @@ def with_pursuit(ctx: InitContext, plan: InitPlan, wanted: set[str], gap: float,
               else replace_rows(plan.input_weights, targets, *_rows_of(pursued.output_weights, take)))
     kept = ~take[error_ids] if own_errors.numel() else torch.zeros(0, dtype=torch.bool)
     notes = {**plan.notes, "pursue": "+".join(sorted(wanted)) or "all", "pursue_gap": gap, "pursue_k": k,
+             "pursue_screen": rank,
              "reconstruction_error": torch.cat([own_errors[kept], pursued.notes["reconstruction_error"]])}
     return InitPlan(replace_rows(plan.input_weights, targets, *_rows_of(pursued.input_weights, take)), output,
                     dense_rows=plan.dense_rows, notes=notes)
