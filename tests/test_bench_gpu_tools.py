@@ -71,3 +71,11 @@ def test_screened_pursuit(monkeypatch):
     assert script.support_share(chosen, exact) < 1.0
     assert (script.relative_error(targets, atoms, chosen, coefs).mean()
             >= script.relative_error(targets, atoms, exact, exact_coefs).mean())
+    # the pursuit in a projection that keeps every direction is exact OMP too; a rank-2 one is worse
+    _, vectors = torch.linalg.eigh((unit.T @ unit).double())
+    vectors = vectors.flip(1)
+    full, full_coefs = script.projected_pursuit(targets, atoms, unit, vectors, 24, 300, 5)
+    assert script.support_share(full, exact) == pytest.approx(1.0)
+    thin, thin_coefs = script.projected_pursuit(targets, atoms, unit, vectors, 2, 300, 5)
+    assert (script.relative_error(targets, atoms, thin, thin_coefs).mean()
+            > script.relative_error(targets, atoms, full, full_coefs).mean())
