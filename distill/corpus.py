@@ -246,12 +246,11 @@ class Corpus:
         key = ("global", seed, epoch, stratify)
         if key not in self._orders:
             ends = np.cumsum(self.block_size)
-            total = int(ends[-1]) if ends.size else 0
             if stratify:
                 rng = np.random.default_rng([seed, epoch, 2])
                 order = stratified_order([source.count for source in self.sources], rng)
             else:
-                order = np.random.default_rng([seed, epoch, 1]).permutation(total)
+                order = np.random.default_rng([seed, epoch, 1]).permutation(int(ends[-1]) if ends.size else 0)
             self._orders[key] = (order, ends)
             while len(self._orders) > 2:
                 self._orders.popitem(last=False)
