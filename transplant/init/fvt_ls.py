@@ -64,7 +64,9 @@ OPTIONS = (
            "fvt-ls's donor-space reconstruction error exceeds OMP's by more than this", min=0.0),
     Option("pursue_screen", int, 0,
            "0: exact pursuit; r > 0: each pursued token's `pursue_candidates` anchors chosen in a rank-r "
-           "projection of the donor space first, exact OMP inside them (r/D of the first GEMM)", min=0),
+           "projection of the donor space first, exact OMP inside them (approximate; on a 2-core CPU it "
+           "saves about a quarter of the exact solve: bench/RESULTS.md, 'The screen built into the solver')",
+           min=0),
     Option("pursue_candidates", int, 512, "candidates per pursued token when `pursue_screen` > 0", min=1),
 )
 
