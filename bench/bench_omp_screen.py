@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_omp_floor import omp_problem  # noqa: E402
+from bench_omp_floor import first_step_gemm_seconds, omp_problem  # noqa: E402
 
 
 def relative_error(targets: torch.Tensor, atoms: torch.Tensor, indices: torch.Tensor,
@@ -89,11 +89,7 @@ def time_solver(targets: torch.Tensor, atoms: torch.Tensor, k: int, screens: lis
     targets, one process: the ratio is what the screen saves over exact Batch-OMP (solve = 2.6x its GEMM)."""
     from transplant.solvers.omp import omp
 
-    unit = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    started = time.perf_counter()
-    for start in range(0, targets.shape[0], 2000):
-        torch.mm(targets[start : start + 2000], unit.T)
-    gemm = time.perf_counter() - started
+    gemm = first_step_gemm_seconds(targets, atoms, 2000)
     print(f"\n| pursuit | seconds ({targets.shape[0]} targets) | vs the first GEMM | mean relative error |")
     print("|---|---|---|---|")
     print(f"| first-step GEMM only | {gemm:.1f} | 1.00x | - |")
