@@ -122,3 +122,19 @@ def test_pursue_gap_takes_omps_row_only_where_fvt_ls_reconstructs_the_donor_row_
     screened = _rows("fvt-ls", {"ridge": 1e6, "pursue_gap": 0.05, "pursue_k": 2, "pursue_screen": 12,
                                 "pursue_candidates": 100})
     assert torch.allclose(screened, mixed, atol=1e-5)
+
+
+def test_pursue_min_cosine_skips_the_pursuit_for_tokens_no_anchor_points_to():
+    """" catalog" (0.8·cat + 0.3·alog) has " cat" at a high |cosine|: a threshold just below it keeps the gap
+    rule's result, one just above it leaves every token with fvt-ls's row (nothing pursued)."""
+    _, _, _, donor = _pair()
+    anchors = donor[1:5]
+    best = float((torch.nn.functional.normalize(donor[5], dim=0)
+                  @ torch.nn.functional.normalize(anchors, dim=1).T).abs().max())
+    plain = _rows("fvt-ls", {"ridge": 1e6})
+    gap = {"ridge": 1e6, "pursue_gap": 0.05, "pursue_k": 2}
+    mixed = _rows("fvt-ls", gap)
+    below = _rows("fvt-ls", {**gap, "pursue_min_cosine": best - 1e-3})
+    above = _rows("fvt-ls", {**gap, "pursue_min_cosine": best + 1e-3})
+    assert torch.allclose(below, mixed, atol=1e-6)
+    assert torch.equal(above, plain)

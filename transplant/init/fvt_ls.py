@@ -68,6 +68,10 @@ OPTIONS = (
            "saves about a quarter of the exact solve: bench/RESULTS.md, 'The screen built into the solver')",
            min=0),
     Option("pursue_candidates", int, 512, "candidates per pursued token when `pursue_screen` > 0", min=1),
+    Option("pursue_min_cosine", float, 0.0,
+           "with `pursue_gap`: pursue only tokens whose donor row has an anchor at |cosine| >= this "
+           "(estimated without the full GEMM: transplant/solvers/nearest.py); the rest keep fvt-ls's row",
+           min=0.0, max=1.0),
 )
 
 
@@ -179,6 +183,18 @@ def _rows_of(weights: torch.Tensor, take: torch.Tensor) -> tuple[torch.Tensor, t
     return weights.indices()[0, mine], weights.indices()[1, mine], weights.values()[mine]
 
 
+def near_an_anchor(ctx: InitContext, token_ids: torch.Tensor, min_cosine: float) -> torch.Tensor:
+    """The `token_ids` whose donor input row has some anchor at |cosine| >= `min_cosine` (estimated for many
+    tokens). OMP rebuilds a row well only from atoms that point its way, so the others cannot pass the gap
+    rule and skipping their pursuit is where the time goes (bench/RESULTS.md, "within three minutes")."""
+    from transplant.solvers.nearest import max_abs_cosine
+
+    anchors = select_anchors(ctx, ctx.options["min_norm_ratio"])
+    donor = ctx.donor_input
+    best = max_abs_cosine(donor[token_ids.to(donor.device)], donor[anchors.new_ids.to(donor.device)])
+    return token_ids[(best >= min_cosine).cpu()]
+
+
 def with_pursuit(ctx: InitContext, plan: InitPlan, wanted: set[str], gap: float,
                  error_ids: torch.Tensor) -> InitPlan:
     """Exact OMP's rows for the new tokens of the `wanted` classes (all classes when empty) — with `gap` > 0
@@ -189,8 +205,14 @@ def with_pursuit(ctx: InitContext, plan: InitPlan, wanted: set[str], gap: float,
     from transplant.tokenizers.token_class import vocab_classes
 
     classes = vocab_classes(ctx.new_vocab)
-    targets = torch.tensor([i for i in text_targets(ctx).tolist() if not wanted or classes[i] in wanted],
-                           dtype=torch.long)
+    # With a gap only tokens fvt-ls fitted can switch (the others have no error to compare): pursue those.
+    candidates = error_ids.tolist() if gap else text_targets(ctx).tolist()
+    targets = torch.tensor([i for i in candidates if not wanted or classes[i] in wanted], dtype=torch.long)
+    plan.notes["pursue_screened_out"] = 0
+    if gap and targets.numel() and ctx.options["pursue_min_cosine"] > 0:
+        before = int(targets.numel())
+        targets = near_an_anchor(ctx, targets, ctx.options["pursue_min_cosine"])
+        plan.notes["pursue_screened_out"] = before - int(targets.numel())
     if not targets.numel():
         plan.notes["pursued"] = 0
         return plan
