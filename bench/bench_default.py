@@ -9,6 +9,11 @@ steps as `transplant()` (`transplant.pipeline.new_embeddings`: the method, then 
 swaps the new matrices into the base model in memory and scores held-out bits/byte per slice with the new
 tokenizer. Nothing is written, so a config costs its solve plus the evaluation. Prints a markdown table
 (config, solve seconds, peak RSS so far, BPB per slice) for bench/RESULTS.md.
+
+`--whole-tool` also runs `transplant()` itself for each config into a temporary folder (deleted after; no
+evaluation): the whole tool's seconds as a user meets them, and `report.json`'s split (load tokenizers, align,
+load embeddings, solve, write). `--cache DIR` reuses (and fills) bench_token_classes.py's cache of solved
+rows, so an expensive candidate (exact OMP) is solved once across benches; its solve time is the cached one.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -62,6 +68,25 @@ def load_pair(pair: str):
             read_embeddings(base_src.model_dir), donor_emb)
 
 
+def whole_tool_seconds(pair: str, method: str, options: dict) -> tuple[float, dict[str, float]]:
+    """(seconds, seconds by phase) of `transplant()` for `base:donor` with this method, written to a temporary
+    folder that is removed afterwards; nothing is evaluated."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import transplant
+
+    base, donor = pair.split(":")
+    work = Path(tempfile.mkdtemp(prefix="bench-default-"))
+    try:
+        started = time.perf_counter()
+        result = transplant.transplant(base, donor, method=method, output=work / "out", options=options)
+        return time.perf_counter() - started, result.extra.get("seconds_by_phase", {})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -73,6 +98,11 @@ def main() -> None:
     parser.add_argument("--bytes", type=int, default=8192, help="bytes per held-out slice")
     parser.add_argument("--slices", nargs="+", default=list(SLICES))
     parser.add_argument("--original", action="store_true", help="also score the base with its own tokenizer")
+    parser.add_argument("--whole-tool", nargs="*", default=None, metavar="CONFIG",
+                        help="also time transplant() itself for these configs (none named: every config); "
+                             "written to a temp folder, removed")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="reuse/fill bench_token_classes.py's cache of solved rows (DIR)")
     args = parser.parse_args()
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
@@ -81,19 +111,20 @@ def main() -> None:
     from transplant.eval.bpb import bits_per_byte
     from transplant.init.base import InitContext
     from transplant.init.registry import resolve_method
-    from transplant.pipeline import new_embeddings
 
     base_src, _, base_vocab, new_vocab, alignment, base_emb, donor_emb = load_pair(args.pair)
     held_out = {name: texts.heldout(name, n_bytes=args.bytes) for name in args.slices}
     print(f"<!-- {json.dumps({'command': ' '.join(sys.argv)})} -->")
-    print("| pair | config | solve s | peak RSS MB | " + " | ".join(args.slices) + " |")
-    print("|" + "---|" * (4 + len(args.slices)), flush=True)
+    timing_on = args.whole_tool is not None
+    timed = " whole tool s | load / align / solve / write s |" if timing_on else ""
+    print("| pair | config | solve s |" + timed + " peak RSS MB | " + " | ".join(args.slices) + " |")
+    print("|" + "---|" * (4 + 2 * timing_on + len(args.slices)), flush=True)
     if args.original:
         model = AutoModelForCausalLM.from_pretrained(base_src.model_dir, dtype=torch.float32).eval()
         scores = {n: bits_per_byte(model, base_vocab.tokenizer, t, max_length=512)
                   for n, t in held_out.items()}
-        print(f"| {args.pair} | "
-              "original | — | — | " + " | ".join(f"{scores[s]:.4f}" for s in args.slices) + " |", flush=True)
+        print(f"| {args.pair} | original | — |" + " — | — |" * timing_on + " — | "
+              + " | ".join(f"{scores[s]:.4f}" for s in args.slices) + " |", flush=True)
     for config in args.configs:
         method, raw = parse_config(config)
         chosen = resolve_method(method, raw)
@@ -102,16 +133,42 @@ def main() -> None:
                           donor_input=None if donor_emb is None else donor_emb.input,
                           donor_output=None if donor_emb is None else donor_emb.output,
                           options=dict(chosen.options))
-        started = time.perf_counter()
-        new_input, new_output, _plan = new_embeddings(ctx, chosen)
-        seconds = time.perf_counter() - started
+        new_input, new_output, seconds = solved_rows(args, ctx, chosen, config)
         model = AutoModelForCausalLM.from_pretrained(base_src.model_dir, dtype=torch.float32).eval()
         swap_embeddings(model, new_input, new_output)
         scores = {n: bits_per_byte(model, new_vocab.tokenizer, t, max_length=512)
                   for n, t in held_out.items()}
-        print(f"| {args.pair} | {config} | {seconds:.1f} | {peak_rss_mb():.0f} | "
+        timing = " — | — |" if timing_on else ""
+        if timing_on and (not args.whole_tool or config in args.whole_tool):
+            whole, phases = whole_tool_seconds(args.pair, method, raw)
+            split = " / ".join(f"{phases.get(name, 0.0):.0f}" for name in
+                               ("load tokenizers", "align", "solve", "write"))
+            timing = f" {whole:.1f} | {split} |"
+        print(f"| {args.pair} | {config} | {seconds:.1f} |{timing} {peak_rss_mb():.0f} | "
               + " | ".join(f"{scores[s]:.4f}" for s in args.slices) + " |", flush=True)
         del model
+
+
+def solved_rows(args, ctx, chosen, config: str) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(new input rows, new output rows or None, solve seconds) of one config: from `--cache` when it holds
+    them (seconds: the cached solve's), else solved now (and cached when `--cache` is set)."""
+    from transplant.pipeline import new_embeddings
+
+    if args.cache is None:
+        started = time.perf_counter()
+        new_input, new_output, _plan = new_embeddings(ctx, chosen)
+        return new_input, new_output, time.perf_counter() - started
+    from bench_token_classes import Rows, cache_file, load_cached, save_cached
+
+    path = cache_file(args.cache, args.pair, config)
+    rows = load_cached(path, len(ctx.new_vocab))
+    if rows is None:
+        started = time.perf_counter()
+        new_input, new_output, _plan = new_embeddings(ctx, chosen)
+        rows = Rows(new_input, new_output, torch.full((len(ctx.new_vocab),), float("nan")),
+                    time.perf_counter() - started)
+        save_cached(path, rows, config)
+    return rows.input, rows.output, rows.seconds
 
 
 if __name__ == "__main__":

@@ -36,16 +36,19 @@ def relative_error(targets: torch.Tensor, atoms: torch.Tensor, indices: torch.Te
 
 
 def omp_in_candidates(targets: torch.Tensor, atoms: torch.Tensor, unit: torch.Tensor,
-                      candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      candidates: torch.Tensor, k: int,
+                      basis: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact greedy OMP restricted to each target's candidates [B, M]: (indices [B, k], coefs [B, k] of the
-    raw atoms). Picks by |unit atom · residual|, as the solver does."""
+    raw atoms). Picks by |unit atom · residual|, as the solver does; with `basis` [D, r] every correlation is
+    taken in that projection instead (r/D of the reading), least squares still in the full space."""
     batch, rows = candidates.shape[0], torch.arange(candidates.shape[0])
-    gathered = unit[candidates]  # [B, M, D]
+    gathered = (unit if basis is None else unit @ basis)[candidates]  # [B, M, D or r]
     residual, chosen = targets.clone(), torch.zeros(batch, k, dtype=torch.long)
     taken = torch.zeros(candidates.shape, dtype=torch.bool)
     coefs = torch.zeros(batch, 0)
     for step in range(k):
-        score = torch.bmm(gathered, residual[:, :, None])[:, :, 0].abs().masked_fill_(taken, -1.0)
+        probe = residual if basis is None else residual @ basis
+        score = torch.bmm(gathered, probe[:, :, None])[:, :, 0].abs().masked_fill_(taken, -1.0)
         pick = score.argmax(dim=1)
         taken[rows, pick] = True
         chosen[:, step] = candidates[rows, pick]
@@ -64,24 +67,11 @@ def support_share(screened: torch.Tensor, exact: torch.Tensor) -> float:
 
 def projected_pursuit(targets: torch.Tensor, atoms: torch.Tensor, unit: torch.Tensor, vectors: torch.Tensor,
                       rank: int, m: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy OMP whose every correlation is taken in the rank-r projection (the candidates' [M, r] rows: r/D
-    of the reading of `omp_in_candidates`), least squares in the full space; (indices, raw-atom coefs)."""
+    """Greedy OMP whose candidates and every correlation are taken in the rank-r projection (the candidates'
+    [M, r] rows: r/D of the reading of `omp_in_candidates`), least squares in the full space."""
     basis = vectors[:, :rank].float().contiguous()
-    projected = unit @ basis
-    candidates = ((targets @ basis) @ projected.T).abs_().topk(m, dim=1, sorted=False).indices
-    gathered, rows = projected[candidates], torch.arange(targets.shape[0])
-    taken = torch.zeros(candidates.shape, dtype=torch.bool)
-    chosen, residual = torch.zeros(targets.shape[0], k, dtype=torch.long), targets.clone()
-    for step in range(k):
-        score = torch.bmm(gathered, (residual @ basis)[:, :, None])[:, :, 0].abs_().masked_fill_(taken, -1.0)
-        pick = score.argmax(dim=1)
-        taken[rows, pick] = True
-        chosen[:, step] = candidates[rows, pick]
-        support = atoms[chosen[:, : step + 1]]
-        solved = torch.linalg.lstsq(support.mT.double(), targets.double()[:, :, None]).solution
-        coefs = solved[:, :, 0].float()
-        residual = targets - (coefs[:, :, None] * support).sum(1)
-    return chosen, coefs
+    candidates = ((targets @ basis) @ (unit @ basis).T).abs_().topk(m, dim=1, sorted=False).indices
+    return omp_in_candidates(targets, atoms, unit, candidates, k, basis=basis)
 
 
 def time_solver(targets: torch.Tensor, atoms: torch.Tensor, k: int, screens: list[tuple[int, int]]) -> None:

@@ -288,7 +288,8 @@ def _pursue(x: Tensor, atoms: Tensor, valid: Tensor, gram: Tensor | None, steps:
     rows = torch.arange(batch, device=device)
     x_norm = x.norm(dim=1)
 
-    c0_full = x @ atoms.T if screen is None else screen(x)  # [B, N]: the one full correlation GEMM, or screen
+    # [B, N]: the exact first correlations (the one full GEMM), or the screen's approximation of them
+    first_scores = x @ atoms.T if screen is None else screen(x)
     chosen = torch.zeros(batch, steps, dtype=torch.long, device=device)
     kept = torch.zeros(batch, steps, dtype=torch.bool, device=device)
     chosen_atoms = torch.zeros(batch, steps, dim, dtype=dtype, device=device)
@@ -301,7 +302,7 @@ def _pursue(x: Tensor, atoms: Tensor, valid: Tensor, gram: Tensor | None, steps:
     # G[S, candidates], per target contiguous [steps, width]: the update below is one strided batched GEMM
     gram_rows = work.get("gram_rows", (batch, gram_steps, width), dtype, device)
     cand = cand_atoms = None
-    c0, alpha = c0_full, c0_full
+    c0, alpha = first_scores, first_scores
     blocked = None  # prefilter only: candidates that are zero atoms or already picked (even if skipped)
     picked = torch.zeros(batch, steps, dtype=torch.long, device=device)  # every pick, kept or skipped
     refresh_at = {2**i for i in range(1, steps.bit_length())} if prefiltered and refresh else set()
@@ -315,7 +316,8 @@ def _pursue(x: Tensor, atoms: Tensor, valid: Tensor, gram: Tensor | None, steps:
             full_score = alpha.abs().masked_fill_(~valid, -1.0).scatter_(1, picked[:, :step], -1.0)
             cand = full_score.topk(n_candidates, dim=1, sorted=False).indices  # [B, M]
             blocked = full_score.gather(1, cand) < 0
-            c0, alpha = c0_full.gather(1, cand), alpha.gather(1, cand)
+            if screen is None:  # the screen's scores only chose the candidates: exact c0 comes below
+                c0, alpha = first_scores.gather(1, cand), alpha.gather(1, cand)
             if gram is None:  # residual correlations need the candidates' atoms: [B, M, D]
                 cand_atoms = work.get("cand_atoms", (batch, n_candidates, dim), dtype, device)
                 torch.index_select(atoms, 0, cand.flatten(), out=cand_atoms.view(-1, dim))
