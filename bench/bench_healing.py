@@ -377,7 +377,8 @@ def main() -> int:
     parser.add_argument("--student", default="out/smollm2-mistral-v3",
                         help="transplanted student dir (created by the recipe's prepare step if missing)")
     parser.add_argument("--work", default=str(REPO / "bench" / "_work" / "healing"))
-    parser.add_argument("--plot", default=str(REPO / "bench" / "healing.png"))
+    parser.add_argument("--plot", default=None,
+                        help="curves image (default: bench/healing.png; none with --report-only)")
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs in --work")
     parser.add_argument("--report-only", action="store_true",
                         help="only report the finished runs in --work (implies --reuse); nothing is trained")
@@ -423,7 +424,9 @@ def main() -> int:
         print(seed_report(arms, trained, timing))
         rows = [runs[0] for runs in arms.values()]
         print(table(rows))
-        plot(rows, Path(args.plot))
+        target = args.plot or (None if args.report_only else str(REPO / "bench" / "healing.png"))
+        if target:  # a report of a few arms must not redraw the committed figure unasked
+            plot(rows, Path(target))
     return 0
 
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_default import load_pair  # noqa: E402
+from bench_default import load_pair, whole_tool_seconds  # noqa: E402
 
 
 def omp_problem(pair: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,31 +56,20 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--batch", type=int, default=0, help="GEMM batch rows (0: the solver's own)")
     args = parser.parse_args()
-    import transplant
     from transplant.solvers.omp import _auto_batch_size
 
-    base, donor = args.pair.split(":")
-    work = Path(tempfile.mkdtemp(prefix="omp-floor-"))
-    try:
-        started = time.perf_counter()
-        result = transplant.transplant(base, donor, method="omp", output=work / "out",
-                                       options={"k": args.k, "prefilter": 0})
-        whole = time.perf_counter() - started
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    phases = result.extra["seconds_by_phase"]
-
+    whole, phases = whole_tool_seconds(args.pair, "omp", {"k": args.k, "prefilter": 0})
     targets, atoms = omp_problem(args.pair, args.k)
     batch = args.batch or _auto_batch_size(atoms.shape[0], atoms.shape[0], atoms.shape[1], args.k, args.k,
                                            False, True, torch.device("cpu"))
     gemm = first_step_gemm_seconds(targets, atoms, batch)
     flops = 2 * targets.shape[0] * atoms.shape[0] * atoms.shape[1]
     print(f"<!-- {json.dumps({'command': ' '.join(sys.argv), 'threads': torch.get_num_threads()})} -->")
-    print("| pair | targets x anchors x dims | first-step GEMM s (GFLOP/s) | whole tool s | ratio "
-          "| transplant s | " + " | ".join(phases) + " |")
-    print("|" + "---|" * (6 + len(phases)))
+    print("| pair | targets x anchors x dims | first-step GEMM s (GFLOP/s) | whole tool s | ratio | "
+          + " | ".join(phases) + " |")
+    print("|" + "---|" * (5 + len(phases)))
     print(f"| {args.pair} | {targets.shape[0]} x {atoms.shape[0]} x {atoms.shape[1]} | {gemm:.1f} "
-          f"({flops / gemm / 1e9:.0f}) | {whole:.1f} | {whole / gemm:.2f}x | {result.seconds:.1f} | "
+          f"({flops / gemm / 1e9:.0f}) | {whole:.1f} | {whole / gemm:.2f}x | "
           + " | ".join(f"{v:.1f}" for v in phases.values()) + " |")
 
 
