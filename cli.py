@@ -1,17 +1,16 @@
 """Command-line entry points: `transplant`, `distill`, `hypernet`. Thin: parse, call the API, print a summary.
 
-All three are click commands built on `cli_helpers`: one `--set KEY=VALUE` syntax, one `--device` check, and
-one user-error handler (a `TransplantError` prints `error: <one line>` and exits with code 2; anything else is
-a bug and keeps its traceback). The training commands call plain functions (`distill.trainer.run`,
-`hypernet.train.train`) that take a recipe object. `python -m cli distill RECIPE` (or `cli transplant ...`,
-`cli hypernet train ...`) is the module entry for launchers: `torchrun -m cli distill ...`,
-`deepspeed --module cli distill ...` (which adds `--local_rank`).
+All three are click commands built on `cli_helpers` (`distill` and `hypernet` live in `cli_train`): one
+`--set KEY=VALUE` syntax, one `--device` check, and one user-error handler (a `TransplantError` prints
+`error: <one line>` and exits with code 2; anything else is a bug and keeps its traceback). The training
+commands call plain functions (`distill.trainer.run`, `hypernet.train.train`) that take a recipe object.
+`python -m cli distill RECIPE` (or `cli transplant ...`, `cli hypernet train ...`) is the module entry for
+launchers: `torchrun -m cli distill ...`, `deepspeed --module cli distill ...` (which adds `--local_rank`).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import click
@@ -20,19 +19,19 @@ from cli_helpers import (
     CONTEXT_SETTINGS,
     DEVICE,
     LOCAL_RANK,
+    PRIVATE,
+    PUSH_TO_HUB,
     REVISION,
     TRUST_REMOTE_CODE,
-    Command,
     Group,
     adopt_local_rank,
     parse_settings,
-    rank,
+    push_output,
     read_text_file,
-    relaunch,
     set_option,
     setup_logging,
-    setup_rank_logging,
 )
+from cli_train import distill_main, hypernet_main
 from transplant.errors import TransplantError
 
 __all__ = ["main", "transplant_main", "distill_main", "hypernet_main"]
@@ -43,11 +42,6 @@ def _default_eval_texts(n_bytes: int) -> dict[str, str]:
 
     return {name: texts.heldout(name, n_bytes=n_bytes) for name in ("english", "code")}
 
-
-PUSH_TO_HUB = click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID",
-                           help="Upload the output folder to this Hugging Face Hub repo when done (token: "
-                           "HF_TOKEN).")
-PRIVATE = click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 
 
 @click.group("transplant", cls=Group, invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
@@ -135,14 +129,7 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
     if "chat" in result.extra:
         click.echo(f"  chat: {result.extra['chat'].summary()}")
     click.echo(f"  output: {result.output}")
-    _push(result.output, push_to_hub, private)
-
-
-def _push(folder: Path, repo_id: str | None, private: bool) -> None:
-    if repo_id:
-        from transplant.io.publish import push_folder
-
-        click.echo(f"  pushed: {push_folder(folder, repo_id, private=private)}")
+    push_output(result.output, push_to_hub, private)
 
 
 @transplant_main.command("eval")
@@ -300,7 +287,7 @@ def extend_cmd(model, tokens, specials, corpus_files, num_tokens, method, settin
         click.echo(f"  bits/byte on the corpus tail: {result.bpb_before:.3f} before, {result.bpb_after:.3f} "
                    "after")
     click.echo(f"  output: {result.output}")
-    _push(result.output, push_to_hub, private)
+    push_output(result.output, push_to_hub, private)
 
 
 @transplant_main.command("export-gguf")
@@ -327,135 +314,6 @@ def export_gguf_cmd(model_dir, output, outtype, overwrite):
     click.echo(f"  vocab: {len(vocab.tokens)} tokens "
                f"({vocab.model}{', pre ' + vocab.pre if vocab.pre else ''}), "
                f"{result.control_tokens} control; chat template: {'yes' if vocab.chat_template else 'no'}")
-
-
-# ------------------------------------------------------------------------------------------------ distill
-class DistillCommand(Command):
-    """`distill --help` ends with the registered losses (read at help time, so a new loss shows up by
-    itself)."""
-
-    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from distill.losses import available_losses
-
-        with formatter.section("Losses (--set loss.name=NAME)"):
-            formatter.write_text(", ".join(available_losses()))
-        super().format_epilog(ctx, formatter)
-
-
-def _as_argv(settings: tuple[str, ...]) -> list[str]:
-    return [arg for text in settings for arg in ("--set", text)]
-
-
-def _print_recipe(recipe) -> None:
-    import yaml
-
-    click.echo(yaml.safe_dump(recipe.to_dict(), sort_keys=False), nl=False)
-
-
-@click.command("distill", cls=DistillCommand, context_settings=CONTEXT_SETTINGS)
-@click.argument("recipe", type=click.Path(path_type=str))
-@set_option("train.steps=10 (any recipe key, dotted)")
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint (same as --set "
-              "train.resume=true); an error when there is none.")
-@click.option("--print-recipe", is_flag=True,
-              help="Print the resolved recipe (defaults, overrides, ${...}) and exit.")
-@PUSH_TO_HUB
-@PRIVATE
-@LOCAL_RANK
-def distill_main(recipe: str, settings: tuple[str, ...], resume: bool, print_recipe: bool,
-                 push_to_hub: str | None, private: bool, local_rank: int | None) -> None:
-    """Heal a transplanted model by cross-tokenizer distillation, as RECIPE (a YAML file, see recipes/) says.
-
-    Keys of the recipe are documented in distill/config.py; unknown keys and wrong types fail before any model
-    loads. Runs under plain python (torchrun is started when launch.nproc_per_node > 1), torchrun and
-    deepspeed (`python -m cli distill RECIPE` is the module to give them).
-    """
-    from distill.config import load_recipe
-
-    adopt_local_rank(local_rank)
-    setup_rank_logging()
-    loaded = load_recipe(recipe, list(settings) + (["train.resume=true"] if resume else []))
-    if print_recipe:
-        return _print_recipe(loaded)
-    if push_to_hub and not loaded.export.enabled:
-        raise TransplantError("--push-to-hub uploads the exported model, but the recipe has export.enabled="
-                              "false; drop --push-to-hub or --set export.enabled=true")
-    from transplant.io.publish import check_push
-
-    check_push(push_to_hub)
-    if "WORLD_SIZE" not in os.environ and loaded.launch.nproc_per_node > 1:
-        from distill.export import claim_terms
-        from distill.trainer import prepare_student
-        from transplant.io.claim import check_claim
-
-        # the output folder is judged before the student is built (minutes) and the workers start
-        check_claim(loaded.output_dir, **claim_terms(loaded, [loaded.teacher.path, loaded.student.path]))
-        prepare_student(loaded, is_main=True)  # once, before the workers start
-        argv = ["distill", recipe, *_as_argv(settings)] + (["--resume"] if resume else [])
-        argv += ["--push-to-hub", push_to_hub] + (["--private"] if private else []) if push_to_hub else []
-        click.get_current_context().exit(relaunch(argv, loaded.launch.nproc_per_node,
-                                                  loaded.launch.master_port))
-    from distill.trainer import run
-
-    result = run(loaded)
-    if rank() == 0:
-        last = result["history"][-1] if result["history"] else {}
-        summary = {k: round(v, 4) for k, v in last.items() if k.startswith(("loss", "eval_bpb_all"))}
-        click.echo(f"distill: {result['steps']} steps {summary} -> {result['export']}")
-        from distill.corpus import source_names
-        from distill.scores import format_run_healing
-
-        healing = format_run_healing(result["history"], source_names(loaded.data.train))
-        if healing:
-            click.echo(f"healing: {healing}")
-        if result["export"] is not None:
-            _push(Path(result["export"]), push_to_hub, private)
-
-
-# ------------------------------------------------------------------------------------------------ hypernet
-@click.group("hypernet", cls=Group, context_settings=CONTEXT_SETTINGS)
-def hypernet_main() -> None:
-    """Train a hypernetwork that predicts embeddings for any tokenizer's tokens from a base model's own
-    pieces.
-
-    Apply a trained one with: transplant --base BASE --donor TOKENIZER --method hypernet --set hypernet=DIR
-    """
-
-
-@hypernet_main.command("train")
-@click.argument("recipe", type=click.Path(path_type=str))
-@set_option("max_minutes=12 (any recipe key, dotted: model.layers=3)")
-@click.option("--print-recipe", is_flag=True,
-              help="Print the resolved recipe (defaults and overrides) and exit.")
-@LOCAL_RANK
-def hypernet_train_cmd(recipe: str, settings: tuple[str, ...], print_recipe: bool,
-                       local_rank: int | None) -> None:
-    """Train a hypernetwork from RECIPE, a YAML file.
-
-    Its keys are in hypernet/config.py (examples: recipes/hypernet_*.yaml); unknown keys and wrong types fail
-    before the base model loads. `--set nproc=N` trains data-parallel on N processes of this machine.
-    """
-    from hypernet.config import load_recipe
-
-    adopt_local_rank(local_rank)
-    loaded = load_recipe(recipe, settings)
-    if print_recipe:
-        return _print_recipe(loaded)
-    if "WORLD_SIZE" not in os.environ and loaded.nproc > 1:
-        from transplant.assets import load_vocab
-        from transplant.assets.catalog import resolve_model
-
-        # fetch/convert once, not per process
-        for spec in [resolve_model(loaded.base), *loaded.real_tokenizers]:
-            load_vocab(spec)
-        click.get_current_context().exit(relaunch(["hypernet", "train", recipe, *_as_argv(settings)],
-                                                  loaded.nproc))
-    setup_rank_logging()
-    from hypernet.train import train
-
-    out = train(loaded)
-    if rank() == 0:
-        click.echo(f"hypernetwork written to {out}")
 
 
 # ---------------------------------------------------------------------------------------------- python -m cli

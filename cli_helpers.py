@@ -207,3 +207,17 @@ def setup_rank_logging() -> None:
     """Rank 0 of a training run logs progress; the other ranks only warnings (N copies of a line help
     nobody)."""
     setup_logging(rank() == 0, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+PUSH_TO_HUB = click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID",
+                           help="Upload the output folder to this Hugging Face Hub repo when done (token: "
+                           "HF_TOKEN).")
+PRIVATE = click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+
+
+def push_output(folder: Path, repo_id: str | None, private: bool) -> None:
+    """Upload `folder` to the hub repo `repo_id` when one was asked for (--push-to-hub), and say where."""
+    if repo_id:
+        from transplant.io.publish import push_folder
+
+        click.echo(f"  pushed: {push_folder(folder, repo_id, private=private)}")

@@ -3,6 +3,7 @@ r"""Which new tokens decide between two methods? Swap one token class's rows at 
     python bench/bench_token_classes.py --pair smollm2-135m:gemma3-270m
     python bench/bench_token_classes.py --pair gemma3-270m:smollm2-135m --a fvt-ls --b "omp:k=8,prefilter=0" \
         --slices english code --bytes 2048
+    python bench/bench_token_classes.py --pair smollm2-135m:llama3 --a fvt --b byte-pool
 
 For a base:donor pair and two configs A and B, each config's new rows are built once, exactly as
 bench/bench_default.py does (`transplant.pipeline.new_embeddings`: the method, then the pipeline's steps), and
@@ -133,7 +134,9 @@ def solve(ctx_args: dict, config: str, donor_input: torch.Tensor, new_ids: torch
     new_input, new_output, plan = new_embeddings(ctx, chosen)
     seconds = time.perf_counter() - started
     recon = torch.full((new_input.shape[0],), float("nan"))
-    recon[new_ids] = donor_reconstruction(plan.input_weights, ctx.alignment.new_to_base, donor_input, new_ids)
+    if donor_input is not None:  # a tokenizer-only donor has no donor space to reconstruct in
+        recon[new_ids] = donor_reconstruction(plan.input_weights, ctx.alignment.new_to_base, donor_input,
+                                              new_ids)
     return Rows(new_input, new_output, recon, seconds)
 
 
@@ -183,7 +186,8 @@ def mean_of(values: torch.Tensor) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pair", required=True, help="base:donor (the donor must be a model)")
+    parser.add_argument("--pair", required=True,
+                        help="base:donor (a tokenizer-only donor: no reconstruction errors, no gap rules)")
     parser.add_argument("--a", default="fvt-ls", help="config A, method[:key=value,...] (default fvt-ls)")
     parser.add_argument("--b", default="omp:k=8,prefilter=0", help="config B (default exact omp k=8)")
     parser.add_argument("--bytes", type=int, default=8192, help="bytes per held-out slice")
@@ -224,17 +228,15 @@ def run(args) -> None:
     torch.manual_seed(0)
     args.cache = args.cache or cache_dir() / "token_classes"
     base_src, _, base_vocab, new_vocab, alignment, base_emb, donor_emb = load_pair(args.pair)
-    if donor_emb is None:
-        fail(f"donor {args.pair.split(':')[1]} is only a tokenizer; both configs need donor rows, pass a "
-             "donor model")
+    donor_input = None if donor_emb is None else donor_emb.input  # tokenizer-only: no recon errors, no gap
     ctx_args = {"base_vocab": base_vocab, "new_vocab": new_vocab, "alignment": alignment,
                 "base_input": base_emb.input, "base_output": base_emb.output,
-                "donor_input": donor_emb.input, "donor_output": donor_emb.output}
+                "donor_input": donor_input, "donor_output": None if donor_emb is None else donor_emb.output}
     held_out = {name: texts.heldout(name, n_bytes=args.bytes) for name in args.slices}
     new_ids = alignment.unshared_new_ids
     size = len(new_vocab)
-    a = rows_for(args, args.pair, args.a, ctx_args, donor_emb.input, new_ids, size)
-    b = rows_for(args, args.pair, args.b, ctx_args, donor_emb.input, new_ids, size)
+    a = rows_for(args, args.pair, args.a, ctx_args, donor_input, new_ids, size)
+    b = rows_for(args, args.pair, args.b, ctx_args, donor_input, new_ids, size)
     if (a.output is None) != (b.output is None):
         fail("one config unties the output and the other does not; compare configs with the same tie")
 
