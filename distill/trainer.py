@@ -41,9 +41,8 @@ from distill.config import Recipe
 from distill.corpus import heldout_texts, open_corpus
 from distill.data import DistillLoader, Packer, shared_window_index
 from distill.export import check_export_dir, claim_terms, gather_state_dict, write_hf_dir
-from distill.lora import apply_lora
 from distill.losses import ANCHOR_LOSS, PairContext, get_loss, loss_options
-from distill.losses.balance import BALANCES, GRADMAG_AT, BlockProbe, balanced_step
+from distill.losses.balance import BALANCES, balanced_step, block_probe
 from distill.optim import build_optimizer, lr_factor, param_groups
 from distill.runtime import (
     Runtime,
@@ -57,6 +56,7 @@ from distill.runtime import (
     resolve_dtype,
     zero_stage,
 )
+from distill.student import check_vocab, embedding_params, load_student, prepare_student, resolve_model_dir
 from distill.teacher import load_frozen
 from transplant.errors import TransplantError
 from transplant.io.claim import check_claim, claim_output_dir
@@ -66,39 +66,6 @@ log = logging.getLogger(__name__)
 ANCHOR_METRIC = "ce_anchor"  # the `loss.ce_weight` term, a sum over items like the loss itself
 LOSS_MODULES = "distill_loss_modules"  # where a loss's trainable modules hang on the student (not exported)
 __all__ = ["LOSS_MODULES", "Trainer", "lr_factor", "prepare_student", "run"]
-
-
-def embedding_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    params = [model.get_input_embeddings().weight]
-    output = model.get_output_embeddings()
-    if output is not None and output.weight is not params[0]:
-        params.append(output.weight)
-    return params
-
-
-def resolve_model_dir(spec: str) -> Path:
-    from transplant.assets.sources import resolve_source
-
-    return Path(resolve_source(spec, need_model=True).model_dir)
-
-
-def prepare_student(recipe: Recipe, is_main: bool, timeout_s: float = 3600.0) -> None:
-    """Create the student with `transplant` when its dir is missing and the recipe says how (rank 0 builds it,
-    the others wait for the atomic rename)."""
-    path, prep = Path(recipe.student.path), recipe.student.prepare
-    if path.exists() or prep is None or not prep.base:
-        return
-    if is_main:
-        from transplant.pipeline import transplant
-
-        log.info("student %s missing: transplant(%s, %s, method=%s)", path, prep.base, prep.donor,
-                 prep.method)
-        transplant(prep.base, prep.donor, method=prep.method, output=path, options=dict(prep.options))
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TransplantError(f"student {path} did not appear; run the transplant command in the recipe")
-        time.sleep(2)
 
 
 class Trainer:
@@ -113,8 +80,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> Trainer:
-        from transformers import AutoModelForCausalLM
-
         from transplant.assets import load_vocab
 
         r, rt = self.recipe, self.rt
@@ -142,24 +107,14 @@ class Trainer:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        student = AutoModelForCausalLM.from_pretrained(self.student_dir, dtype=rt.dtype,
-                                                       trust_remote_code=r.student.trust_remote_code)
-        student.config.use_cache = False
-        _check_vocab(self.student_vocab, student.config, "student", self.student_dir)
+        student = load_student(r, self.student_dir, self.student_vocab, rt.dtype)
         if self.teacher is not None:
-            _check_vocab(self.teacher_vocab, self.teacher.config, "teacher", self.teacher_dir)
-        if r.train.gradient_checkpointing:
-            student.gradient_checkpointing_enable()
-        if r.lora.enabled:
-            apply_lora(student, rank=r.lora.rank, alpha=r.lora.alpha, dropout=r.lora.dropout,
-                       targets=r.lora.targets)
-            if r.lora.train_embeddings:
-                for param in embedding_params(student):
-                    param.requires_grad_(True)
+            check_vocab(self.teacher_vocab, self.teacher.config, "teacher", self.teacher_dir)
         self._attach_loss_modules(student)
         optimizer, scheduler = self._optimizer(student)
         self.engine = deepspeed_engine(student, optimizer, scheduler, self.ds_config)
-        self.probe = self._gradmag_probe()
+        self.probe = block_probe(self.engine.module, r.loss.gradmag_at, self.stage,
+                                 bool(self.ce_weight) and self.balance == "gradmag")
 
         corpus = open_corpus(r.data.train, corpus_bytes=r.data.train_bytes)
         if rt.is_main:  # every input has been read and checked: now the output may be claimed and written
@@ -193,38 +148,6 @@ class Trainer:
         modules = self.loss.modules(ctx)
         if modules:
             student.add_module(LOSS_MODULES, torch.nn.ModuleDict(modules).to(self.rt.dtype))
-
-    def _gradmag_probe(self) -> BlockProbe | None:
-        """Where GradMag measures gradient norms: the last transformer block's trainable parameters
-        (`loss.gradmag_at: block`, as the reference; `BlockProbe`); None = at the logits (asked for, or under
-        ZeRO-3, whose partitioned parameters have no full gradient to take a norm of)."""
-        where = self.recipe.loss.gradmag_at
-        if where not in GRADMAG_AT:
-            raise TransplantError(f"loss.gradmag_at={where!r} is unknown; use one of {', '.join(GRADMAG_AT)}")
-        if where == "logits" or self.stage == 3 or not (self.ce_weight and self.balance == "gradmag"):
-            return None
-        probe = BlockProbe(self.engine.module)
-        if not probe.usable:
-            log.warning("no trainable last block with a final norm and head: GradMag takes norms at the "
-                        "logits")
-            return None
-        return probe
-
-    def _block_norms(self, logits: torch.Tensor):
-        """GradMag's norm function for this micro-batch (None: at the logits), checked once against the
-        engine's
-        logits: a model whose head the probe does not reproduce falls back to the logits, with a warning."""
-        if self.probe is None:
-            return None
-        recomputed = self.probe.logits()
-        if not getattr(self, "_probe_checked", False):
-            self._probe_checked = True
-            if not self.probe.check(recomputed, logits):
-                log.warning("the last block's re-run does not reproduce the logits: GradMag takes norms at "
-                            "the logits")
-                self.probe = None
-                return None
-        return lambda grads: self.probe.norms(grads, recomputed)
 
     def _optimizer(self, model: torch.nn.Module):
         embeddings = [p for p in embedding_params(model) if p.requires_grad]
@@ -314,7 +237,8 @@ class Trainer:
                 loss, value, weights = balanced_step([loss, anchor], [batch["student_logits"]],
                                                      [s_out.logits],
                                                      through_losses=need_hidden or owned is not None,
-                                                     norms_from=self._block_norms(s_out.logits))
+                                                     norms_from=None if self.probe is None
+                                                     else self.probe.norm_function(s_out.logits))
                 metrics = {**metrics, "ce_share": weights[1], ANCHOR_METRIC: anchor.detach(), "loss": value}
             else:
                 loss = loss + self.ce_weight * anchor
@@ -462,14 +386,6 @@ class Trainer:
         if self.rt.world_size > 1:
             torch.distributed.barrier()
         return out
-
-
-def _check_vocab(vocab: Any, config: Any, role: str, directory: Path) -> None:
-    """Token ids beyond the embedding rows would crash mid-run (or read garbage on GPU): fail at start-up."""
-    rows = getattr(config.get_text_config(), "vocab_size", None)
-    if rows is not None and len(vocab) > rows:
-        raise TransplantError(f"{role} {directory}: its tokenizer has {len(vocab)} ids but the model only "
-                              f"{rows} embedding rows; use the tokenizer saved with that model")
 
 
 def run(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:

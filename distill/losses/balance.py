@@ -20,9 +20,14 @@ which does not pass through the logits, is not counted in its loss's norm either
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
+
+from transplant.errors import TransplantError
+
+log = logging.getLogger(__name__)
 
 BALANCES = ("sum", "gradmag")
 GRADMAG_AT = ("block", "logits")
@@ -62,6 +67,7 @@ class BlockProbe:
         self.params = ([p for p in self.block.parameters() if p.requires_grad]
                        if self.block is not None else [])
         self.inputs: tuple[tuple, dict] | None = None
+        self.checked = self.failed = False  # re-run compared with the engine's logits once; it differed
         if self.usable:
             self.block.register_forward_pre_hook(self._capture, with_kwargs=True)
 
@@ -87,6 +93,21 @@ class BlockProbe:
         scale = reference.detach().float().abs().max().clamp(min=1.0)
         return bool(((logits.detach().float() - reference.detach().float()).abs().max() / scale) < 1e-3)
 
+    def norm_function(self, reference: torch.Tensor) -> Callable[[list[torch.Tensor]], torch.Tensor] | None:
+        """GradMag's norm function for this micro-batch, whose engine logits are `reference`; None once the
+        re-run has failed to reproduce them (checked on the first call, warned once: norms at the logits)."""
+        if self.failed:
+            return None
+        recomputed = self.logits()
+        if not self.checked:
+            self.checked = True
+            if not self.check(recomputed, reference):
+                log.warning("the last block's re-run does not reproduce the logits: GradMag takes norms at "
+                            "the logits")
+                self.failed = True
+                return None
+        return lambda grads: self.norms(grads, recomputed)
+
     def norms(self, grads_at_logits: list[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
         """[L]: |d loss_i / d block parameters| from each loss's gradient at the logits."""
         norms = []
@@ -96,6 +117,21 @@ class BlockProbe:
             norms.append(torch.sqrt(sum((g.float().square().sum() for g in vjp if g is not None),
                                         torch.zeros((), device=logits.device))))
         return torch.stack(norms)
+
+
+def block_probe(model: torch.nn.Module, where: str, zero_stage: int, uses_gradmag: bool) -> BlockProbe | None:
+    """Where GradMag measures gradient norms: a `BlockProbe` on `model`'s last transformer block's trainable
+    parameters (`loss.gradmag_at: block`, as the reference); None = at the logits (asked for, GradMag not in
+    use, or under ZeRO-3, whose partitioned parameters have no full gradient to take a norm of)."""
+    if where not in GRADMAG_AT:
+        raise TransplantError(f"loss.gradmag_at={where!r} is unknown; use one of {', '.join(GRADMAG_AT)}")
+    if where == "logits" or zero_stage == 3 or not uses_gradmag:
+        return None
+    probe = BlockProbe(model)
+    if not probe.usable:
+        log.warning("no trainable last block with a final norm and head: GradMag takes norms at the logits")
+        return None
+    return probe
 
 
 def balanced_step(losses: list[torch.Tensor], leaves: list[torch.Tensor], outputs: list[torch.Tensor],

@@ -30,6 +30,7 @@ class Anchors:
     new_ids: torch.Tensor  # anchor ids in the new (= donor) vocabulary
     base_ids: torch.Tensor  # the same tokens' ids in the base vocabulary
     excluded: int  # shared tokens dropped as under-trained
+    twins: int = 0  # shared tokens dropped because another anchor already stands for their base row
 
 
 def undertrained(rows: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -39,15 +40,31 @@ def undertrained(rows: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def select_anchors(ctx: InitContext, min_norm_ratio: float) -> Anchors:
-    """Shared normal tokens whose rows look trained in the donor and in the base model."""
+    """Shared normal tokens whose rows look trained in the donor and in the base model, one per base row.
+
+    A byte-fallback token (Gemma's `<0x0A>`) shares its base row with the normal token of the same bytes
+    ("\\n"), but its donor row is another embedding: a composition over it would be carried into the base
+    space by the normal token's row. On SmolLM2 ← Gemma-3 exact OMP picked such twins for 99.9% of the 4,028
+    tokens its pursuit rebuilt "well" only through them, and those rows cost code and numbers up to 0.03
+    bits/byte (bench/RESULTS.md, "Byte-fallback twins as anchors"). So each base row keeps one anchor, a
+    normal token before a byte token."""
     alignment = ctx.alignment
     kinds = ctx.new_vocab.kinds
     candidates = [i for i in alignment.shared_new_ids.tolist() if kinds[i] is not TokenKind.SPECIAL]
+    candidates.sort(key=lambda i: kinds[i] is TokenKind.BYTE)  # stable: normal tokens first
     new_ids = torch.tensor(candidates, dtype=torch.long)
     base_ids = alignment.new_to_base[new_ids]
     bad = undertrained(ctx.donor_input[new_ids.to(ctx.donor_input.device)], min_norm_ratio).cpu()
     bad |= undertrained(ctx.base_input[base_ids.to(ctx.base_input.device)], min_norm_ratio).cpu()
-    return Anchors(new_ids[~bad], base_ids[~bad], int(bad.sum()))
+    taken: set[int] = set()
+    twin = torch.zeros(new_ids.numel(), dtype=torch.bool)
+    for j in (~bad).nonzero().flatten().tolist():
+        base_id = int(base_ids[j])
+        twin[j] = base_id in taken
+        taken.add(base_id)
+    keep = ~bad & ~twin
+    order = torch.argsort(new_ids[keep])  # ascending new ids, as before the twins were sorted out
+    return Anchors(new_ids[keep][order], base_ids[keep][order], int(bad.sum()), int(twin.sum()))
 
 
 def cosine_topk(targets: torch.Tensor, dictionary: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +138,7 @@ def donor_plan(ctx: InitContext, method: str, combine: Combiner, notes: dict | N
     dense = (mean_rows(torch.tensor(specials, dtype=torch.long), normal_base_ids(ctx.base_vocab))
              if specials else None)
     info = {"anchors": int(anchors.new_ids.numel()), "anchors_excluded_undertrained": anchors.excluded,
+            "anchors_excluded_twins": anchors.twins,
             "reconstruction_error": reconstruction, "targets": targets, **(notes or {})}
     return InitPlan(plans["input"], plans.get("output"), dense_rows=dense, notes=info)
 
