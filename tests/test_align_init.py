@@ -146,6 +146,21 @@ def test_byte_pool_weights_longest_pieces_by_length_and_position(vocabs):
     assert torch.allclose(out_bytes[4], (e[7] + e[8]) / 2)
 
 
+def test_byte_pool_gives_the_fvt_classes_fvts_rows(vocabs):
+    """`fvt_classes=space-word`: " catalog" (a word with a leading space) gets FVT's row, every other new
+    token keeps byte-pool's."""
+    base, new = vocabs
+    pooled = build_embedding(get_initializer("byte-pool")(_ctx(base, new, options={"decay": 0.5})), "input",
+                             _ctx(base, new).base_input)
+    ctx = _ctx(base, new, options={"decay": 0.5, "fvt_classes": "space-word"})
+    plan = get_initializer("byte-pool")(ctx)
+    mixed = build_embedding(plan, "input", ctx.base_input)
+    fvt = build_embedding(get_initializer("fvt")(_ctx(base, new)), "input", ctx.base_input)
+    assert plan.notes["fvt_rows"] == 1
+    assert torch.allclose(mixed[3], fvt[3]) and not torch.allclose(mixed[3], pooled[3])
+    assert torch.equal(mixed[4], pooled[4]) and torch.equal(mixed[6], pooled[6])
+
+
 def test_normal_token_wins_over_byte_fallback_duplicate():
     # SentencePiece style: the byte token <0x31> comes first, the trained normal "1" later
     base = make_vocab([b"", b"1", b"1", b" "], [S, B, N, N], {"bos": 0})

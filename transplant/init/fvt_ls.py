@@ -30,24 +30,8 @@ from transplant.init.base import (
 from transplant.init.donor import cosine_topk, donor_plan, select_anchors, text_targets
 from transplant.init.registry import Option, register
 from transplant.tokenizers.segment import segment_with_base
+from transplant.tokenizers.token_class import class_set, parse_classes
 from transplant.tokenizers.vocab import TokenKind
-
-
-def parse_pursue(value: object) -> str:
-    """The `pursue` option: `none` or '+'-joined token classes, checked when the options are read."""
-    from transplant.tokenizers.token_class import TOKEN_CLASSES
-
-    text = str(value).strip().lower()
-    unknown = set(pursued_classes(text)) - set(TOKEN_CLASSES)
-    if unknown:
-        raise ValueError(f"unknown token classes {sorted(unknown)}; choose from {'+'.join(TOKEN_CLASSES)}")
-    return text
-
-
-def pursued_classes(option: str) -> set[str]:
-    """The `pursue` option as a set of token classes (none: empty)."""
-    return set() if option in ("", "none") else set(option.split("+"))
-
 
 OPTIONS = (
     Option("ridge", float, 3.0,
@@ -57,7 +41,7 @@ OPTIONS = (
     Option("batch", int, 8192, "tokens per batched solve (memory: batch × support² floats)", min=1),
     Option("pursue", str, "none",
            "token classes whose rows come from exact OMP instead ('+'-joined, e.g. space-word+word-piece; "
-           "classes: transplant/tokenizers/token_class.py)", parse=parse_pursue),
+           "classes: transplant/tokenizers/token_class.py)", parse=parse_classes),
     Option("pursue_k", int, 8, "anchors per pursued token", min=1, max=4096),
     Option("pursue_gap", float, 0.0,
            "> 0: exact OMP over the new tokens (of the `pursue` classes, else all), and OMP's row wherever "
@@ -169,7 +153,7 @@ def fvt_ls_init(ctx: InitContext) -> InitPlan:
         "anchors": int(anchors.new_ids.numel()), "fitted": int(fitted), "kept_fvt": kept_fvt,
         "mean_filled": int(unfilled.numel()), "ridge": ridge, "neighbours": neighbours,
         "reconstruction_error": torch.cat(errors) if errors else torch.empty(0)})
-    wanted, gap = pursued_classes(ctx.options["pursue"]), ctx.options["pursue_gap"]
+    wanted, gap = class_set(ctx.options["pursue"]), ctx.options["pursue_gap"]
     if not wanted and not gap:
         return plan
     ids = torch.cat(error_ids) if error_ids else torch.empty(0, dtype=torch.long)

@@ -77,3 +77,18 @@ def token_class(piece: bytes, kind: TokenKind = TokenKind.NORMAL) -> str:
 def vocab_classes(vocab: Vocab) -> list[str]:
     """token_class of every id of `vocab`, in id order."""
     return [token_class(piece, kind) for piece, kind in zip(vocab.token_bytes, vocab.kinds)]
+
+
+def parse_classes(value: object) -> str:
+    """A method option naming token classes: `none` or '+'-joined class names, checked when options are
+    read (an unknown name fails before anything loads)."""
+    text = str(value).strip().lower()
+    unknown = class_set(text) - set(TOKEN_CLASSES)
+    if unknown:
+        raise ValueError(f"unknown token classes {sorted(unknown)}; choose from {'+'.join(TOKEN_CLASSES)}")
+    return text
+
+
+def class_set(option: str) -> set[str]:
+    """A `parse_classes` option as a set of class names (none: empty)."""
+    return set() if option in ("", "none") else set(option.split("+"))
