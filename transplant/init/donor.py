@@ -44,10 +44,10 @@ def select_anchors(ctx: InitContext, min_norm_ratio: float) -> Anchors:
 
     A byte-fallback token (Gemma's `<0x0A>`) shares its base row with the normal token of the same bytes
     ("\\n"), but its donor row is another embedding: a composition over it would be carried into the base
-    space by the normal token's row. On SmolLM2 ← Gemma-3 exact OMP picked such twins for 99.9% of the 4,028
-    tokens its pursuit rebuilt "well" only through them, and those rows cost code and numbers up to 0.03
-    bits/byte (bench/RESULTS.md, "Byte-fallback twins as anchors"). So each base row keeps one anchor, a
-    normal token before a byte token."""
+    space by the normal token's row. On SmolLM2 ← Gemma-3 OMP rebuilt 4,028 donor rows "well" only through
+    such twins, and giving them those rows cost code 0.018 and Python docs 0.022 bits/byte (bench/RESULTS.md,
+    "Within three minutes, end to end"). So each base row keeps one anchor, a normal token before a byte
+    token."""
     alignment = ctx.alignment
     kinds = ctx.new_vocab.kinds
     candidates = [i for i in alignment.shared_new_ids.tolist() if kinds[i] is not TokenKind.SPECIAL]

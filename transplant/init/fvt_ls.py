@@ -170,7 +170,8 @@ def _rows_of(weights: torch.Tensor, take: torch.Tensor) -> tuple[torch.Tensor, t
 def near_an_anchor(ctx: InitContext, token_ids: torch.Tensor, min_cosine: float) -> torch.Tensor:
     """The `token_ids` whose donor input row has some anchor at |cosine| >= `min_cosine` (estimated for many
     tokens). OMP rebuilds a row well only from atoms that point its way, so the others cannot pass the gap
-    rule and skipping their pursuit is where the time goes (bench/RESULTS.md, "within three minutes")."""
+    rule and skipping their pursuit is where the time goes (bench/RESULTS.md, "Within three minutes, end to
+    end")."""
     from transplant.solvers.nearest import max_abs_cosine
 
     anchors = select_anchors(ctx, ctx.options["min_norm_ratio"])

@@ -2,8 +2,8 @@
 
 `fvt-ls --set pursue_gap=…` gains only on tokens whose donor row OMP rebuilds well, and OMP rebuilds a row
 well almost only when some anchor already points its way: on SmolLM2 ← Gemma-3 the best |cosine| of a token's
-donor row with any anchor separates the tokens the gap rule takes (bench/RESULTS.md, "A default at the peak
-within three minutes"). The exact best cosine is the first GEMM of OMP itself (every target against every
+donor row with any anchor separates the tokens the gap rule takes (bench/RESULTS.md, "Within three minutes,
+end to end"). The exact best cosine is the first GEMM of OMP itself (every target against every
 anchor: 162 s of its 452 s there), so for many targets it is estimated: the unit atoms are grouped by a
 sign-blind spherical k-means, and each target is compared exactly with the atoms of its `probes` nearest
 groups only (~`probes`/`clusters` of the GEMM). The estimate is a lower bound of the exact value (a maximum
