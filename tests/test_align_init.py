@@ -136,12 +136,12 @@ def test_unknown_method_and_missing_donor(vocabs):
 
 def test_byte_pool_weights_longest_pieces_by_length_and_position(vocabs):
     base, new = vocabs
-    ctx = _ctx(base, new, options={"decay": 0.5})
+    ctx = _ctx(base, new, options={"decay": 0.5, "fvt_classes": "none"})
     out = build_embedding(get_initializer("byte-pool")(ctx), "input", ctx.base_input)
     e = ctx.base_input
     # " catalog" = " cat" (4 bytes, weight 4) + "alog" (4 bytes, weight 4 * 0.5)
     assert torch.allclose(out[3], (4 * e[5] + 2 * e[6]) / 6)
-    ctx_bytes = _ctx(base, new, options={"unit": "bytes", "decay": 1.0})
+    ctx_bytes = _ctx(base, new, options={"unit": "bytes", "decay": 1.0, "fvt_classes": "none"})
     out_bytes = build_embedding(get_initializer("byte-pool")(ctx_bytes), "input", ctx_bytes.base_input)
     assert torch.allclose(out_bytes[4], (e[7] + e[8]) / 2)
 
@@ -150,8 +150,9 @@ def test_byte_pool_gives_the_fvt_classes_fvts_rows(vocabs):
     """`fvt_classes=space-word`: " catalog" (a word with a leading space) gets FVT's row, every other new
     token keeps byte-pool's."""
     base, new = vocabs
-    pooled = build_embedding(get_initializer("byte-pool")(_ctx(base, new, options={"decay": 0.5})), "input",
-                             _ctx(base, new).base_input)
+    pooled = build_embedding(get_initializer("byte-pool")(_ctx(base, new, options={"decay": 0.5,
+                                                                                  "fvt_classes": "none"})),
+                             "input", _ctx(base, new).base_input)
     ctx = _ctx(base, new, options={"decay": 0.5, "fvt_classes": "space-word"})
     plan = get_initializer("byte-pool")(ctx)
     mixed = build_embedding(plan, "input", ctx.base_input)

@@ -75,11 +75,11 @@ def test_donor_model_methods(tiny_pair, tmp_path, method, options):
     assert result.method == method
 
 
-def test_default_method_is_fvt_ls_with_donor_model_and_fvt_without(tiny_pair, tmp_path):
+def test_default_method_is_fvt_ls_with_donor_model_and_byte_pool_without(tiny_pair, tmp_path):
     assert transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_model"],
                                  output=tmp_path / "a").method == "fvt-ls"
     assert transplant.transplant(tiny_pair["base_tied"], tiny_pair["donor_tok"],
-                                 output=tmp_path / "b").method == "fvt"
+                                 output=tmp_path / "b").method == "byte-pool"
 
 
 def test_pad_to_multiple_and_dtype(tiny_pair, tmp_path):

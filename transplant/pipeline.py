@@ -50,9 +50,10 @@ class TransplantResult:
 
 
 def default_method(donor_has_model: bool) -> str:
-    """fvt-ls with a donor model, fvt without: the best measured training-free choices (bench/RESULTS.md,
-    "Default method"); omp lost to both on the large direction SmolLM2 <- Gemma-3 and took 35 minutes."""
-    return "fvt-ls" if donor_has_model and "fvt-ls" in available_methods() else "fvt"
+    """fvt-ls with a donor model, byte-pool (FVT's rows for words with a leading space) without: the best
+    measured training-free choices (bench/RESULTS.md, "Default method", "The default without a donor model");
+    omp lost to fvt-ls on the large direction SmolLM2 <- Gemma-3 and took 35 minutes."""
+    return "fvt-ls" if donor_has_model and "fvt-ls" in available_methods() else "byte-pool"
 
 
 def _special_ids(vocab: Vocab) -> dict[str, int | None]:

@@ -35,7 +35,7 @@ OPTIONS = (
     Option("decay", float, 0.8, "weight decay per position (earlier pieces weigh more)", min=0.0, max=1.0),
     Option("unit", str, "pieces", "pool the longest base pieces or single bytes",
            choices=("pieces", "bytes")),
-    Option("fvt_classes", str, "none",
+    Option("fvt_classes", str, "space-word",
            "token classes whose rows are FVT's instead ('+'-joined, e.g. space-word; classes: "
            "transplant/tokenizers/token_class.py)", parse=parse_classes),
 )
