@@ -50,7 +50,8 @@ def _default_eval_texts(n_bytes: int) -> dict[str, str]:
 @click.option("--donor", help="Tokenizer to give it: a tokenizer/model dir or file, hub id, or alias "
               "(mistral-v3, llama3, ...).")
 @click.option("--method", default=None,
-              help="Initializer (default: fvt-ls with a donor model, else fvt). See `transplant methods`.")
+              help="Initializer (default: fvt-ls with a donor model, else byte-pool). See `transplant "
+              "methods`.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output model dir (default out/<base>--<donor>-<method>).")
 @click.option("--device", default="auto", show_default=True, type=DEVICE,
