@@ -87,7 +87,7 @@ def distill_main(recipe: str, settings: tuple[str, ...], resume: bool, print_rec
     check_push(push_to_hub)
     if "WORLD_SIZE" not in os.environ and loaded.launch.nproc_per_node > 1:
         from distill.export import claim_terms
-        from distill.trainer import prepare_student
+        from distill.student import prepare_student
         from transplant.io.claim import check_claim
 
         # the output folder is judged before the student is built (minutes) and the workers start

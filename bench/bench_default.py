@@ -73,7 +73,6 @@ def whole_tool_seconds(pair: str, method: str, options: dict) -> tuple[float, di
     folder that is removed afterwards; nothing is evaluated."""
     import shutil
     import tempfile
-    from pathlib import Path
 
     import transplant
 

@@ -157,7 +157,7 @@ def fvt_ls_init(ctx: InitContext) -> InitPlan:
     if not wanted and not gap:
         return plan
     ids = torch.cat(error_ids) if error_ids else torch.empty(0, dtype=torch.long)
-    return with_pursuit(ctx, plan, wanted, gap, ids)
+    return with_pursuit(ctx, plan, wanted, gap, ids, dictionary)
 
 
 def _rows_of(weights: torch.Tensor, take: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,22 +167,22 @@ def _rows_of(weights: torch.Tensor, take: torch.Tensor) -> tuple[torch.Tensor, t
     return weights.indices()[0, mine], weights.indices()[1, mine], weights.values()[mine]
 
 
-def near_an_anchor(ctx: InitContext, token_ids: torch.Tensor, min_cosine: float) -> torch.Tensor:
-    """The `token_ids` whose donor input row has some anchor at |cosine| >= `min_cosine` (estimated for many
-    tokens). OMP rebuilds a row well almost only from atoms that point its way: of the SmolLM2 ← Gemma-3
-    tokens that pass `pursue_gap=0.4`, 96% have an anchor at |cosine| >= 0.55 and 90% at >= 0.6, while only
-    32% / 23% of all fitted tokens do — skipping the others' pursuit is where the time goes (bench/RESULTS.md,
-    "Within three minutes, end to end")."""
+def near_an_anchor(ctx: InitContext, token_ids: torch.Tensor, anchor_rows: torch.Tensor,
+                   min_cosine: float) -> torch.Tensor:
+    """The `token_ids` whose donor input row has some anchor (`anchor_rows` [N, D], the donor rows fvt-ls
+    fits over) at |cosine| >= `min_cosine` (estimated for many tokens). OMP rebuilds a row well almost only
+    from atoms that point its way: of the SmolLM2 ← Gemma-3 tokens that pass `pursue_gap=0.4`, 96% have an
+    anchor at |cosine| >= 0.55 and 90% at >= 0.6, while only 32% / 23% of all fitted tokens do — skipping the
+    others' pursuit is where the time goes (bench/RESULTS.md, "Within three minutes, end to end")."""
     from transplant.solvers.nearest import max_abs_cosine
 
-    anchors = select_anchors(ctx, ctx.options["min_norm_ratio"])
     donor = ctx.donor_input
-    best = max_abs_cosine(donor[token_ids.to(donor.device)], donor[anchors.new_ids.to(donor.device)])
+    best = max_abs_cosine(donor[token_ids.to(donor.device)], anchor_rows)
     return token_ids[(best >= min_cosine).cpu()]
 
 
 def with_pursuit(ctx: InitContext, plan: InitPlan, wanted: set[str], gap: float,
-                 error_ids: torch.Tensor) -> InitPlan:
+                 error_ids: torch.Tensor, anchor_rows: torch.Tensor) -> InitPlan:
     """Exact OMP's rows for the new tokens of the `wanted` classes (all classes when empty) — with `gap` > 0
     only where fvt-ls's donor-space reconstruction error exceeds OMP's by more than `gap` — and fvt-ls's rows
     for every other token (bench/RESULTS.md, "A default at the peak": no class separates the two methods; the
@@ -197,7 +197,7 @@ def with_pursuit(ctx: InitContext, plan: InitPlan, wanted: set[str], gap: float,
     plan.notes["pursue_screened_out"] = 0
     if gap and targets.numel() and ctx.options["pursue_min_cosine"] > 0:
         before = int(targets.numel())
-        targets = near_an_anchor(ctx, targets, ctx.options["pursue_min_cosine"])
+        targets = near_an_anchor(ctx, targets, anchor_rows, ctx.options["pursue_min_cosine"])
         plan.notes["pursue_screened_out"] = before - int(targets.numel())
     if not targets.numel():
         plan.notes["pursued"] = 0
