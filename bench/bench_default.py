@@ -131,7 +131,7 @@ def main() -> None:
                           base_input=base_emb.input, base_output=base_emb.output,
                           donor_input=None if donor_emb is None else donor_emb.input,
                           donor_output=None if donor_emb is None else donor_emb.output,
-                          options=dict(chosen.options))
+                          options=dict(chosen.options), base_model_dir=base_src.model_dir)
         new_input, new_output, seconds = solved_rows(args, ctx, chosen, config)
         model = AutoModelForCausalLM.from_pretrained(base_src.model_dir, dtype=torch.float32).eval()
         swap_embeddings(model, new_input, new_output)

@@ -122,7 +122,8 @@ def main() -> None:
         ctx = InitContext(base_vocab=base_vocab, new_vocab=new_vocab, alignment=alignment,
                           base_input=base_emb.input, base_output=base_emb.output,
                           donor_input=None if donor_emb is None else donor_emb.input,
-                          donor_output=None if donor_emb is None else donor_emb.output, options=options)
+                          donor_output=None if donor_emb is None else donor_emb.output, options=options,
+                          base_model_dir=base_src.model_dir)
         started = time.perf_counter()
         if (method, own) not in plans:
             plan = chosen.plan(ctx)

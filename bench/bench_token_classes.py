@@ -231,7 +231,8 @@ def run(args) -> None:
     donor_input = None if donor_emb is None else donor_emb.input  # tokenizer-only: no recon errors, no gap
     ctx_args = {"base_vocab": base_vocab, "new_vocab": new_vocab, "alignment": alignment,
                 "base_input": base_emb.input, "base_output": base_emb.output,
-                "donor_input": donor_input, "donor_output": None if donor_emb is None else donor_emb.output}
+                "donor_input": donor_input, "donor_output": None if donor_emb is None else donor_emb.output,
+                "base_model_dir": base_src.model_dir}
     held_out = {name: texts.heldout(name, n_bytes=args.bytes) for name in args.slices}
     new_ids = alignment.unshared_new_ids
     size = len(new_vocab)

@@ -149,7 +149,8 @@ def transplant(base: str | Path, donor: str | Path, *, method: str | None = None
         base_output=None if base_emb.output is None else base_emb.output.to(device),
         donor_input=None if donor_input is None else donor_input.to(device),
         donor_output=None if donor_output is None else donor_output.to(device), options=options,
-        device=device,
+        device=device, base_model_dir=base_src.model_dir if is_causal_lm(base_emb.config) else None,
+        trust_remote_code=trust_remote_code,
     )
     new_input, new_output, plan = new_embeddings(ctx, chosen)
     lap("solve")

@@ -8,15 +8,19 @@ parameters for a gain nobody had measured (bench/RESULTS.md, "Unreachable rows a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from transplant.init.base import InitContext, InitPlan, build_embedding
+from transplant.init.base import InitContext, InitPlan, apply_plan_matrix, build_embedding
+from transplant.init.logit_prior import cap_logit_prior, logit_prior_direction
 from transplant.init.numbers import compose_number_rows
 from transplant.init.registry import ResolvedMethod
 from transplant.init.repair import repair_rows
+
+log = logging.getLogger(__name__)
 
 
 def keeps_separate_output(ctx: InitContext, options: Mapping[str, Any]) -> bool:
@@ -39,5 +43,30 @@ def finish_embeddings(ctx: InitContext, plan: InitPlan,
     if separate:
         base_out = ctx.base_output if ctx.base_output is not None else ctx.base_input
         new_output = build_embedding(plan, "output", base_out)
+    if plan.prior_cap is not None:  # the logits' side: the output rows, or the tied ones
+        plan.notes.update(cap_priors(ctx, plan, new_input if new_output is None else new_output,
+                                     "input" if new_output is None else "output"))
     plan.notes["repairs"] = repair_rows(ctx, new_input, new_output, method.options)
     return new_input, new_output, plan
+
+
+def cap_priors(ctx: InitContext, plan: InitPlan, rows: torch.Tensor, role: str) -> dict[str, Any]:
+    """Cap, in place, the logit prior of `plan.prior_cap`'s rows of `rows` (the new `role` matrix) at their
+    reference rows' (transplant/init/logit_prior.py); notes for the report. Without the base model (or a
+    start token to sample from) the rows stay as built and the notes say why."""
+    cap = plan.prior_cap
+    start = ctx.base_vocab.roles.get("bos", ctx.base_vocab.roles.get("eos"))
+    mu, why = logit_prior_direction(ctx.base_model_dir, start, device=ctx.device,
+                                    trust_remote_code=ctx.trust_remote_code)
+    if mu is None:
+        log.warning("%d rebuilt rows keep their logit prior uncapped: %s", int(cap.ids.numel()), why)
+        return {"prior_cap": f"skipped: {why}"}
+    weights = cap.input_weights if role == "input" or cap.output_weights is None else cap.output_weights
+    base = ctx.base_output if role == "output" and ctx.base_output is not None else ctx.base_input
+    reference = apply_plan_matrix(weights, base).to(rows.device)
+    ids = cap.ids.to(rows.device)
+    before = rows[ids]
+    rows[ids] = cap_logit_prior(before, reference, mu.to(rows.device))
+    lowered = int(((rows[ids] - before).norm(dim=1) > 1e-6 * before.norm(dim=1)).sum())  # not rounding
+    log.info("logit prior capped on %d of %d rebuilt rows", lowered, int(ids.numel()))
+    return {"prior_cap": "fvt-ls", "prior_capped": lowered}

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from transplant.errors import TransplantError
+from transplant.init.logit_prior import PriorCap
 from transplant.tokenizers.align import Alignment
 from transplant.tokenizers.vocab import TokenKind, Vocab
 
@@ -37,6 +39,8 @@ class InitContext:
     donor_output: torch.Tensor | None = None
     options: dict[str, Any] = field(default_factory=dict)
     device: str | torch.device = "cpu"
+    base_model_dir: Path | None = None  # the whole base model, for steps that run it (logit_prior.py)
+    trust_remote_code: bool = False
 
     def require_donor(self, method: str) -> None:
         """Donor rows must exist for every new id, except the base's control tokens carried into the new
@@ -64,6 +68,7 @@ class InitPlan:
     output_weights: torch.Tensor | None = None  # None: same as input_weights
     dense_rows: DenseRows | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # method details for the report
+    prior_cap: PriorCap | None = None  # rows whose logit prior may not exceed a reference's (logit_prior.py)
 
 
 def sparse_rows(rows: list[int], cols: list[int], values: list[float],

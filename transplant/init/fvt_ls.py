@@ -28,6 +28,7 @@ from transplant.init.base import (
     sparse_rows,
 )
 from transplant.init.donor import cosine_topk, donor_plan, select_anchors, text_targets
+from transplant.init.logit_prior import PriorCap
 from transplant.init.registry import Option, register
 from transplant.tokenizers.segment import segment_with_base
 from transplant.tokenizers.token_class import class_set, parse_classes
@@ -56,6 +57,10 @@ OPTIONS = (
            "with `pursue_gap`: pursue only tokens whose donor row has an anchor at |cosine| >= this "
            "(estimated without the full GEMM: transplant/solvers/nearest.py); the rest keep fvt-ls's row",
            min=0.0, max=1.0),
+    Option("pursue_prior_cap", bool, True,
+           "cap each pursued row's logit prior (its mean logit over the base model's own samples) at "
+           "fvt-ls's row of the token: OMP's rows otherwise take probability from unrelated tokens "
+           "(transplant/init/logit_prior.py)"),
 )
 
 
@@ -229,5 +234,21 @@ def with_pursuit(ctx: InitContext, plan: InitPlan, wanted: set[str], gap: float,
     notes = {**plan.notes, "pursue": "+".join(sorted(wanted)) or "all", "pursue_gap": gap, "pursue_k": k,
              "pursue_screen": rank,
              "reconstruction_error": torch.cat([own_errors[kept], pursued.notes["reconstruction_error"]])}
+    cap = fvt_ls_reference(plan, targets, take) if ctx.options["pursue_prior_cap"] else None
     return InitPlan(replace_rows(plan.input_weights, targets, *_rows_of(pursued.input_weights, take)), output,
-                    dense_rows=plan.dense_rows, notes=notes)
+                    dense_rows=plan.dense_rows, notes=notes, prior_cap=cap)
+
+
+def fvt_ls_reference(plan: InitPlan, targets: torch.Tensor, take: torch.Tensor) -> PriorCap:
+    """fvt-ls's own plan rows of the pursued `targets` (`take`: the same ids as a [V_new] mask), as the
+    references their logit prior is capped at."""
+    position = torch.full((take.numel(),), -1, dtype=torch.long)
+    position[targets] = torch.arange(targets.numel())
+
+    def reference(weights: torch.Tensor) -> torch.Tensor:
+        rows, cols, values = _rows_of(weights, take)
+        return torch.sparse_coo_tensor(torch.stack([position[rows], cols]), values,
+                                       (targets.numel(), weights.shape[1]), check_invariants=True).coalesce()
+
+    return PriorCap(targets.clone(), reference(plan.input_weights),
+                    None if plan.output_weights is None else reference(plan.output_weights))
