@@ -12,6 +12,7 @@ from transplant.tokenizers.align import align
 from transplant.tokenizers.vocab import TokenKind
 
 N, S = TokenKind.NORMAL, TokenKind.SPECIAL
+PLAIN = {"pursue_gap": 0.0, "pursue_min_cosine": 0.0}  # fvt-ls without its default gap pursuit
 
 
 def _pair():
@@ -31,7 +32,7 @@ def _run(ridge: float, neighbours: int = 0) -> torch.Tensor:
     base, new, base_rows, donor = _pair()
     ctx = InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=base_rows,
                       base_output=None, donor_input=donor, options={"ridge": ridge, "neighbours": neighbours,
-                                                                   "numbers": False})
+                                                                   "numbers": False, **PLAIN})
     return build_embedding(get_initializer("fvt-ls")(ctx), "input", base_rows), base_rows
 
 
@@ -81,7 +82,8 @@ def test_neighbours_widen_the_support():
 def _rows(method: str, options: dict) -> torch.Tensor:
     base, new, base_rows, donor = _pair()
     ctx = InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=base_rows,
-                      base_output=None, donor_input=donor, options={"numbers": False, **options})
+                      base_output=None, donor_input=donor,
+                      options={"numbers": False, **(PLAIN if method == "fvt-ls" else {}), **options})
     return build_embedding(get_initializer(method)(ctx), "input", base_rows)
 
 
@@ -138,3 +140,14 @@ def test_pursue_min_cosine_skips_the_pursuit_for_tokens_no_anchor_points_to():
     above = _rows("fvt-ls", {**gap, "pursue_min_cosine": best + 1e-3})
     assert torch.allclose(below, mixed, atol=1e-6)
     assert torch.equal(above, plain)
+
+
+def test_the_default_is_the_gap_pursuit_screened_by_cosine_with_the_prior_cap():
+    """What `transplant` runs with a donor model and no options (bench/RESULTS.md, "The switched rows' logit
+    prior": better than plain fvt-ls on every held-out slice of both SmolLM2 <-> Gemma-3 directions)."""
+    from transplant.init.registry import resolve_method
+    from transplant.pipeline import default_method
+
+    options = resolve_method(default_method(True), {}).options
+    assert (default_method(True), options["pursue_gap"], options["pursue_min_cosine"],
+            options["pursue_prior_cap"]) == ("fvt-ls", 0.4, 0.6, True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.test_fvt_ls import _pair
+from tests.test_fvt_ls import PLAIN, _pair
 from transplant.init.apply import finish_embeddings
 from transplant.init.base import InitContext, build_embedding
 from transplant.init.logit_prior import cap_logit_prior, logit_prior_direction, mean_final_hidden
@@ -33,7 +33,7 @@ def test_cap_lowers_only_the_component_along_mu_and_only_where_it_exceeds_the_re
 def _ctx(options: dict, base_model_dir=None) -> InitContext:
     base, new, base_rows, donor = _pair()
     return InitContext(base_vocab=base, new_vocab=new, alignment=align(base, new), base_input=base_rows,
-                       base_output=None, donor_input=donor, options={"numbers": False, **options},
+                       base_output=None, donor_input=donor, options={"numbers": False, **PLAIN, **options},
                        base_model_dir=base_model_dir)
 
 
@@ -51,10 +51,9 @@ def test_fvt_ls_gap_pursuit_names_fvt_ls_rows_as_the_references_of_the_switched_
 
 
 def test_without_a_base_model_the_rows_stay_as_built_and_the_notes_say_why():
-    options = dict(resolve_method("fvt-ls", {"ridge": 1e6, "pursue_gap": 0.05, "pursue_k": 2,
-                                             "numbers": False}).options)
-    ctx = _ctx(options)
-    method = resolve_method("fvt-ls", {"ridge": 1e6, "pursue_gap": 0.05, "pursue_k": 2, "numbers": False})
+    method = resolve_method("fvt-ls", {"ridge": 1e6, "pursue_gap": 0.05, "pursue_min_cosine": 0.0,
+                                       "pursue_k": 2, "numbers": False})
+    ctx = _ctx(dict(method.options))
     uncapped = build_embedding(method.plan(ctx), "input", ctx.base_input)
     new_input, _, plan = finish_embeddings(ctx, method.plan(ctx), method)
     assert plan.notes["prior_cap"] == "skipped: no base model dir"
@@ -92,8 +91,8 @@ def test_transplant_caps_the_switched_rows_at_fvt_ls_rows_prior(tiny_pair, tmp_p
                             output=tmp_path / name, options={"ridge": 1e6, **options})
         return load_file(tmp_path / name / "model.safetensors")["model.embed_tokens.weight"], result
 
-    plain, plain_result = rows("plain", {})
-    gap = {"pursue_gap": 0.01, "pursue_k": 2}
+    plain, plain_result = rows("plain", PLAIN)
+    gap = {"pursue_gap": 0.01, "pursue_min_cosine": 0.0, "pursue_k": 2}
     uncapped, uncapped_result = rows("uncapped", {**gap, "pursue_prior_cap": False})
     capped, result = rows("capped", gap)
     notes = result.extra["notes"]

@@ -44,16 +44,17 @@ OPTIONS = (
            "token classes whose rows come from exact OMP instead ('+'-joined, e.g. space-word+word-piece; "
            "classes: transplant/tokenizers/token_class.py)", parse=parse_classes),
     Option("pursue_k", int, 8, "anchors per pursued token", min=1, max=4096),
-    Option("pursue_gap", float, 0.0,
+    Option("pursue_gap", float, 0.4,
            "> 0: exact OMP over the new tokens fvt-ls fits (of the `pursue` classes, else all), and OMP's "
-           "row wherever fvt-ls's donor-space reconstruction error exceeds OMP's by more than this", min=0.0),
+           "row wherever fvt-ls's donor-space reconstruction error exceeds OMP's by more than this (0: plain "
+           "fvt-ls)", min=0.0),
     Option("pursue_screen", int, 0,
            "0: exact pursuit; r > 0: each pursued token's `pursue_candidates` anchors chosen in a rank-r "
            "projection of the donor space first, exact OMP inside them (approximate; on a 2-core CPU it "
            "saves about a quarter of the exact solve: bench/RESULTS.md, 'The screen built into the solver')",
            min=0),
     Option("pursue_candidates", int, 512, "candidates per pursued token when `pursue_screen` > 0", min=1),
-    Option("pursue_min_cosine", float, 0.0,
+    Option("pursue_min_cosine", float, 0.6,
            "with `pursue_gap`: pursue only tokens whose donor row has an anchor at |cosine| >= this "
            "(estimated without the full GEMM: transplant/solvers/nearest.py); the rest keep fvt-ls's row",
            min=0.0, max=1.0),
