@@ -113,3 +113,11 @@ def test_transplant_caps_the_switched_rows_at_fvt_ls_rows_prior(tiny_pair, tmp_p
     assert ((capped[switched].float() @ mu) <= (plain[switched].float() @ mu) + 1e-3).all()
     lowered = ((uncapped[switched].float() @ mu) > (plain[switched].float() @ mu) + 1e-3).sum()
     assert notes["prior_capped"] >= int(lowered) > 0
+
+
+def test_a_base_model_that_does_not_fit_in_memory_is_not_loaded(tiny_pair, monkeypatch):
+    import transplant.io.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1000)
+    mu, why = logit_prior_direction(tiny_pair["base_tied"], 0)
+    assert mu is None and "GiB are free on cpu" in why and "pursue_prior_cap=false" in why

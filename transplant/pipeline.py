@@ -50,9 +50,11 @@ class TransplantResult:
 
 
 def default_method(donor_has_model: bool) -> str:
-    """fvt-ls with a donor model, byte-pool (FVT's rows for words with a leading space) without: the best
-    measured training-free choices (bench/RESULTS.md, "Default method", "The default without a donor model");
-    omp lost to fvt-ls on the large direction SmolLM2 <- Gemma-3 and took 35 minutes."""
+    """fvt-ls (with its default OMP gap pursuit and prior cap) with a donor model, byte-pool (FVT's rows for
+    words with a leading space) without: the best measured training-free choices within 3 minutes
+    (bench/RESULTS.md, "Default method", "The switched rows' logit prior", "The default without a donor
+    model"); exact omp is ahead on English and code of SmolLM2 <- Gemma-3 but takes over 5 minutes there and
+    loses German and Spanish."""
     return "fvt-ls" if donor_has_model and "fvt-ls" in available_methods() else "byte-pool"
 
 

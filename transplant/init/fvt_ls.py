@@ -12,6 +12,13 @@ the weights by least squares in the donor space, shrunk towards FVT's equal weig
 solved for every token at once as one batched m×m system. λ → ∞ is FVT exactly; λ = 0 is least squares on a
 fixed support (FVT is the special case of fixed equal weights). A token whose pieces are not all anchors (a
 piece the donor vocabulary lacks has no donor row) keeps FVT's row.
+
+By default (`pursue_gap=0.4`, `pursue_min_cosine=0.6`) a token then takes exact OMP's row (k=8) where OMP
+rebuilds its donor row better than this fit by more than 0.4 relative error — pursued only for tokens some
+anchor points to — with that row's logit prior capped at this fit's (`pursue_prior_cap`,
+transplant/init/logit_prior.py). No token class separates the two methods, this error gap does; uncapped, the
+switched rows took probability from digits and lost number tables (bench/RESULTS.md, "A default at the peak",
+"The switched rows' logit prior"). `pursue_gap=0` is the plain fit above.
 """
 
 from __future__ import annotations

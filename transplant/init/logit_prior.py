@@ -84,11 +84,17 @@ def logit_prior_direction(model_dir: Path | None, start_id: int | None, *, devic
     from transformers import AutoModelForCausalLM
 
     from transplant.io import safetensors
+    from transplant.io.memory import available_bytes
 
     try:
         weight_bytes = sum(p.stat().st_size for p in safetensors.model_weight_files(Path(model_dir)))
-        dtype = torch.float32 if weight_bytes * 2 <= FLOAT32_LIMIT_BYTES else "auto"
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+        float32 = weight_bytes * 2 <= FLOAT32_LIMIT_BYTES  # bf16 on disk, twice that in float32
+        needed, free = weight_bytes * (2 if float32 else 1), available_bytes(device)
+        if free is not None and needed > 0.8 * free:
+            return None, (f"the base model needs {needed / 2**30:.1f} GiB to sample from and "
+                          f"{free / 2**30:.1f} GiB are free on {device}; run on a larger machine or set "
+                          "pursue_prior_cap=false")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if float32 else "auto",
                                                      trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises many types; the cap is an improvement, not a requirement
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
