@@ -117,6 +117,11 @@ def transplant_main(ctx, base, donor, method, output, device, dtype, pad_to_mult
                 "unreachable_rows", "near_duplicates_repaired"):
         if key in stats:
             click.echo(f"  {key.replace('_', ' ')}: {stats[key]}")
+    notes = result.extra.get("notes", {})
+    if notes.get("pursued"):  # fvt-ls's gap pursuit
+        capped = (f", logit prior capped on {notes['prior_capped']}" if "prior_capped" in notes
+                  else f" ({notes['prior_cap']})" if "prior_cap" in notes else "")
+        click.echo(f"  rows from exact OMP: {notes['pursued']}{capped}")
     if stats.get("new_tokenizer_bytes_lost") or stats.get("new_tokenizer_unknown_tokens"):
         click.echo(f"  new tokenizer on held-out text: {stats['new_tokenizer_bytes_lost']:.2%} of bytes "
                    "lost, "

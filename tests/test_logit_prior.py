@@ -121,3 +121,25 @@ def test_a_base_model_that_does_not_fit_in_memory_is_not_loaded(tiny_pair, monke
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1000)
     mu, why = logit_prior_direction(tiny_pair["base_tied"], 0)
     assert mu is None and "GiB are free on cpu" in why and "pursue_prior_cap=false" in why
+
+
+def test_the_benchs_prior_swap_sets_the_prior_and_keeps_the_rest(monkeypatch):
+    """bench/bench_logit_prior.py's `set_prior`: μ·row becomes μ·reference (both ways), the part of the row
+    orthogonal to μ is kept."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_logit_prior.py"
+    spec = importlib.util.spec_from_file_location("bench_logit_prior", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    g = torch.Generator().manual_seed(1)
+    mu, rows, reference = (torch.randn(16, generator=g), torch.randn(40, 16, generator=g),
+                           torch.randn(40, 16, generator=g))
+    swapped = module.set_prior(rows, reference, mu)
+    assert torch.allclose(swapped @ mu, reference @ mu, atol=1e-5)
+    unit = mu / mu.norm()
+    assert torch.allclose(swapped - (swapped @ unit)[:, None] * unit, rows - (rows @ unit)[:, None] * unit,
+                          atol=1e-5)
