@@ -143,3 +143,16 @@ def test_the_benchs_prior_swap_sets_the_prior_and_keeps_the_rest(monkeypatch):
     unit = mu / mu.norm()
     assert torch.allclose(swapped - (swapped @ unit)[:, None] * unit, rows - (rows @ unit)[:, None] * unit,
                           atol=1e-5)
+
+
+def test_a_model_that_cannot_sample_leaves_the_rows_uncapped(tiny_pair, monkeypatch):
+    import transplant.init.logit_prior as logit_prior
+
+    def broken(model, start_id, **_):
+        raise RuntimeError("generate is not supported\nsecond line")
+
+    monkeypatch.setattr(logit_prior, "mean_final_hidden", broken)
+    mu, why = logit_prior_direction(tiny_pair["base_tied"], 0)
+    assert mu is None and why.endswith("(generate is not supported)") and why.startswith("sampling from")
+    monkeypatch.setattr(logit_prior, "mean_final_hidden", lambda model, start: torch.tensor([float("nan")]))
+    assert "non-finite" in logit_prior_direction(tiny_pair["base_tied"], 0)[1]

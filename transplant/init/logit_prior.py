@@ -99,7 +99,13 @@ def logit_prior_direction(model_dir: Path | None, start_id: int | None, *, devic
     except Exception as err:  # transformers raises many types; the cap is an improvement, not a requirement
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         return None, f"transformers cannot load {model_dir} ({first})"
-    model = model.to(device).eval()
-    mu = mean_final_hidden(model, start_id)
-    del model
+    try:
+        mu = mean_final_hidden(model.to(device).eval(), start_id)
+    except Exception as err:  # an architecture transformers cannot generate with, a device out of memory
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        return None, f"sampling from {model_dir} failed ({first})"
+    finally:
+        del model
+    if not torch.isfinite(mu).all():
+        return None, f"{model_dir} gives non-finite hidden states"
     return mu, ""
