@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_default import load_pair, swap_embeddings  # noqa: E402
-from bench_token_classes import rows_for  # noqa: E402
+from bench_token_classes import context_args, rows_for  # noqa: E402
 
 CONTEXT = 512  # tokens per slice for the probability-mass view
 
@@ -79,16 +79,13 @@ def main() -> None:
     from transplant.assets import texts
     from transplant.cache import cache_dir
     from transplant.eval.bpb import bits_per_byte
-    from transplant.init.logit_prior import cap_logit_prior, logit_prior_direction
+    from transplant.init.logit_prior import cap_logit_prior, logit_prior_direction, start_token
     from transplant.tokenizers.token_class import vocab_classes
 
     args.cache = args.cache or cache_dir() / "token_classes"
-    base_src, _, base_vocab, new_vocab, alignment, base_emb, donor_emb = load_pair(args.pair)
-    ctx_args = {"base_vocab": base_vocab, "new_vocab": new_vocab, "alignment": alignment,
-                "base_input": base_emb.input, "base_output": base_emb.output,
-                "donor_input": None if donor_emb is None else donor_emb.input,
-                "donor_output": None if donor_emb is None else donor_emb.output,
-                "base_model_dir": base_src.model_dir}
+    pair = load_pair(args.pair)
+    base_src, _, base_vocab, new_vocab, alignment, _, _ = pair
+    ctx_args = context_args(pair)
     new_ids, size = alignment.unshared_new_ids, len(new_vocab)
     donor_input = ctx_args["donor_input"]
     a = rows_for(args, args.pair, args.a, ctx_args, donor_input, new_ids, size)
@@ -99,8 +96,7 @@ def main() -> None:
     held_out = {name: texts.heldout(name, n_bytes=args.bytes) for name in args.slices}
     model = AutoModelForCausalLM.from_pretrained(base_src.model_dir, dtype=torch.float32).eval()
     oracle = slice_mean_hidden(model, base_vocab.tokenizer, held_out)
-    start = base_vocab.roles.get("bos", base_vocab.roles.get("eos"))
-    sampled, why = logit_prior_direction(base_src.model_dir, start)
+    sampled, why = logit_prior_direction(base_src.model_dir, start_token(base_vocab.roles))
     if sampled is None:
         sys.exit(f"bench_logit_prior: {why}")
     print(f"{len(switched)} switched tokens; cosine(sampled μ, slices' μ) = "

@@ -120,6 +120,17 @@ def save_cached(path: Path, rows: Rows, config: str) -> None:
     os.replace(tmp, path)
 
 
+def context_args(pair: tuple) -> dict:
+    """`InitContext` fields (all but the options) from `load_pair`'s tuple, base model dir included (the logit
+    prior cap samples from it), so every bench builds its rows as `transplant` does."""
+    base_src, _, base_vocab, new_vocab, alignment, base_emb, donor_emb = pair
+    return {"base_vocab": base_vocab, "new_vocab": new_vocab, "alignment": alignment,
+            "base_input": base_emb.input, "base_output": base_emb.output,
+            "donor_input": None if donor_emb is None else donor_emb.input,
+            "donor_output": None if donor_emb is None else donor_emb.output,
+            "base_model_dir": base_src.model_dir}
+
+
 def solve(ctx_args: dict, config: str, donor_input: torch.Tensor, new_ids: torch.Tensor) -> Rows:
     """One config's rows through `new_embeddings`, as bench_default.py builds them, plus its reconstruction
     error per new token."""
@@ -227,12 +238,10 @@ def run(args) -> None:
 
     torch.manual_seed(0)
     args.cache = args.cache or cache_dir() / "token_classes"
-    base_src, _, base_vocab, new_vocab, alignment, base_emb, donor_emb = load_pair(args.pair)
-    donor_input = None if donor_emb is None else donor_emb.input  # tokenizer-only: no recon errors, no gap
-    ctx_args = {"base_vocab": base_vocab, "new_vocab": new_vocab, "alignment": alignment,
-                "base_input": base_emb.input, "base_output": base_emb.output,
-                "donor_input": donor_input, "donor_output": None if donor_emb is None else donor_emb.output,
-                "base_model_dir": base_src.model_dir}
+    pair = load_pair(args.pair)
+    base_src, _, base_vocab, new_vocab, alignment, base_emb, _ = pair
+    ctx_args = context_args(pair)
+    donor_input = ctx_args["donor_input"]  # tokenizer-only: no recon errors, no gap
     held_out = {name: texts.heldout(name, n_bytes=args.bytes) for name in args.slices}
     new_ids = alignment.unshared_new_ids
     size = len(new_vocab)

@@ -33,3 +33,9 @@ def shorten(text: object, limit: int = 80) -> str:
     if len(text) <= limit:
         return text
     return f"{text[: max(limit - 30, 8)]}... ({len(text):,} characters)"
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception from a library (or its type's name when it has no text), at most `limit`
+    characters: what goes between the parentheses of a one-line TransplantError."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]

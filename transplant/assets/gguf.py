@@ -143,12 +143,12 @@ def _load_gguf_model(gguf_path: Path, dtype: torch.dtype):
     """transformers' GGUF loader (dequantizes), with its refusals as one-line errors."""
     from transformers import AutoModelForCausalLM
 
-    from transplant.errors import TransplantError
+    from transplant.errors import TransplantError, first_line
 
     try:
         return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype)
     except (ValueError, KeyError, NotImplementedError, OSError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        reason = first_line(err)
         raise TransplantError(f"transformers cannot load the weights of {gguf_path} ({reason}); "
                               "pass the model's Hugging Face folder (config.json + "
                               "safetensors) instead") from err

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from transplant.errors import TransplantError
+from transplant.errors import TransplantError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +226,6 @@ def bits_per_byte(model, tokenizer, texts: str | Iterable[str], *, max_length: i
                                  progress=progress).bpb
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-
-
 def load_for_eval(model_dir, device: str = "cpu", dtype: torch.dtype | None = None,
                   trust_remote_code: bool = False):
     """Stock transformers loading of a model dir and its tokenizer (what our users will do).
@@ -246,13 +242,13 @@ def load_for_eval(model_dir, device: str = "cpu", dtype: torch.dtype | None = No
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises many types for a damaged or missing tokenizer
-        raise TransplantError(f"cannot load the tokenizer of {model_dir} ({_first_line(err)}); pass a model "
+        raise TransplantError(f"cannot load the tokenizer of {model_dir} ({first_line(err)}); pass a model "
                               "dir saved with its tokenizer") from err
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32,
                                                      trust_remote_code=trust_remote_code)
     except Exception as err:  # config/weight mismatches surface as ValueError, OSError, RuntimeError, ...
-        raise TransplantError(f"cannot load the model in {model_dir} ({_first_line(err)}); re-download or "
+        raise TransplantError(f"cannot load the model in {model_dir} ({first_line(err)}); re-download or "
                               "re-save it") from err
     return model.to(device).eval(), tokenizer
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from transplant.init.base import InitContext, InitPlan, apply_plan_matrix, build_embedding
-from transplant.init.logit_prior import cap_logit_prior, logit_prior_direction
+from transplant.init.logit_prior import cap_logit_prior, logit_prior_direction, start_token
 from transplant.init.numbers import compose_number_rows
 from transplant.init.registry import ResolvedMethod
 from transplant.init.repair import repair_rows
@@ -55,8 +55,7 @@ def cap_priors(ctx: InitContext, plan: InitPlan, rows: torch.Tensor, role: str) 
     reference rows' (transplant/init/logit_prior.py); notes for the report. Without the base model (or a
     start token to sample from) the rows stay as built and the notes say why."""
     cap = plan.prior_cap
-    start = ctx.base_vocab.roles.get("bos", ctx.base_vocab.roles.get("eos"))
-    mu, why = logit_prior_direction(ctx.base_model_dir, start, device=ctx.device,
+    mu, why = logit_prior_direction(ctx.base_model_dir, start_token(ctx.base_vocab.roles), device=ctx.device,
                                     trust_remote_code=ctx.trust_remote_code)
     if mu is None:
         log.warning("%d rebuilt rows keep their logit prior uncapped: %s", int(cap.ids.numel()), why)

@@ -17,6 +17,7 @@ its own start token (16 Ã— 32 tokens, 5 s on SmolLM2-135M: cosine 0.98 with 16 Ã
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,11 @@ class PriorCap:
     ids: torch.Tensor
     input_weights: torch.Tensor
     output_weights: torch.Tensor | None = None
+
+
+def start_token(roles: Mapping[str, int]) -> int | None:
+    """The id samples start from: the base tokenizer's bos, else its eos (a document boundary either way)."""
+    return roles.get("bos", roles.get("eos"))
 
 
 def cap_logit_prior(rows: torch.Tensor, reference: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
@@ -83,6 +89,7 @@ def logit_prior_direction(model_dir: Path | None, start_id: int | None, *, devic
         return None, "the base tokenizer has no bos or eos token to sample from"
     from transformers import AutoModelForCausalLM
 
+    from transplant.errors import first_line
     from transplant.io import safetensors
     from transplant.io.memory import available_bytes
 
@@ -97,13 +104,11 @@ def logit_prior_direction(model_dir: Path | None, start_id: int | None, *, devic
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if float32 else "auto",
                                                      trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises many types; the cap is an improvement, not a requirement
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        return None, f"transformers cannot load {model_dir} ({first})"
+        return None, f"transformers cannot load {model_dir} ({first_line(err)})"
     try:
         mu = mean_final_hidden(model.to(device).eval(), start_id)
     except Exception as err:  # an architecture transformers cannot generate with, a device out of memory
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        return None, f"sampling from {model_dir} failed ({first})"
+        return None, f"sampling from {model_dir} failed ({first_line(err)})"
     finally:
         del model
     if not torch.isfinite(mu).all():

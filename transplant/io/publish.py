@@ -11,7 +11,7 @@ import logging
 import re
 from pathlib import Path
 
-from transplant.errors import TransplantError
+from transplant.errors import TransplantError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False) -> str:
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                                  commit_message=f"Upload {Path(folder).name} (tokentransplant)")
     except Exception as err:  # hub errors come in many classes: auth, permissions, network
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        reason = first_line(err)
         raise TransplantError(f"--push-to-hub {repo_id}: upload failed ({reason}); the output is complete in "
                               f"{folder}: upload it with `hf upload {repo_id} {folder}`") from err
     url = str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from transplant.cache import cache_dir
-from transplant.errors import TransplantError
+from transplant.errors import TransplantError, first_line
 from transplant.tokenizers import formats
 from transplant.tokenizers.gguf_header import check_gguf
 from transplant.tokenizers.vocab import Vocab, vocab_from_converted
@@ -353,7 +353,7 @@ def _convert_gguf(path: Path) -> formats.Converted:
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        reason = first_line(err)
         raise TransplantError(
             f"transformers cannot read the {model!r} tokenizer in {path} ({reason}); "
             "export the tokenizer as tokenizer.json and pass that"
@@ -402,7 +402,7 @@ def load_pretrained(spec: str, trust_remote_code: bool = False) -> Vocab:
     try:
         tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        reason = first_line(err)
         if "trust_remote_code" in str(err) and not trust_remote_code:
             raise TransplantError(
                 f"tokenizer {spec!r} runs its own code from the hub, which is off by default; read that "
